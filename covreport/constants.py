@@ -1,0 +1,41 @@
+"""Names defined once: labels, outcomes, manifest and scores columns."""
+
+#: CheXpert's 14 observations, in the column order of CheXpert's CSVs.
+CHEXPERT_LABELS = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+    "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+    "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+)
+
+#: The study's 10 labels (CheXpert's 14 without No Finding, Fracture,
+#: Support Devices and Pneumothorax), in the study's order.
+DEFAULT_LABELS = (
+    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pleural Effusion",
+    "Pleural Other",
+)
+
+#: Outcome categories of a pair (the reference standard).
+WORSE, STABLE, IMPROVED = "Worse", "Stable", "Improved"
+OUTCOMES = (WORSE, STABLE, IMPROVED)
+
+#: Contrasts of the group comparisons; the first-named group is group 1.
+CONTRASTS = ((WORSE, IMPROVED), (WORSE, STABLE), (STABLE, IMPROVED))
+
+#: Manifest columns.
+REQUIRED_COLUMNS = ("patient_id", "first_image", "second_image", "outcome")
+OPTIONAL_COLUMNS = (
+    "pair_id", "first_date", "second_date", "first_offset_days", "second_offset_days",
+    "age", "sex", "first_view", "second_view", "source", "notes",
+)
+VIEWS = ("AP", "AP Supine", "PA", "Lateral")
+
+#: Scores file: one row per image.
+IMAGE_COLUMN = "image"
+FEATURE_PREFIX = "feat_"
+N_FEATURES = 1024
+
+
+def feature_columns(n=N_FEATURES):
+    """Names of the feature columns: feat_0000 ... feat_1023."""
+    return [f"{FEATURE_PREFIX}{i:04d}" for i in range(n)]

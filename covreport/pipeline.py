@@ -1,0 +1,456 @@
+"""The one place that sequences the stages of ``covreport run``.
+
+manifest -> images -> scores (file, or model through the cache) -> statistics
+-> results.json, tables/ and the report. Everything is written into a
+temporary folder beside the destination and moved into place whole.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata as _md
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covreport import __version__
+from covreport.constants import (
+    FEATURE_PREFIX, IMAGE_COLUMN, IMPROVED, OUTCOMES, STABLE, WORSE,
+)
+from covreport.errors import CovreportError, ReportError, ScoresError
+
+PACKAGES = (
+    "torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "statsmodels",
+    "pingouin", "matplotlib", "jinja2", "weasyprint", "pydicom", "pillow",
+)
+STAGE_INDEX = "index test not done"
+
+
+@dataclass
+class RunOptions:
+    """What ``covreport run`` was asked to do (paths are as given by the user)."""
+
+    manifest: Path
+    out: Path
+    scores: Path | None = None
+    weights: str | None = None
+    validation_csv: Path | None = None
+    validation_scores: Path | None = None
+    reference_csv: Path | None = None
+    study: Path | None = None
+    templates: Path | None = None
+    protocol: str = "nested"
+    permutations: int = 1000
+    seed: int = 0
+    force: bool = False
+    strict: bool = False
+    cache: Path | None = None
+    use_cache: bool = True
+    pdf: bool = True
+    synthetic: bool = False
+    previous: tuple = ()
+    command: str = ""
+    extra_provenance: dict = field(default_factory=dict)
+
+
+def sha256_file(path):
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def label_columns(scores):
+    """Label columns of a scores table: every column but ``image`` and ``feat_*``."""
+    return [c for c in scores.columns if c != IMAGE_COLUMN and not str(c).startswith(FEATURE_PREFIX)]
+
+
+def run(opts: RunOptions) -> Path:
+    """Run the whole study and write its outputs to ``opts.out``; return that path."""
+    from covreport.manifest import read_manifest
+
+    out = Path(opts.out)
+    if out.exists() and not opts.force:
+        raise ReportError(f"{out} exists; choose another --out or add --force to replace it")
+    if opts.scores is None and opts.weights is None:
+        from covreport.model import find_weights
+
+        opts.weights = str(find_weights(None))  # raises with how to train / where to put weights
+    manifest = read_manifest(opts.manifest, strict=opts.strict)
+
+    inputs = {"manifest": _input(opts.manifest)}
+    loaded = None
+    score_counts = {}
+    if opts.scores is not None:
+        from covreport.scoring import read_scores
+
+        scores = read_scores(opts.scores)
+        inputs["scores"] = _input(opts.scores)
+        failed = {}
+    else:
+        from covreport.model import load_checkpoint
+        from covreport.scoring import score_manifest
+
+        loaded = load_checkpoint(opts.weights)
+        inputs["weights"] = {"path": str(opts.weights), "sha256": loaded.sha256}
+        res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache)
+        scores, failed = res.scores, res.failed
+        score_counts = {"images_scored": int(res.scored), "images_from_cache": int(res.from_cache)}
+    labels = label_columns(scores)
+    if not labels:
+        raise ScoresError(f"{opts.scores}: no label columns (columns other than 'image' and 'feat_*')")
+
+    pairs, exclusions = _analysed_pairs(manifest, scores, labels, failed, strict=opts.strict)
+    results = {
+        "covreport_version": __version__,
+        "provenance": _provenance(opts, inputs, loaded),
+        "study": {},
+        "labels": labels,
+        "flow": _flow(manifest, pairs, exclusions, scores, score_counts),
+        "pairs": _pairs_records(pairs, labels),
+    }
+    if opts.study is not None:
+        from covreport.study import read_study
+
+        results["study"] = read_study(opts.study)
+        inputs["study"] = _input(opts.study)
+    results.update(compute_statistics(pairs, labels, scores, opts, loaded, inputs))
+    cams = _cams(pairs, loaded, manifest) if loaded is not None else None
+    return _write_outputs(results, out, opts, cams)
+
+
+def compute_statistics(pairs, labels, scores, opts, loaded, inputs):
+    """Every analysis of the study on the analysed pairs; a dict of results.json keys."""
+    from covreport.stats import compare_groups, predict_outcome, table_one
+    from covreport.stats.table1 import read_reference_csv
+
+    reference = None
+    if opts.reference_csv is not None:
+        reference = read_reference_csv(opts.reference_csv)
+        inputs["reference_csv"] = _input(opts.reference_csv)
+    t1 = table_one(pairs[["patient_id", "outcome", "age", "sex"]], reference)
+    changes = pairs[["outcome"]].copy()
+    for lab in labels:
+        changes[lab] = pairs[f"{lab} change"]
+    groups = compare_groups(changes, labels)
+    feats = [c for c in scores.columns if str(c).startswith(FEATURE_PREFIX)]
+    if not feats:
+        raise ScoresError("the scores have no feature columns feat_0000 ... feat_1023; "
+                          "rescore with `covreport score` to get them")
+    by_image = scores.set_index(IMAGE_COLUMN)
+    first = by_image.loc[pairs["first_image"], feats].to_numpy(dtype=float)
+    second = by_image.loc[pairs["second_image"], feats].to_numpy(dtype=float)
+    prediction = predict_outcome(
+        pd.DataFrame(first, columns=feats), pd.DataFrame(second, columns=feats),
+        pairs["outcome"].to_numpy(), pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
+        headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
+    )
+    val_auc, roc = _validation(opts, loaded, labels, inputs)
+    return {
+        "interval_days": _interval_summary(pairs["interval_days"]),
+        "table1": _records(t1),
+        "validation_auc": val_auc,
+        "roc_curves": roc,
+        "group_differences": _records(groups),
+        "prediction": prediction,
+    }
+
+
+# --- stages ----------------------------------------------------------------
+
+
+def _analysed_pairs(manifest, scores, labels, failed, *, strict):
+    """Join pairs with scores; pairs lacking a score become exclusions."""
+    pairs = manifest.pairs.copy()
+    excl = [manifest.exclusions] if len(manifest.exclusions) else []
+    excluded = set(manifest.exclusions["pair_id"]) if len(manifest.exclusions) else set()
+    known = set(scores[IMAGE_COLUMN])
+    rows = []
+    for rec in pairs.itertuples(index=False):
+        if rec.pair_id in excluded:
+            continue
+        for which in ("first", "second"):
+            img = getattr(rec, f"{which}_image")
+            if img not in known:
+                reason = failed.get(img) or "no score for this image in the scores file"
+                rows.append({"pair_id": rec.pair_id, "patient_id": rec.patient_id, "outcome": rec.outcome,
+                             "stage": STAGE_INDEX, "reason": f"{which} image: {reason} ({img})"})
+                break
+    if rows:
+        if strict:
+            lines = "\n".join(f"pair {r['pair_id']}: {r['reason']}" for r in rows)
+            raise ScoresError(f"{len(rows)} pair(s) have no score (--strict):\n{lines}")
+        excl.append(pd.DataFrame(rows))
+        excluded |= {r["pair_id"] for r in rows}
+    exclusions = (pd.concat(excl, ignore_index=True) if excl
+                  else pd.DataFrame(columns=["pair_id", "patient_id", "outcome", "stage", "reason"]))
+    pairs = pairs[~pairs["pair_id"].isin(excluded)].reset_index(drop=True)
+    if pairs.empty:
+        raise CovreportError("no pair is left to analyse: every pair was excluded "
+                             "(see `covreport validate` for the reasons)")
+    probs = scores.set_index(IMAGE_COLUMN)[labels]
+    for lab in labels:
+        first = probs.loc[pairs["first_image"], lab].to_numpy(dtype=float)
+        second = probs.loc[pairs["second_image"], lab].to_numpy(dtype=float)
+        pairs[f"{lab} first"] = first
+        pairs[f"{lab} second"] = second
+        pairs[f"{lab} change"] = second - first
+    return pairs, exclusions
+
+
+def _flow(manifest, pairs, exclusions, scores, score_counts):
+    all_pairs = manifest.pairs
+    images = pd.unique(pd.concat([all_pairs["first_image"], all_pairs["second_image"]]))
+    counts = (exclusions.groupby(["stage", "reason"], sort=True).size().reset_index(name="pairs")
+              if len(exclusions) else pd.DataFrame(columns=["stage", "reason", "pairs"]))
+    by_outcome = {}
+    for outcome in OUTCOMES:
+        sub = pairs[pairs["outcome"] == outcome]
+        by_outcome[outcome] = {"pairs": int(len(sub)), "patients": int(sub["patient_id"].nunique())}
+    flow = {
+        "pairs_in_manifest": int(len(all_pairs)),
+        "patients_in_manifest": int(all_pairs["patient_id"].nunique()),
+        "exclusions": _records(exclusions[["pair_id", "patient_id", "outcome", "stage", "reason"]]),
+        "exclusion_counts": _records(counts),
+        "pairs_analysed": int(len(pairs)),
+        "patients_analysed": int(pairs["patient_id"].nunique()),
+        "by_outcome": by_outcome,
+        "images_in_manifest": int(len(images)),
+    }
+    flow.update(score_counts)
+    return flow
+
+
+def _pairs_records(pairs, labels):
+    cols = ["pair_id", "patient_id", "outcome", "first_image", "second_image", "interval_days"]
+    for lab in labels:
+        cols += [f"{lab} first", f"{lab} second", f"{lab} change"]
+    return _records(pairs[cols])
+
+
+def _interval_summary(days):
+    d = pd.to_numeric(days, errors="coerce").dropna().to_numpy(dtype=float)
+    if d.size == 0:
+        return None
+    q1, med, q3 = np.percentile(d, [25, 50, 75])
+    return {"n": int(d.size), "median": float(med), "q1": float(q1), "q3": float(q3),
+            "min": float(d.min()), "max": float(d.max()),
+            "method": "median, interquartile range (25th-75th percentiles, linear interpolation) and range "
+                      "of second-minus-first CXR dates, in days"}
+
+
+def _validation(opts, loaded, labels, inputs):
+    """Per-label validation AUCs with DeLong CIs, and ROC curve points."""
+    if opts.validation_csv is None:
+        return [], {}
+    from covreport.stats.auc import read_chexpert_csv, roc_curve_points, validation_auc
+
+    truth = read_chexpert_csv(opts.validation_csv)
+    inputs["validation_csv"] = _input(opts.validation_csv)
+    if opts.validation_scores is not None:
+        from covreport.scoring import read_scores
+
+        vscores = read_scores(opts.validation_scores)
+        inputs["validation_scores"] = _input(opts.validation_scores)
+    elif loaded is not None:
+        from covreport.scoring import score_images
+
+        root = Path(opts.validation_csv).resolve().parent.parent
+        paths = [str(root / p) for p in truth["Path"]]
+        res = score_images(paths, loaded, cache=_open_cache(opts))
+        vscores = res.scores.copy()
+        vscores[IMAGE_COLUMN] = vscores[IMAGE_COLUMN].map(dict(zip(paths, truth["Path"])))
+    else:
+        raise ScoresError("--validation-csv needs --validation-scores (or --weights to score its images)")
+    vscores = vscores.set_index(IMAGE_COLUMN)
+    missing = [p for p in truth["Path"] if p not in vscores.index]
+    if missing:
+        raise ScoresError(f"{len(missing)} validation image(s) have no score, e.g. {missing[0]!r}; "
+                          "the scores' 'image' column must hold the CSV's Path values")
+    use = [lab for lab in labels if lab in truth.columns]
+    aligned = vscores.loc[truth["Path"], use].reset_index(drop=True)
+    table = validation_auc(truth[use].reset_index(drop=True), aligned, use)
+    roc = {}
+    for lab in use:
+        y = pd.to_numeric(truth[lab], errors="coerce").to_numpy()
+        keep = np.isin(y, (0, 1))
+        if keep.sum() and 0 < y[keep].sum() < keep.sum():
+            fpr, tpr = roc_curve_points(y[keep].astype(int), aligned[lab].to_numpy(dtype=float)[keep])
+            roc[lab] = {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+    return _records(table), roc
+
+
+def _open_cache(opts):
+    if not opts.use_cache:
+        return None
+    from covreport.cache import ScoreCache
+
+    return ScoreCache(opts.cache) if opts.cache else ScoreCache()
+
+
+def _cams(pairs, loaded, manifest):
+    """Class activation maps of the first and second CXR of one pair, for its most activated label."""
+    from covreport.images import load_image
+    from covreport.model import class_activation_map
+
+    worse = pairs[pairs["outcome"] == WORSE]
+    rec = (worse if len(worse) else pairs).iloc[0]
+    labels = list(loaded.labels)
+    label = max(labels, key=lambda lab: rec[f"{lab} second"]) if all(
+        f"{lab} second" in rec for lab in labels) else labels[0]
+    cam = {"pair_id": rec["pair_id"], "label": label}
+    for which in ("first", "second"):
+        image = load_image(rec[f"{which}_path"])
+        heat, _overlay = class_activation_map(loaded.model, image, label, labels=labels,
+                                              preprocessing=loaded.preprocessing)
+        cam[which] = {"image": image, "heatmap": heat}
+    return [cam]
+
+
+# --- provenance and writing --------------------------------------------------
+
+
+def _input(path):
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def _provenance(opts, inputs, loaded):
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = _md.version(name)
+        except _md.PackageNotFoundError:
+            versions[name] = None
+    prov = {
+        "covreport_version": __version__,
+        "python": platform.python_version(),
+        "packages": versions,
+        "inputs": inputs,
+        "weights_sha256": loaded.sha256 if loaded is not None else None,
+        "preprocessing": loaded.preprocessing.to_dict() if loaded is not None else None,
+        "model": _model_summary(loaded),
+        "seed": int(opts.seed),
+        "protocol": opts.protocol,
+        "permutations": int(opts.permutations),
+        "command": opts.command,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "synthetic": bool(opts.synthetic),
+    }
+    prov.update(opts.extra_provenance)
+    return prov
+
+
+def _model_summary(loaded):
+    if loaded is None:
+        return None
+    meta = dict(loaded.metadata or {})
+    return {"source": loaded.source, "labels": list(loaded.labels),
+            "training": meta.get("training") or meta.get("config"),
+            "training_data_sha256": meta.get("training_data_sha256"),
+            "validation_auc": meta.get("validation_auc")}
+
+
+def _records(df):
+    """JSON-safe records of a DataFrame (NaN and inf become None)."""
+    return [{k: _clean(v) for k, v in row.items()} for row in df.to_dict("records")]
+
+
+def _clean(v):
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return [_clean(x) for x in v.tolist()]
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    if v is pd.NA or v is pd.NaT:
+        return None
+    return v
+
+
+def results_json(results):
+    """Serialise results deterministically (sorted nothing; insertion order is fixed)."""
+    return json.dumps(_clean(results), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def _write_tables(results, folder):
+    from covreport._io import write_csv
+
+    folder.mkdir()
+    for key in ("table1", "group_differences", "validation_auc", "pairs"):
+        if results.get(key):
+            write_csv(pd.DataFrame(results[key]), folder / f"{key}.csv")
+    flow = results["flow"]
+    if flow["exclusions"]:
+        write_csv(pd.DataFrame(flow["exclusions"]), folder / "exclusions.csv")
+    pred = results["prediction"]
+    for name in ("nested", "global", "reversed"):
+        block = pred.get(name)
+        if not block:
+            continue
+        metrics = pd.DataFrame([{"measure": m, **v} for m, v in block["metrics"].items()])
+        write_csv(metrics, folder / f"prediction_{name}_metrics.csv")
+        write_csv(pd.DataFrame(block["pairs"]), folder / f"prediction_{name}_pairs.csv")
+
+
+def _write_outputs(results, out, opts, cams):
+    """Write everything into a temporary sibling folder, then move it into place whole."""
+    out = Path(out)
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise ReportError(f"cannot write to {parent}: {exc.strerror}; choose another --out") from exc
+    try:
+        (tmp / "results.json").write_text(results_json(results), encoding="utf-8")
+        _write_tables(results, tmp / "tables")
+        from covreport.report import render_report
+
+        render_report(results, tmp, templates=opts.templates, cams=cams, pdf=opts.pdf)
+        _replace_dir(tmp, out, force=opts.force)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ReportError(f"cannot write the outputs to {out}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp, out, *, force):
+    if out.exists():
+        if not force:
+            raise ReportError(f"{out} exists; choose another --out or add --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    os.chmod(out, 0o755)
+
+
+def command_line():
+    """The command that produced these results, for provenance."""
+    return " ".join(["covreport", *sys.argv[1:]])

@@ -1,0 +1,94 @@
+"""Small helpers shared by the statistics modules.
+
+Nothing here computes a statistic: these functions validate arguments and
+turn tidy DataFrames into JSON-safe records (``results.json`` and
+``covreport diagnostic --json``).
+"""
+
+import math
+import numbers
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _sps
+
+from covreport.errors import StatsError
+
+
+def check_alpha(alpha):
+    """Return ``alpha`` as a float after checking 0 < alpha < 1.
+
+    Raises
+    ------
+    StatsError
+        If ``alpha`` is not a number strictly between 0 and 1.
+    """
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise StatsError(f"alpha must be a number between 0 and 1 (exclusive), got {alpha!r}") from None
+    if not (0.0 < value < 1.0):
+        raise StatsError(f"alpha must be between 0 and 1 (exclusive), got {alpha!r}")
+    return value
+
+
+def z_quantile(alpha):
+    """Two-sided standard normal quantile: ``z`` with P(|Z| > z) = alpha."""
+    return float(_sps.norm.ppf(1.0 - alpha / 2.0))
+
+
+def to_python(value):
+    """Convert a numpy/pandas scalar to a plain Python value; NaN, inf and NA become None."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return to_python(value.item())
+    return value
+
+
+def _describe_missing(value):
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        value = float(value)
+        if math.isinf(value):
+            return "+inf" if value > 0 else "-inf"
+    return "missing"
+
+
+def records(df):
+    """Turn a tidy DataFrame into a list of JSON-safe dicts.
+
+    NaN, infinite and NA values become ``None``; numpy scalars become Python
+    scalars. A row that loses a number this way and has no ``note`` of its own
+    (no ``note`` column, or an empty one) gets a ``note`` naming the fields
+    and whether each was missing or infinite, so that every ``null`` number in
+    ``results.json`` comes with a reason.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+
+    Returns
+    -------
+    list of dict
+    """
+    out = []
+    for row in df.to_dict("records"):
+        rec = {}
+        lost = []
+        for key, value in row.items():
+            plain = to_python(value)
+            if plain is None and value is not None and key != "note":
+                if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                    lost.append(f"{key} is {_describe_missing(value)}")
+            rec[key] = plain
+        if lost and not rec.get("note"):
+            rec["note"] = "; ".join(lost)
+        out.append(rec)
+    return out
