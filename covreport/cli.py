@@ -9,6 +9,7 @@ Heavy modules (torch, matplotlib) are imported inside the commands so that
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -40,14 +41,475 @@ def _echo_json(obj):
 
 # --- validate (manifest) ---------------------------------------------------
 
+_VALIDATE_LIST_LIMIT = 20
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (pairs, patients, outcomes, images, exclusions, warnings).")
+@click.option("--strict", is_flag=True,
+              help="Treat missing or unreadable images and empty outcomes as errors, not exclusions.")
+@click.option("--no-images", is_flag=True,
+              help="Do not open the image files (only the manifest itself is checked).")
+def validate(manifest, as_json, strict, no_images):
+    """Check a pair manifest and summarise it; nothing is written.
+
+    MANIFEST is a CSV (UTF-8; comma-, semicolon- or tab-separated) or an .xlsx
+    workbook with one row per pair of CXRs and the columns patient_id,
+    first_image, second_image, outcome (Worse/Stable/Improved); see
+    data_manifests/README.md. Every problem is listed at once with its line,
+    column, value and fix, and the exit status is 1. Missing or unreadable
+    images and empty outcomes are exclusions (exit 0) unless --strict.
+    """
+    from covreport.manifest import read_manifest
+
+    m = read_manifest(manifest, strict=strict, check_images=not no_images)
+    summary = m.summary()
+    if as_json:
+        _echo_json(summary)
+        return
+    images = summary["images"]
+    outcomes = summary["pairs_per_outcome"]
+    per_outcome = ", ".join(f"{k} {v}" for k, v in outcomes.items() if k != "empty" or v)
+    if images["checked"]:
+        image_line = (f"{images['total']} files: {images['found']} found, "
+                      f"{images['missing']} missing, {images['unreadable']} unreadable")
+    else:
+        image_line = f"{images['total']} files, not checked (--no-images)"
+    click.echo(f"Manifest    {manifest}")
+    click.echo(f"SHA-256     {summary['sha256']}")
+    patients = summary["patients"]
+    click.echo(f"Pairs       {summary['pairs']} ({patients} patient{'' if patients == 1 else 's'})")
+    click.echo(f"Outcomes    {per_outcome}")
+    click.echo(f"Images      {image_line}")
+    excluded = summary["exclusions"]
+    click.echo(f"Exclusions  {len(excluded) or 'none'}")
+    for rec in excluded[:_VALIDATE_LIST_LIMIT]:
+        click.echo(f"  pair {rec['pair_id']} (patient {rec['patient_id']}): {rec['stage']}: {rec['reason']}")
+    if len(excluded) > _VALIDATE_LIST_LIMIT:
+        click.echo(f"  ... and {len(excluded) - _VALIDATE_LIST_LIMIT} more (see --json)")
+    click.echo(f"Warnings    {len(summary['warnings']) or 'none'}")
+    for text in summary["warnings"]:
+        click.echo(f"  {text}")
+    click.echo(f"OK: the manifest is usable; {summary['pairs_analysable']} of {summary['pairs']} pairs can be analysed.")
+
 
 # --- diagnostic (stats) ----------------------------------------------------
 
 
+@main.command()
+@click.option("--tp", type=int, required=True, help="True positives: disease present, test positive.")
+@click.option("--fp", type=int, required=True, help="False positives: disease absent, test positive.")
+@click.option("--fn", type=int, required=True, help="False negatives: disease present, test negative.")
+@click.option("--tn", type=int, required=True, help="True negatives: disease absent, test negative.")
+@click.option("--prevalence", type=float, default=None,
+              help="Disease prevalence in the target population, 0 < P < 1. Recomputes PPV, NPV "
+                   "and accuracy by Bayes' rule (default: the table's own prevalence).")
+@click.option("--alpha", type=float, default=0.05, show_default=True,
+              help="1 - confidence level of the intervals, 0 < A < 1.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON keyed by measure instead of a table; missing or infinite values "
+                   "are null with a note.")
+def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
+    """Diagnostic accuracy of a 2x2 table, with confidence intervals.
+
+    Prints accuracy, sensitivity, specificity, ppv, npv, lr_positive and
+    lr_negative with their intervals, computed as MedCalc's diagnostic test
+    calculator does: Clopper-Pearson exact intervals for sensitivity,
+    specificity and accuracy; the log method (Altman et al. 2000) for the
+    likelihood ratios; standard logit intervals (Mercaldo et al. 2007) for the
+    predictive values, with the table's prevalence (TP+FN)/N or --prevalence
+    taken as known, Clopper-Pearson when a value is 0 or 1. No continuity
+    correction: a measure a zero cell makes undefined is reported missing,
+    with the reason.
+
+    Example: covreport diagnostic --tp 40 --fp 3 --fn 4 --tn 5
+    """
+    from covreport.stats._util import records
+    from covreport.stats.diagnostic import diagnostic_metrics
+
+    table = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha)
+    if as_json:
+        out = {}
+        for rec in records(table):
+            entry = {k: rec[k] for k in ("estimate", "ci_low", "ci_high", "method")}
+            if rec.get("note"):
+                entry["note"] = rec["note"]
+            out[rec["measure"]] = entry
+        _echo_json(out)
+        return
+
+    def fmt(x):
+        if x != x:  # NaN
+            return "-"
+        if x in (float("inf"), float("-inf")):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.4f}"
+
+    level = f"{100 * (1 - alpha):g}% CI"
+    header = ("measure", "estimate", level, "method", "note")
+    lines = []
+    for r in table.itertuples(index=False):
+        ci = "-" if r.ci_low != r.ci_low else f"{fmt(r.ci_low)} to {fmt(r.ci_high)}"
+        lines.append((r.measure, fmt(r.estimate), ci, r.method, r.note))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:3])]
+    click.echo(f"2x2 table: TP={tp} FP={fp} FN={fn} TN={tn}"
+               + ("" if prevalence is None else f"; prevalence {prevalence:g}"))
+    for line in (header, *lines):
+        cells = [line[i].ljust(widths[i]) if i == 0 else line[i].rjust(widths[i]) for i in range(3)]
+        text = "  ".join(cells) + "  " + line[3]
+        if line[4]:
+            text += f"  [{line[4]}]"
+        click.echo(text.rstrip())
+
+
 # --- train / score (model) -------------------------------------------------
+
+# train
+
+
+def _split_labels(values):
+    labels = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    return tuple(labels)
+
+
+@main.command()
+@click.option("--chexpert-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="CheXpert folder holding train.csv and valid.csv (CheXpert-v1.0 or CheXpert-v1.0-small); "
+                   "their Path column is relative to this folder's parent.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to keep (lowest validation loss), e.g. model/densenet121.pt. Beside it: "
+                   "NAME.epochN.pt every epoch, NAME.validation_auc.csv, NAME.validation_scores.csv.")
+@click.option("--labels", multiple=True,
+              help="Label columns to learn, comma-separated (repeatable); default: the study's 10 labels.")
+@click.option("--uncertainty", type=click.Choice(["zeros", "ones", "ignore"]), default="zeros", show_default=True,
+              help="Uncertain (-1) labels become 0, 1, or are left out of the loss. Blank is always 0.")
+@click.option("--init", default="imagenet", show_default=True,
+              help="Start weights: imagenet (torchvision's, from the torch hub cache; offline it fails "
+                   "with instructions), none (random), or a checkpoint / DenseNet121 state-dict FILE.")
+@click.option("--image-size", type=click.IntRange(min=64), default=320, show_default=True,
+              help="Square input side in pixels.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per step (per process under torchrun).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Adam's fixed learning rate (betas 0.9/0.999).")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Use at most N images of each CSV (a seeded random sample), for small runs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, shuffling, sampling.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the last NAME.epochN.pt beside --out, with its optimizer state.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader processes decoding images [default: min(4, CPUs)].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available (bf16 autocast, channels_last), else CPU float32.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train(chexpert_root, out, labels, uncertainty, init, image_size, epochs, batch_size, lr, max_images,
+          seed, resume, workers, device, no_progress):
+    """Train the study's DenseNet121 on a CheXpert-layout folder.
+
+    The defaults are the study's recipe: ImageNet initialisation, 320x320
+    input, all single views, uncertain labels as negative (U-zeros),
+    class-weighted binary cross-entropy (pos_weight = negatives/positives per
+    label), Adam lr 1e-4 fixed, batch 16, 3 epochs, a checkpoint every epoch,
+    keeping the one with the lowest validation loss. Validation AUCs with
+    DeLong CIs go into the checkpoint and NAME.validation_auc.csv.
+
+    \b
+    Multi-GPU or multi-process (DistributedDataParallel, rank 0 writes):
+      torchrun --nproc_per_node N -m covreport train ...
+
+    \b
+    Example:
+      covreport train --chexpert-root CheXpert-v1.0-small --out model/densenet121.pt
+    """
+    import os
+
+    from covreport.model import load_checkpoint
+    from covreport.train import TrainConfig, train as train_model
+
+    kwargs = {}
+    if labels:
+        kwargs["labels"] = _split_labels(labels)
+    if workers is not None:
+        kwargs["num_workers"] = workers
+    config = TrainConfig(uncertainty=uncertainty, image_size=image_size, epochs=epochs, batch_size=batch_size,
+                         lr=lr, init=init, seed=seed, max_images=max_images,
+                         device=None if device == "auto" else device, **kwargs)
+    path = train_model(chexpert_root, out, config, progress=not no_progress, resume=resume)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    loaded = load_checkpoint(path)
+    meta = loaded.metadata
+    click.echo(f"Checkpoint: {path} (epoch {meta.get('epoch')} of {epochs}, "
+               f"validation loss {meta.get('val_loss', float('nan')):.4f})")
+    click.echo(f"SHA-256: {loaded.sha256}")
+    click.echo(f"Validation AUCs: {path.with_name(path.stem + '.validation_auc.csv')}")
+
+
+# score
+
+_SCORE_FAILED_LIMIT = 20
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--weights", help="Checkpoint (.pt) to score with, or xrv:NAME for a torchxrayvision "
+              "DenseNet whose weight file is on disk; default: the newest checkpoint in model/.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Scores file to write: .csv or .parquet (by suffix). Provenance (weights SHA-256, "
+                   "preprocessing, counts, failed images) goes beside it in OUT.json.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Score cache (SQLite) to read and extend; default: scores.sqlite under the user's "
+                   "cache folder (or $COVREPORT_CACHE_DIR).")
+@click.option("--no-cache", is_flag=True, help="Score every image afresh and store nothing.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Processes decoding images in parallel (0: decode in the main process).")
+@click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True,
+              help="bf16 runs the network under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX "
+                   "and recent GPUs; probabilities within about 0.02 of float32). Cached outputs are "
+                   "shared between precisions: use --no-cache or another --cache to compare them.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 1, nothing written) if any image is missing or unreadable, instead of "
+                   "leaving it out.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def score(manifest, weights, out, cache, no_cache, batch_size, workers, precision, strict, no_progress):
+    """Score every image of MANIFEST once: label probabilities and 1,024 features.
+
+    Writes OUT with one row per image: 'image' (the path as the manifest
+    writes it), one probability column per label, feat_0000 ... feat_1023.
+    Images already in the cache for these weights and preprocessing are not
+    run again; unreadable images are listed with their reason and left out
+    (the report counts them as exclusions).
+
+    \b
+    Example:
+      covreport score manifest.csv --weights model/densenet121.pt --out scores.csv
+    """
+    from covreport.errors import ImageError
+    from covreport.manifest import read_manifest
+    from covreport.model import find_weights, load_checkpoint
+    from covreport.scoring import score_manifest, write_scores
+
+    if cache is not None and no_cache:
+        raise click.UsageError("give --cache or --no-cache, not both")
+    spec = find_weights(weights)
+    m = read_manifest(manifest, strict=strict, check_images=strict)
+    loaded = load_checkpoint(spec)
+    res = score_manifest(m, loaded, cache_path=cache, use_cache=not no_cache, batch_size=batch_size,
+                         num_workers=workers, precision=precision, progress=not no_progress)
+    if strict and res.failed:
+        first, reason = next(iter(res.failed.items()))
+        raise ImageError(f"{len(res.failed)} image(s) could not be scored (--strict), "
+                         f"e.g. {first}: {reason}; nothing written")
+    write_scores(res.scores, out, metadata={**res.metadata(), "weights": str(loaded.source),
+                                            "manifest": {"path": str(manifest), "sha256": m.sha256}})
+    n_images = len(res.scores) + len(res.failed)
+    click.echo(f"Weights     {loaded.source} (SHA-256 {loaded.sha256})")
+    click.echo(f"Images      {n_images} in the manifest, {len(res.scores)} with scores")
+    click.echo(f"Scored      {res.scored} (distinct images run through the network, {precision})")
+    click.echo(f"From cache  {res.from_cache}" + ("" if not no_cache else " (--no-cache)"))
+    click.echo(f"Failed      {len(res.failed) or 'none'}")
+    for path, reason in list(res.failed.items())[:_SCORE_FAILED_LIMIT]:
+        click.echo(f"  {path}: {reason}")
+    if len(res.failed) > _SCORE_FAILED_LIMIT:
+        click.echo(f"  ... and {len(res.failed) - _SCORE_FAILED_LIMIT} more (see {out}.json)")
+    click.echo(f"Scores      {out}")
+
+
+# --- pairs (revalidation) ---------------------------------------------------
+
+_PAIRS_LIST_LIMIT = 10
+
+
+@main.command()
+@click.argument("images", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Pair manifest to write (CSV, written whole). May be the --update manifest itself.")
+@click.option("--update", "previous", type=click.Path(dir_okay=False, path_type=Path),
+              help="Existing pair manifest: its rows are kept as they are (outcomes, pair ids, notes) and only "
+                   "pairs it does not hold yet are appended, with an empty outcome.")
+@click.option("--preset", type=click.Choice(["ieee8023"]),
+              help="Column mapping of a known export: ieee8023 = covid-chestxray-dataset metadata.csv "
+                   "(patientid, offset, view, age, sex, folder/filename; X-ray rows only).")
+@click.option("--map", "map_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Column mapping file: TOML (patient_id = \"patientid\") or CSV with the header "
+                   "manifest_column,export_column.")
+@click.option("--patient-col", help="Export column of the patient id [default: patient_id, patientid or patient].")
+@click.option("--date-col", help="Export column of the acquisition date (ISO 8601 unless --date-format).")
+@click.option("--date-format", help="strptime format of the dates, e.g. '%d/%m/%Y' [default: ISO 8601].")
+@click.option("--offset-col", help="Export column of the day offset (e.g. days since admission), used to "
+                                   "order the images when there is no date.")
+@click.option("--view-col", help="Export column of the view (AP, AP Supine, PA, L/Lateral; any case).")
+@click.option("--path-col", multiple=True,
+              help="Export column of the image path; repeat it to join several columns with '/' "
+                   "(--path-col folder --path-col filename). Relative paths start at the export's folder.")
+@click.option("--age-col", help="Export column of the age in years.")
+@click.option("--sex-col", help="Export column of the sex (M, F, Male, Female).")
+@click.option("--views", default="AP,AP Supine,PA", show_default=True,
+              help="Views to keep, comma-separated, or 'all' to keep every row whatever its view.")
+@click.option("--filter", "filters", multiple=True, metavar="COL=VALUE",
+              help="Keep only rows whose COL equals VALUE (COL!=VALUE: differs; COL~TEXT: contains TEXT); "
+                   "case-insensitive, '|' separates alternatives; repeat to require several.")
+@click.option("--source", help="Text for the source column of new pairs [default: the preset or export name].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (exclusions, ties, counts) as JSON.")
+def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_format, offset_col, view_col,
+          path_col, age_col, sex_col, views, filters, source, as_json):
+    """Build the pair manifest from an image-level export (one row per image).
+
+    Per patient, the images that pass --filter and show one of --views are
+    ordered by date (or day offset); images with the same date are put in
+    the order of their paths and every such tie is listed. Each image is
+    paired with the next one (k images give k-1 pairs, pair_id
+    <patient>-<k>), with an empty outcome for the readers to fill in
+    (Worse, Stable, Improved). With --update, pairs already in the manifest
+    keep their outcome and only new pairs are appended; an old pair that no
+    longer arises is kept and listed.
+
+    \b
+    Example (ieee8023 covid-chestxray-dataset, from its folder):
+      covreport pairs metadata.csv --preset ieee8023 --filter "finding~COVID-19" --out pairs.csv
+    """
+    from covreport.pairs import build_pairs, read_column_map, write_pairs
+
+    columns = dict(read_column_map(map_file)) if map_file else {}
+    for key, value in (("patient_id", patient_col), ("date", date_col), ("offset_days", offset_col),
+                       ("view", view_col), ("age", age_col), ("sex", sex_col)):
+        if value:
+            columns[key] = value
+    if path_col:
+        columns["image"] = tuple(path_col)
+    view_list = None if views.strip().lower() == "all" else [v.strip() for v in views.split(",") if v.strip()]
+    if view_list is not None and not view_list:
+        raise click.BadParameter("give at least one view, or 'all'", param_hint="--views")
+    table, report = build_pairs(images, columns=columns, views=view_list, previous=previous, filters=filters,
+                                preset=preset, date_format=date_format, source=source,
+                                out_dir=out.parent if str(out.parent) else Path("."))
+    write_pairs(table, out)
+    if as_json:
+        _echo_json(report)
+        return
+    counts = report["excluded_counts"]
+    order = {"date": "date", "offset_days": "day offset"}[report["order_by"]]
+    views_text = "all views" if report["views"] is None else ", ".join(report["views"])
+    click.echo(f"Export      {images}: {report['images_in_export']} rows, {report['images_eligible']} eligible "
+               f"({views_text}; ordered by {order})")
+    for why, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:_PAIRS_LIST_LIMIT]:
+        click.echo(f"  excluded: {why}: {k}")
+    if len(counts) > _PAIRS_LIST_LIMIT:
+        click.echo(f"  ... and {len(counts) - _PAIRS_LIST_LIMIT} more reasons (see --json)")
+    ties = report["ties"]
+    click.echo(f"Ties        {len(ties) or 'none'}" + (f" (same {order}: put in the order of their paths)" if ties else ""))
+    for tie in ties[:_PAIRS_LIST_LIMIT]:
+        click.echo(f"  patient {tie['patient_id']}, {order} {tie['order_key']}: "
+                   + " < ".join(tie["images"]) + f" (lines {', '.join(map(str, tie['lines']))})")
+    if len(ties) > _PAIRS_LIST_LIMIT:
+        click.echo(f"  ... and {len(ties) - _PAIRS_LIST_LIMIT} more (see --json)")
+    click.echo(f"Patients    {report['patients']} with eligible images, {report['patients_with_pairs']} with a pair")
+    if previous is not None:
+        click.echo(f"Pairs       {report['pairs']}: {report['pairs_kept']} kept from {previous} "
+                   f"({report['pairs_kept_labelled']} labelled), {report['pairs_new']} new")
+        stale, dropped = report["stale"], report["dropped"]
+        if stale:
+            click.echo(f"Kept        {len(stale)} pair(s) of {previous} that the export no longer gives "
+                       "(delete them if they should not be analysed):")
+            for rec in stale[:_PAIRS_LIST_LIMIT]:
+                label = rec["outcome"] or "no outcome"
+                click.echo(f"  line {rec['line']}: pair {rec['pair_id']} (patient {rec['patient_id']}, {label}): "
+                           f"{rec['first_image']} -> {rec['second_image']}; {rec['reason']}")
+            if len(stale) > _PAIRS_LIST_LIMIT:
+                click.echo(f"  ... and {len(stale) - _PAIRS_LIST_LIMIT} more (see --json)")
+        if dropped:
+            click.echo(f"Dropped     {len(dropped)} unlabelled pair(s) of {previous} replaced by new pairs "
+                       "(an image now lies between them or is gone):")
+            for rec in dropped[:_PAIRS_LIST_LIMIT]:
+                click.echo(f"  line {rec['line']}: pair {rec['pair_id']} (patient {rec['patient_id']}): "
+                           f"{rec['first_image']} -> {rec['second_image']}")
+            if len(dropped) > _PAIRS_LIST_LIMIT:
+                click.echo(f"  ... and {len(dropped) - _PAIRS_LIST_LIMIT} more (see --json)")
+    else:
+        click.echo(f"Pairs       {report['pairs']}")
+    for text in report["warnings"]:
+        click.echo(f"Warning     {text}")
+    click.echo(f"Wrote {out}: fill in the outcome (Worse, Stable, Improved) of the "
+               f"{report['pairs_new']} new pair{'' if report['pairs_new'] == 1 else 's'}, then "
+               f"`covreport validate {out}`.")
 
 
 # --- run / demo (pipeline) -------------------------------------------------
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--scores", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Scores file (CSV or Parquet) from `covreport score`: reviewer mode, no model needed.")
+@click.option("--weights", help="Checkpoint to score the images with (through the cache); "
+              "default: the newest checkpoint in model/.")
+@click.option("--validation-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CheXpert-layout valid.csv with ground-truth labels, for per-label AUCs.")
+@click.option("--validation-scores", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Scores of the validation images ('image' = the CSV's Path); with --weights they are computed.")
+@click.option("--reference-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CheXpert-format CSV (Sex, Age) for the reference row of Table 1.")
+@click.option("--study", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="study.toml with the author's fields of the report (see docs/study.example.toml).")
+@click.option("--templates", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of templates overriding the built-in report templates.")
+@click.option("--protocol", type=click.Choice(["nested", "global"]), default="nested", show_default=True,
+              help="Headline prediction protocol (feature selection inside each fold, or once on all pairs).")
+@click.option("--permutations", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Permutations for the accuracy's permutation p-value (0 to skip).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permutation test.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Score cache (SQLite); default under the user's cache folder.")
+@click.option("--no-cache", is_flag=True, help="Score every image afresh and store nothing.")
+@click.option("--strict", is_flag=True, help="Refuse missing or unreadable images and empty outcomes.")
+@click.option("--no-pdf", is_flag=True, help="Write the HTML report only.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-out"),
+              show_default=True, help="Output folder (written whole, at the end).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
+        protocol, permutations, seed, cache, no_cache, strict, no_pdf, out, force):
+    """Run the whole study on MANIFEST and write the STARD report.
+
+    Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
+    and OUT/figures/*. Give --scores (reviewer mode) or --weights.
+    """
+    from covreport.pipeline import RunOptions, command_line, run as run_study
+
+    if scores is not None and weights is not None:
+        raise click.UsageError("give --scores or --weights, not both")
+    opts = RunOptions(manifest=manifest, out=out, scores=scores, weights=weights,
+                      validation_csv=validation_csv, validation_scores=validation_scores,
+                      reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
+                      permutations=permutations, seed=seed, force=force, strict=strict, cache=cache,
+                      use_cache=not no_cache, pdf=not no_pdf, command=command_line())
+    written = run_study(opts)
+    click.echo(f"Report: {written / 'report.html'}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-demo"),
+              show_default=True, help="Folder for the phantom study, weights, cache and report.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the phantom and the training.")
+def demo(out, seed):
+    """Run the whole study on a synthetic phantom: generate, train, score, test, report.
+
+    Needs no data and no weights. The first run trains a DenseNet121 on the
+    phantom's CheXpert-layout set (a few minutes on a CPU); later runs reuse
+    the weights and the score cache. The data are synthetic and the report
+    says so.
+    """
+    from covreport.demo import DemoSettings, run_demo
+
+    result = run_demo(out, DemoSettings(seed=seed))
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    click.echo(f"Report: {result.report / 'report.html'} (and report.pdf, results.json)")
+    click.echo(f"Time: {took}" + ("" if result.trained else " (weights reused)"))
+    click.echo(f"Regenerate with:\n  {result.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,3 +39,12 @@ N_FEATURES = 1024
 def feature_columns(n=N_FEATURES):
     """Names of the feature columns: feat_0000 ... feat_1023."""
     return [f"{FEATURE_PREFIX}{i:04d}" for i in range(n)]
+
+
+#: Exclusion stages of the STARD flow diagram (manifest and pipeline).
+STAGE_INDEX_TEST_NOT_DONE = "index test not done"
+STAGE_NO_REFERENCE = "reference standard not available"
+EXCLUSION_STAGES = (STAGE_INDEX_TEST_NOT_DONE, STAGE_NO_REFERENCE)
+
+#: Columns read_manifest adds to the pairs table (a manifest may not use these names).
+MANIFEST_DERIVED_COLUMNS = ("first_path", "second_path", "interval_days", "line")

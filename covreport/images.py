@@ -1,8 +1,485 @@
-"""Image files (PNG, JPEG, DICOM) to normalised arrays."""
+"""Image files (PNG, JPEG, DICOM) to normalised arrays, and the preprocessing spec.
 
+:func:`load_image` turns one file into a float32 ``(H, W)`` greyscale array
+in ``[0, 1]`` (0 = black as displayed); :func:`to_tensor` turns that array into
+the network input described by a :class:`Preprocessing`. The preprocessing is
+recorded in every checkpoint and applied identically at training and scoring,
+and its :meth:`Preprocessing.signature` is part of every score-cache key.
+
+Nothing from a DICOM header except the pixel-description attributes (size,
+bits, photometric interpretation, rescale and VOI attributes, transfer
+syntax) is read into covreport: no patient identifier leaves this module,
+not even in error messages.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import struct
+import warnings
 from pathlib import Path
 
+import numpy as np
+
+from covreport.errors import ImageError, ModelError
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+#: Images smaller than this on either side are refused ("too small").
+MIN_IMAGE_SIDE = 16
+
+#: Bumped whenever :func:`load_image` or :func:`to_tensor` change what they
+#: compute, so that old cache entries are not reused.
+PREPROCESSING_VERSION = 1
+
+RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
+
+#: What to install to decode compressed DICOM pixel data pydicom cannot.
+DICOM_DECODER_HINT = (
+    "install a pydicom decoder plugin: pip install pylibjpeg pylibjpeg-libjpeg "
+    "pylibjpeg-openjpeg pylibjpeg-rle (or python-gdcm), or convert the file to "
+    "uncompressed DICOM or PNG"
+)
+
+
+# --------------------------------------------------------------------------
+# Preprocessing specification
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a greyscale image in ``[0, 1]`` becomes the network input.
+
+    Parameters
+    ----------
+    size : int
+        The image is resized (aspect ratio not kept) to ``size x size``.
+    resize : {"bilinear", "bicubic", "area", "nearest"}
+        Interpolation; bilinear and bicubic are antialiased when shrinking
+        (as PIL does), so downsampling does not alias.
+    mean, std : tuple of float
+        Per-channel normalisation ``(x - mean) / std``; one value per channel.
+        The defaults are ImageNet's, as used with torchvision's DenseNet121.
+    channels : int
+        The greyscale image is replicated to this many channels (3 for
+        ImageNet-initialised networks, 1 for torchxrayvision's).
+    """
+
+    size: int = 320
+    resize: str = "bilinear"
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    channels: int = 3
+
+    def __post_init__(self):
+        try:
+            mean = tuple(float(v) for v in self.mean)
+            std = tuple(float(v) for v in self.std)
+        except (TypeError, ValueError):
+            raise ModelError(
+                f"preprocessing mean and std must be lists of numbers, got "
+                f"mean={self.mean!r}, std={self.std!r}"
+            ) from None
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
+            raise ModelError(f"preprocessing size must be an integer, got {self.size!r}")
+        object.__setattr__(self, "size", int(self.size))
+        if self.size < 8:
+            raise ModelError(f"preprocessing size must be at least 8 pixels, got {self.size}")
+        if self.resize not in RESIZE_METHODS:
+            raise ModelError(
+                f"preprocessing resize must be one of {', '.join(RESIZE_METHODS)}, "
+                f"got {self.resize!r}"
+            )
+        if self.channels not in (1, 3):
+            raise ModelError(f"preprocessing channels must be 1 or 3, got {self.channels!r}")
+        if len(mean) != self.channels or len(std) != self.channels:
+            raise ModelError(
+                f"preprocessing needs one mean and one std per channel ({self.channels}), "
+                f"got {len(mean)} means and {len(std)} stds"
+            )
+        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+            raise ModelError(
+                f"preprocessing mean must be finite and std positive, got "
+                f"mean={mean}, std={std}"
+            )
+
+    def to_dict(self):
+        """Plain JSON-serialisable form (lists, not tuples), for checkpoints and outputs."""
+        return {
+            "size": self.size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": self.channels,
+        }
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ModelError`."""
+        if not isinstance(d, dict):
+            raise ModelError(f"preprocessing must be a mapping, got {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ModelError(
+                f"unknown preprocessing field(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(fields))} (written by a newer covreport?)"
+            )
+        return cls(**d)
+
+    def signature(self):
+        """A stable 16-hex-digit hash of this preprocessing and the loader version.
+
+        Two preprocessings with the same signature give identical network
+        inputs for the same file; the signature is part of cache keys.
+        """
+        payload = json.dumps(
+            {"version": PREPROCESSING_VERSION, **self.to_dict()},
+            sort_keys=True, separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode("ascii")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+
+def _error(name, reason):
+    # No memory addresses in reasons: they go into results.json, which must
+    # be identical between runs.
+    reason = re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
+    exc = ImageError(f"{name}: {reason}")
+    exc.reason = reason
+    return exc
+
+
+def load_image(path):
+    """Read a PNG, JPEG or DICOM file as a float32 ``(H, W)`` array in ``[0, 1]``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The image file. DICOM is recognised by its ``.dcm``/``.dicom`` suffix
+        or by the ``DICM`` magic at byte 128; anything else goes to Pillow.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 greyscale, 0 = black and 1 = white as a radiologist sees it
+        (MONOCHROME1 inverted, EXIF orientation applied).
+
+    Raises
+    ------
+    ImageError
+        Naming the file and the reason (also in its ``reason`` attribute, a
+        short phrase for the flow diagram): missing, empty, not an image,
+        truncated, too small, a decompression bomb, DICOM without pixel data,
+        an undecodable transfer syntax (with what to install).
+
+    Notes
+    -----
+    PNG/JPEG: 8-bit data are divided by 255 and 16-bit (``I;16``) by 65535;
+    32-bit integer (``I``) data by 65535 when within ``[0, 65535]``, else
+    min-max scaled; colour is converted with the ITU-R 601 luma weights
+    (Pillow's ``L`` conversion, in floating point); alpha is dropped.
+    DICOM: modality LUT (rescale slope/intercept), then VOI LUT or window
+    (pydicom's ``apply_modality_lut`` and ``apply_voi_lut``, DICOM PS3.3
+    C.11), scaled by the output range of that transform; with no VOI
+    attributes the values are min-max scaled.
+    """
+    data = read_image_bytes(path)
+    return decode_image(data, name=str(path))
+
+
+def read_image_bytes(path):
+    """Read the whole file, turning OS errors into :class:`ImageError`."""
+    p = Path(path)
+    try:
+        if p.is_symlink() and not p.exists():
+            raise _error(path, "broken symbolic link")
+        if not p.exists():
+            raise _error(path, "file not found")
+        if not p.is_file():
+            raise _error(path, "not a file")
+        with open(p, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise _error(path, f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+    if not data:
+        raise _error(path, "empty file")
+    return data
+
+
+def decode_image(data, name="<bytes>"):
+    """Decode image bytes (PNG, JPEG or DICOM); see :func:`load_image`.
+
+    ``name`` is used for format detection (suffix) and in error messages.
+    """
+    if not data:
+        raise _error(name, "empty file")
+    is_dicom = Path(str(name)).suffix.lower() in DICOM_SUFFIXES or (
+        len(data) >= 132 and data[128:132] == b"DICM"
+    )
+    if is_dicom:
+        arr = _decode_dicom(data, name)
+    else:
+        arr = _decode_pil(data, name)
+    h, w = arr.shape
+    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+        raise _error(name, f"image too small ({w}x{h} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
+    if not np.all(np.isfinite(arr)):
+        raise _error(name, "image has non-finite pixel values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_pixels(name, w, h, frames=1):
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h * frames > limit:
+        raise _error(
+            name,
+            f"image too large ({w}x{h} pixels, possible decompression bomb; "
+            f"the limit is {limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)",
+        )
+
+
+def _decode_pil(data, name):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                _check_pixels(name, *im.size)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _pil_to_gray(im, name)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _error(
+            name,
+            "image too large (possible decompression bomb; the limit is "
+            f"{Image.MAX_IMAGE_PIXELS} pixels, PIL.Image.MAX_IMAGE_PIXELS)",
+        ) from None
+    except UnidentifiedImageError:
+        raise _error(name, "not a recognised image format (PNG, JPEG or DICOM expected)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, EOFError):
+            reason = "truncated or corrupt image file"
+        else:
+            reason = f"cannot decode image ({type(exc).__name__}: {text})"
+        raise _error(name, reason) from None
+    except MemoryError:
+        raise _error(name, "image too large to decode in memory") from None
+
+
+def _pil_to_gray(im, name):
+    mode = im.mode
+    if mode in ("L", "1"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and a.min() >= 0 and a.max() <= 65535:
+            return (a / 65535.0).astype(np.float32)
+        return _minmax(a)
+    if mode == "F":
+        return _minmax(np.asarray(im, dtype=np.float64))
+    if mode == "LA":
+        return np.asarray(im.getchannel("L"), dtype=np.float32) / 255.0
+    if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX", "RGBa", "La"):
+        im = im.convert("RGBA" if mode in ("P", "PA") else "RGB")
+        mode = im.mode
+    if mode in ("RGB", "RGBA"):
+        rgb = np.asarray(im, dtype=np.float32)[..., :3]
+        # ITU-R 601-2 luma, as Pillow's convert("L"), without 8-bit rounding.
+        return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0
+    raise _error(name, f"unsupported image mode {mode!r}")
+
+
+def _minmax(a):
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = float(np.min(a)), float(np.max(a))
+    if hi > lo:
+        return ((a - lo) / (hi - lo)).astype(np.float32)
+    return np.zeros(a.shape, dtype=np.float32)
+
+
+def _decode_dicom(data, name):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    junk = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            AttributeError, NotImplementedError, struct.error)
+    try:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except InvalidDicomError:
+            # No preamble/"DICM": may still be a raw dataset; keep it only if it
+            # parses to something that describes an image.
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            if "Rows" not in ds and "PixelData" not in ds and "SOPClassUID" not in ds:
+                raise _error(name, "not a DICOM file") from None
+    except junk:
+        raise _error(name, "unreadable DICOM file") from None
+    try:
+        has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    except Exception:  # pydicom can raise many types on a damaged header
+        raise _error(name, "unreadable DICOM file") from None
+    if not has_pixels:
+        raise _error(name, "DICOM without pixel data")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts_text = f"{tsyntax.name} ({tsyntax})" if tsyntax is not None else "unknown transfer syntax"
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    except (AttributeError, TypeError, ValueError):
+        raise _error(name, "DICOM pixel description (Rows, Columns) missing or invalid") from None
+    _check_pixels(name, cols, rows, frames)
+    if frames != 1:
+        raise _error(name, f"multi-frame DICOM ({frames} frames) is not supported; export one frame")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
+                           "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"):
+        raise _error(name, f"unsupported DICOM photometric interpretation {photometric}")
+    try:
+        arr = ds.pixel_array
+    except NotImplementedError:
+        raise _error(
+            name, f"cannot decode DICOM pixel data with transfer syntax {ts_text}: "
+            f"unsupported by pydicom; {DICOM_DECODER_HINT}"
+        ) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "missing dependencies" in text:
+            reason = (f"cannot decode DICOM pixel data with transfer syntax {ts_text}: "
+                      f"no installed decoder; {DICOM_DECODER_HINT}")
+        else:
+            tried = [line.strip().split(":")[0] for line in text.splitlines()[1:]
+                     if ":" in line]
+            reason = (f"cannot decode DICOM pixel data with transfer syntax {ts_text}: "
+                      f"corrupt data or unsupported by the installed decoders"
+                      f"{' (tried ' + ', '.join(tried) + ')' if tried else ''}; "
+                      f"{DICOM_DECODER_HINT}")
+        raise _error(name, reason) from None
+    except MemoryError:
+        raise _error(name, "DICOM image too large to decode in memory") from None
+    except Exception as exc:  # damaged pixel data raise ValueError, KeyError, ...
+        raise _error(
+            name, f"cannot decode DICOM pixel data ({ts_text}; {type(exc).__name__})"
+        ) from None
+
+    if photometric.startswith(("RGB", "YBR")):
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise _error(name, f"DICOM {photometric} pixel data has shape {arr.shape}")
+        # pydicom converts YBR to RGB by default; ITU-R 601 luma.
+        rgb = arr.astype(np.float64)
+        gray = rgb @ np.array([0.299, 0.587, 0.114])
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return np.clip(gray / (2 ** bits - 1), 0, 1).astype(np.float32)
+    if arr.ndim != 2:
+        raise _error(name, f"DICOM pixel data has shape {arr.shape}; a single 2-D frame expected")
+
+    try:
+        arr = apply_modality_lut(arr, ds)
+        lo_hi = _voi_output_range(ds, arr)
+        if lo_hi is not None:
+            arr = apply_voi_lut(arr, ds)
+    except Exception as exc:  # inconsistent LUT/window attributes
+        raise _error(name, f"invalid DICOM modality or VOI LUT attributes ({type(exc).__name__})") from None
+    arr = np.asarray(arr, dtype=np.float64)
+    if lo_hi is None:
+        out = _minmax(arr)
+    else:
+        lo, hi = lo_hi
+        if hi > lo:
+            out = np.clip((arr - lo) / (hi - lo), 0, 1).astype(np.float32)
+        else:
+            out = np.zeros(arr.shape, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def _voi_output_range(ds, arr):
+    """Output range ``(lo, hi)`` of the VOI transform pydicom will apply, or None.
+
+    Mirrors :func:`pydicom.pixels.apply_voi_lut` (``prefer_lut=True``): a VOI
+    LUT maps to its table's range; a window maps to ``[y_min, y_max]``, found
+    by windowing the two extremes (exact for LINEAR, LINEAR_EXACT and SIGMOID).
+    """
+    from pydicom.pixels import apply_voi_lut
+
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        desc = seq[0].LUTDescriptor
+        n, first = int(desc[0]) or 2 ** 16, int(desc[1])
+        probe = np.arange(first, first + n, dtype=np.int64)
+        table = np.asarray(apply_voi_lut(probe, ds), dtype=np.float64)
+        return float(table.min()), float(table.max())
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        with np.errstate(over="ignore"):
+            probe = np.array([-1e30, 1e30], dtype=np.float64)
+            y = np.asarray(apply_voi_lut(probe, ds), dtype=np.float64)
+        return float(min(y)), float(max(y))
+    return None
+
+
+# --------------------------------------------------------------------------
+# To a tensor
+# --------------------------------------------------------------------------
+
+
+def to_tensor(image, preprocessing):
+    """Resize, replicate and normalise a greyscale image into a network input.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        float32 ``(H, W)`` in ``[0, 1]``, as returned by :func:`load_image`.
+    preprocessing : Preprocessing
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``(channels, size, size)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    p = preprocessing
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))
+    if x.ndim != 2:
+        raise ImageError(f"to_tensor expects a 2-D greyscale image, got shape {tuple(x.shape)}")
+    x = x[None, None]
+    if x.shape[-2:] != (p.size, p.size):
+        if p.resize in ("bilinear", "bicubic"):
+            x = F.interpolate(x, size=(p.size, p.size), mode=p.resize,
+                              align_corners=False, antialias=True)
+        else:
+            x = F.interpolate(x, size=(p.size, p.size), mode=p.resize)
+        if p.resize == "bicubic":
+            x = x.clamp_(0.0, 1.0)
+    x = x[0].expand(p.channels, p.size, p.size)
+    mean = torch.tensor(p.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(p.std, dtype=torch.float32).view(-1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+# --------------------------------------------------------------------------
+# Cheap check for manifest validation
+# --------------------------------------------------------------------------
 
 
 def probe_image(path):
@@ -34,8 +511,17 @@ def probe_image(path):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
+                    return "image too large (possible decompression bomb)"
+                if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+                    return "image too small"
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image too large (possible decompression bomb)"
     except Exception as exc:  # PIL raises many types on junk
         return f"unreadable image ({type(exc).__name__})"
     return None

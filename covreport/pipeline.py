@@ -25,7 +25,7 @@ import pandas as pd
 
 from covreport import __version__
 from covreport.constants import (
-    FEATURE_PREFIX, IMAGE_COLUMN, IMPROVED, OUTCOMES, STABLE, WORSE,
+    FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
 )
 from covreport.errors import CovreportError, ReportError, ScoresError
 
@@ -33,7 +33,6 @@ PACKAGES = (
     "torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "statsmodels",
     "pingouin", "matplotlib", "jinja2", "weasyprint", "pydicom", "pillow",
 )
-STAGE_INDEX = "index test not done"
 
 
 @dataclass
@@ -186,7 +185,8 @@ def _analysed_pairs(manifest, scores, labels, failed, *, strict):
             if img not in known:
                 reason = failed.get(img) or "no score for this image in the scores file"
                 rows.append({"pair_id": rec.pair_id, "patient_id": rec.patient_id, "outcome": rec.outcome,
-                             "stage": STAGE_INDEX, "reason": f"{which} image: {reason} ({img})"})
+                             "stage": STAGE_INDEX_TEST_NOT_DONE, "reason": f"{which} image: {reason} ({img})",
+                             "cause": f"{which} image: {reason}"})
                 break
     if rows:
         if strict:
@@ -195,7 +195,7 @@ def _analysed_pairs(manifest, scores, labels, failed, *, strict):
         excl.append(pd.DataFrame(rows))
         excluded |= {r["pair_id"] for r in rows}
     exclusions = (pd.concat(excl, ignore_index=True) if excl
-                  else pd.DataFrame(columns=["pair_id", "patient_id", "outcome", "stage", "reason"]))
+                  else pd.DataFrame(columns=["pair_id", "patient_id", "outcome", "stage", "reason", "cause"]))
     pairs = pairs[~pairs["pair_id"].isin(excluded)].reset_index(drop=True)
     if pairs.empty:
         raise CovreportError("no pair is left to analyse: every pair was excluded "
@@ -213,7 +213,8 @@ def _analysed_pairs(manifest, scores, labels, failed, *, strict):
 def _flow(manifest, pairs, exclusions, scores, score_counts):
     all_pairs = manifest.pairs
     images = pd.unique(pd.concat([all_pairs["first_image"], all_pairs["second_image"]]))
-    counts = (exclusions.groupby(["stage", "reason"], sort=True).size().reset_index(name="pairs")
+    counts = (exclusions.groupby(["stage", "cause"], sort=True).size().reset_index(name="pairs")
+              .rename(columns={"cause": "reason"})
               if len(exclusions) else pd.DataFrame(columns=["stage", "reason", "pairs"]))
     by_outcome = {}
     for outcome in OUTCOMES:
@@ -363,8 +364,10 @@ def _model_summary(loaded):
 
 
 def _records(df):
-    """JSON-safe records of a DataFrame (NaN and inf become None)."""
-    return [{k: _clean(v) for k, v in row.items()} for row in df.to_dict("records")]
+    """JSON-safe records of a DataFrame: a null number gets a note saying why."""
+    from covreport.stats import records
+
+    return [{k: _clean(v) for k, v in row.items()} for row in records(df)]
 
 
 def _clean(v):

@@ -26,9 +26,9 @@ def check_alpha(alpha):
     try:
         value = float(alpha)
     except (TypeError, ValueError):
-        raise StatsError(f"alpha must be a number between 0 and 1 (exclusive), got {alpha!r}") from None
+        raise StatsError(f"alpha must be a number between 0 and 1 (exclusive), got {show(alpha)}") from None
     if not (0.0 < value < 1.0):
-        raise StatsError(f"alpha must be between 0 and 1 (exclusive), got {alpha!r}")
+        raise StatsError(f"alpha must be between 0 and 1 (exclusive), got {show(alpha)}")
     return value
 
 
@@ -51,6 +51,13 @@ def to_python(value):
     if isinstance(value, np.generic):
         return to_python(value.item())
     return value
+
+
+def show(value):
+    """``repr`` of a value for error messages, without numpy's type wrapper (2, not np.int64(2))."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
 
 
 def _describe_missing(value):

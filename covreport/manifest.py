@@ -1,0 +1,1039 @@
+"""Read and validate a pair manifest: one row per pair of sequential CXRs.
+
+The user-facing schema is ``data_manifests/README.md``. In short: the
+required columns are ``patient_id``, ``first_image``, ``second_image`` and
+``outcome``; the optional ones are listed in
+:data:`covreport.constants.OPTIONAL_COLUMNS`; any other column is carried
+through untouched.
+
+:func:`read_manifest` collects every problem of a manifest and raises one
+:class:`~covreport.errors.ManifestError` that lists them all, one per line,
+as ``<file> line <n>, column '<col>': <bad value> -- <fix>`` (the header is
+line 1). Files that cannot be read as a table at all (empty, header only,
+binary, not UTF-8, unreadable workbook) get a one-line error.
+
+Missing or unreadable image files and empty outcomes are not manifest
+errors: they become exclusions of the STARD flow diagram (stages
+:data:`~covreport.constants.STAGE_INDEX_TEST_NOT_DONE` and
+:data:`~covreport.constants.STAGE_NO_REFERENCE`), unless ``strict=True``.
+
+Every cell is read as text and normalised here, column by column, with
+vectorised pandas operations; Python loops run only over the rows that have
+a problem, so a 100,000-pair manifest validates in about one CPU-second
+without opening images (``benchmarks/bench_validate.py``). Cells are never evaluated: a value such
+as ``=HYPERLINK(...)`` stays the text it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covreport.constants import (
+    IMPROVED,
+    MANIFEST_DERIVED_COLUMNS,
+    OPTIONAL_COLUMNS,
+    OUTCOMES,
+    REQUIRED_COLUMNS,
+    STABLE,
+    STAGE_INDEX_TEST_NOT_DONE,
+    STAGE_NO_REFERENCE,
+    VIEWS,
+    WORSE,
+)
+from covreport.errors import ManifestError
+from covreport.images import probe_image
+
+__all__ = ["Manifest", "read_manifest", "MISSING_IMAGE_REASONS"]
+
+#: Reasons of :func:`covreport.images.probe_image` that count as "missing"
+#: (any other reason counts as "unreadable").
+MISSING_IMAGE_REASONS = ("file not found", "broken symbolic link")
+
+_DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+
+_OUTCOME_CODES = {
+    "WORSE": WORSE, "W": WORSE,
+    "STABLE": STABLE, "S": STABLE,
+    "IMPROVED": IMPROVED, "I": IMPROVED,
+}
+# Used only to suggest a fix; these words are never accepted silently.
+_OUTCOME_HINTS = {
+    "WORSENED": WORSE, "WORSENING": WORSE, "DETERIORATED": WORSE, "PROGRESSED": WORSE,
+    "PROGRESSION": WORSE, "INCREASED": WORSE,
+    "UNCHANGED": STABLE, "SAME": STABLE, "NO CHANGE": STABLE, "STABILITY": STABLE,
+    "IMPROVE": IMPROVED, "IMPROVING": IMPROVED, "IMPROVEMENT": IMPROVED, "BETTER": IMPROVED,
+    "DECREASED": IMPROVED, "RESOLVED": IMPROVED,
+}
+_SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
+_VIEW_CODES = {
+    "AP": "AP", "AP SUPINE": "AP Supine", "SUPINE AP": "AP Supine",
+    "PA": "PA", "LATERAL": "Lateral", "LAT": "Lateral", "L": "Lateral",
+}
+_DATE_PAIRS = (("first_date", "second_date"), ("first_offset_days", "second_offset_days"))
+_VIEW_COLUMNS = ("first_view", "second_view")
+_TEXT_COLUMNS = ("source", "notes")
+_KNOWN = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+
+_MAX_SHOWN_PER_KIND = 20
+_BLANK = " \t\x0b\x0c"  # a row holding only these (and delimiters) is an empty row
+_SNIFF_BYTES = 65536
+_FORMULA = r"^(?:[=@]|[+\-][^\d.]|[+\-]$)"  # RE2-compatible: pyarrow runs it vectorised
+_ISO_DATE = (r"^\d{4}-?\d{2}-?\d{2}(?:[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?"
+             r"(?:Z|[+-]\d{2}(?::?\d{2})?)?)?$")
+_DATE_RANGE = ("1900-01-01", "2199-12-31")
+_MESSY_PATH = r"(?:^|/)\.{1,2}(?:/|$)|//|/$"
+
+
+def _canon(name):
+    """Column name reduced for forgiving comparison: case, spaces, _ - . ignored."""
+    return re.sub(r"[\s_\-.]+", "", name.lower())
+
+
+def _n(count, word):
+    """``1 pair``, ``2 pairs``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _show(value, limit=60):
+    """A cell value as it appears in a message: quoted, shortened, or ``empty``."""
+    if value == "":
+        return "empty"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 4] + "...'"
+    return text
+
+
+# --------------------------------------------------------------------------
+# The result
+
+
+@dataclass
+class Manifest:
+    """A validated pair manifest.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        Absolute path of the manifest file.
+    sha256 : str
+        SHA-256 of the file's bytes (provenance of every result).
+    pairs : pandas.DataFrame
+        One row per pair in file order: ``pair_id``, ``patient_id``,
+        ``first_image``, ``second_image`` (as written, surrounding spaces
+        removed), ``first_path``, ``second_path`` (absolute, normalised),
+        ``outcome`` (Worse/Stable/Improved or None), ``first_date``,
+        ``second_date`` (Timestamps or NaT), ``first_offset_days``,
+        ``second_offset_days``, ``interval_days``, ``age`` (float),
+        ``sex`` ('M', 'F' or None), ``first_view``, ``second_view`` (AP,
+        AP Supine, PA, Lateral or None), ``source``, ``notes``, the unknown
+        extra columns untouched, and ``line`` (the pair's line in the file).
+        Optional columns absent from the file are present and empty.
+    exclusions : pandas.DataFrame
+        ``pair_id``, ``patient_id``, ``outcome``, ``stage``, ``reason``,
+        ``cause``: one row per excluded pair, at the first stage it fails
+        (index test before reference standard). ``reason`` names the image
+        files (``first image: file not found (scans/a.png)``); ``cause`` is
+        the same without file names (``first image: file not found``), for
+        counting pairs per reason.
+    image_status : dict
+        Absolute image path -> None (readable) or the reason it is not.
+        Empty when images were not checked.
+    warnings : list of str
+        Things the user should know that do not stop the analysis.
+    delimiter : str or None
+        The CSV delimiter read (None for a workbook).
+    extra_columns : list of str
+        Columns that are not manifest columns, in file order.
+    images_checked : bool
+        Whether image files were probed.
+    """
+
+    path: Path
+    sha256: str
+    pairs: pd.DataFrame
+    exclusions: pd.DataFrame
+    image_status: dict
+    warnings: list = field(default_factory=list)
+    delimiter: str | None = ","
+    extra_columns: list = field(default_factory=list)
+    images_checked: bool = True
+
+    def analysable_pairs(self):
+        """The pairs that are not excluded (a copy, in file order)."""
+        keep = ~self.pairs["pair_id"].isin(self.exclusions["pair_id"])
+        return self.pairs[keep].reset_index(drop=True)
+
+    def image_counts(self):
+        """Distinct image files: total, and found/missing/unreadable (None if not checked)."""
+        paths = pd.unique(pd.concat([self.pairs["first_path"], self.pairs["second_path"]]))
+        counts = {"total": int(len(paths)), "checked": bool(self.images_checked),
+                  "found": None, "missing": None, "unreadable": None}
+        if self.images_checked:
+            reasons = [self.image_status.get(p) for p in paths]
+            missing = sum(1 for r in reasons if r is not None and r.startswith(MISSING_IMAGE_REASONS))
+            bad = sum(1 for r in reasons if r is not None)
+            counts.update(found=len(reasons) - bad, missing=missing, unreadable=bad - missing)
+        return counts
+
+    def summary(self):
+        """Counts for ``covreport validate`` (plain ints and strings; JSON-ready)."""
+        outcome = self.pairs["outcome"]
+        per_outcome = {o: int((outcome == o).sum()) for o in OUTCOMES}
+        per_outcome["empty"] = int(outcome.isna().sum())
+        by_stage = self.exclusions["stage"].value_counts()
+        excluded = [
+            {k: (None if pd.isna(v) else str(v)) for k, v in rec.items()}
+            for rec in self.exclusions.to_dict("records")
+        ]
+        return {
+            "manifest": str(self.path),
+            "sha256": self.sha256,
+            "delimiter": self.delimiter,
+            "pairs": int(len(self.pairs)),
+            "patients": int(self.pairs["patient_id"].nunique()),
+            "pairs_per_outcome": per_outcome,
+            "images": self.image_counts(),
+            "exclusions": excluded,
+            "exclusions_by_stage": {str(k): int(v) for k, v in by_stage.items()},
+            "pairs_analysable": int(len(self.pairs) - self.exclusions["pair_id"].nunique()),
+            "extra_columns": list(self.extra_columns),
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------
+# Problems: collected, then raised together
+
+
+class _Problems:
+    """Every problem found, rendered as ``<file> line <n>, column '<c>': <value> -- <fix>``."""
+
+    def __init__(self, name, unit):
+        self.name, self.unit = name, unit
+        self.items = []  # (line, position, kind, where-less text)
+
+    def add(self, line, column, value, fix, *, position=0, kind=None):
+        where = f"column '{column}'" if isinstance(column, str) else f"column {column}"
+        self.items.append((int(line), position, kind or (column, fix), f"{where}: {value} -- {fix}"))
+
+    def add_line(self, line, message, *, kind=None):
+        """A problem of a whole row, not of one cell."""
+        self.items.append((int(line), -1, kind or message, message))
+
+    def __len__(self):
+        return len(self.items)
+
+    def _render(self, line, text):
+        sep = ", " if text.startswith("column") else ": "
+        return f"{self.name} {self.unit} {line}{sep}{text}"
+
+    def raise_if_any(self):
+        if not self.items:
+            return
+        items = sorted(self.items, key=lambda it: (it[0], it[1]))
+        shown, hidden, per_kind = [], {}, {}
+        for line, _pos, kind, text in items:
+            per_kind[kind] = per_kind.get(kind, 0) + 1
+            if per_kind[kind] <= _MAX_SHOWN_PER_KIND:
+                shown.append(self._render(line, text))
+            else:
+                hidden.setdefault(kind, [0, text])[0] += 1
+        for count, text in hidden.values():
+            shown.append(f"{self.name}: {count} more like: {text}")
+        if len(items) == 1:
+            message = shown[0]
+        else:
+            message = f"{self.name}: {len(items)} problems; fix them all and validate again:\n" + "\n".join(shown)
+        err = ManifestError(message)
+        err.problems = [self._render(line, text) for line, _pos, _kind, text in items]
+        raise err
+
+
+# --------------------------------------------------------------------------
+# Bytes -> header, records, line numbers
+
+
+def _read_bytes(path, name):
+    try:
+        if path.is_dir():
+            raise ManifestError(f"{name} is a folder, not a file -- give the path of the manifest CSV")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{name} does not exist -- check the path to the manifest") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ManifestError(f"{name} cannot be read ({reason}) -- check the path and its permissions") from None
+
+
+def _byte_classes(sample):
+    arr = np.frombuffer(sample, dtype=np.uint8)
+    control = (arr < 0x20) & ~np.isin(arr, (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1A))
+    return control, arr >= 0x80
+
+
+def _binary_error(name, offset):
+    return ManifestError(
+        f"{name} is not a text CSV file (binary data at byte {offset}) -- "
+        "export the manifest as CSV (UTF-8), one row per pair"
+    )
+
+
+def _decode(raw, name):
+    """File bytes -> text, or a one-line error that says how to fix the file."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError(f"{name} is UTF-16 text -- re-save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw_body = raw[3:]
+    else:
+        raw_body = raw
+    if not raw_body.strip():
+        raise ManifestError(
+            f"{name} is empty -- write a header line ({','.join(REQUIRED_COLUMNS)}) and one row per pair"
+        )
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise _binary_error(name, nul)
+    sample = raw[:_SNIFF_BYTES]
+    control, high = _byte_classes(sample)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if control.sum() > 0.01 * len(sample) or high.sum() > 0.3 * len(sample):
+            raise _binary_error(name, int(np.flatnonzero(control | high)[0])) from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}, line {line}; "
+            "Latin-1 or Windows-1252?) -- re-save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')"
+        ) from None
+    if control.sum() > 0.01 * len(sample):
+        raise _binary_error(name, int(np.flatnonzero(control)[0]))
+    return text
+
+
+def _first_line(text):
+    start = re.search(r"[^\r\n]", text)
+    if start is None:
+        return ""
+    end = re.compile(r"[\r\n]").search(text, start.start())
+    return text[start.start(): end.start() if end else len(text)]
+
+
+def _sniff_delimiter(text):
+    """The delimiter that makes the header most like a manifest header."""
+    line = _first_line(text)
+    known = {_canon(c) for c in _KNOWN}
+    best, best_key = ",", None
+    for delim in _DELIMITERS:
+        try:
+            fields = next(csv.reader([line], delimiter=delim), [])
+        except csv.Error:
+            continue
+        key = (sum(_canon(f) in known for f in fields), min(len(fields), 2))
+        if best_key is None or key > best_key:
+            best, best_key = delim, key
+    return best
+
+
+@dataclass
+class _Grid:
+    """Every record of a file (blank lines included) as text cells, before any meaning."""
+
+    cells: pd.DataFrame     # positional columns 0..w-1, str, padded with ""
+    lengths: np.ndarray     # number of fields each record really had (0: blank line)
+    blank: np.ndarray       # True where every cell is empty or whitespace
+    starts: np.ndarray      # line (or sheet row) each record starts on
+    multiline: bool         # whether a cell may hold a line break
+
+
+def _grid_from_records(records, starts):
+    lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+    width = int(lengths.max()) if len(records) else 0
+    rows = [r if len(r) == width else r + [""] * (width - len(r)) for r in records]
+    cells = pd.DataFrame(rows, columns=range(width), dtype=str) if rows else pd.DataFrame(dtype=str)
+    blank = np.array([not any(v.strip(_BLANK) for v in r) for r in records], dtype=bool)
+    return _Grid(cells, lengths, blank, np.asarray(starts, dtype=np.int64), True)
+
+
+def _parse_csv(text, delimiter, name):
+    """General CSV reading with the csv module: quotes, line breaks in cells, ragged rows."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records, ends = [], []
+    try:
+        for record in reader:
+            records.append(record)
+            ends.append(reader.line_num)
+    except csv.Error as exc:
+        raise ManifestError(
+            f"{name} line {reader.line_num}: {exc} -- check the quoting on this line"
+        ) from None
+    starts = np.empty(len(records), dtype=np.int64)
+    if records:
+        starts[0] = 1
+        starts[1:] = np.asarray(ends[:-1], dtype=np.int64) + 1
+    return _grid_from_records(records, starts)
+
+
+def _parse_plain_csv(text, delimiter):
+    """Fast path for a CSV without any double quote: one record per line, vectorised.
+
+    Returns None when the text does not fit the fast path (the caller then
+    uses :func:`_parse_csv`).
+    """
+    if '"' in text or "\r" in text.replace("\r\n", ""):
+        return None
+    text = text.replace("\r\n", "\n")
+    try:
+        cells = pd.read_csv(
+            io.StringIO(text), sep=delimiter, header=None, dtype=str, keep_default_na=False,
+            na_filter=False, skip_blank_lines=False, index_col=False, quoting=csv.QUOTE_NONE,
+            engine="c",
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
+        return None  # e.g. a row longer than the first: the general reader reports it
+    # Per line: number of fields, and whether anything but spaces and delimiters is on it.
+    # (UTF-8 never uses the bytes of newline or delimiter inside a multi-byte character.)
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    newlines = np.flatnonzero(data == 10)
+    n_lines = len(newlines) + (0 if text.endswith("\n") else 1)
+    if len(cells) != n_lines:
+        return None
+    begins = np.concatenate([[0], newlines + 1])[:n_lines]
+    ends = np.append(newlines, len(data))[:n_lines]
+    fields = np.add.reduceat(data == ord(delimiter), begins, dtype=np.int64) + 1
+    lengths = np.where(ends > begins, fields, 0)
+    is_content = np.ones(256, dtype=bool)
+    is_content[list((_BLANK + "\n" + delimiter).encode())] = False
+    blank = np.add.reduceat(is_content[data], begins, dtype=np.int64) == 0
+    cells.columns = range(cells.shape[1])
+    return _Grid(cells, lengths, blank, np.arange(1, n_lines + 1, dtype=np.int64), False)
+
+
+def _is_workbook(path, raw):
+    return path.suffix.lower() in (".xlsx", ".xlsm") or raw.startswith(b"PK\x03\x04")
+
+
+def _cell_text(value):
+    """A workbook cell as the text a CSV export would hold."""
+    import datetime as dt
+
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, dt.datetime):
+        if value.time() == dt.time(0, 0):
+            return value.date().isoformat()
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _read_workbook(raw, name, warnings):
+    """First sheet of an .xlsx workbook -> records and row numbers."""
+    try:
+        import openpyxl
+    except ImportError:  # pragma: no cover - openpyxl is a dependency
+        raise ManifestError(f"{name} is an Excel workbook and openpyxl is not installed -- export it as CSV (UTF-8)")
+    try:
+        wb = openpyxl.load_workbook(io.BytesIO(raw), read_only=True, data_only=True)
+        try:
+            sheets = wb.sheetnames
+            ws = wb[sheets[0]]
+            records = [[_cell_text(v) for v in row] for row in ws.iter_rows(min_row=1, values_only=True)]
+        finally:
+            wb.close()
+    except Exception as exc:  # openpyxl and zipfile raise many types on junk
+        raise ManifestError(
+            f"{name} cannot be read as an Excel workbook ({type(exc).__name__}) -- "
+            "export the first sheet as CSV (UTF-8) and validate that"
+        ) from None
+    if len(sheets) > 1:
+        warnings.append(f"{name} has {len(sheets)} sheets; read the first one, '{sheets[0]}'")
+    # Trailing empty cells of a row are not data (a CSV export drops them too).
+    records = [r[: max((i + 1 for i, v in enumerate(r) if v.strip()), default=0)] for r in records]
+    return _grid_from_records(records, np.arange(1, len(records) + 1, dtype=np.int64))
+
+
+def _load(path, name, raw, warnings):
+    """Any accepted file -> (grid, unit, delimiter)."""
+    lowered = path.suffix.lower()
+    if lowered == ".xls" or raw.startswith(b"\xd0\xcf\x11\xe0"):
+        raise ManifestError(
+            f"{name} is an old Excel .xls workbook -- save it as .xlsx, or export the first sheet as CSV (UTF-8)"
+        )
+    if lowered == ".ods":
+        raise ManifestError(f"{name} is an OpenDocument spreadsheet -- export the first sheet as CSV (UTF-8)")
+    if _is_workbook(path, raw):
+        grid = _read_workbook(raw, name, warnings)
+        if grid.blank.all():
+            raise ManifestError(
+                f"{name} is empty -- write a header row ({', '.join(REQUIRED_COLUMNS)}) and one row per pair"
+            )
+        return grid, "row", None
+    text = _decode(raw, name)
+    delimiter = _sniff_delimiter(text)
+    if delimiter != ",":
+        warnings.append(
+            f"{name} is {_DELIMITERS[delimiter]}-separated, not comma-separated; read it with "
+            f"{_DELIMITERS[delimiter]}s as the delimiter"
+        )
+    grid = _parse_plain_csv(text, delimiter)
+    if grid is None:
+        grid = _parse_csv(text, delimiter, name)
+    return grid, "line", delimiter
+
+
+# --------------------------------------------------------------------------
+# Records -> a table of text cells
+
+
+@dataclass
+class _Table:
+    name: str
+    unit: str
+    header: list            # stripped column names, in file order (kept columns only)
+    cells: pd.DataFrame     # one text column per kept header name, positional index
+    lines: np.ndarray       # line of each row
+    positions: dict         # column name -> position in the file's header
+    delimiter: str | None
+    multiline: bool         # whether a cell may hold a line break
+
+
+def _build_table(grid, unit, delimiter, name, problems, warnings):
+    lengths, starts = grid.lengths, grid.starts
+    filled = np.flatnonzero(~grid.blank)
+    if not len(filled):
+        raise ManifestError(
+            f"{name} is empty -- write a header line ({','.join(REQUIRED_COLUMNS)}) and one row per pair"
+        )
+    header_at = int(filled[0])  # the header is the first record with a non-blank cell
+    header_line = int(starts[header_at])
+    header = [str(h).strip().lstrip("\ufeff").strip() for h in grid.cells.iloc[header_at, : lengths[header_at]]]
+    rest = np.arange(header_at + 1, len(lengths))
+    if unit == "row":  # a workbook row ends at its last filled cell; any width is fine
+        width = max(len(header), int(lengths[rest].max()) if len(rest) else 0)
+    else:
+        width = len(header)
+    header = header + [""] * (width - len(header))
+
+    # Rows with more fields than the header are garbled: report them, keep the rest.
+    too_long = rest[lengths[rest] > width]
+    for i in too_long:
+        problems.add_line(
+            starts[i],
+            f"{lengths[i]} fields but the header has {width} -- quote values that contain "
+            f"the delimiter (e.g. \"a{delimiter or ','} b\") or remove the extra delimiter",
+            kind="too many fields",
+        )
+    spaces = rest[grid.blank[rest] & (lengths[rest] > 0)]
+    if len(spaces):
+        warnings.append(f"skipped {_n(len(spaces), 'empty row')} (first: {unit} {starts[spaces[0]]})")
+    body = rest[(lengths[rest] <= width) & ~grid.blank[rest]]
+    named_width = max((i + 1 for i, h in enumerate(header) if h), default=0)
+    short = body[lengths[body] < named_width]
+    if len(short) and unit == "line":  # a workbook row simply ends at its last filled cell
+        warnings.append(
+            f"{_n(len(short), 'row')} with fewer fields than the header (first: {unit} {starts[short[0]]}, "
+            f"{lengths[short[0]]} of {named_width}); their missing trailing cells are read as empty"
+        )
+    if len(body) == len(lengths) - header_at - 1:
+        cells = grid.cells.iloc[header_at + 1:, :width]
+    else:
+        cells = grid.cells.iloc[body, :width]
+    cells = cells.reset_index(drop=True)
+    for pos in range(cells.shape[1], width):  # header wider than every row
+        cells[pos] = pd.Series([""] * len(cells), dtype=str)
+    lines = starts[body]
+    if len(cells) == 0 and not len(too_long):
+        raise ManifestError(
+            f"{name} has a header but no pairs -- add one row per pair below the header ({unit} {header_line})"
+        )
+
+    # Header: empty names, duplicates, names covreport reserves.
+    keep, seen, positions = [], {}, {}
+    for pos, col in enumerate(header):
+        if not col:
+            filled = cells[pos].str.strip() != ""
+            if filled.any():
+                first = int(np.flatnonzero(filled.to_numpy())[0])
+                problems.add(
+                    header_line, pos + 1, "no name",
+                    f"give this column a name (it has values, e.g. {unit} {lines[first]}: {_show(cells[pos].iloc[first])})",
+                    position=pos,
+                )
+            continue
+        if col in seen:
+            seen[col].append(pos)
+            continue
+        seen[col] = [pos]
+        keep.append(pos)
+        positions[col] = pos
+    for col, where in seen.items():
+        if len(where) > 1:
+            numbers = [str(p + 1) for p in where]
+            cols = ", ".join(numbers[:-1]) + " and " + numbers[-1]
+            problems.add(header_line, col, f"appears {len(where)} times (columns {cols})",
+                         "keep one of them", position=where[0])
+        if col in MANIFEST_DERIVED_COLUMNS:
+            problems.add(header_line, col, "reserved name",
+                         "covreport adds a column of this name; rename yours", position=where[0])
+    cells = cells[keep]
+    cells.columns = [header[p] for p in keep]
+    table = _Table(name, unit, list(cells.columns), cells, lines, positions, delimiter, grid.multiline)
+    return table, header_line
+
+
+# --------------------------------------------------------------------------
+# Column checks
+
+
+def _check_header(table, header_line, problems, warnings):
+    present = set(table.header)
+    unused = [h for h in table.header if h not in _KNOWN]
+    for col in REQUIRED_COLUMNS:
+        if col in present:
+            continue
+        same = [h for h in unused if _canon(h) == _canon(col)]
+        close = same or difflib.get_close_matches(col, unused, n=1, cutoff=0.75) or [
+            h for h in unused if _canon(h) in difflib.get_close_matches(_canon(col), [_canon(u) for u in unused], n=1, cutoff=0.75)
+        ][:1]
+        if close:
+            fix = f"rename column '{close[0]}' to '{col}'"
+        else:
+            listed = ", ".join(table.header[:12]) + (", ..." if len(table.header) > 12 else "")
+            fix = f"add a column '{col}' (the header has: {listed})"
+        problems.add(header_line, col, "missing", fix, position=-1)
+    for h in unused:
+        same = [c for c in OPTIONAL_COLUMNS if c not in present and _canon(c) == _canon(h)]
+        close = same or difflib.get_close_matches(h.lower(), [c for c in OPTIONAL_COLUMNS if c not in present], n=1, cutoff=0.8)
+        if close:
+            warnings.append(
+                f"column '{h}' is not a manifest column and is carried through untouched; "
+                f"rename it to '{close[0]}' if that is what it holds"
+            )
+
+
+def _flag(table, problems, mask, column, fix, *, kind=None):
+    """Add one problem per True in ``mask`` (a loop over the problem rows only)."""
+    idx = np.flatnonzero(np.asarray(mask, dtype=bool))
+    if not len(idx):
+        return
+    values = table.cells[column].to_numpy(dtype=object)
+    pos = table.positions.get(column, 0)
+    for i in idx:
+        text = fix(i) if callable(fix) else fix
+        problems.add(table.lines[i], column, _show(values[i]), text, position=pos, kind=kind or (column, fix if isinstance(fix, str) else id(fix)))
+
+
+def _stripped(table, column):
+    return table.cells[column].str.strip()
+
+
+def _numbers(table, column, decimal_comma):
+    s = _stripped(table, column)
+    if decimal_comma:
+        s = s.str.replace(",", ".", regex=False)
+    values = pd.to_numeric(s, errors="coerce").astype(float)
+    bad = (s != "") & ~np.isfinite(values.to_numpy())
+    return s, values.where(np.isfinite(values.to_numpy())), bad
+
+
+def _dates(table, column):
+    """ISO 8601 dates (optionally with a time and zone) -> naive UTC Timestamps, bad-cell mask."""
+    s = _stripped(table, column)
+    iso = s.str.match(_ISO_DATE)
+    values = pd.to_datetime(s.where(iso, ""), format="ISO8601", errors="coerce", utc=True)
+    low, high = (pd.Timestamp(d, tz="UTC") for d in _DATE_RANGE)
+    values = values.where((values >= low) & (values <= high))
+    values = values.dt.tz_convert(None).astype("datetime64[ns]")
+    return s, values, ((s != "") & values.isna()).to_numpy()
+
+
+def _resolve(values, base):
+    """Image cells -> absolute normalised paths as a str Series ('' stays '').
+
+    Vectorised on POSIX: a path is only handed to :func:`os.path.normpath`
+    when it holds ``.``, ``..``, ``//`` or a trailing ``/``. Backslashes are
+    read as folder separators (manifests written on Windows).
+    """
+    if os.sep == "/":
+        v = values.str.replace("\\", "/", regex=False)
+        joined = v.where(v.str.startswith("/"), base.rstrip("/") + "/" + v)
+        messy = np.flatnonzero(joined.str.contains(_MESSY_PATH, regex=True).to_numpy())
+        if len(messy):
+            out = joined.to_numpy(dtype=object, copy=True)
+            for i in messy:
+                out[i] = os.path.normpath(out[i])
+            joined = pd.Series(out, dtype=str)
+    else:  # pragma: no cover - exercised on Windows only
+        joined = pd.Series([os.path.normpath(os.path.join(base, p)) for p in values], dtype=str)
+    return joined.where(values != "", "").reset_index(drop=True)
+
+
+def _codes(table, column, normalise):
+    """Normalise a low-cardinality column, calling ``normalise`` once per distinct value.
+
+    Returns (normalised values as an object array with None, empty-cell mask).
+    """
+    codes, uniques = pd.factorize(table.cells[column], use_na_sentinel=False)
+    stripped = [str(u).strip() for u in uniques]
+    normalised = np.array([normalise(u) if u else None for u in stripped] + [None], dtype=object)
+    empty = np.array([not u for u in stripped] + [True], dtype=bool)
+    return normalised[codes], empty[codes]
+
+
+def _outcome_hint(value):
+    key = value.strip().upper()
+    if key in _OUTCOME_HINTS:
+        return f"; did you mean '{_OUTCOME_HINTS[key]}'?"
+    close = difflib.get_close_matches(key, [o.upper() for o in OUTCOMES], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0].capitalize()}'?" if close else ""
+
+
+def _validate(table, problems, warnings, base, strict):
+    """Normalise every manifest column; return the pairs frame (without images checked)."""
+    n = len(table.cells)
+    cells = table.cells
+    out = {}
+    unit = table.unit
+    decimal_comma = table.delimiter == ";"
+
+    # pair_id
+    if "pair_id" in cells:
+        pid = _stripped(table, "pair_id")
+        _flag(table, problems, pid == "", "pair_id",
+              "give every pair a unique id, or delete the pair_id column to number the pairs 1, 2, 3, ...")
+        dup = (pid != "") & pid.duplicated(keep="first")
+        if dup.any():
+            first_line = dict(zip(pid[~pid.duplicated(keep="first")], table.lines[~pid.duplicated(keep="first").to_numpy()]))
+            _flag(table, problems, dup, "pair_id",
+                  lambda i: f"already used on {unit} {first_line[pid.iloc[i]]}; pair ids must be unique",
+                  kind=("pair_id", "duplicate"))
+        out["pair_id"] = pid
+    else:
+        out["pair_id"] = pd.Series(np.arange(1, n + 1).astype(str), dtype=str)
+
+    # required text cells
+    fixes = {
+        "patient_id": "fill in the patient's id (all pairs of a patient share it)",
+        "first_image": "give the path of the earlier CXR (relative to the manifest's folder, or absolute)",
+        "second_image": "give the path of the later CXR (relative to the manifest's folder, or absolute)",
+    }
+    for col, fix in fixes.items():
+        if col in cells:
+            s = _stripped(table, col)
+            _flag(table, problems, s == "", col, fix)
+            out[col] = s
+        else:
+            out[col] = pd.Series([""] * n, dtype=str)
+
+    # line breaks inside a cell of a manifest column usually mean an unmatched quote
+    for col in _KNOWN if table.multiline else ():
+        if col in cells and col not in _TEXT_COLUMNS:
+            _flag(table, problems, cells[col].str.contains("\n|\r", regex=True), col,
+                  "a line break inside a cell: check for an unmatched double quote (\") on this line",
+                  kind=(col, "line break"))
+
+    # outcome
+    if "outcome" in cells:
+        mapped, empty = _codes(table, "outcome", lambda v: _OUTCOME_CODES.get(v.upper()))
+        raw = cells["outcome"]
+        _flag(table, problems, ~empty & pd.isna(mapped), "outcome",
+              lambda i: "use Worse, Stable or Improved (or W, S, I; any case)" + _outcome_hint(raw.iloc[i]),
+              kind=("outcome", "unknown"))
+        if strict:
+            _flag(table, problems, empty, "outcome",
+                  "fill in Worse, Stable or Improved (without strict mode the pair is excluded: "
+                  "reference standard not available)")
+        out["outcome"] = pd.Series(mapped, dtype=object)
+    else:
+        out["outcome"] = pd.Series([None] * n, dtype=object)
+
+    # dates and day offsets
+    for first, second in _DATE_PAIRS:
+        parsed = {}
+        for col in (first, second):
+            if col not in cells:
+                continue
+            if col.endswith("_date"):
+                s, values, bad = _dates(table, col)
+                _flag(table, problems, bad, col,
+                      f"write dates in ISO 8601, YYYY-MM-DD (e.g. 2020-03-14), from {_DATE_RANGE[0]} "
+                      f"to {_DATE_RANGE[1]}")
+            else:
+                s, values, bad = _numbers(table, col, decimal_comma)
+                _flag(table, problems, bad, col, "write the day offset as a number of days (e.g. 0, 3, 12.5)")
+            parsed[col] = (s, values)
+        if len(parsed) == 1:
+            (only,) = parsed
+            other = second if only == first else first
+            warnings.append(f"column '{only}' without '{other}': intervals between the CXRs are not computed from it")
+        if len(parsed) == 2:
+            (s1, v1), (s2, v2) = parsed[first], parsed[second]
+            before = (v2 < v1).to_numpy()
+            _flag(table, problems, before, second,
+                  lambda i, s1=s1, first=first: (
+                      f"earlier than {first} {_show(s1.iloc[i])}; the first image must be the earlier CXR: "
+                      "swap first and second (images, dates, views)"),
+                  kind=(second, "order"))
+        for col in (first, second):
+            kind = "datetime64[ns]" if col.endswith("_date") else float
+            out[col] = parsed[col][1] if col in parsed else pd.Series([pd.NaT if kind != float else np.nan] * n, dtype=kind)
+
+    days = (out["second_date"] - out["first_date"]).dt.total_seconds() / 86400.0
+    offsets = out["second_offset_days"] - out["first_offset_days"]
+    out["interval_days"] = days.where(days.notna(), offsets).astype(float)
+
+    # age
+    if "age" in cells:
+        s, age, bad = _numbers(table, "age", decimal_comma)
+        bad = bad | (age < 0) | (age > 120)
+        _flag(table, problems, bad, "age", "give the age in years, a number from 0 to 120 (or leave it blank)")
+        out["age"] = age.where(~bad)
+    else:
+        out["age"] = pd.Series([np.nan] * n, dtype=float)
+
+    # sex
+    if "sex" in cells:
+        mapped, empty = _codes(table, "sex", lambda v: _SEX_CODES.get(v.upper()))
+        _flag(table, problems, ~empty & pd.isna(mapped), "sex",
+              "use M, F, Male or Female (any case), or leave it blank")
+        out["sex"] = pd.Series(mapped, dtype=object)
+    else:
+        out["sex"] = pd.Series([None] * n, dtype=object)
+
+    # views
+    for col in _VIEW_COLUMNS:
+        if col in cells:
+            mapped, empty = _codes(table, col, lambda v: _VIEW_CODES.get(re.sub(r"[\s_\-]+", " ", v.upper())))
+            _flag(table, problems, ~empty & pd.isna(mapped), col,
+                  f"use {', '.join(VIEWS[:-1])} or {VIEWS[-1]} (or leave it blank)")
+            out[col] = pd.Series(mapped, dtype=object)
+        else:
+            out[col] = pd.Series([None] * n, dtype=object)
+
+    for col in _TEXT_COLUMNS:
+        out[col] = cells[col] if col in cells else pd.Series([None] * n, dtype=object)
+
+    # images: paths, same image twice, one image under two patients
+    first_path = _resolve(out["first_image"], base)
+    second_path = _resolve(out["second_image"], base)
+    out["first_path"], out["second_path"] = first_path, second_path
+    if "first_image" in cells and "second_image" in cells:
+        same = ((first_path == second_path) & (first_path != "")).to_numpy()
+        _flag(table, problems, same, "second_image",
+              lambda i: f"same image as first_image {_show(out['first_image'].iloc[i])}; "
+                        "a pair is two different CXRs of the patient",
+              kind=("second_image", "same"))
+        dup_pairs = pd.DataFrame({"a": first_path, "b": second_path}).duplicated() & (first_path != "")
+        if dup_pairs.any():
+            i = int(np.flatnonzero(dup_pairs.to_numpy())[0])
+            warnings.append(
+                f"{_n(int(dup_pairs.sum()), 'row')} repeating the images of an earlier row (first: {unit} {table.lines[i]}); "
+                "a pair listed twice counts twice in the analysis"
+            )
+    if "patient_id" in cells and ("first_image" in cells or "second_image" in cells):
+        _check_image_patients(table, problems, out, first_path, second_path)
+
+    # Cells that a spreadsheet would take for a formula are kept as text.
+    formula_cells, first_formula = 0, None
+    for col in cells.columns:
+        hit = cells[col].str.contains(_FORMULA, regex=True).to_numpy()
+        if hit.any():
+            formula_cells += int(hit.sum())
+            i = int(np.flatnonzero(hit)[0])
+            if first_formula is None or table.lines[i] < first_formula[0]:
+                first_formula = (table.lines[i], col)
+    if formula_cells:
+        warnings.append(
+            f"{_n(formula_cells, 'cell')} starting with =, +, - or @ (first: {unit} {first_formula[0]}, column "
+            f"'{first_formula[1]}'): read as plain text and never evaluated"
+        )
+    return out
+
+
+def _check_image_patients(table, problems, out, first_path, second_path):
+    """Every image must belong to one patient: flag rows that list it under another."""
+    n = len(first_path)
+    patient = out["patient_id"].reset_index(drop=True)
+    long = pd.DataFrame({
+        "path": pd.concat([first_path, second_path], ignore_index=True),
+        "patient": pd.concat([patient, patient], ignore_index=True),
+        "row": np.concatenate([np.arange(n), np.arange(n)]),
+        "which": np.repeat([0, 1], n),
+    })
+    long = long[(long["path"] != "") & (long["patient"] != "")]
+    distinct = long.drop_duplicates(["path", "patient"])
+    clashing = distinct["path"][distinct["path"].duplicated()].unique()
+    if not len(clashing):
+        return
+    sub = long[long["path"].isin(clashing)].sort_values(["row", "which"], kind="stable")
+    for _path, group in sub.groupby("path", sort=False):
+        owner = group.iloc[0]
+        for rec in group.itertuples(index=False):
+            if rec.patient == owner.patient:
+                continue
+            col = ("first_image", "second_image")[rec.which]
+            problems.add(
+                table.lines[rec.row], col, _show(out[col].iloc[rec.row]),
+                f"also listed under patient {_show(owner.patient)} ({table.unit} {table.lines[owner.row]}); "
+                "an image belongs to one patient: correct the patient_id or the path",
+                position=table.positions.get(col, 0), kind=(col, "two patients"),
+            )
+
+
+def _probe(path):
+    try:
+        return probe_image(path)
+    except (OSError, ValueError) as exc:
+        return f"cannot be opened ({type(exc).__name__})"
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+
+
+def read_manifest(path, *, strict=False, check_images=True):
+    """Read, validate and normalise a pair manifest.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A CSV file (UTF-8 with or without BOM; comma-, semicolon-, tab- or
+        pipe-separated) or an ``.xlsx`` workbook (first sheet).
+    strict : bool, default False
+        If True, missing or unreadable images and empty outcomes are errors
+        instead of exclusions.
+    check_images : bool, default True
+        Probe every image file (header only). If False, no file is opened and
+        there are no image exclusions.
+
+    Returns
+    -------
+    Manifest
+
+    Raises
+    ------
+    ManifestError
+        Listing every problem at once, one per line, as
+        ``<file> line <n>, column '<col>': <bad value> -- <fix>``; or one line
+        for a file that is not a readable table.
+    """
+    given = Path(path)
+    name = str(path)
+    raw = _read_bytes(given, name)
+    sha256 = hashlib.sha256(raw).hexdigest()
+    warnings = []
+    grid, unit, delimiter = _load(given, name, raw, warnings)
+    problems = _Problems(name, unit)
+    table, header_line = _build_table(grid, unit, delimiter, name, problems, warnings)
+    _check_header(table, header_line, problems, warnings)
+    base = os.path.abspath(given.parent)
+    out = _validate(table, problems, warnings, base, strict)
+    if not strict:
+        problems.raise_if_any()
+
+    n = len(table.cells)
+    status = {}
+    first_bad = np.full(n, None, dtype=object)
+    second_bad = np.full(n, None, dtype=object)
+    if check_images:
+        paths = pd.unique(np.concatenate([out["first_path"], out["second_path"]]))
+        status = {p: _probe(p) for p in paths if p != ""}
+        first_bad = pd.Series(out["first_path"]).map(status).to_numpy(dtype=object, copy=True)
+        second_bad = pd.Series(out["second_path"]).map(status).to_numpy(dtype=object, copy=True)
+        first_bad[pd.isna(first_bad)] = None
+        second_bad[pd.isna(second_bad)] = None
+        if strict:
+            for col, bad, paths_ in (("first_image", first_bad, out["first_path"]),
+                                     ("second_image", second_bad, out["second_path"])):
+                _flag(table, problems, pd.notna(bad), col,
+                      lambda i, bad=bad, paths_=paths_: (
+                          f"{bad[i]}: {paths_[i]}; correct the path (relative paths start at the "
+                          "manifest's folder) or remove the pair"
+                          if bad[i].startswith(MISSING_IMAGE_REASONS)
+                          else f"{bad[i]}: {paths_[i]}; replace the file or remove the pair"),
+                      kind=(col, "image"))
+    problems.raise_if_any()
+
+    pairs = _assemble(table, out)
+    exclusions = _exclusions(pairs, first_bad, second_bad)
+    _summarise_exclusions(exclusions, status, pairs, warnings)
+    return Manifest(
+        path=given.absolute(), sha256=sha256, pairs=pairs, exclusions=exclusions,
+        image_status=status, warnings=warnings, delimiter=delimiter,
+        extra_columns=[c for c in table.header if c not in _KNOWN], images_checked=bool(check_images),
+    )
+
+
+def _assemble(table, out):
+    order = ["pair_id", "patient_id", "first_image", "second_image", "first_path", "second_path",
+             "outcome", "first_date", "second_date", "first_offset_days", "second_offset_days",
+             "interval_days", "age", "sex", "first_view", "second_view", "source", "notes"]
+    data = {}
+    for col in order:
+        value = out[col]
+        data[col] = value.reset_index(drop=True) if isinstance(value, pd.Series) else value
+    pairs = pd.DataFrame(data)
+    for col in table.header:
+        if col not in _KNOWN:
+            pairs[col] = table.cells[col].to_numpy(dtype=object)
+    pairs["line"] = table.lines.astype(np.int64)
+    return pairs
+
+
+def _exclusions(pairs, first_bad, second_bad):
+    """One row per excluded pair, at the first stage it fails.
+
+    ``reason`` names the image as written (for the reader); ``cause`` is the
+    same without file names, for counting pairs per reason in the flow diagram.
+    """
+    columns = ["pair_id", "patient_id", "outcome", "stage", "reason", "cause"]
+    records = {}
+    for i in np.flatnonzero(pd.notna(first_bad) | pd.notna(second_bad)):
+        parts, causes = [], []
+        for which, bad, col in (("first", first_bad, "first_image"), ("second", second_bad, "second_image")):
+            if bad[i] is not None:
+                parts.append(f"{which} image: {bad[i]} ({pairs[col].iat[i]})")
+                causes.append(f"{which} image: {bad[i]}")
+        records[i] = (STAGE_INDEX_TEST_NOT_DONE, "; ".join(parts), "; ".join(causes))
+    for i in np.flatnonzero(pairs["outcome"].isna().to_numpy()):
+        records.setdefault(i, (STAGE_NO_REFERENCE, "outcome empty", "outcome empty"))
+    rows = [
+        {"pair_id": pairs["pair_id"].iat[i], "patient_id": pairs["patient_id"].iat[i],
+         "outcome": pairs["outcome"].iat[i], "stage": stage, "reason": reason, "cause": cause}
+        for i, (stage, reason, cause) in sorted(records.items())
+    ]
+    return pd.DataFrame(rows, columns=columns, dtype=object)
+
+
+def _summarise_exclusions(exclusions, status, pairs, warnings):
+    stages = exclusions["stage"]
+    n_images = int((stages == STAGE_INDEX_TEST_NOT_DONE).sum())
+    if n_images:
+        missing = sum(1 for r in status.values() if r is not None and r.startswith(MISSING_IMAGE_REASONS))
+        unreadable = sum(1 for r in status.values() if r is not None) - missing
+        warnings.append(
+            f"{_n(missing, 'image file')} missing and {unreadable} unreadable: {_n(n_images, 'pair')} excluded "
+            f"({STAGE_INDEX_TEST_NOT_DONE}); strict mode makes this an error"
+        )
+    n_empty = int(pairs["outcome"].isna().sum())
+    if n_empty:
+        warnings.append(
+            f"{_n(n_empty, 'pair')} without an outcome: excluded ({STAGE_NO_REFERENCE}) until a reader fills it in; "
+            "strict mode makes this an error"
+        )

@@ -1,0 +1,237 @@
+"""Group comparisons of the change in each label's probability.
+
+For every pair the change of a label is its probability on the second CXR
+minus on the first. :func:`compare_groups` compares the changes of two outcome
+groups (Worse vs Improved, Worse vs Stable, Stable vs Improved) label by label
+with a two-sided Mann-Whitney U test and Cohen's d, and adjusts the p-values
+across labels within each contrast (Holm; Benjamini-Hochberg).
+
+References
+----------
+.. [1] Mann HB, Whitney DR. On a test of whether one of two random variables
+   is stochastically larger than the other. Ann Math Stat 1947;18:50-60.
+.. [2] Kerby DS. The simple difference formula: an approach to teaching
+   nonparametric correlation. Compr Psychol 2014;3:11.IT.3.1.
+.. [3] Cohen J. Statistical Power Analysis for the Behavioral Sciences, 2nd ed.
+   1988.
+.. [4] Hedges LV, Olkin I. Statistical Methods for Meta-Analysis. 1985,
+   chapter 5 (large-sample variance of d).
+.. [5] Holm S. A simple sequentially rejective multiple test procedure.
+   Scand J Stat 1979;6:65-70.
+.. [6] Benjamini Y, Hochberg Y. Controlling the false discovery rate. J R Stat
+   Soc B 1995;57:289-300.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from covreport.constants import CONTRASTS
+from covreport.errors import StatsError
+from covreport.stats._util import check_alpha, z_quantile
+
+#: Columns of the table :func:`compare_groups` returns, in order.
+GROUP_COLUMNS = (
+    "contrast", "label", "group1", "group2", "n1", "n2",
+    "median1", "median2", "mean1", "mean2",
+    "U", "p", "mw_method", "rank_biserial",
+    "cohen_d", "d_ci_low", "d_ci_high", "d_method",
+    "p_holm", "p_bh", "method", "note",
+)
+
+#: Smallest group size for which the tests and effect sizes are computed.
+MIN_GROUP_SIZE = 2
+
+#: Text of the ``method`` column (the whole test, effect sizes and adjustment).
+METHOD = (
+    "Two-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, method='auto': exact "
+    "distribution when either group has at most 8 values and there are no ties, "
+    "otherwise the normal approximation with tie and continuity correction); "
+    "U is the first-named group's; rank-biserial r = 2U/(n1 n2) - 1 (Kerby 2014); "
+    "p adjusted across labels within the contrast by Holm and by Benjamini-Hochberg "
+    "(statsmodels multipletests)"
+)
+
+
+def _d_method(alpha):
+    level = round(100 * (1 - alpha), 6)
+    return (
+        f"Cohen's d = (mean1 - mean2) / pooled SD (ddof 1); {level:g}% CI by the normal "
+        "approximation d +/- z * sqrt((n1+n2)/(n1 n2) + d^2/(2(n1+n2))) (Hedges & Olkin 1985)"
+    )
+
+
+def mannwhitney_method(x, y):
+    """Name the p-value method ``scipy.stats.mannwhitneyu(method="auto")`` uses.
+
+    Reproduces scipy's rule (``scipy/stats/_mannwhitneyu.py``,
+    ``_mwu_choose_method``): asymptotic when both groups have more than 8
+    values; otherwise asymptotic when the pooled values hold any tie; otherwise
+    exact.
+
+    Parameters
+    ----------
+    x, y : array_like
+        The two samples (no missing values).
+
+    Returns
+    -------
+    str
+        ``"exact"`` or ``"asymptotic"``.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if len(x) > 8 and len(y) > 8:
+        return "asymptotic"
+    pooled = np.concatenate([x, y])
+    if len(np.unique(pooled)) < len(pooled):
+        return "asymptotic"
+    return "exact"
+
+
+def cohens_d(x, y, alpha=0.05):
+    """Cohen's d with the pooled SD and its normal-approximation CI.
+
+    Parameters
+    ----------
+    x, y : array_like
+        The two samples; d is positive when ``x`` has the larger mean.
+    alpha : float
+        1 - confidence level.
+
+    Returns
+    -------
+    tuple
+        ``(d, ci_low, ci_high, note)``; NaN with a ``note`` when a group has
+        fewer than 2 values or the pooled SD is 0.
+
+    Notes
+    -----
+    s_pooled = sqrt(((n1-1) s1^2 + (n2-1) s2^2) / (n1+n2-2)), d = (m1-m2)/s_pooled,
+    SE(d) = sqrt((n1+n2)/(n1 n2) + d^2 / (2 (n1+n2))) (Hedges & Olkin 1985),
+    CI = d -/+ z_{1-alpha/2} SE, not rounded.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    n1, n2 = len(x), len(y)
+    if n1 < MIN_GROUP_SIZE or n2 < MIN_GROUP_SIZE:
+        return math.nan, math.nan, math.nan, f"Cohen's d needs at least {MIN_GROUP_SIZE} values per group"
+    var = ((n1 - 1) * x.var(ddof=1) + (n2 - 1) * y.var(ddof=1)) / (n1 + n2 - 2)
+    if not var > 0:
+        return math.nan, math.nan, math.nan, "Cohen's d is undefined: the pooled SD is 0 (all values equal within each group)"
+    d = float((x.mean() - y.mean()) / math.sqrt(var))
+    se = math.sqrt((n1 + n2) / (n1 * n2) + d * d / (2.0 * (n1 + n2)))
+    z = z_quantile(alpha)
+    return d, d - z * se, d + z * se, None
+
+
+def _values(changes, outcome_column, group, label):
+    col = changes.loc[changes[outcome_column] == group, label]
+    values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    return values[~bad], int(bad.sum())
+
+
+def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTRASTS, alpha=0.05):
+    """Compare the label changes of outcome groups, label by label.
+
+    Parameters
+    ----------
+    changes : pandas.DataFrame
+        One row per pair: the outcome in ``outcome_column`` and one column per
+        label holding the second CXR's probability minus the first's.
+    labels : sequence of str
+        Label columns to compare, in the order of the output.
+    outcome_column : str
+        Column holding the outcome (``Worse``, ``Stable``, ``Improved``).
+    contrasts : sequence of (str, str)
+        ``(group1, group2)`` pairs; group 1 is the first-named group, whose U
+        is reported and whose larger mean makes d positive.
+    alpha : float
+        1 - confidence level of the Cohen's d interval (0.05: 95%).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per contrast and label with the columns of
+        :data:`GROUP_COLUMNS`. A group with fewer than 2 values (or a
+        pooled SD of 0) gives NaN statistics with the reason in ``note``;
+        missing changes are left out and counted in ``note``.
+
+    Raises
+    ------
+    StatsError
+        If ``changes`` lacks the outcome column or a label column.
+
+    References
+    ----------
+    Mann & Whitney 1947; Kerby 2014; Cohen 1988; Hedges & Olkin 1985;
+    Holm 1979; Benjamini & Hochberg 1995.
+    """
+    alpha = check_alpha(alpha)
+    if not isinstance(changes, pd.DataFrame):
+        raise StatsError("changes must be a pandas DataFrame with one row per pair")
+    labels = list(labels)
+    missing = [c for c in [outcome_column, *labels] if c not in changes.columns]
+    if missing:
+        raise StatsError(
+            f"the changes table lacks column(s) {missing}; it needs the outcome column "
+            f"{outcome_column!r} and one column per label (second minus first probability)"
+        )
+    d_method = _d_method(alpha)
+    rows = []
+    for group1, group2 in contrasts:
+        contrast = f"{group1} vs {group2}"
+        block = []
+        for label in labels:
+            x, bad1 = _values(changes, outcome_column, group1, label)
+            y, bad2 = _values(changes, outcome_column, group2, label)
+            n1, n2 = len(x), len(y)
+            notes = []
+            if bad1 or bad2:
+                notes.append(
+                    f"{bad1 + bad2} missing change(s) left out ({group1}: {bad1}, {group2}: {bad2})"
+                )
+            row = {
+                "contrast": contrast, "label": label, "group1": group1, "group2": group2,
+                "n1": n1, "n2": n2,
+                "median1": float(np.median(x)) if n1 else math.nan,
+                "median2": float(np.median(y)) if n2 else math.nan,
+                "mean1": float(np.mean(x)) if n1 else math.nan,
+                "mean2": float(np.mean(y)) if n2 else math.nan,
+                "U": math.nan, "p": math.nan, "mw_method": None, "rank_biserial": math.nan,
+                "cohen_d": math.nan, "d_ci_low": math.nan, "d_ci_high": math.nan,
+                "d_method": d_method, "p_holm": math.nan, "p_bh": math.nan,
+                "method": METHOD,
+            }
+            small = [f"{g} has n = {n}" for g, n in ((group1, n1), (group2, n2)) if n < MIN_GROUP_SIZE]
+            if small:
+                notes.append(
+                    f"not computed: {' and '.join(small)} (fewer than {MIN_GROUP_SIZE} pairs)"
+                )
+            else:
+                res = sps.mannwhitneyu(x, y, alternative="two-sided", method="auto")
+                u1 = float(res.statistic)
+                row["U"] = u1
+                row["p"] = float(res.pvalue)
+                row["mw_method"] = mannwhitney_method(x, y)
+                row["rank_biserial"] = 2.0 * u1 / (n1 * n2) - 1.0
+                d, low, high, d_note = cohens_d(x, y, alpha)
+                row["cohen_d"], row["d_ci_low"], row["d_ci_high"] = d, low, high
+                if d_note:
+                    notes.append(d_note)
+            row["note"] = "; ".join(notes) if notes else None
+            block.append(row)
+        pvals = np.array([r["p"] for r in block], dtype=float)
+        ok = np.isfinite(pvals)
+        if ok.any():
+            holm = multipletests(pvals[ok], method="holm")[1]
+            bh = multipletests(pvals[ok], method="fdr_bh")[1]
+            for r, ph, pb in zip((r for r, k in zip(block, ok) if k), holm, bh):
+                r["p_holm"] = float(ph)
+                r["p_bh"] = float(pb)
+        rows.extend(block)
+    return pd.DataFrame(rows, columns=list(GROUP_COLUMNS))

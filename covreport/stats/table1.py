@@ -1,0 +1,298 @@
+"""Table 1: demographics by outcome group, counted by pair, with tests of difference.
+
+The COVID-19 cohort is counted by pair, as the study did (a patient with k
+pairs contributes k rows), with the number of distinct patients beside. An
+optional reference cohort (CheXpert's ``train.csv``) is counted by CSV row,
+i.e. by image.
+
+Tests (every p names its test in the ``*_method`` column beside it):
+
+- age: Student's two-sample t-test (equal variances), with Welch's t-test
+  beside it;
+- sex (male vs female; unknown sex left out): Pearson's chi-square test of
+  independence with Yates' continuity correction on the 2x2 table, or
+  Fisher's exact test (two-sided) when an expected count is below 5.
+
+Each outcome group is compared with the other pairs of the cohort; the
+reference row carries the comparison of all pairs with the reference.
+
+References
+----------
+Student. The probable error of a mean. Biometrika 1908;6:1-25.
+Welch BL. The generalization of "Student's" problem when several different
+population variances are involved. Biometrika 1947;34:28-35.
+Yates F. Contingency tables involving small numbers and the chi-square test.
+Suppl J R Stat Soc 1934;1:217-235.
+Fisher RA. Statistical Methods for Research Workers, 1925.
+"""
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _sps
+
+from covreport.constants import OUTCOMES
+from covreport.errors import CovreportError, StatsError
+from covreport.stats._util import show
+
+ALL_PAIRS = "All pairs"
+REFERENCE = "Reference (CheXpert)"
+OTHER_PAIRS = "other pairs"
+
+COLUMNS = ("group", "pairs", "patients", "age_n", "age_mean", "age_sd", "male", "female",
+           "sex_unknown", "p_age", "p_age_method", "p_age_welch", "p_age_welch_method",
+           "p_sex", "p_sex_method", "compared_with", "counted_by")
+
+STUDENT = "Student's two-sample t-test (equal variances)"
+WELCH = "Welch's two-sample t-test (unequal variances)"
+YATES = "chi-square test of independence with Yates' continuity correction (2x2, sex M/F)"
+FISHER = "Fisher's exact test, two-sided (2x2, sex M/F; an expected count < 5)"
+
+_SEX_CODES = {"M": "M", "F": "F"}
+_REFERENCE_SEX = {"Male": "M", "Female": "F", "Unknown": None}
+
+
+def _normalise_sex(values, where):
+    out = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+            out.append(None)
+        elif isinstance(v, str) and v.strip() == "":
+            out.append(None)
+        elif isinstance(v, str) and v.strip() in _SEX_CODES:
+            out.append(_SEX_CODES[v.strip()])
+        else:
+            raise StatsError(f"{where}, row {i}: sex {show(v)} is not 'M', 'F' or blank (unknown)")
+    return pd.Series(out, index=values.index, dtype=object)
+
+
+def _normalise_age(values, where):
+    age = pd.to_numeric(values, errors="coerce")
+    bad = age.isna() & values.notna() & (values.astype(str).str.strip() != "")
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise StatsError(f"{where}, row {i}: age {show(values.iloc[i])} is not a number")
+    neg = age < 0
+    if neg.any():
+        i = int(np.flatnonzero(neg.to_numpy())[0])
+        raise StatsError(f"{where}, row {i}: age {show(values.iloc[i])} is negative")
+    return age.astype(float)
+
+
+def _describe(group, df, counted_by):
+    age = df["age"].dropna().to_numpy(dtype=float)
+    sex = df["sex"]
+    return {
+        "group": group,
+        "pairs": len(df) if counted_by == "pair" else None,
+        "patients": int(df["patient_id"].nunique()) if "patient_id" in df.columns else None,
+        "age_n": len(age),
+        "age_mean": float(age.mean()) if len(age) else math.nan,
+        "age_sd": float(age.std(ddof=1)) if len(age) > 1 else math.nan,
+        "male": int((sex == "M").sum()),
+        "female": int((sex == "F").sum()),
+        "sex_unknown": int(sex.isna().sum()),
+        "p_age": math.nan, "p_age_method": "", "p_age_welch": math.nan, "p_age_welch_method": "",
+        "p_sex": math.nan, "p_sex_method": "", "compared_with": "",
+        "counted_by": counted_by,
+    }
+
+
+def age_tests(a, b):
+    """Student's and Welch's two-sample t-tests of ages ``a`` vs ``b`` (NaN dropped).
+
+    Returns
+    -------
+    dict
+        ``p_age``, ``p_age_method``, ``p_age_welch``, ``p_age_welch_method``;
+        a p is NaN when the test is undefined (Student: an empty group or
+        fewer than 3 ages in all; Welch: a group with fewer than 2 ages; both:
+        no spread in either group), and its method then says why.
+
+    References
+    ----------
+    Student 1908; Welch 1947; computed with :func:`scipy.stats.ttest_ind`.
+    """
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    out = {}
+    for key, method, equal_var in (("p_age", STUDENT, True), ("p_age_welch", WELCH, False)):
+        if equal_var and (min(len(a), len(b)) < 1 or len(a) + len(b) < 3):
+            reason = f"needs at least 1 age per group and 3 in all (got {len(a)} and {len(b)})"
+        elif not equal_var and min(len(a), len(b)) < 2:
+            reason = f"needs at least 2 ages per group (got {len(a)} and {len(b)})"
+        elif np.ptp(a) == 0 and np.ptp(b) == 0:
+            reason = "is undefined when neither group has any spread in age"
+        else:
+            out[key], out[key + "_method"] = float(_sps.ttest_ind(a, b, equal_var=equal_var).pvalue), method
+            continue
+        out[key], out[key + "_method"] = math.nan, f"not computed: {method} {reason}"
+    return out
+
+
+def sex_test(male_a, female_a, male_b, female_b):
+    """Test of sex (M/F) distribution between two groups.
+
+    Chi-square test of independence with Yates' continuity correction on the
+    2x2 table [[male_a, female_a], [male_b, female_b]], or Fisher's exact test
+    (two-sided) when an expected count is below 5.
+
+    Returns
+    -------
+    (float, str)
+        p and the test's name (or the reason it was not computed).
+
+    References
+    ----------
+    Yates 1934; Fisher 1925; :func:`scipy.stats.chi2_contingency`,
+    :func:`scipy.stats.fisher_exact`.
+    """
+    table = np.array([[male_a, female_a], [male_b, female_b]], dtype=float)
+    rows, cols, n = table.sum(axis=1), table.sum(axis=0), table.sum()
+    if rows.min() == 0:
+        return math.nan, "not computed: a group has no one of known sex"
+    expected = np.outer(rows, cols) / n
+    if expected.min() < 5:
+        res = _sps.fisher_exact(table.astype(int), alternative="two-sided")
+        return float(res.pvalue), FISHER
+    res = _sps.chi2_contingency(table, correction=True)
+    return float(res.pvalue), YATES
+
+
+def _compare(row, group_df, other_df, other_name):
+    row.update(age_tests(group_df["age"], other_df["age"]))
+    p, method = sex_test((group_df["sex"] == "M").sum(), (group_df["sex"] == "F").sum(),
+                         (other_df["sex"] == "M").sum(), (other_df["sex"] == "F").sum())
+    row["p_sex"], row["p_sex_method"] = p, method
+    row["compared_with"] = other_name
+
+
+def table_one(pairs, reference=None):
+    """Table 1: pairs, patients, age and sex per outcome group, with tests.
+
+    Parameters
+    ----------
+    pairs : pandas.DataFrame
+        One row per analysed pair, columns ``patient_id``, ``outcome``
+        (Worse/Stable/Improved), ``age`` (years, NaN when unknown) and ``sex``
+        ('M', 'F', or None/NaN/blank when unknown).
+    reference : pandas.DataFrame, optional
+        A reference cohort with ``age`` and ``sex`` coded the same way (and
+        ``patient_id`` if known), e.g. from :func:`read_reference_csv`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Rows "All pairs", "Worse", "Stable", "Improved" and, with a
+        reference, "Reference (CheXpert)". Columns group, pairs, patients,
+        age_n, age_mean, age_sd (sample SD), male, female, sex_unknown,
+        p_age, p_age_method, p_age_welch, p_age_welch_method, p_sex,
+        p_sex_method, compared_with, counted_by ("pair", or "CSV row" for the
+        reference, whose ``pairs`` is NaN). An outcome row's p compares that
+        group with the other pairs; the reference row's p compares all pairs
+        with the reference; the "All pairs" row carries no p. Pairs are
+        counted as independent, as in the study, although pairs of one patient
+        are not.
+
+    Raises
+    ------
+    StatsError
+        A missing column, an unknown outcome, a sex other than M/F/blank,
+        or a non-numeric or negative age.
+    """
+    need = ["patient_id", "outcome", "age", "sex"]
+    missing = [c for c in need if c not in pairs.columns]
+    if missing:
+        raise StatsError(f"table_one: pairs lack column(s) {missing}; need {need}")
+    df = pairs[need].reset_index(drop=True).copy()
+    bad = ~df["outcome"].isin(OUTCOMES)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise StatsError(f"table_one: pairs, row {i}: outcome {show(df['outcome'].iloc[i])} is not one of "
+                         f"{list(OUTCOMES)}")
+    df["age"] = _normalise_age(df["age"], "table_one: pairs")
+    df["sex"] = _normalise_sex(df["sex"], "table_one: pairs")
+
+    rows = [_describe(ALL_PAIRS, df, "pair")]
+    for outcome in OUTCOMES:
+        in_group = df["outcome"] == outcome
+        row = _describe(outcome, df[in_group], "pair")
+        _compare(row, df[in_group], df[~in_group], OTHER_PAIRS)
+        rows.append(row)
+    if reference is not None:
+        missing = [c for c in ("age", "sex") if c not in reference.columns]
+        if missing:
+            raise StatsError(f"table_one: reference lacks column(s) {missing}; need 'age' and 'sex'")
+        cols = ["age", "sex"] + (["patient_id"] if "patient_id" in reference.columns else [])
+        ref = reference[cols].reset_index(drop=True).copy()
+        ref["age"] = _normalise_age(ref["age"], "table_one: reference")
+        ref["sex"] = _normalise_sex(ref["sex"], "table_one: reference")
+        row = _describe(REFERENCE, ref, "CSV row")
+        _compare(row, df, ref, ALL_PAIRS)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=list(COLUMNS))
+    # Whole numbers stay whole; the reference's pairs (and patients, when
+    # unknown) are missing.
+    for col in ("pairs", "patients"):
+        out[col] = out[col].astype("Int64")
+    return out
+
+
+def read_reference_csv(path):
+    """Read a reference cohort from a CheXpert-format CSV (``Sex``, ``Age``; ``Path`` optional).
+
+    ``Sex`` Male/Female become 'M'/'F'; Unknown or blank become None. ``Age``
+    is kept as recorded (CheXpert's train.csv has a few ages of 0). When a
+    ``Path`` column holds CheXpert paths (``.../patientNNNNN/...``), the
+    patient id is taken from it.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``age`` (float), ``sex`` ('M', 'F' or None) and, when found,
+        ``patient_id``; one row per CSV row.
+
+    Raises
+    ------
+    CovreportError
+        The file cannot be read, lacks ``Sex`` or ``Age``, or holds a sex
+        other than Male/Female/Unknown/blank or a non-numeric age.
+    """
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (OSError, ValueError) as exc:
+        raise CovreportError(f"cannot read the reference CSV {str(path)!r}: {exc}") from None
+    missing = [c for c in ("Sex", "Age") if c not in header]
+    if missing:
+        raise CovreportError(f"the reference CSV {str(path)!r} lacks column(s) {missing}; "
+                             "a CheXpert-format CSV has 'Sex' (Male/Female/Unknown) and 'Age'")
+    usecols = ["Sex", "Age"] + (["Path"] if "Path" in header else [])
+    try:
+        raw = pd.read_csv(path, usecols=usecols, dtype={"Sex": object})
+    except (OSError, ValueError) as exc:
+        raise CovreportError(f"cannot read the reference CSV {str(path)!r}: {exc}") from None
+    sex = raw["Sex"].astype(object).where(raw["Sex"].notna(), None)
+    sex = sex.map(lambda v: v.strip() if isinstance(v, str) else v)
+    known = sex.isna() | (sex == "") | sex.isin(list(_REFERENCE_SEX))
+    if not known.all():
+        i = int(np.flatnonzero(~known.to_numpy())[0])
+        raise CovreportError(f"the reference CSV {str(path)!r}, data row {i + 1}: Sex {show(sex.iloc[i])} "
+                             "is not Male, Female, Unknown or blank")
+    out = pd.DataFrame({
+        "age": pd.to_numeric(raw["Age"], errors="coerce").astype(float),
+        "sex": pd.Series([_REFERENCE_SEX.get(v) if isinstance(v, str) else None for v in sex],
+                         index=raw.index, dtype=object),
+    })
+    bad_age = out["age"].isna() & raw["Age"].notna() & (raw["Age"].astype(str).str.strip() != "")
+    if bad_age.any():
+        i = int(np.flatnonzero(bad_age.to_numpy())[0])
+        raise CovreportError(f"the reference CSV {str(path)!r}, data row {i + 1}: Age "
+                             f"{show(raw['Age'].iloc[i])} is not a number")
+    if "Path" in raw.columns:
+        pid = raw["Path"].astype(str).str.extract(r"(patient\d+)", flags=re.IGNORECASE)[0]
+        if pid.notna().all():
+            out["patient_id"] = pid
+    return out
