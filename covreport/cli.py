@@ -366,8 +366,10 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
     paired with the next one (k images give k-1 pairs, pair_id
     <patient>-<k>), with an empty outcome for the readers to fill in
     (Worse, Stable, Improved). With --update, pairs already in the manifest
-    keep their outcome and only new pairs are appended; an old pair that no
-    longer arises is kept and listed.
+    keep their outcome and every other cell, and only new pairs are appended;
+    an old labelled pair that no longer arises is kept and listed, an
+    unlabelled one replaced by new pairs is dropped and listed. See
+    data_manifests/README.md.
 
     \b
     Example (ieee8023 covid-chestxray-dataset, from its folder):

@@ -1,0 +1,437 @@
+"""What moved since the last validation: the ``revalidation`` record.
+
+``covreport run ... --previous OLD/results.json`` sets the new results beside
+one or more earlier ones (``docs/RESULTS.md``). :func:`compare` builds the
+``revalidation`` record of ``results.json``:
+
+* ``previous``: one entry per earlier result (oldest first) with its
+  ``created`` time, weights SHA-256 and preprocessing, and whether it is
+  ``comparable`` with the new one: results computed with other weights or
+  other preprocessing are not, and the ``reason`` names both SHA-256s;
+* ``added``: pairs and patients per outcome group, new minus the most recent
+  previous (from ``flow.by_outcome``), and ``pair_changes``: which pairs are
+  new, gone or relabelled (from the ``pairs`` lists);
+* ``headline``: one row per headline number -- per-label validation AUC,
+  Worse-vs-Improved Mann-Whitney p and Cohen's d per label, and accuracy,
+  sensitivity, specificity and AUC of each prediction protocol (nested,
+  global, reversed) -- with the old and new estimate and CI, the change, and
+  whether the new CI excludes the old estimate;
+* ``series``: per headline number, the estimate and CI of every validation,
+  oldest first, for :func:`trend_figure`.
+
+"The new CI excludes the old estimate" is a descriptive flag, not a test of
+change: the two validations share most of their pairs, so their estimates
+are correlated and the flag is conservative only when the new pairs are a
+small addition (Altman & Bland 2003, "Interaction revisited: the difference
+between two estimates", BMJ 326:219, give the test for independent
+estimates, which does not apply here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from covreport.constants import IMPROVED, OUTCOMES, WORSE
+from covreport.errors import ReportError
+
+__all__ = ["compare", "load_results", "trend_figure", "PROTOCOLS", "PREDICTION_MEASURES"]
+
+#: Prediction protocols compared, in the report's order.
+PROTOCOLS = ("nested", "global", "reversed")
+#: Measures of ``prediction.<protocol>.metrics`` compared (plus its ``auc``).
+PREDICTION_MEASURES = ("accuracy", "sensitivity", "specificity")
+
+EXCLUDES_METHOD = (
+    "new 95% CI excludes the old point estimate: a descriptive flag, not a test of change "
+    "(the two validations share pairs, so their estimates are not independent)"
+)
+ADDED_METHOD = "new flow.by_outcome minus the most recent previous one (negative: fewer than before)"
+PAIR_CHANGES_METHOD = ("pairs matched by patient_id, first_image and second_image between the pairs "
+                       "analysed in the most recent previous result and in the new one")
+
+
+def load_results(path):
+    """Read a ``results.json`` written by ``covreport run``.
+
+    Raises
+    ------
+    ReportError
+        When the file is missing, not JSON, or not a covreport results file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path} does not exist -- give --previous the results.json of an earlier run") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path} cannot be read ({exc}) -- give --previous the results.json of an earlier run") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}) -- give --previous the "
+                          "results.json of an earlier run, unedited") from None
+    if not isinstance(data, dict) or "provenance" not in data:
+        raise ReportError(f"{path} is not a covreport results.json (no 'provenance') -- give --previous the "
+                          "results.json of an earlier run")
+    data = dict(data)
+    data.setdefault("_path", str(path))
+    return data
+
+
+def _num(x):
+    """A finite float, or None."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _point(estimate, ci_low=None, ci_high=None):
+    return {"estimate": _num(estimate), "ci_low": _num(ci_low), "ci_high": _num(ci_high)}
+
+
+def _headline_points(results):
+    """Ordered dict: (quantity, label, protocol) -> {estimate, ci_low, ci_high}."""
+    points = {}
+    for rec in results.get("validation_auc") or []:
+        points[("validation AUC", rec.get("label"), None)] = _point(rec.get("auc"), rec.get("ci_low"), rec.get("ci_high"))
+    for rec in results.get("group_differences") or []:
+        if (rec.get("group1"), rec.get("group2")) != (WORSE, IMPROVED) and \
+                rec.get("contrast") != f"{WORSE} vs {IMPROVED}":
+            continue
+        label = rec.get("label")
+        points[("Worse vs Improved p", label, None)] = _point(rec.get("p"))
+        points[("Worse vs Improved Cohen's d", label, None)] = _point(
+            rec.get("cohen_d"), rec.get("d_ci_low"), rec.get("d_ci_high"))
+    prediction = results.get("prediction") or {}
+    for protocol in PROTOCOLS:
+        block = prediction.get(protocol)
+        if not isinstance(block, dict):
+            continue
+        metrics = block.get("metrics") or {}
+        for measure in PREDICTION_MEASURES:
+            m = metrics.get(measure) or {}
+            points[(measure, None, protocol)] = _point(m.get("estimate"), m.get("ci_low"), m.get("ci_high"))
+        a = block.get("auc") or {}
+        points[("AUC", None, protocol)] = _point(a.get("auc"), a.get("ci_low"), a.get("ci_high"))
+    return points
+
+
+def _provenance(results):
+    prov = results.get("provenance") or {}
+    return prov.get("created"), prov.get("weights_sha256"), prov.get("preprocessing")
+
+
+def _comparability(old, new):
+    """(comparable, reason) of an old result against the new one."""
+    _c, old_sha, old_pre = _provenance(old)
+    _c, new_sha, new_pre = _provenance(new)
+    reasons = []
+    if old_sha is None or new_sha is None:
+        which = " and ".join(w for w, s in (("previous", old_sha), ("new", new_sha)) if s is None)
+        reasons.append(f"weights SHA-256 not recorded in the {which} result (scores given without weights?): "
+                       f"previous {old_sha or 'unknown'}, new {new_sha or 'unknown'}; the same model cannot be confirmed")
+    elif old_sha != new_sha:
+        reasons.append(f"different weights: previous SHA-256 {old_sha}, new SHA-256 {new_sha}")
+    if _canonical(old_pre) != _canonical(new_pre):
+        keys = sorted(set((old_pre or {}).keys()) | set((new_pre or {}).keys())) \
+            if isinstance(old_pre, dict) and isinstance(new_pre, dict) else []
+        diffs = [f"{k}: {old_pre.get(k)!r} -> {new_pre.get(k)!r}" for k in keys if old_pre.get(k) != new_pre.get(k)]
+        detail = "; ".join(diffs) if diffs else f"{old_pre!r} -> {new_pre!r}"
+        reasons.append(f"different preprocessing ({detail})")
+    if reasons:
+        return False, "; ".join(reasons)
+    return True, f"same weights (SHA-256 {new_sha}) and preprocessing"
+
+
+def _canonical(obj):
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _by_outcome(results):
+    flow = results.get("flow") or {}
+    return flow.get("by_outcome") or {}
+
+
+def _added(new, old):
+    rows = []
+    new_b, old_b = _by_outcome(new), _by_outcome(old)
+    for outcome in OUTCOMES:
+        n, o = new_b.get(outcome) or {}, old_b.get(outcome) or {}
+        row = {"outcome": outcome}
+        for what in ("pairs", "patients"):
+            nv, ov = n.get(what), o.get(what)
+            row[f"{what}_old"], row[f"{what}_new"] = ov, nv
+            row[f"{what}_added"] = (nv - ov) if isinstance(nv, int) and isinstance(ov, int) else None
+        rows.append(row)
+    nf, of = new.get("flow") or {}, old.get("flow") or {}
+    total = {"outcome": "Total"}
+    for what, key in (("pairs", "pairs_analysed"), ("patients", "patients_analysed")):
+        nv, ov = nf.get(key), of.get(key)
+        total[f"{what}_old"], total[f"{what}_new"] = ov, nv
+        total[f"{what}_added"] = (nv - ov) if isinstance(nv, int) and isinstance(ov, int) else None
+    rows.append(total)
+    return rows
+
+
+def _pair_key(rec):
+    if rec.get("first_image") is not None and rec.get("second_image") is not None:
+        return (str(rec.get("patient_id")), str(rec.get("first_image")), str(rec.get("second_image")))
+    return (str(rec.get("patient_id")), "pair_id", str(rec.get("pair_id")))
+
+
+def _pair_changes(new, old):
+    new_pairs, old_pairs = new.get("pairs"), old.get("pairs")
+    if not isinstance(new_pairs, list) or not isinstance(old_pairs, list):
+        return None
+    n = {_pair_key(r): r.get("outcome") for r in new_pairs}
+    o = {_pair_key(r): r.get("outcome") for r in old_pairs}
+    old_patients = {k[0] for k in o}
+    added = [k for k in n if k not in o]
+    removed = [k for k in o if k not in n]
+    relabelled = [k for k in n if k in o and n[k] != o[k]]
+    per_outcome = []
+    for outcome in OUTCOMES:
+        per_outcome.append({
+            "outcome": outcome,
+            "pairs_added": sum(1 for k in added if n[k] == outcome),
+            "pairs_removed": sum(1 for k in removed if o[k] == outcome),
+            "patients_added": len({k[0] for k in added if n[k] == outcome and k[0] not in old_patients}),
+        })
+    return {
+        "pairs_added": len(added), "pairs_removed": len(removed), "pairs_relabelled": len(relabelled),
+        "patients_added": len({k[0] for k in n} - old_patients),
+        "relabelled": [{"patient_id": k[0], "pair": k[2] if k[1] == "pair_id" else f"{k[1]} -> {k[2]}",
+                        "old_outcome": o[k], "new_outcome": n[k]} for k in relabelled],
+        "by_outcome": per_outcome,
+        "method": PAIR_CHANGES_METHOD,
+    }
+
+
+def _excludes(old_estimate, new_low, new_high):
+    if old_estimate is None or new_low is None or new_high is None:
+        return None
+    return bool(old_estimate < new_low or old_estimate > new_high)
+
+
+def compare(new, previous_list):
+    """Set the new results beside earlier ones: the ``revalidation`` record.
+
+    Parameters
+    ----------
+    new : dict
+        The new ``results.json`` (docs/RESULTS.md), before ``revalidation``
+        is added.
+    previous_list : sequence of dict or path
+        Earlier results, oldest first (a path is read with
+        :func:`load_results`). The most recent is the last one.
+
+    Returns
+    -------
+    dict
+        ``previous`` [{path, created, weights_sha256, preprocessing,
+        comparable, reason}], ``comparable`` (the most recent previous),
+        ``added`` (rows per outcome group and Total: pairs/patients old, new,
+        added), ``pair_changes`` (or None when a result has no ``pairs``),
+        ``headline`` [{quantity, label, protocol, old_estimate, old_ci_low,
+        old_ci_high, new_estimate, new_ci_low, new_ci_high,
+        new_ci_excludes_old, change, comparable, note}], ``series``
+        [{quantity, label, protocol, points: [{created, estimate, ci_low,
+        ci_high, comparable, which}]}], ``warnings`` and ``method``.
+
+    Notes
+    -----
+    ``new_ci_excludes_old`` is ``old_estimate < new_ci_low or old_estimate >
+    new_ci_high``, None when a number is missing (a p-value has no CI). It
+    is a descriptive flag, not a test: the validations share pairs (Altman &
+    Bland 2003 give the test for independent estimates). ``change`` is new
+    minus old. Rows of a result computed with other weights or
+    preprocessing are kept, with ``comparable`` False.
+
+    Raises
+    ------
+    ReportError
+        When no previous result is given, or one cannot be read.
+    """
+    previous_list = [load_results(p) if isinstance(p, (str, Path)) else p for p in previous_list]
+    if not previous_list:
+        raise ReportError("no previous results to compare with -- give --previous OLD/results.json")
+    warnings = []
+    previous = []
+    for i, old in enumerate(previous_list):
+        created, sha, pre = _provenance(old)
+        comparable, reason = _comparability(old, new)
+        entry = {"created": created, "weights_sha256": sha, "preprocessing": pre,
+                 "comparable": comparable, "reason": reason}
+        path = old.get("_path") or (old.get("provenance") or {}).get("path")
+        if path:
+            entry = {"path": str(path), **entry}
+        previous.append(entry)
+    created_all = [p["created"] for p in previous] + [_provenance(new)[0]]
+    if all(isinstance(c, str) for c in created_all) and created_all != sorted(created_all):
+        warnings.append("the results are not in time order (previous oldest first, then the new one): "
+                        + ", ".join(created_all))
+    latest = previous_list[-1]
+    latest_ok = previous[-1]["comparable"]
+
+    new_points = _headline_points(new)
+    old_points = _headline_points(latest)
+    keys = list(new_points) + [k for k in old_points if k not in new_points]
+    headline = []
+    for key in keys:
+        quantity, label, protocol = key
+        o = old_points.get(key) or _point(None)
+        n = new_points.get(key) or _point(None)
+        note = None
+        if key not in old_points:
+            note = "not in the previous result"
+        elif key not in new_points:
+            note = "not in the new result"
+        elif o["ci_low"] is None and n["ci_low"] is None and quantity.endswith(" p"):
+            note = "a p-value has no CI"
+        if not latest_ok:
+            note = "not comparable: " + previous[-1]["reason"] + (f"; {note}" if note else "")
+        change = n["estimate"] - o["estimate"] if n["estimate"] is not None and o["estimate"] is not None else None
+        headline.append({
+            "quantity": quantity, "label": label, "protocol": protocol,
+            "old_estimate": o["estimate"], "old_ci_low": o["ci_low"], "old_ci_high": o["ci_high"],
+            "new_estimate": n["estimate"], "new_ci_low": n["ci_low"], "new_ci_high": n["ci_high"],
+            "new_ci_excludes_old": _excludes(o["estimate"], n["ci_low"], n["ci_high"]),
+            "change": change, "comparable": latest_ok, "note": note,
+        })
+
+    all_points = [_headline_points(old) for old in previous_list] + [new_points]
+    whens = [p["created"] for p in previous] + [_provenance(new)[0]]
+    oks = [p["comparable"] for p in previous] + [True]
+    which = [f"previous {i + 1}" for i in range(len(previous))] + ["new"]
+    series = []
+    for key in keys:
+        quantity, label, protocol = key
+        pts = []
+        for pts_of, when, ok, w in zip(all_points, whens, oks, which):
+            p = pts_of.get(key) or _point(None)
+            pts.append({"created": when, **p, "comparable": ok, "which": w})
+        series.append({"quantity": quantity, "label": label, "protocol": protocol, "points": pts})
+
+    return {
+        "previous": previous,
+        "comparable": latest_ok,
+        "added": _added(new, latest),
+        "added_method": ADDED_METHOD,
+        "pair_changes": _pair_changes(new, latest),
+        "headline": headline,
+        "series": series,
+        "headline_protocol": (new.get("prediction") or {}).get("headline"),
+        "method": EXCLUDES_METHOD,
+        "warnings": warnings,
+    }
+
+
+# --------------------------------------------------------------------------
+# Figure
+
+
+def _panels(revalidation):
+    """The series shown: headline protocol accuracy and AUC, then the per-label validation AUCs."""
+    protocol = revalidation.get("headline_protocol") or "nested"
+    by_key = {(s["quantity"], s["label"], s["protocol"]): s for s in revalidation.get("series") or []}
+    panels = []
+    for quantity, title in (("accuracy", "accuracy"), ("AUC", "AUC")):
+        s = by_key.get((quantity, None, protocol))
+        if s is not None:
+            panels.append((f"Prediction {title} ({protocol})", s))
+    for s in revalidation.get("series") or []:
+        if s["quantity"] == "validation AUC":
+            panels.append((f"{s['label']}: validation AUC", s))
+    return panels
+
+
+def trend_figure(revalidation, *, ncols=4):
+    """Headline estimates with 95% CIs across successive validations (small multiples).
+
+    One panel per headline number: the headline protocol's prediction
+    accuracy and AUC, then each label's validation AUC. In each panel, one
+    point per validation (oldest left, the new one right) with its CI as an
+    error bar; a validation not comparable with the new one (other weights or
+    preprocessing) is drawn with an open marker. Black and gray only, so it
+    reads in grayscale.
+
+    Parameters
+    ----------
+    revalidation : dict
+        The record :func:`compare` returns.
+    ncols : int, default 4
+        Panels per row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Drawn with the Agg canvas (no pyplot, no global state).
+
+    Raises
+    ------
+    ReportError
+        When the record holds no series to plot.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    panels = _panels(revalidation)
+    if not panels:
+        raise ReportError("nothing to plot: the revalidation record has no headline series "
+                          "(no validation AUCs and no prediction results)")
+    n = len(panels)
+    ncols = max(1, min(int(ncols), n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(2.6 * ncols, 2.2 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    points0 = panels[0][1]["points"]
+    ticks = list(range(1, len(points0) + 1))
+    ticklabels = [(p["created"] or "")[:10] + ("\n(new)" if p["which"] == "new" else "") or p["which"]
+                  for p in points0]
+    for ax, (title, s) in zip(axes.flat, panels):
+        xs_ok, ys_ok, err_ok, xs_nc, ys_nc, err_nc, line_x, line_y = [], [], [], [], [], [], [], []
+        for x, p in zip(ticks, s["points"]):
+            y = p["estimate"]
+            if y is None:
+                continue
+            lo = max(0.0, y - p["ci_low"]) if p["ci_low"] is not None else 0.0
+            hi = max(0.0, p["ci_high"] - y) if p["ci_high"] is not None else 0.0
+            line_x.append(x)
+            line_y.append(y)
+            if p["comparable"]:
+                xs_ok.append(x), ys_ok.append(y), err_ok.append((lo, hi))
+            else:
+                xs_nc.append(x), ys_nc.append(y), err_nc.append((lo, hi))
+        if line_x:
+            ax.plot(line_x, line_y, color="0.6", linewidth=0.8, zorder=1)
+        if xs_ok:
+            ax.errorbar(xs_ok, ys_ok, yerr=list(zip(*err_ok)), fmt="o", color="black", markersize=4,
+                        capsize=2, linewidth=1, zorder=2)
+        if xs_nc:
+            ax.errorbar(xs_nc, ys_nc, yerr=list(zip(*err_nc)), fmt="o", color="0.35", markerfacecolor="white",
+                        markersize=4, capsize=2, linewidth=1, linestyle="none", zorder=2)
+        if not line_x:
+            ax.text(0.5, 0.5, "not estimable", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        if s["quantity"] in ("validation AUC", "AUC", "accuracy"):
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.5, color="0.8", linewidth=0.6, linestyle="--", zorder=0)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(ticklabels, rotation=45, ha="right", fontsize=6)
+        ax.set_xlim(0.5, len(ticks) + 0.5)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], marker="o", color="black", linestyle="none", markersize=4,
+                      label="estimate with 95% CI"),
+               Line2D([], [], marker="o", color="0.35", markerfacecolor="white", linestyle="none", markersize=4,
+                      label="not comparable (other weights or preprocessing)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    fig.suptitle("Headline estimates across successive validations", fontsize=10)
+    return fig
