@@ -126,6 +126,11 @@ def run(opts: RunOptions) -> Path:
         results["study"] = read_study(opts.study)
         inputs["study"] = _input(opts.study)
     results.update(compute_statistics(pairs, labels, scores, opts, loaded, inputs))
+    if opts.previous:
+        from covreport.revalidation import compare, load_results
+
+        results["revalidation"] = compare(results, [load_results(p) for p in opts.previous])
+        inputs["previous"] = [_input(p) for p in opts.previous]
     cams = _cams(pairs, loaded, manifest) if loaded is not None else None
     return _write_outputs(results, out, opts, cams)
 

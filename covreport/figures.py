@@ -1,0 +1,398 @@
+"""Figures of the STARD 2015 report, drawn with matplotlib from results.json.
+
+Every function takes the results mapping (see docs/RESULTS.md) and returns a
+:class:`matplotlib.figure.Figure`, built without pyplot so nothing global is
+touched. The figures are meant to survive grayscale printing: groups differ
+by line style, marker and hatching, never by colour alone.
+:func:`save_figure` writes PNG and SVG deterministically (fixed SVG hash
+salt, no dates in the metadata), so identical results give identical files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
+
+#: Fixed drawing style per outcome group (grayscale-safe).
+GROUP_STYLE = {
+    WORSE: {"face": "0.35", "hatch": "///", "marker": "o", "edge": "black"},
+    STABLE: {"face": "0.95", "hatch": "", "marker": "s", "edge": "black"},
+    IMPROVED: {"face": "0.75", "hatch": "...", "marker": "^", "edge": "black"},
+}
+_RC = {
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "hatch.linewidth": 0.6,
+    "svg.fonttype": "path",
+    "svg.hashsalt": "covreport",
+    "path.simplify": True,
+}
+INDEX_STAGE = "index test not done"
+FLOW_WIDTH = 6.4  # inches; x positions below are in % of the width
+MAIN_X, SIDE_X = 25, 49
+REFERENCE_STAGE = "reference standard not available"
+
+
+def _plain(text):
+    """Text from data made safe for matplotlib (no mathtext from '$')."""
+    return str(text).replace("$", r"\$")
+
+
+def _figure(width, height):
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(width, height), dpi=100)
+        FigureCanvasAgg(fig)
+    return fig
+
+
+def _wrap(text, width):
+    return "\n".join(textwrap.wrap(_plain(text), width)) or _plain(text)
+
+
+def _grid(n, ncols=5):
+    ncols = max(1, min(ncols, n))
+    return int(math.ceil(n / ncols)), ncols
+
+
+def _n(k, noun):
+    return f"{k} {noun}" if k == 1 else f"{k} {noun}s"
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+# --- flow diagram (STARD item 19) --------------------------------------------
+
+
+def flow_diagram(results):
+    """STARD 2015 flow diagram of pairs and patients.
+
+    Shows the pairs and patients in the manifest, the exclusions per stage
+    with their reasons and counts, the pairs left after each stage, and the
+    analysed pairs and patients per outcome group (Worse, Stable, Improved).
+
+    Parameters
+    ----------
+    results : dict
+        results.json content; uses ``results["flow"]``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    flow = results["flow"]
+    counts = flow.get("exclusion_counts") or []
+    stages = [s for s in dict.fromkeys(c["stage"] for c in counts)
+              if s not in (INDEX_STAGE, REFERENCE_STAGE)]
+    stages += [INDEX_STAGE, REFERENCE_STAGE]
+    main_after = {INDEX_STAGE: "Index test done (both CXRs scored)",
+                  REFERENCE_STAGE: "Reference standard available"}
+
+    n_steps = len(stages)
+    height = 1.2 + 1.5 * n_steps + 2.0
+    with matplotlib.rc_context(_RC):
+        fig = _figure(FLOW_WIDTH, height)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, height)
+        ax.axis("off")
+        main_box = {"boxstyle": "round,pad=0.5", "facecolor": "white", "edgecolor": "black", "linewidth": 1.0}
+        side_box = {"boxstyle": "square,pad=0.5", "facecolor": "0.93", "edgecolor": "black",
+                    "linewidth": 0.8, "linestyle": "--"}
+        arrow = {"arrowstyle": "-|>", "color": "black", "linewidth": 0.9, "shrinkA": 0, "shrinkB": 0}
+
+        def half(text, size=8):
+            # half height of a text box in inches (= data units): lines * leading + padding
+            return (text.count("\n") + 1) * size * 1.18 / 72 / 2 + size * 0.5 / 72 + 0.02
+
+        y = height - 0.7
+        top = (f"Pairs of consecutive CXRs in manifest\n"
+               f"n = {flow['pairs_in_manifest']} pairs of {flow['patients_in_manifest']} patients")
+        if flow.get("images_in_manifest") is not None:
+            top += f"\n{flow['images_in_manifest']} distinct images"
+            if flow.get("images_scored") is not None:
+                top += f", {flow['images_scored']} scored"
+                if flow.get("images_from_cache"):
+                    top += f"\n({flow['images_from_cache']} from the score cache)"
+        ax.text(MAIN_X, y, top, ha="center", va="center", fontsize=8, bbox=main_box)
+        h_prev = half(top)
+        remaining = flow["pairs_in_manifest"]
+        for i, stage in enumerate(stages):
+            rows = [c for c in counts if c["stage"] == stage]
+            n_ex = int(sum(c["pairs"] for c in rows))
+            remaining -= n_ex
+            last = i == len(stages) - 1
+            if last:
+                text = (f"Analysed: index test and reference\nstandard available\n"
+                        f"n = {flow['pairs_analysed']} pairs of {flow['patients_analysed']} patients")
+            else:
+                text = f"{main_after.get(stage, 'Remaining after: ' + _plain(stage))}\nn = {remaining} pairs"
+            h_next = half(text)
+            y_next = y - h_prev - 0.8 - h_next
+            y_side = (y - h_prev + y_next + h_next) / 2
+            ax.annotate("", xy=(MAIN_X, y_next + h_next), xytext=(MAIN_X, y - h_prev), arrowprops=arrow)
+            ax.annotate("", xy=(SIDE_X - 1, y_side), xytext=(MAIN_X, y_side), arrowprops=arrow)
+            lines = [f"Excluded: {_plain(stage)}, n = {_n(n_ex, 'pair')}"]
+            shown = rows[:4]
+            for c in shown:
+                lines.append(f"- {_wrap(c['reason'], 46)} (n = {c['pairs']})".replace("\n", "\n   "))
+            if len(rows) > len(shown):
+                more = sum(c["pairs"] for c in rows[len(shown):])
+                lines.append(f"- {len(rows) - len(shown)} other reasons (n = {more}); see the exclusions table")
+            ax.text(SIDE_X, y_side, "\n".join(lines), ha="left", va="center", fontsize=6.5, bbox=side_box)
+            ax.text(MAIN_X, y_next, text, ha="center", va="center", fontsize=8,
+                    fontweight="bold" if last else "normal", bbox=main_box)
+            y, h_prev = y_next, h_next
+
+        # analysed, by outcome group
+        y_an = y
+        y_bar = y_an - h_prev - 0.3
+        xs = (15, 50, 85)
+        by = flow.get("by_outcome") or {}
+        ax.plot([xs[0], xs[-1]], [y_bar, y_bar], color="black", linewidth=0.9)
+        ax.plot([MAIN_X, MAIN_X], [y_an - h_prev, y_bar], color="black", linewidth=0.9)
+        bottom = y_bar
+        for x, outcome in zip(xs, OUTCOMES):
+            g = by.get(outcome, {})
+            text = f"{outcome}\n{_n(g.get('pairs', 0), 'pair')}\n{_n(g.get('patients', 0), 'patient')}"
+            y_g = y_bar - 0.35 - half(text)
+            ax.annotate("", xy=(x, y_g + half(text)), xytext=(x, y_bar), arrowprops=arrow)
+            ax.text(x, y_g, text, ha="center", va="center", fontsize=8,
+                    bbox={"boxstyle": "round,pad=0.5", "facecolor": "white", "edgecolor": "black",
+                          "linewidth": 1.4 if outcome == WORSE else 1.0,
+                          "linestyle": {WORSE: "-", STABLE: "--", IMPROVED: ":"}[outcome]})
+            bottom = min(bottom, y_g - half(text))
+        bottom -= 0.35
+        ax.set_ylim(bottom, height)
+        fig.set_size_inches(FLOW_WIDTH, height - bottom)
+        total_ex = flow["pairs_in_manifest"] - flow["pairs_analysed"]
+        if remaining != flow["pairs_analysed"]:
+            ax.text(50, bottom + 0.1, f"Note: {total_ex} pairs not analysed, {flow['pairs_in_manifest'] - remaining} "
+                    "listed as exclusions", ha="center", fontsize=6.5, style="italic")
+    return fig
+
+
+# --- ROC curves (validation) -------------------------------------------------
+
+
+def roc_grid(results, ncols=5):
+    """Grid of validation ROC curves, one panel per label, with AUC and DeLong CI.
+
+    Labels whose AUC is not estimable (too few positives) get a panel saying
+    so. Parameters: ``results`` (uses ``roc_curves`` and ``validation_auc``);
+    ``ncols`` panels per row. Returns a :class:`~matplotlib.figure.Figure`.
+    """
+    aucs = {r["label"]: r for r in results.get("validation_auc") or []}
+    curves = results.get("roc_curves") or {}
+    labels = [lab for lab in results.get("labels", []) if lab in aucs or lab in curves]
+    labels += [lab for lab in aucs if lab not in labels]
+    if not labels:
+        fig = _figure(6, 1.2)
+        with matplotlib.rc_context(_RC):
+            fig.text(0.5, 0.5, "No validation set: ROC curves were not computed.", ha="center", va="center")
+        return fig
+    nrows, ncols = _grid(len(labels), ncols)
+    with matplotlib.rc_context(_RC):
+        fig = _figure(7.5 * ncols / 5, 1.75 * nrows + 0.3)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(labels):]:
+            ax.axis("off")
+        for ax, lab in zip(axes.flat, labels):
+            rec = aucs.get(lab, {})
+            ax.plot([0, 1], [0, 1], linestyle=":", color="0.5", linewidth=0.8)
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_aspect("equal")
+            ax.set_title(_wrap(lab, 20), fontsize=7)
+            ax.tick_params(length=2, labelsize=6)
+            ax.set_xticks([0, 0.5, 1])
+            ax.set_yticks([0, 0.5, 1])
+            if lab in curves and rec.get("auc") is not None:
+                c = curves[lab]
+                ax.plot(c["fpr"], c["tpr"], color="black", linewidth=1.2, drawstyle="steps-post")
+                txt = (f"AUC {_fmt(rec['auc'])}\n({_fmt(rec.get('ci_low'))}-{_fmt(rec.get('ci_high'))})\n"
+                       f"{rec.get('n_pos', '?')} pos / {rec.get('n_neg', '?')} neg")
+                ax.text(0.97, 0.04, txt, ha="right", va="bottom", fontsize=5.5,
+                        bbox={"facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5, "pad": 1.5})
+            else:
+                ax.add_patch(matplotlib.patches.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="0.6",
+                                                          hatch="xx", linewidth=0))
+                note = rec.get("note") or "AUC not estimable"
+                ax.text(0.5, 0.5, _wrap(note, 20), ha="center", va="center", fontsize=5.5,
+                        bbox={"facecolor": "white", "edgecolor": "black", "linewidth": 0.5})
+        for ax in axes[-1]:
+            ax.set_xlabel("1 - specificity")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("sensitivity")
+        fig.subplots_adjust(left=0.07, right=0.99, top=0.9, bottom=0.12, wspace=0.35, hspace=0.5)
+    return fig
+
+
+# --- box plots of change by outcome group ------------------------------------
+
+
+def change_boxplots(results, ncols=5):
+    """Box plots of each label's change (second minus first CXR) by outcome group.
+
+    Boxes are hatched and shaded per group and the pairs are overlaid as
+    jittered points with a group-specific marker, so the figure reads in
+    grayscale. Uses the ``"<label> change"`` columns of ``results["pairs"]``.
+    Returns a :class:`~matplotlib.figure.Figure`.
+    """
+    labels = list(results.get("labels") or [])
+    pairs = results.get("pairs") or []
+    nrows, ncols = _grid(max(1, len(labels)), ncols)
+    rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+    with matplotlib.rc_context(_RC):
+        fig = _figure(7.5 * ncols / 5, 2.0 * nrows + 0.4)
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        for ax in axes.flat[len(labels):]:
+            ax.axis("off")
+        for ax, lab in zip(axes.flat, labels):
+            data, present = [], []
+            for outcome in OUTCOMES:
+                vals = np.array([p[f"{lab} change"] for p in pairs
+                                 if p.get("outcome") == outcome and p.get(f"{lab} change") is not None],
+                                dtype=float)
+                data.append(vals)
+                present.append(outcome)
+            pos = np.arange(1, len(present) + 1)
+            bp = ax.boxplot([d if d.size else [np.nan] for d in data], positions=pos, widths=0.6,
+                            patch_artist=True, showfliers=False,
+                            medianprops={"color": "black", "linewidth": 1.4},
+                            whiskerprops={"linewidth": 0.8}, capprops={"linewidth": 0.8})
+            for patch, outcome in zip(bp["boxes"], present):
+                st = GROUP_STYLE[outcome]
+                patch.set_facecolor(st["face"])
+                patch.set_hatch(st["hatch"])
+                patch.set_edgecolor(st["edge"])
+                patch.set_linewidth(0.8)
+            for x, d, outcome in zip(pos, data, present):
+                if d.size:
+                    jit = rng.uniform(-0.18, 0.18, d.size)
+                    ax.scatter(x + jit, d, s=7, marker=GROUP_STYLE[outcome]["marker"], facecolor="white",
+                               edgecolor="black", linewidth=0.5, zorder=3)
+            ax.axhline(0, color="0.4", linestyle="--", linewidth=0.7, zorder=0)
+            ax.set_xticks(pos)
+            ax.set_xticklabels([f"{o[0]}\n{d.size}" for o, d in zip(present, data)], fontsize=6)
+            ax.set_title(_wrap(lab, 20), fontsize=7)
+            ax.tick_params(length=2, labelsize=6)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("change in probability\n(second - first CXR)", fontsize=6.5)
+        handles = [Patch(facecolor=GROUP_STYLE[o]["face"], hatch=GROUP_STYLE[o]["hatch"], edgecolor="black",
+                         label=f"{o} ({o[0]})") for o in OUTCOMES]
+        fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+        fig.subplots_adjust(left=0.1, right=0.99, top=0.92, bottom=0.2 if nrows == 1 else 0.13,
+                            wspace=0.12, hspace=0.6)
+    return fig
+
+
+# --- class activation maps -----------------------------------------------------
+
+
+def cam_figure(cams):
+    """Class activation maps on the first and second CXR of each given pair.
+
+    Parameters
+    ----------
+    cams : list of dict
+        ``{"pair_id", "label", "first": {"image", "heatmap"}, "second": {...}}``;
+        ``image`` and ``heatmap`` are 2-D float arrays (the heatmap is
+        stretched over the image if the sizes differ).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One row per pair: the CXR in gray, the map overlaid with a
+        perceptually ordered colour map (inferno, monotone in lightness) and
+        contour lines at 50% and 80% of its maximum, so it reads in grayscale.
+    """
+    cams = list(cams or [])
+    nrows = max(1, len(cams))
+    with matplotlib.rc_context(_RC):
+        fig = _figure(6.6, 3.3 * nrows)
+        axes = fig.subplots(nrows, 2, squeeze=False)
+        mappable = None
+        for row, cam in zip(axes, cams):
+            for ax, which in zip(row, ("first", "second")):
+                img = np.asarray(cam[which]["image"], dtype=float)
+                if img.ndim == 3:
+                    img = img.mean(axis=-1) if img.shape[-1] in (1, 3, 4) else img[0]
+                heat = np.asarray(cam[which]["heatmap"], dtype=float)
+                h, w = img.shape
+                extent = (0, w, h, 0)
+                lo, hi = np.nanmin(heat), np.nanmax(heat)
+                norm_heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+                ax.imshow(img, cmap="gray", extent=extent, interpolation="bilinear")
+                mappable = ax.imshow(norm_heat, cmap="inferno", alpha=0.45, extent=extent, vmin=0, vmax=1,
+                                     interpolation="bilinear")
+                yy = np.linspace(0, h, norm_heat.shape[0])
+                xx = np.linspace(0, w, norm_heat.shape[1])
+                if hi > lo:
+                    ax.contour(xx, yy, norm_heat, levels=[0.5, 0.8], colors=["white", "white"],
+                               linestyles=["--", "-"], linewidths=0.8)
+                ax.set_title(f"Pair {_plain(cam.get('pair_id', '?'))}, {which} CXR\n"
+                             f"{_plain(cam.get('label', ''))}", fontsize=7.5)
+                ax.set_xticks([])
+                ax.set_yticks([])
+        if not cams:
+            for ax in axes.flat:
+                ax.axis("off")
+            fig.text(0.5, 0.5, "No class activation maps were computed.", ha="center")
+        elif mappable is not None:
+            fig.subplots_adjust(left=0.02, right=0.86, top=0.9, bottom=0.04, wspace=0.05)
+            cax = fig.add_axes((0.885, 0.15, 0.025, 0.7))
+            cb = fig.colorbar(mappable, cax=cax)
+            cb.set_label("activation, scaled 0-1")
+    return fig
+
+
+# --- saving -------------------------------------------------------------------
+
+
+def save_figure(fig, stem, folder, *, dpi=200):
+    """Write ``fig`` as ``folder/stem.png`` and ``folder/stem.svg``, deterministically.
+
+    The SVG uses a fixed hash salt and no date; the PNG carries no time
+    stamp. Each file is written to a temporary name and moved into place.
+
+    Returns
+    -------
+    dict
+        ``{"png": Path, "svg": Path}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    with matplotlib.rc_context(_RC):
+        for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+            path = folder / f"{stem}.{ext}"
+            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".{ext}", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fig.savefig(fh, format=ext, dpi=dpi, metadata=meta, facecolor="white")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            out[ext] = path
+    return out

@@ -1,0 +1,137 @@
+"""The author's part of the report: reading and checking ``study.toml``.
+
+covreport writes what it can from the analysis itself (methods, results,
+limitations). What only the authors know -- background, eligibility, how the
+participants were identified, blinding, registration, funding -- comes from a
+small TOML file whose fields are listed in :data:`STUDY_FIELDS` and shown with
+an example in ``docs/study.example.toml``. A field left out is shown in the
+report as "to be completed" and flagged in the STARD 2015 checklist.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import tomllib
+from pathlib import Path
+
+from covreport.errors import ReportError
+
+#: Documented fields of study.toml: name -> (STARD 2015 / CLAIM item, what to write).
+#: The order is the order in which the example file documents them.
+STUDY_FIELDS = {
+    "title": ("1", "Title of the report; covreport adds that it is a diagnostic accuracy study."),
+    "authors": ("-", "Authors and affiliations (a string or a list of strings)."),
+    "background": ("3", "Scientific and clinical background."),
+    "intended_use": ("3", "Intended use and clinical role of the index test."),
+    "objectives": ("4", "Study objectives."),
+    "hypotheses": ("4", "Hypotheses (pre-specified expectations)."),
+    "data_collection": ("5", "Prospective or retrospective data collection, and from which sources."),
+    "eligibility": ("6", "Eligibility criteria for patients and pairs of CXRs."),
+    "identification": ("7", "How potentially eligible participants were identified."),
+    "setting": ("8", "Clinical setting (e.g. emergency department, ward, ICU)."),
+    "locations": ("8", "Where participants were identified (centres, countries, collections)."),
+    "dates": ("8", "When participants were identified (start and end dates)."),
+    "series": ("9", "Consecutive, random or convenience series."),
+    "reference_standard": ("10b", "Who read the pairs (readers, experience), how disagreements were resolved, "
+                                  "and the definitions used."),
+    "rationale_reference_standard": ("11", "Why this reference standard was chosen."),
+    "blinding_index": ("13a", "Whether clinical information and reference-standard results were available "
+                              "to those performing or reading the index test."),
+    "blinding_reference": ("13b", "Whether clinical information and index-test results were available to "
+                                  "the assessors of the reference standard."),
+    "intended_sample_size": ("18", "Intended sample size and how it was determined."),
+    "severity": ("21a", "Distribution of disease severity in those with the target condition."),
+    "alternative_diagnoses": ("21b", "Distribution of alternative diagnoses in those without it."),
+    "interventions": ("22", "Clinical interventions between the two CXRs of a pair."),
+    "adverse_events": ("25", "Adverse events from the index test or the reference standard."),
+    "limitations": ("26", "Limitations the authors add to those covreport derives from the numbers."),
+    "implications": ("27", "Implications for practice, including intended use and clinical role."),
+    "conclusions": ("2", "The abstract's conclusions."),
+    "registration": ("28", "Registration number and name of registry."),
+    "protocol": ("29", "Where the full study protocol can be accessed."),
+    "funding": ("30", "Sources of funding and other support; role of funders."),
+    "acquisition": ("CLAIM", "Acquisition devices and protocols of the test-set CXRs."),
+    "data_availability": ("CLAIM", "Where the data can be obtained."),
+    "code_availability": ("CLAIM", "Where the code and the model weights can be obtained."),
+}
+
+
+def _as_text(value, key, path):
+    """A TOML value as report text: strings as is, lists joined, dates in ISO 8601."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool):
+        raise ReportError(f"{path}: field '{key}' is a boolean; write it as text, e.g. {key} = \"yes\"")
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (_dt.date, _dt.datetime, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "; ".join(_as_text(v, key, path) for v in value)
+    raise ReportError(f"{path}: field '{key}' must be text or a list of text, not a table; "
+                      f"see docs/study.example.toml")
+
+
+def validate_study(mapping, *, source="study.toml"):
+    """Check the fields of a study mapping and return them as ``{field: str}``.
+
+    Parameters
+    ----------
+    mapping : dict
+        Field name to value (a string, number, date or list of those).
+    source : str
+        Where the mapping came from, for error messages.
+
+    Returns
+    -------
+    dict
+        The documented fields that hold text, in :data:`STUDY_FIELDS` order;
+        empty fields are left out.
+
+    Raises
+    ------
+    ReportError
+        On an unknown field (naming close matches) or a value that is a table.
+    """
+    out = {}
+    for key in mapping:
+        if key not in STUDY_FIELDS:
+            close = difflib.get_close_matches(str(key), STUDY_FIELDS, n=3, cutoff=0.6)
+            hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
+                    else "documented fields are listed in docs/study.example.toml")
+            raise ReportError(f"{source}: unknown field '{key}'; {hint}")
+    for key in STUDY_FIELDS:
+        if key in mapping and mapping[key] is not None:
+            text = _as_text(mapping[key], key, source)
+            if text:
+                out[key] = text
+    return out
+
+
+def read_study(path):
+    """Read ``study.toml`` into ``{field: str}`` (see :func:`validate_study`).
+
+    Raises
+    ------
+    ReportError
+        If the file cannot be read, is not valid TOML, or holds an unknown field.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read the study file ({exc.strerror}); "
+                          "check the --study path") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ReportError(f"{path}: not valid TOML: {exc}; see docs/study.example.toml") from exc
+    return validate_study(data, source=str(path))
+
+
+def missing_fields(study):
+    """Documented fields the study leaves empty, in :data:`STUDY_FIELDS` order."""
+    return [k for k in STUDY_FIELDS if not (study or {}).get(k)]

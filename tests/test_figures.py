@@ -1,0 +1,111 @@
+"""Figures: content drawn from the results, grayscale-safe styles, deterministic files."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+
+from covreport.constants import OUTCOMES
+from covreport.figures import GROUP_STYLE, cam_figure, change_boxplots, flow_diagram, roc_grid, save_figure
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
+
+
+@pytest.fixture(scope="module")
+def results():
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))
+
+
+def _texts(fig):
+    out = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        out += [t.get_text() for t in ax.texts] + [ax.get_title()]
+    return "\n".join(out)
+
+
+def test_flow_diagram_shows_counts_and_every_reason(results):
+    fig = flow_diagram(results)
+    assert isinstance(fig, Figure)
+    text = _texts(fig)
+    flow = results["flow"]
+    assert f"n = {flow['pairs_in_manifest']} pairs of {flow['patients_in_manifest']} patients" in text
+    assert f"n = {flow['pairs_analysed']} pairs of {flow['patients_analysed']} patients" in text
+    for c in flow["exclusion_counts"]:
+        assert c["reason"].split(" (")[0] in text.replace("\n   ", " ")
+    assert "Excluded: index test not done, n = 3 pairs" in text
+    assert "Excluded: reference standard not available, n = 1 pair" in text
+    for o in OUTCOMES:
+        g = flow["by_outcome"][o]
+        assert f"{o}\n{g['pairs']} pairs\n{g['patients']} patients" in text
+    # pairs left after the index-test stage: 64 - 3
+    assert "n = 61 pairs" in text
+
+
+def test_flow_diagram_survives_mathtext_and_many_reasons(results, tmp_path):
+    r = copy.deepcopy(results)
+    r["flow"]["exclusion_counts"] = [{"stage": "index test not done", "reason": f"$bad^ reason {i}", "pairs": 1}
+                                     for i in range(7)]
+    fig = flow_diagram(r)
+    save_figure(fig, "flow", tmp_path)  # drawing would raise on unescaped mathtext
+    assert "3 other reasons (n = 3)" in _texts(fig)
+
+
+def test_roc_grid_draws_stored_curves_and_marks_non_estimable(results):
+    fig = roc_grid(results)
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert len(axes) == len(results["labels"])
+    by_title = {ax.get_title().replace("\n", " "): ax for ax in axes}
+    curve = results["roc_curves"]["Edema"]
+    lines = by_title["Edema"].get_lines()
+    drawn = [ln for ln in lines if len(ln.get_xdata()) == len(curve["fpr"])]
+    assert drawn and np.allclose(drawn[0].get_xdata(), curve["fpr"]) and np.allclose(drawn[0].get_ydata(),
+                                                                                        curve["tpr"])
+    auc = {r["label"]: r for r in results["validation_auc"]}["Edema"]["auc"]
+    assert f"AUC {auc:.3f}" in "\n".join(t.get_text() for t in by_title["Edema"].texts)
+    assert "not estimable" in "\n".join(t.get_text() for t in by_title["Pleural Other"].texts)
+
+
+def test_change_boxplots_medians_match_the_pairs(results):
+    fig = change_boxplots(results)
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert len(axes) == len(results["labels"])
+    for ax, lab in zip(axes, results["labels"]):
+        medians = [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linewidth() == 1.4]
+        expected = [np.median([p[f"{lab} change"] for p in results["pairs"] if p["outcome"] == o]) for o in OUTCOMES]
+        assert np.allclose(medians, expected)  # reference: numpy.median of the fixture's changes
+
+
+def test_group_styles_read_in_grayscale():
+    hatches = [GROUP_STYLE[o]["hatch"] for o in OUTCOMES]
+    markers = [GROUP_STYLE[o]["marker"] for o in OUTCOMES]
+    lum = [np.dot(to_rgb(GROUP_STYLE[o]["face"]), (0.299, 0.587, 0.114)) for o in OUTCOMES]
+    assert len(set(hatches)) == 3 and len(set(markers)) == 3
+    assert min(abs(a - b) for i, a in enumerate(lum) for b in lum[i + 1:]) > 0.15
+
+
+def test_cam_figure_overlays_maps_of_any_size():
+    rng = np.random.default_rng(0)
+    cams = [{"pair_id": "P1-1", "label": "Edema",
+             "first": {"image": rng.random((40, 30)), "heatmap": rng.random((7, 7))},
+             "second": {"image": rng.random((40, 30)), "heatmap": np.zeros((7, 7))}}]
+    fig = cam_figure(cams)
+    assert len(fig.axes) == 3  # two panels and the colour bar
+    assert "Pair P1-1, first CXR" in _texts(fig)
+    assert "No class activation maps" in _texts(cam_figure([]))
+
+
+def test_save_figure_is_deterministic(results, tmp_path):
+    a = save_figure(roc_grid(results), "roc", tmp_path / "a")
+    b = save_figure(roc_grid(results), "roc", tmp_path / "b")
+    for ext in ("png", "svg"):
+        assert a[ext].read_bytes() == b[ext].read_bytes()
+    svg = a["svg"].read_text()
+    assert "<dc:date>" not in svg and svg.lstrip().startswith("<?xml")
+    assert a["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["roc.png", "roc.svg"]
