@@ -473,8 +473,10 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-out"),
               show_default=True, help="Output folder (written whole, at the end).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--previous", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="results.json of an earlier validation (repeat, oldest first): the report shows what moved.")
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
-        protocol, permutations, seed, cache, no_cache, strict, no_pdf, out, force):
+        protocol, permutations, seed, cache, no_cache, strict, no_pdf, out, force, previous):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -488,7 +490,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, seed=seed, force=force, strict=strict, cache=cache,
-                      use_cache=not no_cache, pdf=not no_pdf, command=command_line())
+                      use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())
     written = run_study(opts)
     click.echo(f"Report: {written / 'report.html'}")
 
