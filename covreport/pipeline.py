@@ -411,6 +411,9 @@ def _write_tables(results, folder):
     flow = results["flow"]
     if flow["exclusions"]:
         write_csv(pd.DataFrame(flow["exclusions"]), folder / "exclusions.csv")
+    reval = results.get("revalidation")
+    if reval:
+        write_csv(pd.DataFrame(reval["headline"]), folder / "revalidation_headline.csv")
     pred = results["prediction"]
     for name in ("nested", "global", "reversed"):
         block = pred.get(name)
