@@ -17,7 +17,7 @@ from covreport.stats.auc import (
 )
 from covreport.stats.diagnostic import MEASURES, clopper_pearson, diagnostic_metrics
 from covreport.stats.groups import compare_groups
-from covreport.stats.prediction import lopo_predict, predict_outcome
+from covreport.stats.prediction import lopo_predict, permutation_p, predict_outcome
 from covreport.stats.table1 import read_reference_csv, table_one
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "delong_test",
     "diagnostic_metrics",
     "lopo_predict",
+    "permutation_p",
     "predict_outcome",
     "read_chexpert_csv",
     "read_reference_csv",

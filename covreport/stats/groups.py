@@ -120,7 +120,7 @@ def cohens_d(x, y, alpha=0.05):
     if n1 < MIN_GROUP_SIZE or n2 < MIN_GROUP_SIZE:
         return math.nan, math.nan, math.nan, f"Cohen's d needs at least {MIN_GROUP_SIZE} values per group"
     var = ((n1 - 1) * x.var(ddof=1) + (n2 - 1) * y.var(ddof=1)) / (n1 + n2 - 2)
-    if not var > 0:
+    if (np.ptp(x) == 0 and np.ptp(y) == 0) or not var > 0:
         return math.nan, math.nan, math.nan, "Cohen's d is undefined: the pooled SD is 0 (all values equal within each group)"
     d = float((x.mean() - y.mean()) / math.sqrt(var))
     se = math.sqrt((n1 + n2) / (n1 * n2) + d * d / (2.0 * (n1 + n2)))
