@@ -270,8 +270,8 @@ _SCORE_FAILED_LIMIT = 20
               help="Processes decoding images in parallel (0: decode in the main process).")
 @click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True,
               help="bf16 runs the network under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX "
-                   "and recent GPUs; probabilities within about 0.02 of float32). Cached outputs are "
-                   "shared between precisions: use --no-cache or another --cache to compare them.")
+                   "and recent GPUs; probabilities within about 0.02 of float32). bf16 outputs are "
+                   "cached apart from float32 ones.")
 @click.option("--strict", is_flag=True,
               help="Fail (exit 1, nothing written) if any image is missing or unreadable, instead of "
                    "leaving it out.")
@@ -507,9 +507,9 @@ def demo(out, seed):
     the weights and the score cache. The data are synthetic and the report
     says so.
     """
-    from covreport.demo import DemoSettings, run_demo
+    from covreport.demo import run_demo
 
-    result = run_demo(out, DemoSettings(seed=seed))
+    result = run_demo(out, seed=seed)
     took = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     click.echo(f"Report: {result.report / 'report.html'} (and report.pdf, results.json)")
     click.echo(f"Time: {took}" + ("" if result.trained else " (weights reused)"))

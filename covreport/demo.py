@@ -11,25 +11,10 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Phantom and training settings chosen to finish within minutes on 2 CPU cores."""
-
-    seed: int = 0
-    image_size: int = 64
-    n_train: int = 3000
-    n_valid: int = 300
-    n_patients: int = 40
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-3
-    permutations: int = 1000
 
 
 @dataclass
@@ -40,14 +25,14 @@ class DemoResult:
     seconds: dict
 
 
-def run_demo(out="covreport-demo", settings=DemoSettings(), *, progress=True):
+def run_demo(out="covreport-demo", *, seed=0, permutations=1000, progress=True):
     """Generate, train, score, test and report the phantom study under ``out``.
 
     Layout: ``out/study`` (phantom data), ``out/model/densenet121-phantom.pt``
     (weights), ``out/cache.sqlite`` (score cache), ``out/report`` (the report
     of ``covreport run``, replaced at each demo run).
     """
-    from covreport.phantom import make_study
+    from covreport.phantom import CHEXPERT_DIRNAME, DEMO_STUDY, DEMO_TRAINING, PAIRS_DIRNAME, make_study
     from covreport.pipeline import RunOptions, run
     from covreport.train import TrainConfig, train
 
@@ -55,23 +40,15 @@ def run_demo(out="covreport-demo", settings=DemoSettings(), *, progress=True):
     seconds = {}
     t0 = time.perf_counter()
     study_dir = out / "study"
-    if not (study_dir / "README.txt").exists():
-        study = make_study(study_dir, seed=settings.seed, image_size=settings.image_size,
-                           n_train=settings.n_train, n_valid=settings.n_valid,
-                           n_patients=settings.n_patients, overwrite=True)
-        manifest, valid_csv, train_csv, chex = study.manifest, study.valid_csv, study.train_csv, study.chexpert_root
-    else:
-        from covreport.phantom import CHEXPERT_DIRNAME, PAIRS_DIRNAME
-
-        chex = study_dir / CHEXPERT_DIRNAME
-        manifest, valid_csv, train_csv = study_dir / PAIRS_DIRNAME / "manifest.csv", chex / "valid.csv", chex / "train.csv"
+    if not (study_dir / "README.txt").exists():  # the phantom is moved into place whole
+        make_study(study_dir, seed=seed, overwrite=True, **DEMO_STUDY)
+    chex = study_dir / CHEXPERT_DIRNAME
+    manifest, valid_csv, train_csv = study_dir / PAIRS_DIRNAME / "manifest.csv", chex / "valid.csv", chex / "train.csv"
     seconds["phantom"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     weights = out / "model" / "densenet121-phantom.pt"
-    config = TrainConfig(image_size=settings.image_size, epochs=settings.epochs,
-                         batch_size=settings.batch_size, lr=settings.lr, init="none",
-                         seed=settings.seed, device="cpu")
+    config = TrainConfig(**DEMO_TRAINING, seed=seed, device="cpu")
     trained = not weights.exists()
     if trained:
         weights.parent.mkdir(parents=True, exist_ok=True)
@@ -83,13 +60,13 @@ def run_demo(out="covreport-demo", settings=DemoSettings(), *, progress=True):
     cache = out / "cache.sqlite"
     args = ["covreport", "run", str(manifest), "--weights", str(weights), "--validation-csv", str(valid_csv),
             "--reference-csv", str(train_csv), "--cache", str(cache),
-            "--permutations", str(settings.permutations), "--seed", str(settings.seed),
+            "--permutations", str(permutations), "--seed", str(seed),
             "--out", str(report), "--force"]
     command = shlex.join(args)
     opts = RunOptions(manifest=manifest, out=report, weights=str(weights), validation_csv=valid_csv,
-                      reference_csv=train_csv, cache=cache, permutations=settings.permutations,
-                      seed=settings.seed, force=True, synthetic=True, command=command,
-                      extra_provenance={"demo": {**asdict(settings), "training": config.to_dict()}})
+                      reference_csv=train_csv, cache=cache, permutations=permutations,
+                      seed=seed, force=True, synthetic=True, command=command,
+                      extra_provenance={"demo": {"seed": seed, "phantom": DEMO_STUDY, "training": config.to_dict()}})
     run(opts)
     seconds["run"] = time.perf_counter() - t0
     return DemoResult(report=report, command=command, trained=trained, seconds=seconds)

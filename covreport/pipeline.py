@@ -114,7 +114,7 @@ def run(opts: RunOptions) -> Path:
     pairs, exclusions = _analysed_pairs(manifest, scores, labels, failed, strict=opts.strict)
     results = {
         "covreport_version": __version__,
-        "provenance": _provenance(opts, inputs, loaded),
+        "provenance": _provenance(opts, inputs, loaded, _is_phantom(manifest)),
         "study": {},
         "labels": labels,
         "flow": _flow(manifest, pairs, exclusions, scores, score_counts),
@@ -328,11 +328,17 @@ def _cams(pairs, loaded, manifest):
 # --- provenance and writing --------------------------------------------------
 
 
+def _is_phantom(manifest):
+    """True when every pair comes from covreport's synthetic phantom (its ``source`` column)."""
+    source = manifest.pairs.get("source")
+    return source is not None and len(source) > 0 and bool((source == "phantom").all())
+
+
 def _input(path):
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def _provenance(opts, inputs, loaded):
+def _provenance(opts, inputs, loaded, synthetic_data=False):
     versions = {}
     for name in PACKAGES:
         try:
@@ -352,7 +358,7 @@ def _provenance(opts, inputs, loaded):
         "permutations": int(opts.permutations),
         "command": opts.command,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "synthetic": bool(opts.synthetic),
+        "synthetic": bool(opts.synthetic) or synthetic_data,
     }
     prov.update(opts.extra_provenance)
     return prov
@@ -402,7 +408,7 @@ def results_json(results):
 
 
 def _write_tables(results, folder):
-    from covreport._io import write_csv
+    from covreport._io import write_csv_atomic as write_csv
 
     folder.mkdir()
     for key in ("table1", "group_differences", "validation_auc", "pairs"):
