@@ -16,14 +16,16 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import re
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from covreport.errors import ImageError, ModelError
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -232,7 +234,9 @@ def decode_image(data, name="<bytes>"):
         arr = _decode_pil(data, name)
     h, w = arr.shape
     if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
-        raise _error(name, f"image too small ({w}x{h} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
+        # Constant wording (no per-file sizes), so the flow diagram counts
+        # all such images under one reason.
+        raise _error(name, f"image too small (under {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels)")
     if not np.all(np.isfinite(arr)):
         raise _error(name, "image has non-finite pixel values")
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -245,8 +249,8 @@ def _check_pixels(name, w, h, frames=1):
     if limit is not None and w * h * frames > limit:
         raise _error(
             name,
-            f"image too large ({w}x{h} pixels, possible decompression bomb; "
-            f"the limit is {limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)",
+            f"image too large (possible decompression bomb; over {limit} pixels, "
+            f"PIL.Image.MAX_IMAGE_PIXELS)",
         )
 
 
@@ -259,27 +263,30 @@ def _decode_pil(data, name):
             with Image.open(io.BytesIO(data)) as im:
                 _check_pixels(name, *im.size)
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception as exc:  # malformed EXIF: keep the stored orientation
+                    log.warning("%s: EXIF orientation not applied (%s)", name, type(exc).__name__)
                 return _pil_to_gray(im, name)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _error(
             name,
-            "image too large (possible decompression bomb; the limit is "
+            "image too large (possible decompression bomb; over "
             f"{Image.MAX_IMAGE_PIXELS} pixels, PIL.Image.MAX_IMAGE_PIXELS)",
         ) from None
     except UnidentifiedImageError:
         raise _error(name, "not a recognised image format (PNG, JPEG or DICOM expected)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise _error(name, "image too large to decode in memory") from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, ... on junk
         text = str(exc)
         if "truncated" in text or isinstance(exc, EOFError):
             reason = "truncated or corrupt image file"
         else:
             reason = f"cannot decode image ({type(exc).__name__}: {text})"
         raise _error(name, reason) from None
-    except MemoryError:
-        raise _error(name, "image too large to decode in memory") from None
 
 
 def _pil_to_gray(im, name):
@@ -315,24 +322,48 @@ def _minmax(a):
     return np.zeros(a.shape, dtype=np.float32)
 
 
-def _decode_dicom(data, name):
+#: The only DICOM attributes covreport reads (besides the file meta group):
+#: the Image Pixel, Modality LUT and VOI LUT modules. Patient and study
+#: attributes are never parsed, so no identifier can reach an output, a log
+#: line or a warning.
+DICOM_PIXEL_TAGS = (
+    "SOPClassUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "PlanarConfiguration", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "NumberOfFrames", "PixelPaddingValue", "PixelPaddingRangeLimit",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
+    "RedPaletteColorLookupTableDescriptor", "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
+)
+
+
+def _read_dicom(data, name):
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about odd values; we judge the pixels
+            try:
+                return pydicom.dcmread(io.BytesIO(data), specific_tags=list(DICOM_PIXEL_TAGS))
+            except InvalidDicomError:
+                # No preamble/"DICM": may still be a raw dataset; keep it only if it
+                # parses to something that describes an image.
+                ds = pydicom.dcmread(io.BytesIO(data), force=True,
+                                     specific_tags=list(DICOM_PIXEL_TAGS))
+                if "Rows" not in ds and "PixelData" not in ds and "SOPClassUID" not in ds:
+                    raise _error(name, "not a DICOM file") from None
+                return ds
+    except ImageError:
+        raise
+    except Exception:  # pydicom raises many types on a damaged file
+        raise _error(name, "unreadable DICOM file") from None
+
+
+def _decode_dicom(data, name):
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    junk = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            AttributeError, NotImplementedError, struct.error)
-    try:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-        except InvalidDicomError:
-            # No preamble/"DICM": may still be a raw dataset; keep it only if it
-            # parses to something that describes an image.
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            if "Rows" not in ds and "PixelData" not in ds and "SOPClassUID" not in ds:
-                raise _error(name, "not a DICOM file") from None
-    except junk:
-        raise _error(name, "unreadable DICOM file") from None
+    ds = _read_dicom(data, name)
     try:
         has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     except Exception:  # pydicom can raise many types on a damaged header
@@ -345,16 +376,18 @@ def _decode_dicom(data, name):
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # missing or malformed attributes
         raise _error(name, "DICOM pixel description (Rows, Columns) missing or invalid") from None
     _check_pixels(name, cols, rows, frames)
     if frames != 1:
-        raise _error(name, f"multi-frame DICOM ({frames} frames) is not supported; export one frame")
+        raise _error(name, "multi-frame DICOM is not supported; export a single frame")
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
                            "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"):
         raise _error(name, f"unsupported DICOM photometric interpretation {photometric}")
     try:
-        arr = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
     except NotImplementedError:
         raise _error(
             name, f"cannot decode DICOM pixel data with transfer syntax {ts_text}: "
@@ -499,14 +532,15 @@ def probe_image(path):
         import pydicom
 
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # Only the pixel-description tags; large values (the pixels)
+                # are deferred, not read.
+                ds = pydicom.dcmread(path, specific_tags=list(DICOM_PIXEL_TAGS), defer_size=1024)
         except Exception as exc:  # pydicom raises many types on junk
             return f"unreadable DICOM ({type(exc).__name__})"
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
-            # stop_before_pixels hides PixelData; check the tag list lazily
-            ds = pydicom.dcmread(path, specific_tags=["PixelData"])
-            if "PixelData" not in ds:
-                return "DICOM without pixel data"
+        if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            return "DICOM without pixel data"
         return None
     from PIL import Image
 

@@ -1,0 +1,677 @@
+"""Score images with the model, through the cache, and read/write scores files.
+
+A scores table has one row per image: ``image`` (the key the caller gave,
+e.g. the path exactly as the manifest writes it), one probability column per
+label (``sigmoid(logit)``), and ``feat_0000`` ... ``feat_1023``, the globally
+average-pooled output of the last convolutional block.
+
+Speed on a CPU: images are decoded by DataLoader worker processes while the
+network runs; the network runs under :func:`torch.inference_mode` in the
+``channels_last`` memory layout (oneDNN's fast path for convolutions), in
+float32 by default or bfloat16 autocast when asked (``precision="bf16"``).
+Each distinct image (by content SHA-256) is run once, and not at all when the
+cache already holds its output for these weights and preprocessing.
+"""
+
+import dataclasses
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covreport.constants import FEATURE_PREFIX, IMAGE_COLUMN, N_FEATURES, feature_columns
+from covreport.errors import ImageError, ModelError, ScoresError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "bf16")
+_PRECISION_ALIASES = {"float32": "float32", "fp32": "float32", "bf16": "bf16", "bfloat16": "bf16"}
+SCORES_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclasses.dataclass
+class ScoringResult:
+    """What :func:`score_images` returns.
+
+    Attributes
+    ----------
+    scores : pandas.DataFrame
+        ``image``, one column per label (float64 holding the float32
+        probabilities exactly), ``feat_0000``... (float32); one row per
+        image key that was scored, in the order given.
+    failed : dict
+        Image key -> short reason, for images that could not be read
+        (they become exclusions, not an exception).
+    labels : tuple of str
+    scored : int
+        Distinct images (by content) run through the network in this call.
+    from_cache : int
+        Distinct images whose output came from the cache.
+    weights_sha256 : str
+    preprocessing : dict
+    precision : str
+    """
+
+    scores: pd.DataFrame
+    failed: dict
+    labels: tuple
+    scored: int
+    from_cache: int
+    weights_sha256: str = ""
+    preprocessing: dict = dataclasses.field(default_factory=dict)
+    precision: str = "float32"
+
+    @property
+    def images(self):
+        """Number of image keys with a score."""
+        return len(self.scores)
+
+    def metadata(self):
+        """Plain provenance for a scores file's sidecar (no image contents)."""
+        from covreport import __version__
+
+        return {
+            "covreport_version": __version__,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing,
+            "precision": self.precision,
+            "labels": list(self.labels),
+            "images_scored": int(self.scored),
+            "images_from_cache": int(self.from_cache),
+            "images_failed": len(self.failed),
+            "failed": {str(k): v for k, v in self.failed.items()},
+        }
+
+
+# --------------------------------------------------------------------------
+# Decoding in worker processes
+# --------------------------------------------------------------------------
+
+
+class _ImageDataset:
+    """Items ``(index, tensor or None, reason or None)``; never raises on a bad image."""
+
+    def __init__(self, items, preprocessing):
+        self.items = items  # list of (path, expected sha256)
+        self.preprocessing = preprocessing
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from covreport.images import decode_image, read_image_bytes, to_tensor
+
+        path, expected = self.items[i]
+        try:
+            data = read_image_bytes(path)
+            if hashlib.sha256(data).hexdigest() != expected:
+                return i, None, "file changed while scoring"
+            return i, to_tensor(decode_image(data, name=str(path)), self.preprocessing), None
+        except ImageError as exc:
+            return i, None, getattr(exc, "reason", str(exc))
+
+
+def _collate(batch):
+    import torch
+
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, r) for i, _, r in batch if r is not None]
+    x = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], x, bad
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)  # the main process runs the network on the cores
+
+
+def _batches(dataset, batch_size, num_workers, pin_memory):
+    """Yield collated batches, decoding in ``num_workers`` processes.
+
+    If worker processes cannot start or die (no /dev/shm in a container,
+    a sandbox that forbids fork), the remaining images are decoded in this
+    process instead, with a warning.
+    """
+    import torch.utils.data as tud
+
+    done = set()
+    workers = max(0, int(num_workers))
+    # Workers cost a fork each; not worth it for a single batch.
+    if len(dataset) <= batch_size:
+        workers = 0
+    while True:
+        remaining = [i for i in range(len(dataset)) if i not in done]
+        if not remaining:
+            return
+        loader = tud.DataLoader(
+            tud.Subset(dataset, remaining), batch_size=batch_size, shuffle=False,
+            num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
+        try:
+            for indices, x, bad in loader:
+                # Items carry their dataset index (not the Subset's position).
+                done.update(indices)
+                done.update(i for i, _ in bad)
+                yield indices, x, bad
+            return
+        except (RuntimeError, OSError) as exc:
+            if workers == 0:
+                raise
+            warnings.warn(
+                f"image decoding workers failed ({type(exc).__name__}: {exc}); "
+                f"decoding the remaining images in the main process",
+                RuntimeWarning, stacklevel=2,
+            )
+            workers = 0
+
+
+# --------------------------------------------------------------------------
+# Model preparation
+# --------------------------------------------------------------------------
+
+
+def _normalise_precision(precision):
+    key = str(precision).lower()
+    if key not in _PRECISION_ALIASES:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return _PRECISION_ALIASES[key]
+
+
+def _device_of(model):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _bf16_supported(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch.backends, "cpu", None)
+        capability = cpu.get_cpu_capability() if cpu is not None else ""
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return bool(amx or avx512_bf16 or capability == "AVX512_BF16")
+    return True
+
+
+def _prepare_model(loaded, device=None):
+    """The network in eval mode and channels_last layout, on ``device``.
+
+    Converted in place (no copy: a copy of DenseNet121 costs seconds on a
+    busy CPU); values are unchanged, and repeated calls are no-ops.
+    """
+    import torch
+
+    model = loaded.model.eval()
+    if device is not None:
+        model = model.to(device)
+    return model.to(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------
+
+
+def _as_mapping(images):
+    if isinstance(images, dict):
+        return {str(k): Path(v) for k, v in images.items()}
+    out = {}
+    for p in images:
+        out.setdefault(str(p), Path(p))
+    return out
+
+
+def _hash(path):
+    from covreport.images import read_image_bytes
+
+    try:
+        return hashlib.sha256(read_image_bytes(path)).hexdigest()
+    except ImageError as exc:
+        return exc
+
+
+def _hash_all(paths):
+    """SHA-256 of each file (or the ImageError), reading in a few threads.
+
+    File reads and hashlib release the GIL, so threads overlap I/O and
+    hashing; this is most of the cost of a rerun that finds everything cached.
+    """
+    if len(paths) < 64:
+        return [_hash(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(_hash, paths))
+
+
+def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
+                 precision="float32", progress=False, device=None):
+    """Score images once each, through the cache.
+
+    Parameters
+    ----------
+    images : sequence of path, or dict key -> path
+        With a sequence the key is ``str(path)``; with a dict the key (for
+        example the path as a manifest writes it) names the row and the value
+        is the file to read. Repeated keys are scored once; different keys
+        whose files have the same bytes share one network run.
+    loaded : covreport.model.LoadedModel
+        The network, its labels, preprocessing and weights SHA-256. Its
+        model is put in eval mode and the channels_last memory layout in
+        place (values unchanged), and moved to ``device`` if one is given.
+    cache : covreport.cache.ScoreCache or None
+        Outputs found there are not recomputed; new outputs are added after
+        each batch (one transaction each), so an interrupted run resumes.
+    batch_size : int
+    num_workers : int
+        DataLoader worker processes decoding images; 0 decodes in this process.
+    precision : {"float32", "bf16"}
+        bf16 runs the network under ``torch.autocast(dtype=torch.bfloat16)``;
+        probabilities and features are returned as float32 either way. bf16
+        outputs are cached under their own key (the preprocessing signature
+        plus ``+bf16``), so float32 and bf16 runs never mix.
+    progress : bool
+        Show a tqdm progress bar on stderr.
+    device : str or torch.device, optional
+        Where to run; default where the model's parameters are.
+
+    Returns
+    -------
+    ScoringResult
+    """
+    import torch
+
+    from covreport.cache import CacheKey
+
+    precision = _normalise_precision(precision)
+    if int(batch_size) < 1:
+        raise ModelError(f"batch size must be at least 1, got {batch_size}")
+    labels = tuple(loaded.labels)
+    prep = loaded.preprocessing
+    # bf16 outputs differ from float32 ones in the last digits: they get their
+    # own cache entries, so a float32 run never returns bf16 numbers.
+    signature = prep.signature() + ("" if precision == "float32" else f"+{precision}")
+    mapping = _as_mapping(images)
+
+    failed = {}
+    sha_of = {}
+    for key, digest in zip(mapping, _hash_all(list(mapping.values()))):
+        if isinstance(digest, ImageError):
+            failed[key] = getattr(digest, "reason", str(digest))
+        else:
+            sha_of[key] = digest
+    distinct = list(dict.fromkeys(sha_of.values()))
+    path_of_sha = {}
+    for key, sha in sha_of.items():
+        path_of_sha.setdefault(sha, mapping[key])
+
+    outputs = {}  # sha -> (probs float32 (L,), feats float32 (F,))
+    if cache is not None and distinct:
+        keys = [CacheKey(s, loaded.sha256, signature) for s in distinct]
+        for k, v in cache.get_many(keys).items():
+            if tuple(v.labels) == labels:
+                outputs[k.image_sha256] = (v.probabilities, v.features)
+    from_cache = len(outputs)
+    todo = [s for s in distinct if s not in outputs]
+    bad_sha = {}
+
+    if todo:
+        run_device = torch.device(device) if device is not None else _device_of(loaded.model)
+        if precision == "bf16" and not _bf16_supported(run_device):
+            warnings.warn(
+                f"bfloat16 is not natively supported on this {run_device.type}; "
+                "bf16 scoring will be emulated and may be slower than float32",
+                RuntimeWarning, stacklevel=2,
+            )
+        model = None  # prepared at the first decodable batch
+        dataset = _ImageDataset([(path_of_sha[s], s) for s in todo], prep)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="img", desc="scoring", leave=False)
+        try:
+            for indices, x, bad in _batches(dataset, int(batch_size), num_workers,
+                                            pin_memory=run_device.type == "cuda"):
+                for i, reason in bad:
+                    bad_sha[todo[i]] = reason
+                if x is not None:
+                    if model is None:
+                        model = _prepare_model(loaded, run_device)
+                    probs, feats = _forward(model, x, run_device, precision)
+                    rows = []
+                    for j, i in enumerate(indices):
+                        outputs[todo[i]] = (probs[j], feats[j])
+                        rows.append((CacheKey(todo[i], loaded.sha256, signature),
+                                     labels, probs[j], feats[j]))
+                    if cache is not None:
+                        cache.put_many(rows)
+                if bar is not None:
+                    bar.update(len(indices) + len(bad))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    for key, sha in sha_of.items():
+        if sha in bad_sha:
+            failed[key] = bad_sha[sha]
+    failed = {k: failed[k] for k in mapping if k in failed}  # in the order given
+    keys = [k for k in mapping if k in sha_of and sha_of[k] in outputs]
+    scores = _scores_frame(keys, [outputs[sha_of[k]] for k in keys], labels)
+    return ScoringResult(
+        scores=scores, failed=failed, labels=labels,
+        scored=len(todo) - len(bad_sha), from_cache=from_cache,
+        weights_sha256=loaded.sha256, preprocessing=prep.to_dict(), precision=precision,
+    )
+
+
+def _forward(model, x, device, precision):
+    import contextlib
+
+    import torch
+
+    from covreport.model import features_and_logits
+
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if precision == "bf16" else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        feats, logits = features_and_logits(model, x)
+    feats = feats.float()
+    with torch.inference_mode():
+        if precision != "float32":
+            # The 1024 -> L classifier is cheap: run it in float32 on the
+            # features, so only the convolutional trunk's rounding remains.
+            logits = model.classifier(feats)
+        probs = torch.sigmoid(logits.float())
+    return (probs.cpu().numpy().astype(np.float32, copy=False),
+            feats.cpu().numpy().astype(np.float32, copy=False))
+
+
+def _scores_frame(keys, outputs, labels):
+    n = len(keys)
+    if n:
+        probs = np.stack([o[0] for o in outputs]).astype(np.float32)
+        feats = np.stack([o[1] for o in outputs]).astype(np.float32)
+    else:
+        probs = np.zeros((0, len(labels)), np.float32)
+        feats = np.zeros((0, N_FEATURES), np.float32)
+    columns = {IMAGE_COLUMN: pd.Series(keys, dtype=str)}
+    for j, lab in enumerate(labels):
+        columns[lab] = probs[:, j].astype(np.float64)
+    frame = pd.DataFrame(columns)
+    feat = pd.DataFrame(feats, columns=feature_columns(feats.shape[1]))
+    return pd.concat([frame, feat], axis=1)
+
+
+def score_manifest(manifest, weights, *, cache_path=None, use_cache=True, batch_size=16,
+                   num_workers=2, precision="float32", progress=False, device=None):
+    """Score every image a manifest names, keyed by the path as the manifest writes it.
+
+    Parameters
+    ----------
+    manifest : covreport.manifest.Manifest
+        From :func:`covreport.manifest.read_manifest`; its ``pairs`` table has
+        ``first_image``/``second_image`` (as written) and
+        ``first_path``/``second_path`` (resolved).
+    weights : covreport.model.LoadedModel, or a weights spec for
+        :func:`covreport.model.load_checkpoint`.
+    cache_path : path, optional
+        The cache database; default :func:`covreport.cache.default_cache_path`.
+    use_cache : bool
+        False scores everything and writes no cache.
+    batch_size, num_workers, precision, progress, device
+        As in :func:`score_images`.
+
+    Returns
+    -------
+    ScoringResult
+        ``scores["image"]`` holds the manifest's strings; ``failed`` is keyed
+        by them too.
+    """
+    from covreport.model import LoadedModel, load_checkpoint
+
+    loaded = weights if isinstance(weights, LoadedModel) else load_checkpoint(weights)
+    mapping = manifest_images(manifest)
+    cache = None
+    if use_cache:
+        from covreport.cache import ScoreCache
+
+        cache = ScoreCache(cache_path)
+    try:
+        return score_images(mapping, loaded, cache=cache, batch_size=batch_size,
+                            num_workers=num_workers, precision=precision,
+                            progress=progress, device=device)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def manifest_images(manifest):
+    """Ordered dict: image as the manifest writes it -> resolved path.
+
+    Pairs whose image cell is empty are skipped (the manifest reports them).
+    """
+    pairs = manifest.pairs if hasattr(manifest, "pairs") else manifest
+    mapping = {}
+    for written_col, path_col in (("first_image", "first_path"), ("second_image", "second_path")):
+        if written_col not in pairs.columns:
+            raise ScoresError(f"manifest pairs have no {written_col!r} column")
+        resolved = pairs[path_col] if path_col in pairs.columns else pairs[written_col]
+        for written, path in zip(pairs[written_col], resolved):
+            if _blank(written) or _blank(path):
+                continue
+            mapping.setdefault(str(written), Path(str(path)))
+    # First images of all pairs, then second images: keep the manifest order of
+    # appearance instead (first/second interleaved per pair).
+    order = []
+    for a, b in zip(pairs["first_image"], pairs["second_image"]):
+        for v in (a, b):
+            if not _blank(v) and str(v) in mapping:
+                order.append(str(v))
+    return {k: mapping[k] for k in dict.fromkeys(order)}
+
+
+def _blank(v):
+    if v is None:
+        return True
+    try:
+        if pd.isna(v):
+            return True
+    except (TypeError, ValueError):
+        pass
+    return isinstance(v, str) and not v.strip()
+
+
+# --------------------------------------------------------------------------
+# Scores files
+# --------------------------------------------------------------------------
+
+
+def _suffix(path):
+    suffix = Path(path).suffix.lower()
+    if suffix not in SCORES_SUFFIXES:
+        raise ScoresError(
+            f"{path}: scores file must end in .csv or .parquet, not {suffix or '(no suffix)'!r}"
+        )
+    return suffix
+
+
+def write_scores(df, path, *, metadata=None):
+    """Write a scores table atomically, as CSV or Parquet by the file's suffix.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        ``image``, label columns, ``feat_*`` columns.
+    path : path
+        ``.csv`` (UTF-8, formula cells neutralised) or ``.parquet``.
+    metadata : dict, optional
+        Provenance (e.g. :meth:`ScoringResult.metadata`: weights SHA-256,
+        preprocessing, counts); written beside as ``<path>.json`` and, for
+        Parquet, also into the file's schema metadata.
+    """
+    import json
+
+    from covreport._io import atomic_write_bytes, atomic_write_text, write_csv_atomic
+
+    path = Path(path)
+    suffix = _suffix(path)
+    meta_text = None
+    if metadata is not None:
+        meta_text = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    if suffix == ".csv":
+        write_csv_atomic(df, path, error_class=ScoresError)
+    else:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ScoresError(
+                f"{path}: writing Parquet needs pyarrow (pip install 'covreport[parquet]'); "
+                "or write .csv"
+            ) from None
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if meta_text is not None:
+            table = table.replace_schema_metadata(
+                {**(table.schema.metadata or {}), b"covreport": meta_text.encode()})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic_write_bytes(path, buf.getvalue(), error_class=ScoresError)
+    if meta_text is not None:
+        atomic_write_text(Path(f"{path}.json"), meta_text, error_class=ScoresError)
+    return path
+
+
+def _show(value):
+    """A cell for an error message: text quoted, numbers plain."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "an empty cell"
+    return str(value.item() if hasattr(value, "item") else value)
+
+
+def read_scores(path, labels=None, *, require_features=False):
+    """Read and validate a scores file (CSV or Parquet).
+
+    Parameters
+    ----------
+    path : path
+    labels : sequence of str, optional
+        Label columns that must be present; default: every column that is not
+        ``image`` or ``feat_*``.
+    require_features : bool
+        Require all 1,024 ``feat_*`` columns (the prediction analysis needs them).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``image`` (str), the label columns (float64, in ``[0, 1]``), then the
+        feature columns (float32) if present.
+
+    Raises
+    ------
+    ScoresError
+        Naming the file and the problem: missing file, no ``image`` column,
+        missing label or feature columns, duplicated images, non-numeric,
+        missing or out-of-range probabilities (with the row and column).
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise ScoresError(f"scores file {path} does not exist")
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path, dtype={IMAGE_COLUMN: str}, keep_default_na=False,
+                             na_values=["", "NA", "NaN", "nan"], encoding="utf-8-sig")
+        else:
+            df = pd.read_parquet(path)
+    except ImportError:
+        raise ScoresError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as exc:
+        raise ScoresError(f"cannot read scores file {path}: {exc}") from None
+    except Exception as exc:  # pyarrow raises its own types on a damaged file
+        raise ScoresError(f"cannot read scores file {path}: {type(exc).__name__}: {exc}") from None
+    first_row = 2 if suffix == ".csv" else 1  # data rows start on line 2 of a CSV
+    if suffix == ".csv":
+        from covreport._io import unescape_csv_cell
+
+        df.columns = [unescape_csv_cell(str(c)) for c in df.columns]
+        if IMAGE_COLUMN in df.columns:
+            df[IMAGE_COLUMN] = df[IMAGE_COLUMN].map(unescape_csv_cell)
+    df.columns = [str(c) for c in df.columns]
+    if IMAGE_COLUMN not in df.columns:
+        raise ScoresError(f"scores file {path} has no {IMAGE_COLUMN!r} column")
+    dup_cols = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if dup_cols:
+        raise ScoresError(f"scores file {path} has duplicated columns: {', '.join(dup_cols)}")
+    feats = [c for c in df.columns if c.startswith(FEATURE_PREFIX)]
+    present = [c for c in df.columns if c != IMAGE_COLUMN and not c.startswith(FEATURE_PREFIX)]
+    if labels is None:
+        labels = present
+        if not labels:
+            raise ScoresError(f"scores file {path} has no label columns "
+                              f"(columns other than {IMAGE_COLUMN!r} and '{FEATURE_PREFIX}*')")
+    labels = [str(v) for v in labels]
+    missing = [c for c in labels if c not in df.columns]
+    if missing:
+        raise ScoresError(f"scores file {path} is missing label column(s): {', '.join(missing)}")
+    expected_feats = feature_columns()
+    if feats or require_features:
+        missing_f = [c for c in expected_feats if c not in df.columns]
+        if missing_f:
+            shown = ", ".join(missing_f[:3]) + (", ..." if len(missing_f) > 3 else "")
+            raise ScoresError(
+                f"scores file {path} is missing {len(missing_f)} feature column(s): {shown} "
+                f"(expected {expected_feats[0]} ... {expected_feats[-1]})"
+            )
+        extra = sorted(set(feats) - set(expected_feats))
+        if extra:
+            raise ScoresError(f"scores file {path} has unexpected feature column(s): {', '.join(extra[:3])}")
+    images = df[IMAGE_COLUMN]
+    blank = images.isna() | (images.astype(str).str.strip() == "")
+    if blank.any():
+        row = int(np.flatnonzero(blank.to_numpy())[0]) + first_row
+        raise ScoresError(f"scores file {path}, row {row}: empty {IMAGE_COLUMN!r}")
+    images = images.astype(str)
+    dups = images[images.duplicated()]
+    if len(dups):
+        raise ScoresError(f"scores file {path}: image {dups.iloc[0]!r} appears more than once")
+    out = pd.DataFrame({IMAGE_COLUMN: pd.Series(images.tolist(), dtype=str)})
+    for lab in labels:
+        values = pd.to_numeric(df[lab], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise ScoresError(
+                f"scores file {path}, row {r + first_row}, column {lab!r}: {_show(df[lab].iloc[r])} is not a "
+                f"probability in [0, 1]"
+            )
+        out[lab] = values
+    if feats:
+        block = df[expected_feats].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(block)
+        if bad.any():
+            r, c = (int(v[0]) for v in np.nonzero(bad))
+            raise ScoresError(
+                f"scores file {path}, row {r + first_row}, column {expected_feats[c]!r}: "
+                f"{_show(df[expected_feats[c]].iloc[r])} is not a finite number"
+            )
+        out = pd.concat([out, pd.DataFrame(block.astype(np.float32), columns=expected_feats)], axis=1)
+    return out
