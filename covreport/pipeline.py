@@ -130,7 +130,8 @@ def run(opts: RunOptions) -> Path:
         from covreport.revalidation import compare, load_results
 
         results["revalidation"] = compare(results, [load_results(p) for p in opts.previous])
-        inputs["previous"] = [_input(p) for p in opts.previous]
+        for i, path in enumerate(opts.previous, 1):
+            inputs[f"previous_{i}"] = _input(path)
     cams = _cams(pairs, loaded, manifest) if loaded is not None else None
     return _write_outputs(results, out, opts, cams)
 

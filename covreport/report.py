@@ -1044,7 +1044,7 @@ def render_html(results, *, templates=None, figures=None, cams_note=None, has_ca
         raise ReportError(f"template {exc.name!r} not found in {templates or templates_dir()} "
                           f"or the built-in templates") from exc
     except jinja2.TemplateError as exc:
-        where = f"{getattr(exc, 'filename', None) or exc.name or 'template'}:{getattr(exc, 'lineno', '?')}"
+        where = f"{getattr(exc, 'filename', None) or getattr(exc, 'name', None) or 'template'}:{getattr(exc, 'lineno', '?')}"
         raise ReportError(f"template error in {where}: {exc.message}") from exc
     bad = external_references(html)
     if bad:

@@ -1,0 +1,106 @@
+"""covreport run in reviewer mode (--scores): outputs, exclusions, determinism."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from covreport.cli import main
+from covreport.constants import DEFAULT_LABELS, feature_columns
+from covreport.pipeline import RunOptions, run
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "data_manifests" / "example" / "manifest.csv"
+
+
+def _scores(path, images, seed=0):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"image": images})
+    for lab in DEFAULT_LABELS:
+        df[lab] = rng.random(len(images))
+    feats = pd.DataFrame(rng.random((len(images), 1024)), columns=feature_columns())
+    pd.concat([df, feats], axis=1).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    m = pd.read_csv(EXAMPLE)
+    images = sorted(set(m["first_image"]) | set(m["second_image"]))
+    return tmp, _scores(tmp / "scores.csv", images), images
+
+
+def _run(tmp, scores, name, **kw):
+    opts = RunOptions(manifest=EXAMPLE, out=tmp / name, scores=scores, permutations=20, pdf=False, **kw)
+    return run(opts)
+
+
+def test_run_writes_results_tables_and_report(example):
+    tmp, scores, _ = example
+    out = _run(tmp, scores, "a")
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert list(results)[:6] == ["covreport_version", "provenance", "study", "labels", "flow", "pairs"]
+    assert results["flow"]["pairs_analysed"] == 6
+    assert results["flow"]["by_outcome"] == {"Worse": {"pairs": 3, "patients": 3},
+                                             "Stable": {"pairs": 1, "patients": 1},
+                                             "Improved": {"pairs": 2, "patients": 2}}
+    # The change of a label is second minus first, per pair (independent recomputation).
+    s = pd.read_csv(scores).set_index("image")
+    for rec in results["pairs"]:
+        want = s.loc[rec["second_image"], "Edema"] - s.loc[rec["first_image"], "Edema"]
+        assert rec["Edema change"] == pytest.approx(want)
+    for block in ("nested", "global", "reversed"):
+        assert set(results["prediction"][block]["metrics"]) == {
+            "accuracy", "sensitivity", "specificity", "ppv", "npv", "lr_positive", "lr_negative"}
+    assert all(r["method"] for r in results["group_differences"])
+    for name in ("table1.csv", "group_differences.csv", "pairs.csv", "prediction_nested_metrics.csv"):
+        assert (out / "tables" / name).is_file()
+    assert (out / "report.html").is_file()
+    assert not list(tmp.glob(".a.tmp-*"))
+
+
+def test_same_inputs_give_the_same_results_json(example):
+    tmp, scores, _ = example
+    texts = []
+    for name in ("d1", "d2"):
+        r = json.loads((_run(tmp, scores, name) / "results.json").read_text(encoding="utf-8"))
+        r["provenance"].pop("created")
+        r["provenance"].pop("command")
+        texts.append(json.dumps(r, sort_keys=True))
+    assert texts[0] == texts[1]
+
+
+def test_images_without_scores_become_exclusions(example):
+    tmp, _, images = example
+    partial = _scores(tmp / "partial.csv", [i for i in images if i != "images/P03_3.png"])
+    results = json.loads((_run(tmp, partial, "p") / "results.json").read_text(encoding="utf-8"))
+    flow = results["flow"]
+    assert flow["pairs_analysed"] == 5
+    assert flow["exclusions"][0]["pair_id"] == "pair06"
+    assert flow["exclusions"][0]["stage"] == "index test not done"
+    assert flow["exclusion_counts"] == [{"stage": "index test not done",
+                                         "reason": "second image: no score for this image in the scores file",
+                                         "pairs": 1}]
+
+
+def test_strict_refuses_pairs_without_scores(example):
+    tmp, _, images = example
+    partial = _scores(tmp / "partial2.csv", [i for i in images if i != "images/P03_3.png"])
+    result = CliRunner().invoke(main, ["run", str(EXAMPLE), "--scores", str(partial), "--strict",
+                                       "--out", str(tmp / "strict"), "--no-pdf", "--permutations", "0"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: 1 pair(s) have no score (--strict):\npair pair06: second image:")
+    assert not (tmp / "strict").exists()
+
+
+def test_force_replaces_whole_and_previous_is_compared(example):
+    tmp, scores, _ = example
+    first = _run(tmp, scores, "f")
+    again = _run(tmp, scores, "f", force=True, previous=(first / "results.json",))
+    results = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    assert results["revalidation"]["added"]
+    assert (again / "tables" / "revalidation_headline.csv").is_file()
+    assert not list(tmp.glob(".f.old-*"))
