@@ -255,6 +255,18 @@ def _check_pixels(name, w, h, frames=1):
 
 
 def _decode_pil(data, name):
+    from PIL import ImageFile
+
+    # Another library in the process (WeasyPrint does, at import) may have set
+    # Pillow's global LOAD_TRUNCATED_IMAGES; a truncated CXR must stay an error.
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        return _decode_pil_strict(data, name)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _decode_pil_strict(data, name):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:

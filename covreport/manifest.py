@@ -104,6 +104,16 @@ def _n(count, word):
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def _name(text):
+    """A column name in a message: line breaks and other unprintable characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _path_text(path):
+    """A path in a message: as it is, or quoted when it holds a line break or another unprintable character."""
+    return path if path.isprintable() else repr(path)
+
+
 def _show(value, limit=60):
     """A cell value as it appears in a message: quoted, shortened, or ``empty``."""
     if value == "":
@@ -171,7 +181,9 @@ class Manifest:
 
     def analysable_pairs(self):
         """The pairs that are not excluded (a copy, in file order)."""
-        keep = ~self.pairs["pair_id"].isin(self.exclusions["pair_id"])
+        excluded = set(self.exclusions["pair_id"].tolist())
+        ids = self.pairs["pair_id"].to_numpy(dtype=object)
+        keep = np.fromiter((p not in excluded for p in ids), dtype=bool, count=len(ids))
         return self.pairs[keep].reset_index(drop=True)
 
     def image_counts(self):
@@ -192,10 +204,7 @@ class Manifest:
         per_outcome = {o: int((outcome == o).sum()) for o in OUTCOMES}
         per_outcome["empty"] = int(outcome.isna().sum())
         by_stage = self.exclusions["stage"].value_counts()
-        excluded = [
-            {k: (None if pd.isna(v) else str(v)) for k, v in rec.items()}
-            for rec in self.exclusions.to_dict("records")
-        ]
+        excluded = _plain_records(self.exclusions)
         return {
             "manifest": str(self.path),
             "sha256": self.sha256,
@@ -212,6 +221,16 @@ class Manifest:
         }
 
 
+def _plain_records(frame):
+    """Rows of ``frame`` as dicts of str (None where missing), built column by column."""
+    columns = {}
+    for col in frame.columns:
+        values = frame[col].to_numpy(dtype=object)
+        missing = pd.isna(values)
+        columns[col] = [None if m else str(v) for v, m in zip(values, missing)]
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
 # --------------------------------------------------------------------------
 # Problems: collected, then raised together
 
@@ -224,7 +243,7 @@ class _Problems:
         self.items = []  # (line, position, kind, where-less text)
 
     def add(self, line, column, value, fix, *, position=0, kind=None):
-        where = f"column '{column}'" if isinstance(column, str) else f"column {column}"
+        where = f"column '{_name(column)}'" if isinstance(column, str) else f"column {column}"
         self.items.append((int(line), position, kind or (column, fix), f"{where}: {value} -- {fix}"))
 
     def add_line(self, line, message, *, kind=None):
@@ -369,6 +388,11 @@ def _parse_csv(text, delimiter, name):
     """General CSV reading with the csv module: quotes, line breaks in cells, ragged rows."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     records, ends = [], []
+    # The csv module refuses fields over 128 KiB (a guard against unbounded
+    # memory); the whole file is in memory already, so a long quoted cell
+    # (e.g. notes) is no risk: lift the limit to the file's size while reading.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
     try:
         for record in reader:
             records.append(record)
@@ -377,6 +401,8 @@ def _parse_csv(text, delimiter, name):
         raise ManifestError(
             f"{name} line {reader.line_num}: {exc} -- check the quoting on this line"
         ) from None
+    finally:
+        csv.field_size_limit(limit)
     starts = np.empty(len(records), dtype=np.int64)
     if records:
         starts[0] = 1
@@ -612,9 +638,9 @@ def _check_header(table, header_line, problems, warnings):
             h for h in unused if _canon(h) in difflib.get_close_matches(_canon(col), [_canon(u) for u in unused], n=1, cutoff=0.75)
         ][:1]
         if close:
-            fix = f"rename column '{close[0]}' to '{col}'"
+            fix = f"rename column '{_name(close[0])}' to '{col}'"
         else:
-            listed = ", ".join(table.header[:12]) + (", ..." if len(table.header) > 12 else "")
+            listed = ", ".join(map(_name, table.header[:12])) + (", ..." if len(table.header) > 12 else "")
             fix = f"add a column '{col}' (the header has: {listed})"
         problems.add(header_line, col, "missing", fix, position=-1)
     for h in unused:
@@ -622,7 +648,7 @@ def _check_header(table, header_line, problems, warnings):
         close = same or difflib.get_close_matches(h.lower(), [c for c in OPTIONAL_COLUMNS if c not in present], n=1, cutoff=0.8)
         if close:
             warnings.append(
-                f"column '{h}' is not a manifest column and is carried through untouched; "
+                f"column '{_name(h)}' is not a manifest column and is carried through untouched; "
                 f"rename it to '{close[0]}' if that is what it holds"
             )
 
@@ -963,10 +989,10 @@ def read_manifest(path, *, strict=False, check_images=True):
                                      ("second_image", second_bad, out["second_path"])):
                 _flag(table, problems, pd.notna(bad), col,
                       lambda i, bad=bad, paths_=paths_: (
-                          f"{bad[i]}: {paths_[i]}; correct the path (relative paths start at the "
+                          f"{bad[i]}: {_path_text(paths_[i])}; correct the path (relative paths start at the "
                           "manifest's folder) or remove the pair"
                           if bad[i].startswith(MISSING_IMAGE_REASONS)
-                          else f"{bad[i]}: {paths_[i]}; replace the file or remove the pair"),
+                          else f"{bad[i]}: {_path_text(paths_[i])}; replace the file or remove the pair"),
                       kind=(col, "image"))
     problems.raise_if_any()
 
@@ -1001,24 +1027,42 @@ def _exclusions(pairs, first_bad, second_bad):
 
     ``reason`` names the image as written (for the reader); ``cause`` is the
     same without file names, for counting pairs per reason in the flow diagram.
+
+    Columns are taken out of the frame as object arrays once, and the texts
+    are built only for the pairs with a bad image, so a manifest whose
+    100,000 outcomes are all empty costs a few array operations, not 100,000
+    row look-ups.
     """
     columns = ["pair_id", "patient_id", "outcome", "stage", "reason", "cause"]
-    records = {}
-    for i in np.flatnonzero(pd.notna(first_bad) | pd.notna(second_bad)):
-        parts, causes = [], []
-        for which, bad, col in (("first", first_bad, "first_image"), ("second", second_bad, "second_image")):
-            if bad[i] is not None:
-                parts.append(f"{which} image: {bad[i]} ({pairs[col].iat[i]})")
-                causes.append(f"{which} image: {bad[i]}")
-        records[i] = (STAGE_INDEX_TEST_NOT_DONE, "; ".join(parts), "; ".join(causes))
-    for i in np.flatnonzero(pairs["outcome"].isna().to_numpy()):
-        records.setdefault(i, (STAGE_NO_REFERENCE, "outcome empty", "outcome empty"))
-    rows = [
-        {"pair_id": pairs["pair_id"].iat[i], "patient_id": pairs["patient_id"].iat[i],
-         "outcome": pairs["outcome"].iat[i], "stage": stage, "reason": reason, "cause": cause}
-        for i, (stage, reason, cause) in sorted(records.items())
-    ]
-    return pd.DataFrame(rows, columns=columns, dtype=object)
+    first_bad = np.asarray(first_bad, dtype=object)
+    second_bad = np.asarray(second_bad, dtype=object)
+    has_first = np.array([v is not None for v in first_bad], dtype=bool)
+    has_second = np.array([v is not None for v in second_bad], dtype=bool)
+    image = has_first | has_second
+    no_reference = pairs["outcome"].isna().to_numpy() & ~image
+    rows = np.flatnonzero(image | no_reference)  # ascending: file order
+    stage = np.full(len(rows), STAGE_NO_REFERENCE, dtype=object)
+    reason = np.full(len(rows), "outcome empty", dtype=object)
+    cause = reason.copy()
+    at_image = np.flatnonzero(image[rows])
+    if len(at_image):
+        first_image = pairs["first_image"].to_numpy(dtype=object)
+        second_image = pairs["second_image"].to_numpy(dtype=object)
+        for k in at_image:
+            i = rows[k]
+            parts, causes = [], []
+            for which, bad, written in (("first", first_bad, first_image), ("second", second_bad, second_image)):
+                if bad[i] is not None:
+                    parts.append(f"{which} image: {bad[i]} ({written[i]})")
+                    causes.append(f"{which} image: {bad[i]}")
+            stage[k], reason[k], cause[k] = STAGE_INDEX_TEST_NOT_DONE, "; ".join(parts), "; ".join(causes)
+    data = {
+        "pair_id": pairs["pair_id"].to_numpy(dtype=object)[rows],
+        "patient_id": pairs["patient_id"].to_numpy(dtype=object)[rows],
+        "outcome": pairs["outcome"].to_numpy(dtype=object)[rows],
+        "stage": stage, "reason": reason, "cause": cause,
+    }
+    return pd.DataFrame(data, columns=columns, dtype=object)
 
 
 def _summarise_exclusions(exclusions, status, pairs, warnings):

@@ -400,9 +400,10 @@ def load_checkpoint(spec=None):
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        # torch's first line only says "Error(s) in loading state_dict"; the next ones name the tensors.
+        detail = " ".join(ln.strip() for ln in str(exc).strip().splitlines()[1:4]) or str(exc).strip()
         raise ModelError(
-            f"Checkpoint {path} does not fit a DenseNet121 with {len(labels)} labels: {first}"
+            f"Checkpoint {path} does not fit a DenseNet121 with {len(labels)} labels {list(labels)}: {detail}"
         ) from None
     model.eval()
     return LoadedModel(

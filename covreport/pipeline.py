@@ -91,7 +91,6 @@ def run(opts: RunOptions) -> Path:
 
     inputs = {"manifest": _input(opts.manifest)}
     loaded = None
-    score_counts = {}
     if opts.scores is not None:
         from covreport.scoring import read_scores
 
@@ -106,7 +105,9 @@ def run(opts: RunOptions) -> Path:
         inputs["weights"] = {"path": str(opts.weights), "sha256": loaded.sha256}
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache)
         scores, failed = res.scores, res.failed
-        score_counts = {"images_scored": int(res.scored), "images_from_cache": int(res.from_cache)}
+        # How this run got its scores describes the run, not the study: provenance, not flow.
+        opts.extra_provenance["scoring"] = {"images_computed": int(res.scored),
+                                            "images_from_cache": int(res.from_cache)}
     labels = label_columns(scores)
     if not labels:
         raise ScoresError(f"{opts.scores}: no label columns (columns other than 'image' and 'feat_*')")
@@ -117,7 +118,7 @@ def run(opts: RunOptions) -> Path:
         "provenance": _provenance(opts, inputs, loaded, _is_phantom(manifest)),
         "study": {},
         "labels": labels,
-        "flow": _flow(manifest, pairs, exclusions, scores, score_counts),
+        "flow": _flow(manifest, pairs, exclusions, scores),
         "pairs": _pairs_records(pairs, labels),
     }
     if opts.study is not None:
@@ -216,7 +217,7 @@ def _analysed_pairs(manifest, scores, labels, failed, *, strict):
     return pairs, exclusions
 
 
-def _flow(manifest, pairs, exclusions, scores, score_counts):
+def _flow(manifest, pairs, exclusions, scores):
     all_pairs = manifest.pairs
     images = pd.unique(pd.concat([all_pairs["first_image"], all_pairs["second_image"]]))
     counts = (exclusions.groupby(["stage", "cause"], sort=True).size().reset_index(name="pairs")
@@ -235,8 +236,8 @@ def _flow(manifest, pairs, exclusions, scores, score_counts):
         "patients_analysed": int(pairs["patient_id"].nunique()),
         "by_outcome": by_outcome,
         "images_in_manifest": int(len(images)),
+        "images_scored": int(pd.Series(images).isin(scores[IMAGE_COLUMN]).sum()),
     }
-    flow.update(score_counts)
     return flow
 
 
@@ -287,6 +288,11 @@ def _validation(opts, loaded, labels, inputs):
         raise ScoresError(f"{len(missing)} validation image(s) have no score, e.g. {missing[0]!r}; "
                           "the scores' 'image' column must hold the CSV's Path values")
     use = [lab for lab in labels if lab in truth.columns]
+    missing_labels = [lab for lab in use if lab not in vscores.columns]
+    if missing_labels:
+        source = opts.validation_scores or opts.weights
+        raise ScoresError(f"{source}: the validation scores lack the label column(s) {missing_labels} "
+                          "that the analysis uses; score the validation images with the same weights")
     aligned = vscores.loc[truth["Path"], use].reset_index(drop=True)
     table = validation_auc(truth[use].reset_index(drop=True), aligned, use)
     roc = {}

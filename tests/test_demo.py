@@ -35,7 +35,8 @@ def demo():
 def test_demo_writes_the_whole_report(demo):
     result, results = demo
     for name in ("report.html", "report.pdf", "results.json", "tables/table1.csv",
-                 "tables/group_differences.csv", "figures/flow_diagram.png", "figures/roc_grid.png"):
+                 "tables/group_differences.csv", "figures/flow_diagram.png", "figures/roc_curves.png",
+                 "figures/class_activation_maps.png"):
         assert (result.report / name).is_file(), name
     assert results["provenance"]["synthetic"] is True
     assert "synthetic" in (result.report / "report.html").read_text(encoding="utf-8").lower()

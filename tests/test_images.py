@@ -413,3 +413,15 @@ def test_damaged_bytes_raise_only_image_error(suffix, data):
     else:
         assert out.dtype == np.float32 and out.ndim == 2
         assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_truncated_stays_an_error_after_weasyprint_sets_pillows_global(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as `import weasyprint` does
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (200, 200), dtype=np.uint8)).save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(tmp_path / "cut.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
