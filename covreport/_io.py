@@ -7,6 +7,7 @@ whole new one, never a partial file. CSV text cells are neutralised against
 spreadsheet formula injection.
 """
 
+import hashlib
 import os
 import re
 import tempfile
@@ -124,3 +125,12 @@ def write_csv_atomic(df, path, *, index=False, error_class=CovreportError, **to_
 
 #: Short alias used by the pipeline.
 write_csv = write_csv_atomic
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

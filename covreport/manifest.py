@@ -809,7 +809,7 @@ def _validate(table, problems, warnings, base, strict):
             other = second if only == first else first
             warnings.append(f"column '{only}' without '{other}': intervals between the CXRs are not computed from it")
         if len(parsed) == 2:
-            (s1, v1), (s2, v2) = parsed[first], parsed[second]
+            (s1, v1), (_, v2) = parsed[first], parsed[second]
             before = (v2 < v1).to_numpy()
             _flag(table, problems, before, second,
                   lambda i, s1=s1, first=first: (

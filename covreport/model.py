@@ -29,7 +29,6 @@ Cohen JP et al. TorchXRayVision: a library of chest X-ray datasets and models.
 MIDL 2022.
 """
 
-import hashlib
 import logging
 import os
 import re
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covreport._io import sha256_file
 from covreport.constants import DEFAULT_LABELS
 from covreport.errors import ModelError
 
@@ -157,15 +157,6 @@ def features_and_logits(model, x):
 
 
 # --- checkpoints --------------------------------------------------------------
-
-
-def sha256_file(path, chunk=1 << 20):
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def package_versions():

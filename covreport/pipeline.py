@@ -8,7 +8,6 @@ temporary folder beside the destination and moved into place whole.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from covreport import __version__
+from covreport._io import sha256_file
 from covreport.constants import (
     FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
 )
@@ -60,15 +60,6 @@ class RunOptions:
     previous: tuple = ()
     command: str = ""
     extra_provenance: dict = field(default_factory=dict)
-
-
-def sha256_file(path):
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def label_columns(scores):

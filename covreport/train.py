@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
-from covreport.errors import CovreportError, ModelError
+from covreport.errors import ModelError
 from covreport.model import (
     _atomic_torch_save,
     _plain,
