@@ -138,6 +138,7 @@ def test_kill_9_mid_write_leaves_it_consistent(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     # SQLite's own check, then ours: whole transactions only, every row decodes.
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -157,7 +158,9 @@ def test_two_processes_share_one_cache(tmp_path):
     # Overlapping ranges: 0..599 and 300..899, written at the same time.
     a = _writer(tmp_path, path, 0, 30, 20)
     b = _writer(tmp_path, path, 300, 30, 20)
-    assert a.wait(timeout=120) == 0 and b.wait(timeout=120) == 0
+    a.communicate(timeout=120)
+    b.communicate(timeout=120)
+    assert a.returncode == 0 and b.returncode == 0
     with ScoreCache(path) as cache:
         assert len(cache) == 900
         got = cache.get_many([CacheKey(f"{i:064x}", "w", "p") for i in range(900)])

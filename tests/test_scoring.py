@@ -92,7 +92,7 @@ def test_workers_and_bad_images_and_duplicates(tmp_path, loaded):
         "missing.png": tmp_path / "img" / "missing.png",
         "copy.png": tmp_path / "img" / "copy_of_0.png",
     }
-    res = score_images(images, loaded, batch_size=2, num_workers=2)
+    res = score_images(images, loaded, batch_size=1, num_workers=2)  # 5 batches: 2 workers
     assert list(res.scores["image"]) == ["a.png", "b.png", "c.png", "d.png", "copy.png"]
     assert res.failed == {
         "text.png": "not a recognised image format (PNG, JPEG or DICOM expected)",
@@ -154,7 +154,7 @@ def test_interrupted_run_resumes_from_cache(tmp_path, loaded, monkeypatch):
 def test_worker_failure_falls_back_to_main_process(tmp_path, loaded, monkeypatch):
     import torch.utils.data as tud
 
-    paths = _images(tmp_path / "img", n=3)
+    paths = _images(tmp_path / "img", n=4)
     real = tud.DataLoader
 
     class Broken(real):
@@ -171,11 +171,11 @@ def test_worker_failure_falls_back_to_main_process(tmp_path, loaded, monkeypatch
             return gen()
 
     monkeypatch.setattr(tud, "DataLoader", Broken)
-    with pytest.warns(RuntimeWarning, match="decoding the remaining images in the main process"):
-        res = score_images(paths, loaded, batch_size=2, num_workers=2)
-    assert res.scored == 3 and list(res.scores["image"]) == [str(p) for p in paths]
+    with pytest.warns(RuntimeWarning, match="scoring the remaining images in the main process"):
+        res = score_images(paths, loaded, batch_size=1, num_workers=2)
+    assert res.scored == 4 and list(res.scores["image"]) == [str(p) for p in paths]
     monkeypatch.setattr(tud, "DataLoader", real)
-    clean = score_images(paths, loaded, batch_size=2, num_workers=0)
+    clean = score_images(paths, loaded, batch_size=1, num_workers=0)
     np.testing.assert_allclose(res.scores.iloc[:, 1:].to_numpy(float),
                                clean.scores.iloc[:, 1:].to_numpy(float), atol=1e-5)
 
@@ -362,3 +362,34 @@ def test_hashing_many_files_in_threads(tmp_path):
     # Reference: hashlib on the bytes written, in order.
     assert got[:70] == [hashlib.sha256(bytes([i]) * (i + 1)).hexdigest() for i in range(70)]
     assert got[70].reason == "file not found"
+
+
+def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(weights):
+    from covreport.model import features_and_logits
+    from covreport.scoring import _prepare_model
+
+    fresh = load_checkpoint(weights)
+    model = fresh.model.eval()
+    # Non-trivial BatchNorm statistics, so folding is really exercised.
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    copy_ = _prepare_model(fresh)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    n_bn_copy = sum(isinstance(m, torch.nn.BatchNorm2d) for m in copy_.modules())
+    assert n_bn_copy == n_bn - 59  # norm0 + the 58 dense layers' norm2 folded
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref_f, ref_l = features_and_logits(model, x)  # reference: the unfolded network
+        f, logits = features_and_logits(copy_, x.contiguous(memory_format=torch.channels_last))
+    np.testing.assert_allclose(f.numpy(), ref_f.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits.numpy(), ref_l.numpy(), rtol=1e-4, atol=1e-5)
+    # The caller's model is untouched: same parameter objects, values, layout, modules.
+    assert [id(p) for p in model.parameters()] == params
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+    assert model.training is False and n_bn == 1 + 58 * 2 + 3 + 1
