@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from covreport._io import write_csv_atomic
 from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
 from covreport.errors import ModelError
 from covreport.model import (
     _atomic_torch_save,
     _plain,
-    _temp_beside,
     _unwrap,
     build_model,
     read_training_state,
@@ -476,18 +476,6 @@ def _last_epoch_checkpoint(out):
 _RESUME_KEYS = ("labels", "uncertainty", "image_size", "batch_size", "lr", "betas", "init", "seed", "max_images")
 
 
-def _write_csv_atomic(df, path):
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "x", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -696,9 +684,9 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False):
                                                 "history": history, "best": best})
                 if improved:
                     save_checkpoint(out, model, labels=labels, preprocessing=preprocessing, metadata=meta)
-                    _write_csv_atomic(auc, _sidecar(out, "validation_auc"))
+                    write_csv_atomic(auc, _sidecar(out, "validation_auc"))
                     val_scores = pd.concat([valid_df[["Path"]].rename(columns={"Path": "image"}), scores], axis=1)
-                    _write_csv_atomic(val_scores, _sidecar(out, "validation_scores"))
+                    write_csv_atomic(val_scores, _sidecar(out, "validation_scores"))
                 logger.info("epoch %d: train loss %.4f, validation loss %.4f%s", epoch + 1, train_loss,
                             val_loss, " (kept)" if improved else "")
             _barrier(d)
