@@ -124,7 +124,7 @@ def run(opts: RunOptions) -> Path:
         results["revalidation"] = compare(results, [load_results(p) for p in opts.previous])
         for i, path in enumerate(opts.previous, 1):
             inputs[f"previous_{i}"] = _input(path)
-    cams = _cams(pairs, loaded, manifest) if loaded is not None else None
+    cams = _cams(pairs, loaded) if loaded is not None else None
     return _write_outputs(results, out, opts, cams)
 
 
@@ -301,10 +301,10 @@ def _open_cache(opts):
         return None
     from covreport.cache import ScoreCache
 
-    return ScoreCache(opts.cache) if opts.cache else ScoreCache()
+    return ScoreCache(opts.cache)  # None: the default under the user's cache folder
 
 
-def _cams(pairs, loaded, manifest):
+def _cams(pairs, loaded):
     """Class activation maps of the first and second CXR of one pair, for its most activated label."""
     from covreport.images import load_image
     from covreport.model import class_activation_map
@@ -312,8 +312,7 @@ def _cams(pairs, loaded, manifest):
     worse = pairs[pairs["outcome"] == WORSE]
     rec = (worse if len(worse) else pairs).iloc[0]
     labels = list(loaded.labels)
-    label = max(labels, key=lambda lab: rec[f"{lab} second"]) if all(
-        f"{lab} second" in rec for lab in labels) else labels[0]
+    label = max(labels, key=lambda lab: rec[f"{lab} second"])  # scores' labels are the model's
     cam = {"pair_id": rec["pair_id"], "label": label}
     for which in ("first", "second"):
         image = load_image(rec[f"{which}_path"])
