@@ -61,13 +61,24 @@ def validate(manifest, as_json, strict, no_images):
     data_manifests/README.md. Every problem is listed at once with its line,
     column, value and fix, and the exit status is 1. Missing or unreadable
     images and empty outcomes are exclusions (exit 0) unless --strict.
+    When no pair is left to analyse the exit status is 1; each analysis
+    the pairs left are too few for (a group comparison needs 2 pairs per
+    group; the prediction needs Worse and Improved pairs of 2 patients) is
+    listed as one that cannot run.
     """
     from covreport.manifest import read_manifest
 
+    from covreport.analysable import manifest_analyses
+
     m = read_manifest(manifest, strict=strict, check_images=not no_images)
     summary = m.summary()
+    n_analysable, analyses = manifest_analyses(m)
+    summary["analyses"] = analyses
+    blocked = [a for a in analyses if not a["can_run"]]
     if as_json:
         _echo_json(summary)
+        if not n_analysable:
+            raise _nothing_to_analyse(summary)
         return
     images = summary["images"]
     outcomes = summary["pairs_per_outcome"]
@@ -92,7 +103,29 @@ def validate(manifest, as_json, strict, no_images):
     click.echo(f"Warnings    {len(summary['warnings']) or 'none'}")
     for text in summary["warnings"]:
         click.echo(f"  {text}")
-    click.echo(f"OK: the manifest is usable; {summary['pairs_analysable']} of {summary['pairs']} pairs can be analysed.")
+    if n_analysable:
+        click.echo(f"Analyses    {len(analyses) - len(blocked)} of {len(analyses)} can run")
+        for rec in blocked:
+            click.echo(f"  cannot run: {rec['analysis']}: {rec['reason']}")
+    if not n_analysable:
+        raise _nothing_to_analyse(summary)
+    if len(blocked) == len(analyses):
+        click.echo(f"Warning: {n_analysable} of {summary['pairs']} pairs can be analysed, but none of the "
+                   f"{len(analyses)} analyses can run (listed above); the report would hold only the flow "
+                   "diagram and Table 1.")
+        return
+    click.echo(f"OK: the manifest is usable; {n_analysable} of {summary['pairs']} pairs can be analysed"
+               + (f"; {len(blocked)} analys{'i' if len(blocked) == 1 else 'e'}s cannot run (listed above)."
+                  if blocked else "."))
+
+
+def _nothing_to_analyse(summary):
+    from covreport.errors import ManifestError
+
+    n = summary["pairs"]
+    return ManifestError(f"{summary['manifest']}: no pair can be analysed: all {n} pair{'' if n == 1 else 's'} "
+                         "are excluded (see the exclusions listed); fix the images or fill in the outcomes, "
+                         "then validate again. `covreport run` would stop here.")
 
 
 # --- diagnostic (stats) ----------------------------------------------------
@@ -109,8 +142,8 @@ def validate(manifest, as_json, strict, no_images):
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="1 - confidence level of the intervals, 0 < A < 1.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON keyed by measure instead of a table; missing or infinite values "
-                   "are null with a note.")
+              help="Print JSON instead of a table: the 2x2 counts, prevalence and alpha, and the "
+                   "measures keyed by name; missing or infinite values are null with a note.")
 def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
     """Diagnostic accuracy of a 2x2 table, with confidence intervals.
 
@@ -131,13 +164,21 @@ def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
 
     table = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha)
     if as_json:
-        out = {}
+        measures = {}
         for rec in records(table):
             entry = {k: rec[k] for k in ("estimate", "ci_low", "ci_high", "method")}
             if rec.get("note"):
                 entry["note"] = rec["note"]
-            out[rec["measure"]] = entry
-        _echo_json(out)
+            measures[rec["measure"]] = entry
+        n = tp + fp + fn + tn
+        _echo_json({
+            "table": {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": n},
+            "prevalence": {"value": prevalence if prevalence is not None else ((tp + fn) / n if n else None),
+                           "source": "given (--prevalence)" if prevalence is not None else "table: (TP+FN)/N"},
+            "alpha": alpha,
+            "confidence_level": 1 - alpha,
+            "measures": measures,
+        })
         return
 
     def fmt(x):

@@ -291,7 +291,10 @@ def test_example_manifest_validates():
         "Images      9 files: 9 found, 0 missing, 0 unreadable",
         "Exclusions  none",
         "Warnings    none",
-        "OK: the manifest is usable; 6 of 6 pairs can be analysed.",
+        "Analyses    2 of 4 can run",
+        "  cannot run: Worse vs Stable: Stable has 1 pair; a group comparison needs at least 2 pairs per group",
+        "  cannot run: Stable vs Improved: Stable has 1 pair; a group comparison needs at least 2 pairs per group",
+        "OK: the manifest is usable; 6 of 6 pairs can be analysed; 2 analyses cannot run (listed above).",
     ]
 
 
@@ -335,7 +338,17 @@ def test_missing_images_and_empty_outcome_are_exclusions(here):
         "strict mode makes this an error",
         "  1 pair without an outcome: excluded (reference standard not available) until a reader fills it in; "
         "strict mode makes this an error",
-        "OK: the manifest is usable; 1 of 4 pairs can be analysed.",
+        "Analyses    0 of 4 can run",
+        "  cannot run: Worse vs Improved: Worse has 1 pair and Improved has 0 pairs; a group comparison needs "
+        "at least 2 pairs per group",
+        "  cannot run: Worse vs Stable: Worse has 1 pair and Stable has 0 pairs; a group comparison needs "
+        "at least 2 pairs per group",
+        "  cannot run: Stable vs Improved: Stable has 0 pairs and Improved has 0 pairs; a group comparison needs "
+        "at least 2 pairs per group",
+        "  cannot run: Prediction of Worse vs Improved (leave-one-patient-out): no Improved pair; it needs at "
+        "least one Worse and one Improved pair",
+        "Warning: 1 of 4 pairs can be analysed, but none of the 4 analyses can run (listed above); the report "
+        "would hold only the flow diagram and Table 1.",
     ]
 
 

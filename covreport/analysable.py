@@ -1,0 +1,96 @@
+"""Which analyses of the study a set of pairs allows, before anything is computed.
+
+``covreport validate`` uses this to say, from the manifest alone, whether
+``covreport run`` has anything to analyse and which analyses will be reported
+"not computed". The rules are those of the statistics themselves:
+
+- a group comparison (Mann-Whitney U, Cohen's d) of a contrast needs at least
+  :data:`MIN_GROUP_SIZE` pairs in each of its two groups
+  (:func:`covreport.stats.compare_groups` reports it "not computed" otherwise);
+- the prediction of Worse against Improved (leave-one-patient-out) needs at
+  least one Worse and one Improved pair, from at least two patients
+  (:func:`covreport.stats.predict_outcome`).
+
+Examples
+--------
+>>> import pandas as pd
+>>> pairs = pd.DataFrame({"patient_id": ["P1", "P1", "P2"], "outcome": ["Worse", "Improved", "Worse"]})
+>>> [a["analysis"] for a in analyses(pairs) if not a["can_run"]]
+['Worse vs Improved', 'Worse vs Stable', 'Stable vs Improved']
+"""
+
+from __future__ import annotations
+
+from covreport.constants import CONTRASTS, IMPROVED, WORSE
+
+#: Fewest pairs per group for a group comparison; equals covreport.stats.groups.MIN_GROUP_SIZE
+#: (kept here so that ``covreport validate`` does not import scipy; a test checks they agree).
+MIN_GROUP_SIZE = 2
+
+PREDICTION = "Prediction of Worse vs Improved (leave-one-patient-out)"
+
+
+def _pairs_word(n):
+    return f"{n} pair" + ("" if n == 1 else "s")
+
+
+def analyses(pairs):
+    """Say which of the study's analyses can run on these pairs, and why not.
+
+    Parameters
+    ----------
+    pairs : pandas.DataFrame
+        The pairs that will be analysed (excluded pairs already removed), with
+        the columns ``patient_id`` and ``outcome`` (Worse, Stable, Improved).
+
+    Returns
+    -------
+    list of dict
+        One record per analysis, in the report's order: ``analysis`` (its
+        name: the contrast ``"Worse vs Improved"`` etc., or
+        :data:`PREDICTION`), ``can_run`` (bool) and ``reason`` (None when it
+        can run, else why not, with the counts).
+    """
+    outcome = pairs["outcome"]
+    counts = {o: int((outcome == o).sum()) for o in set(outcome.dropna())}
+    out = []
+    for g1, g2 in CONTRASTS:
+        short = [f"{g} has {_pairs_word(counts.get(g, 0))}" for g in (g1, g2) if counts.get(g, 0) < MIN_GROUP_SIZE]
+        reason = (f"{' and '.join(short)}; a group comparison needs at least {MIN_GROUP_SIZE} pairs per group"
+                  if short else None)
+        out.append({"analysis": f"{g1} vs {g2}", "can_run": reason is None, "reason": reason})
+    binary = pairs[outcome.isin((WORSE, IMPROVED))]
+    n_worse, n_improved = counts.get(WORSE, 0), counts.get(IMPROVED, 0)
+    patients = int(binary["patient_id"].nunique())
+    if not n_worse or not n_improved:
+        missing = " and ".join(g for g, n in ((WORSE, n_worse), (IMPROVED, n_improved)) if not n)
+        reason = f"no {missing} pair; it needs at least one Worse and one Improved pair"
+    elif patients < 2:
+        reason = (f"the {_pairs_word(len(binary))} Worse or Improved come from 1 patient; "
+                  "leave-one-patient-out needs at least 2 patients")
+    else:
+        reason = None
+    out.append({"analysis": PREDICTION, "can_run": reason is None, "reason": reason})
+    return out
+
+
+def manifest_analyses(manifest):
+    """:func:`analyses` of a manifest's analysable pairs (the pairs not excluded).
+
+    Parameters
+    ----------
+    manifest : covreport.manifest.Manifest
+
+    Returns
+    -------
+    n_analysable : int
+        Pairs left once the exclusions are removed.
+    records : list of dict
+        As :func:`analyses`.
+    """
+    excluded = set(manifest.exclusions["pair_id"]) if len(manifest.exclusions) else set()
+    pairs = manifest.pairs[~manifest.pairs["pair_id"].isin(excluded)]
+    return int(len(pairs)), analyses(pairs)
+
+
+__all__ = ["MIN_GROUP_SIZE", "PREDICTION", "analyses", "manifest_analyses"]
