@@ -485,6 +485,30 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
 # --- run / demo (pipeline) -------------------------------------------------
 
 
+def _default_weights_or_explain():
+    """The newest checkpoint in the model folder, or a ModelError saying every way to get one."""
+    from covreport import demo
+    from covreport.errors import ModelError
+    from covreport.model import MODEL_DIR_ENV, TRAIN_HINT, XRV_PREFIX, default_model_dir, default_weights
+
+    found = default_weights()
+    if found is not None:
+        return found
+    lines = [
+        f"no --weights given and no checkpoint (.pt) in {default_model_dir()}. Either:",
+        f"  - train the DenseNet121 on CheXpert: `{TRAIN_HINT}`;",
+        f"  - put a covreport checkpoint in {default_model_dir()} (or set {MODEL_DIR_ENV} to its folder), "
+        "or pass --weights FILE;",
+        f"  - pass --weights {XRV_PREFIX}densenet121-res224-chex with torchxrayvision's weight file on disk;",
+        "  - or, without a model or images (reviewer mode), pass --scores SCORES.csv written by `covreport score`.",
+    ]
+    trained = demo.weights_path()
+    if trained.is_file():
+        lines.append(f"The weights `covreport demo` trained are at {trained}; they learnt the synthetic "
+                     f"phantom and suit only its images (`--weights {trained}`).")
+    raise ModelError("\n".join(lines))
+
+
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--scores", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -527,6 +551,8 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
 
     if scores is not None and weights is not None:
         raise click.UsageError("give --scores or --weights, not both")
+    if scores is None and weights is None:
+        weights = str(_default_weights_or_explain())
     opts = RunOptions(manifest=manifest, out=out, scores=scores, weights=weights,
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,

@@ -16,6 +16,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: Where ``covreport demo`` works by default (relative to the current folder).
+DEFAULT_OUT = "covreport-demo"
+
+
+def weights_path(out=DEFAULT_OUT):
+    """Where the demo keeps (or will keep) its trained phantom weights under ``out``."""
+    return Path(out) / "model" / "densenet121-phantom.pt"
+
 
 @dataclass
 class DemoResult:
@@ -25,7 +33,7 @@ class DemoResult:
     seconds: dict
 
 
-def run_demo(out="covreport-demo", *, seed=0, permutations=1000, progress=True):
+def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=1000, progress=True):
     """Generate, train, score, test and report the phantom study under ``out``.
 
     Layout: ``out/study`` (phantom data), ``out/model/densenet121-phantom.pt``
@@ -47,7 +55,7 @@ def run_demo(out="covreport-demo", *, seed=0, permutations=1000, progress=True):
     seconds["phantom"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    weights = out / "model" / "densenet121-phantom.pt"
+    weights = weights_path(out)
     config = TrainConfig(**DEMO_TRAINING, seed=seed, device="cpu")
     trained = not weights.exists()
     if trained:
