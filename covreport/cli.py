@@ -26,12 +26,36 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+def _set_quiet(ctx, param, value):
+    from covreport import progress
+
+    progress.set_quiet(bool(value))  # also resets it, for a caller invoking several commands
+    return value
+
+
+def _quiet_too(ctx, param, value):
+    if value:
+        from covreport import progress
+
+        progress.set_quiet(True)
+    return value
+
+
+#: ``--quiet`` of each long command (the same as ``covreport --quiet CMD``).
+quiet_option = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet_too,
+                            help="No stage messages or progress bars on stderr (as `covreport --quiet`).")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="covreport")
+@click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_quiet, is_eager=True,
+              help="No stage messages or progress bars on stderr; errors and results still print.")
 def main():
     """Validate a chest X-ray deep-learning study and report it along STARD 2015.
 
     Data flow: manifest -> images -> model scores (cached) -> statistics -> report.
+    Long steps say on stderr what they are doing, with their size and time;
+    stdout carries only results. --quiet (here or after a command) silences them.
     """
 
 
@@ -221,7 +245,8 @@ def _split_labels(values):
                    "their Path column is relative to this folder's parent.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to keep (lowest validation loss), e.g. model/densenet121.pt. Beside it: "
-                   "NAME.epochN.pt every epoch, NAME.validation_auc.csv, NAME.validation_scores.csv.")
+                   "NAME.validation_auc.csv, NAME.validation_scores.csv, and NAME.epochN.pt every epoch "
+                   "while training (deleted at the end unless --keep-epochs).")
 @click.option("--labels", multiple=True,
               help="Label columns to learn, comma-separated (repeatable); default: the study's 10 labels.")
 @click.option("--uncertainty", type=click.Choice(["zeros", "ones", "ignore"]), default="zeros", show_default=True,
@@ -241,20 +266,27 @@ def _split_labels(values):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, shuffling, sampling.")
 @click.option("--resume", is_flag=True,
               help="Continue from the last NAME.epochN.pt beside --out, with its optimizer state.")
+@click.option("--keep-epochs", is_flag=True,
+              help="Keep every NAME.epochN.pt (with optimizer state) after a completed run, e.g. to "
+                   "--resume later with more --epochs; by default only the kept checkpoint stays.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="DataLoader processes decoding images [default: min(4, CPUs)].")
+              help="DataLoader processes decoding images [default: on a CPU none up to 4 cores, then "
+                   "cores/4 (at most 4), the training's threads taking the other cores; on a GPU min(4, cores)].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when available (bf16 autocast, channels_last), else CPU float32.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@quiet_option
 def train(chexpert_root, out, labels, uncertainty, init, image_size, epochs, batch_size, lr, max_images,
-          seed, resume, workers, device, no_progress):
+          seed, resume, keep_epochs, workers, device, no_progress):
     """Train the study's DenseNet121 on a CheXpert-layout folder.
 
     The defaults are the study's recipe: ImageNet initialisation, 320x320
     input, all single views, uncertain labels as negative (U-zeros),
     class-weighted binary cross-entropy (pos_weight = negatives/positives per
     label), Adam lr 1e-4 fixed, batch 16, 3 epochs, a checkpoint every epoch,
-    keeping the one with the lowest validation loss. Validation AUCs with
+    keeping the one with the lowest validation loss (the epoch checkpoints
+    are deleted at the end unless --keep-epochs; an interrupted run keeps
+    them for --resume). Validation AUCs with
     DeLong CIs go into the checkpoint and NAME.validation_auc.csv.
 
     \b
@@ -278,7 +310,8 @@ def train(chexpert_root, out, labels, uncertainty, init, image_size, epochs, bat
     config = TrainConfig(uncertainty=uncertainty, image_size=image_size, epochs=epochs, batch_size=batch_size,
                          lr=lr, init=init, seed=seed, max_images=max_images,
                          device=None if device == "auto" else device, **kwargs)
-    path = train_model(chexpert_root, out, config, progress=not no_progress, resume=resume)
+    path = train_model(chexpert_root, out, config, progress=not no_progress, resume=resume,
+                       keep_epochs=keep_epochs)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return
     loaded = load_checkpoint(path)
@@ -317,6 +350,7 @@ _SCORE_FAILED_LIMIT = 20
               help="Fail (exit 1, nothing written) if any image is missing or unreadable, instead of "
                    "leaving it out.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@quiet_option
 def score(manifest, weights, out, cache, no_cache, batch_size, workers, precision, strict, no_progress):
     """Score every image of MANIFEST once: label probabilities and 1,024 features.
 
@@ -540,6 +574,7 @@ def _default_weights_or_explain():
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--previous", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="results.json of an earlier validation (repeat, oldest first): the report shows what moved.")
+@quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
         protocol, permutations, seed, cache, no_cache, strict, no_pdf, out, force, previous):
     """Run the whole study on MANIFEST and write the STARD report.
@@ -566,6 +601,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-demo"),
               show_default=True, help="Folder for the phantom study, weights, cache and report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the phantom and the training.")
+@quiet_option
 def demo(out, seed):
     """Run the whole study on a synthetic phantom: generate, train, score, test, report.
 

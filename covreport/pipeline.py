@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covreport import __version__
+from covreport import __version__, progress
 from covreport._io import sha256_file
 from covreport.constants import (
     FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
@@ -78,7 +78,8 @@ def run(opts: RunOptions) -> Path:
         from covreport.model import find_weights
 
         opts.weights = str(find_weights(None))  # raises with how to train / where to put weights
-    manifest = read_manifest(opts.manifest, strict=opts.strict)
+    with progress.stage(f"Reading manifest {opts.manifest}"):
+        manifest = read_manifest(opts.manifest, strict=opts.strict)
 
     inputs = {"manifest": _input(opts.manifest)}
     loaded = None
@@ -94,7 +95,7 @@ def run(opts: RunOptions) -> Path:
 
         loaded = load_checkpoint(opts.weights)
         inputs["weights"] = {"path": str(opts.weights), "sha256": loaded.sha256}
-        res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache)
+        res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache, progress=True)
         scores, failed = res.scores, res.failed
         # How this run got its scores describes the run, not the study: provenance, not flow.
         opts.extra_provenance["scoring"] = {"images_computed": int(res.scored),
@@ -117,15 +118,17 @@ def run(opts: RunOptions) -> Path:
 
         results["study"] = read_study(opts.study)
         inputs["study"] = _input(opts.study)
-    results.update(compute_statistics(pairs, labels, scores, opts, loaded, inputs))
+    with progress.stage(f"Statistics on {len(pairs)} pairs"):
+        results.update(compute_statistics(pairs, labels, scores, opts, loaded, inputs))
     if opts.previous:
         from covreport.revalidation import compare, load_results
 
         results["revalidation"] = compare(results, [load_results(p) for p in opts.previous])
         for i, path in enumerate(opts.previous, 1):
             inputs[f"previous_{i}"] = _input(path)
-    cams = _cams(pairs, loaded) if loaded is not None else None
-    return _write_outputs(results, out, opts, cams)
+    with progress.stage(f"Writing report to {out}"):
+        cams = _cams(pairs, loaded) if loaded is not None else None
+        return _write_outputs(results, out, opts, cams)
 
 
 def compute_statistics(pairs, labels, scores, opts, loaded, inputs):

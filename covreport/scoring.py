@@ -30,12 +30,14 @@ import copy
 import dataclasses
 import hashlib
 import io
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from covreport import progress as _progress
 from covreport.constants import FEATURE_PREFIX, IMAGE_COLUMN, N_FEATURES, feature_columns
 from covreport.errors import ImageError, ModelError, ScoresError
 
@@ -187,7 +189,9 @@ def _batches(dataset, num_workers, pin_memory):
     done = set()
     # Each worker pays a fork and its own warm-up (oneDNN kernel creation):
     # worth it only if every worker gets at least two batches.
-    wanted = max(0, int(num_workers))
+    from covreport._threads import available_cpus
+
+    wanted = min(max(0, int(num_workers)), available_cpus())  # never more processes than cores
     workers = min(wanted, len(dataset) // 2)
     if workers < min(wanted, 2):
         workers = 0
@@ -450,6 +454,10 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
     todo = [s for s in distinct if s not in outputs]
     bad_sha = {}
 
+    # stage message by hand (not `with progress.stage`) to keep the block below as it is
+    stage = f"Scoring {len(distinct)} image{'' if len(distinct) == 1 else 's'} ({from_cache} from the cache)"
+    _progress.say(f"{stage} ...")
+    started = time.perf_counter()
     if todo:
         run_device = torch.device(device) if device is not None else _device_of(loaded.model)
         if precision == "bf16" and not _bf16_supported(run_device):
@@ -465,9 +473,7 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
                                 precision=precision)
         bar = None
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), unit="img", desc="scoring", leave=False)
+            bar = _progress.bar(total=len(todo), unit="img", desc="scoring")
         try:
             for _, indices, x, probs, feats, bad in _batches(dataset, num_workers,
                                                              pin_memory=not on_cpu):
@@ -489,6 +495,7 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
             if bar is not None:
                 bar.close()
 
+    _progress.say(f"{stage}: done in {time.perf_counter() - started:.1f} s")
     for key, sha in sha_of.items():
         if sha in bad_sha:
             failed[key] = bad_sha[sha]

@@ -14,7 +14,8 @@ the loss is the mean over the unmasked (image, label) entries.
 
 Files written (``out = DIR/NAME.pt``):
 
-- ``DIR/NAME.epoch<N>.pt``: every epoch, with the optimizer state (for ``resume``);
+- ``DIR/NAME.epoch<N>.pt``: every epoch, with the optimizer state (for ``resume``
+  after an interruption); deleted once the run completes, unless ``keep_epochs``;
 - ``DIR/NAME.pt``: the epoch with the lowest validation loss (no optimizer state);
 - ``DIR/NAME.validation_auc.csv``: its per-label validation AUCs with DeLong CIs;
 - ``DIR/NAME.validation_scores.csv``: its validation probabilities
@@ -39,7 +40,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from covreport import _threads
+from covreport import progress as _progress
 from covreport._io import write_csv_atomic
 from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
 from covreport.errors import ModelError
@@ -73,10 +76,6 @@ LOSS_DESCRIPTION = (
     "training rows after the uncertainty policy (masked entries not counted); mean over "
     "unmasked (image, label) entries"
 )
-
-
-def _default_workers():
-    return min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -105,8 +104,10 @@ class TrainConfig:
     max_images : int or None
         Train and validate on at most this many images (a seeded random
         sample of each CSV), for small runs.
-    num_workers : int
-        DataLoader worker processes decoding images.
+    num_workers : int or None
+        DataLoader worker processes decoding images; None chooses: on a CPU
+        none up to 4 cores (the training's threads need them all; see
+        :func:`covreport._threads.cpu_workers`), on a GPU ``min(4, cores)``.
     device : str or None
         ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
     """
@@ -121,7 +122,7 @@ class TrainConfig:
     init: str = "imagenet"
     seed: int = 0
     max_images: int = None
-    num_workers: int = field(default_factory=_default_workers)
+    num_workers: int = None
     device: str = None
 
     def __post_init__(self):
@@ -134,6 +135,8 @@ class TrainConfig:
                              f"got {self.uncertainty!r}.")
         for name, low in (("image_size", MIN_IMAGE_SIZE), ("epochs", 1), ("batch_size", 1), ("num_workers", 0)):
             value = getattr(self, name)
+            if name == "num_workers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ModelError(f"{name} must be an integer >= {low}; got {value!r}.")
         if self.max_images is not None and (not isinstance(self.max_images, (int, np.integer)) or self.max_images < 1):
@@ -460,7 +463,8 @@ def epoch_checkpoint_path(out, epoch):
     return out.with_name(f"{out.stem}.epoch{epoch}{out.suffix or '.pt'}")
 
 
-def _last_epoch_checkpoint(out):
+def _epoch_checkpoints(out):
+    """``[(epoch, path)]`` of the ``NAME.epoch<N>.pt`` files beside ``out``."""
     out = Path(out)
     pattern = re.compile(re.escape(out.stem) + r"\.epoch(\d+)" + re.escape(out.suffix or ".pt") + "$")
     found = []
@@ -469,7 +473,17 @@ def _last_epoch_checkpoint(out):
             m = pattern.match(p.name)
             if m:
                 found.append((int(m.group(1)), p))
+    return found
+
+
+def _last_epoch_checkpoint(out):
+    found = _epoch_checkpoints(out)
     return max(found) if found else (0, None)
+
+
+def _delete_epoch_checkpoints(out):
+    for _, path in _epoch_checkpoints(out):
+        path.unlink(missing_ok=True)
 
 
 #: Options that must match to resume a run (epochs may grow).
@@ -503,7 +517,7 @@ def _evaluate(model, loader, pos_weight, device, use_cuda, n_labels):
     return total / max(count, 1.0), probs
 
 
-def train(chexpert_root, out, config=None, *, progress=True, resume=False):
+def train(chexpert_root, out, config=None, *, progress=True, resume=False, keep_epochs=False):
     """Train a DenseNet121 on a CheXpert-layout folder; return the kept checkpoint's path.
 
     Parameters
@@ -521,6 +535,11 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False):
     resume : bool
         Continue from the last ``NAME.epoch<N>.pt`` beside ``out`` with its
         optimizer state; starts afresh (logged) when there is none.
+    keep_epochs : bool
+        Keep every ``NAME.epoch<N>.pt`` (with its optimizer state, about
+        three times the kept checkpoint's size) once the run completes, e.g.
+        to ``resume`` later with more epochs. By default they are deleted at
+        the end and only ``out`` stays; an interrupted run keeps them.
 
     Returns
     -------
@@ -608,8 +627,14 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False):
 
         train_set = CheXpertImages(train_df["_file"], y_train, m_train, preprocessing)
         valid_set = CheXpertImages(valid_df["_file"], y_valid, m_valid, preprocessing)
-        loader_kw = {"num_workers": config.num_workers, "pin_memory": use_cuda,
-                     "persistent_workers": False}
+        if use_cuda:
+            workers = config.num_workers if config.num_workers is not None else min(4, _threads.available_cpus())
+        else:
+            # threads + worker processes never outnumber the cores; threads wait without spinning
+            workers = _threads.cpu_workers(config.num_workers)
+            threads = _threads.configure_torch(workers, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+            logger.info("training on the CPU with %d thread(s) and %d DataLoader worker(s)", threads, workers)
+        loader_kw = {"num_workers": workers, "pin_memory": use_cuda, "persistent_workers": False}
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, shuffle=False, **loader_kw)
         pw_device = pos_weight.to(device)
         meta_base = {
@@ -643,7 +668,8 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False):
                                     generator=gen, **loader_kw)
             net.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                       disable=not (progress and d.main), leave=True, dynamic_ncols=True)
+                       disable=not (progress and d.main) or _progress.is_quiet(), leave=True,
+                       dynamic_ncols=True)
             t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0.0
             for x, y, m, _ in bar:
                 x = x.to(device, non_blocking=True)
@@ -696,6 +722,8 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False):
             # the kept checkpoint gets the whole run's history (and is restored if a
             # kill fell between an epoch checkpoint and the kept copy)
             _finalise_kept(out, best["epoch"], history, config.epochs)
+            if not keep_epochs:
+                _delete_epoch_checkpoints(out)
         _barrier(d)
         return out
     finally:

@@ -1,6 +1,35 @@
-"""Shared pytest configuration. Area-specific fixtures live beside their tests."""
+"""Shared pytest configuration. Area-specific fixtures live beside their tests.
+
+Tests write only under pytest's temporary folders: never into the checkout
+(the user's ``covreport-demo/`` and ``model/`` included) nor into the user's
+score cache, which :func:`_private_score_cache` points at a temporary folder.
+"""
 
 import os
 
+import pytest
+
 # Keep torch and BLAS from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_score_cache(tmp_path_factory):
+    """The default score cache of every test lives in a temporary folder, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVREPORT_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def phantom_demo(tmp_path_factory):
+    """``covreport demo`` run once per session in a temporary folder (trains the phantom model).
+
+    Returns the demo's :class:`covreport.demo.DemoResult`; its folder
+    (``result.report.parent``) holds the phantom study, the trained weights
+    (``model/densenet121-phantom.pt``) and the score cache, for any test that
+    needs a trained phantom model.
+    """
+    from covreport.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("covreport-demo"), progress=False)

@@ -5,12 +5,10 @@ outcome follows from the change of a COVID-like severity that drives Lung
 Opacity and Consolidation. If covreport could not recover that, nothing else
 it says could be trusted.
 
-The demo runs in the README's default folder ``covreport-demo`` at the
-repository root (where the README's first command puts it): a first run
-trains (minutes), later runs reuse the weights and the score cache.
+The demo runs once per test session in a temporary folder (the session
+fixture ``phantom_demo`` of conftest.py; it trains for a minute or two), never
+in the checkout, where the user's own ``covreport-demo/`` must stay as it is.
 """
-
-from pathlib import Path
 
 import pytest
 
@@ -18,18 +16,13 @@ from covreport.constants import DEFAULT_LABELS
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def demo():
+def demo(phantom_demo):
     import json
 
-    from covreport.demo import run_demo
-
-    result = run_demo(ROOT / "covreport-demo", progress=False)
-    results = json.loads((result.report / "results.json").read_text(encoding="utf-8"))
-    return result, results
+    results = json.loads((phantom_demo.report / "results.json").read_text(encoding="utf-8"))
+    return phantom_demo, results
 
 
 def test_demo_writes_the_whole_report(demo):
@@ -68,3 +61,11 @@ def test_lopo_accuracy_above_majority_rate(demo):
     n = c["tp"] + c["fp"] + c["fn"] + c["tn"]
     majority = max(c["tp"] + c["fn"], c["fp"] + c["tn"]) / n
     assert nested["metrics"]["accuracy"]["estimate"] > majority, (nested["metrics"]["accuracy"], majority)
+
+
+def test_demo_keeps_only_the_best_checkpoint(demo):
+    result, _ = demo
+    model = result.report.parent / "model"
+    assert sorted(p.name for p in model.iterdir()) == [
+        "densenet121-phantom.pt", "densenet121-phantom.validation_auc.csv",
+        "densenet121-phantom.validation_scores.csv"]

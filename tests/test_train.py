@@ -67,7 +67,7 @@ def trained(tree, tmp_path_factory):
     """One 3-epoch run shared by several tests (lr 1e-3: a few steps must move the loss)."""
     out = tmp_path_factory.mktemp("run") / "m.pt"
     config = T.TrainConfig(epochs=3, lr=1e-3, **TINY)
-    return T.train(tree, out, config, progress=False), config
+    return T.train(tree, out, config, progress=False, keep_epochs=True), config
 
 
 # --- labels ------------------------------------------------------------------------
@@ -297,10 +297,10 @@ def test_resume_continues_exactly(tree, tmp_path):
     # four short runs (2 + 1 + 1 epochs of 2 steps): ~10 s idle, more on a busy CPU
     config1 = T.TrainConfig(epochs=1, max_images=16, **TINY)
     config2 = T.TrainConfig(epochs=2, max_images=16, **TINY)
-    straight = T.train(tree, tmp_path / "a" / "m.pt", config2, progress=False)
-    T.train(tree, tmp_path / "b" / "m.pt", config1, progress=False)
+    straight = T.train(tree, tmp_path / "a" / "m.pt", config2, progress=False, keep_epochs=True)
+    T.train(tree, tmp_path / "b" / "m.pt", config1, progress=False, keep_epochs=True)
     assert not T.epoch_checkpoint_path(tmp_path / "b" / "m.pt", 2).exists()
-    resumed = T.train(tree, tmp_path / "b" / "m.pt", config2, progress=False, resume=True)
+    resumed = T.train(tree, tmp_path / "b" / "m.pt", config2, progress=False, resume=True, keep_epochs=True)
     a = torch.load(T.epoch_checkpoint_path(straight, 2), weights_only=True)
     b = torch.load(T.epoch_checkpoint_path(resumed, 2), weights_only=True)
     for key, value in a["state_dict"].items():
@@ -328,6 +328,9 @@ def test_cli_train_runs_and_maps_errors(tree, tmp_path):
     ]
     assert loaded.labels == ("Cardiomegaly", "Edema")
     assert loaded.metadata["training"]["uncertainty"] == "ignore"
+    # only the kept checkpoint and its CSVs stay (no --keep-epochs)
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "m.pt", "m.validation_auc.csv", "m.validation_scores.csv"]
     empty = tmp_path / "empty"
     empty.mkdir()
     res = CliRunner().invoke(main, ["train", "--chexpert-root", str(empty), "--out", str(out), "--init", "none"])
