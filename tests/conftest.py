@@ -5,12 +5,12 @@ Tests write only under pytest's temporary folders: never into the checkout
 score cache, which :func:`_private_score_cache` points at a temporary folder.
 """
 
-import os
-
 import pytest
 
-# Keep torch and BLAS from oversubscribing the 2-core CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Importing covreport before torch sets OMP_NUM_THREADS to the cores this
+# process may use and OMP_WAIT_POLICY=PASSIVE (covreport/_threads.py), so that
+# torch and BLAS neither oversubscribe the 2-core CI machine nor spin.
+import covreport  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
