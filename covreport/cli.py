@@ -52,7 +52,10 @@ _VALIDATE_LIST_LIMIT = 20
               help="Treat missing or unreadable images and empty outcomes as errors, not exclusions.")
 @click.option("--no-images", is_flag=True,
               help="Do not open the image files (only the manifest itself is checked).")
-def validate(manifest, as_json, strict, no_images):
+@click.option("--scores", type=click.Path(dir_okay=False, path_type=str),
+              help="Check the manifest against this scores file (reviewer mode): a pair can be analysed "
+                   "when both its images have a row in it. No image file is opened or looked up.")
+def validate(manifest, as_json, strict, no_images, scores):
     """Check a pair manifest and summarise it; nothing is written.
 
     MANIFEST is a CSV (UTF-8; comma-, semicolon- or tab-separated) or an .xlsx
@@ -60,12 +63,22 @@ def validate(manifest, as_json, strict, no_images):
     first_image, second_image, outcome (Worse/Stable/Improved); see
     data_manifests/README.md. Every problem is listed at once with its line,
     column, value and fix, and the exit status is 1. Missing or unreadable
-    images and empty outcomes are exclusions (exit 0) unless --strict.
+    images and empty outcomes are exclusions (exit 0) unless --strict. With --scores, as in
+    `covreport run --scores`, the images are not looked up and a pair
+    whose images lack a score is the exclusion.
     """
     from covreport.manifest import read_manifest
 
-    m = read_manifest(manifest, strict=strict, check_images=not no_images)
+    if scores is not None:
+        from covreport.scoring import read_scores
+
+        m = read_manifest(manifest, strict=strict, check_images=False)
+        m = m.exclude_unscored(read_scores(scores)["image"], strict=strict)
+    else:
+        m = read_manifest(manifest, strict=strict, check_images=not no_images)
     summary = m.summary()
+    if scores is not None:
+        summary["scores"] = scores
     if as_json:
         _echo_json(summary)
         return
@@ -75,6 +88,8 @@ def validate(manifest, as_json, strict, no_images):
     if images["checked"]:
         image_line = (f"{images['total']} files: {images['found']} found, "
                       f"{images['missing']} missing, {images['unreadable']} unreadable")
+    elif scores is not None:
+        image_line = f"{images['total']} files, not looked up (reviewer mode: index-test results from {scores})"
     else:
         image_line = f"{images['total']} files, not checked (--no-images)"
     click.echo(f"Manifest    {manifest}")
