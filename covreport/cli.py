@@ -531,5 +531,74 @@ def demo(out, seed):
     click.echo(f"Regenerate with:\n  {result.command}")
 
 
+# --- verify (reviewer) ---------------------------------------------------------
+
+_VERIFY_LIST_LIMIT = 50
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The manifest the submitted run read.")
+@click.option("--scores", type=click.Path(dir_okay=False, path_type=Path),
+              help="The scores file of a reviewer-mode run (or one made with the run's weights).")
+@click.option("--weights", help="The weights of a weights-mode run (file or xrv: spec).")
+@click.option("--validation-csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--validation-scores", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reference-csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--previous", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The earlier results.json files the run was given with --previous, in the same order.")
+@click.option("--ignore-hashes", is_flag=True,
+              help="Rerun even when an input's SHA-256 differs from the recorded one (still a failure).")
+@click.option("--no-cache", is_flag=True, help="Score the images again instead of using the score cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verification as a JSON record.")
+def verify(folder, manifest, scores, weights, validation_csv, validation_scores, reference_csv, study,
+           previous, ignore_hashes, no_cache, as_json):
+    """Re-derive every number of a submitted results folder (FOLDER holds results.json).
+
+    Checks each input against the SHA-256 recorded in the run's provenance,
+    reruns the analysis with the recorded options (protocol, seed,
+    permutations, bootstrap resamples, predictive-value interval, strict)
+    into a temporary folder and compares every number of the new
+    results.json with the submitted one; then checks that tables/*.csv and
+    the text of report.html carry the submitted values. Inputs not given are
+    looked for at their recorded paths, relative to the manifest's folder.
+    Exit 0: every number regenerated; exit 1: the differences are listed.
+
+    \b
+    Example (a reviewer holding the folder, the manifest and the scores):
+      covreport verify submitted/ --manifest manifest.csv --scores scores.csv
+    """
+    from covreport.verify import verify as verify_folder
+
+    inputs = {"manifest": manifest, "scores": scores, "weights": weights, "validation_csv": validation_csv,
+              "validation_scores": validation_scores, "reference_csv": reference_csv, "study": study}
+    result = verify_folder(folder, {k: v for k, v in inputs.items() if v is not None}, previous=previous,
+                           ignore_hashes=ignore_hashes, use_cache=not no_cache)
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        for m in result.hash_mismatches:
+            click.echo(f"input changed: {m['input']} {m['path']}: SHA-256 {m['sha256']}, "
+                       f"recorded {m['recorded_sha256']}")
+        diffs = result.differences + result.report_differences
+        if diffs:
+            click.echo(f"NOT verified: {len(result.differences)} difference(s) in results.json, "
+                       f"{len(result.report_differences)} in the report files ({result.tolerance})")
+            click.echo("path\tsubmitted\tregenerated")
+            for d in diffs[:_VERIFY_LIST_LIMIT]:
+                click.echo(f"{d['path']}\t{d['submitted']}\t{d['regenerated']}")
+            if len(diffs) > _VERIFY_LIST_LIMIT:
+                click.echo(f"... and {len(diffs) - _VERIFY_LIST_LIMIT} more (see --json)")
+        elif result.ok:
+            click.echo(f"verified: {result.numbers_compared} numbers regenerated exactly ({result.tolerance})")
+        click.echo(f"report files checked: {', '.join(result.report_checked) or 'none'}")
+        for text in result.report_not_checked:
+            click.echo(f"not checked: {text}")
+    if not result.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(sys.argv[1:])
