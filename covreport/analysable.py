@@ -88,8 +88,7 @@ def manifest_analyses(manifest):
     records : list of dict
         As :func:`analyses`.
     """
-    excluded = set(manifest.exclusions["pair_id"]) if len(manifest.exclusions) else set()
-    pairs = manifest.pairs[~manifest.pairs["pair_id"].isin(excluded)]
+    pairs = manifest.analysable_pairs()
     return int(len(pairs)), analyses(pairs)
 
 
