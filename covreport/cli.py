@@ -179,8 +179,8 @@ def _nothing_to_analyse(summary):
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="1 - confidence level of the intervals, 0 < A < 1.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON instead of a table: the 2x2 counts, prevalence and alpha, and the "
-                   "measures keyed by name; missing or infinite values are null with a note.")
+              help="Print JSON keyed by measure instead of a table, plus 'input': the 2x2 counts, "
+                   "prevalence and alpha; missing or infinite values are null with a note.")
 def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
     """Diagnostic accuracy of a 2x2 table, with confidence intervals.
 
@@ -208,14 +208,13 @@ def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
                 entry["note"] = rec["note"]
             measures[rec["measure"]] = entry
         n = tp + fp + fn + tn
-        _echo_json({
-            "table": {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": n},
-            "prevalence": {"value": prevalence if prevalence is not None else ((tp + fn) / n if n else None),
-                           "source": "given (--prevalence)" if prevalence is not None else "table: (TP+FN)/N"},
-            "alpha": alpha,
-            "confidence_level": 1 - alpha,
-            "measures": measures,
-        })
+        measures["input"] = {
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": n,
+            "prevalence": prevalence if prevalence is not None else ((tp + fn) / n if n else None),
+            "prevalence_source": "given (--prevalence)" if prevalence is not None else "table: (TP+FN)/N",
+            "alpha": alpha, "confidence_level": 1 - alpha,
+        }
+        _echo_json(measures)
         return
 
     def fmt(x):

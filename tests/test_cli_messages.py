@@ -12,21 +12,21 @@ def test_diagnostic_json_carries_the_counts_prevalence_and_alpha():
                                        "--alpha", "0.1", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["table"] == {"tp": 40, "fp": 3, "fn": 4, "tn": 5, "n": 52}
-    assert out["prevalence"] == {"value": 44 / 52, "source": "table: (TP+FN)/N"}
-    assert out["alpha"] == 0.1 and abs(out["confidence_level"] - 0.9) < 1e-12
+    given = out.pop("input")
+    assert {k: given[k] for k in ("tp", "fp", "fn", "tn", "n")} == {"tp": 40, "fp": 3, "fn": 4, "tn": 5, "n": 52}
+    assert given["prevalence"] == 44 / 52 and given["prevalence_source"] == "table: (TP+FN)/N"
+    assert given["alpha"] == 0.1 and abs(given["confidence_level"] - 0.9) < 1e-12
     # accuracy = (TP + TN) / N by hand
-    assert abs(out["measures"]["accuracy"]["estimate"] - 45 / 52) < 1e-12
-    assert set(out["measures"]) == {"accuracy", "sensitivity", "specificity", "ppv", "npv",
-                                    "lr_positive", "lr_negative"}
+    assert abs(out["accuracy"]["estimate"] - 45 / 52) < 1e-12
+    assert set(out) == {"accuracy", "sensitivity", "specificity", "ppv", "npv", "lr_positive", "lr_negative"}
 
 
 def test_diagnostic_json_names_a_given_prevalence():
     result = CliRunner().invoke(main, ["diagnostic", "--tp", "40", "--fp", "3", "--fn", "4", "--tn", "5",
                                        "--prevalence", "0.2", "--json"])
-    out = json.loads(result.stdout)
-    assert out["prevalence"] == {"value": 0.2, "source": "given (--prevalence)"}
-    assert out["alpha"] == 0.05
+    given = json.loads(result.stdout)["input"]
+    assert (given["prevalence"], given["prevalence_source"]) == (0.2, "given (--prevalence)")
+    assert given["alpha"] == 0.05
 
 
 def test_run_without_weights_lists_every_way_to_get_scores(tmp_path, monkeypatch):

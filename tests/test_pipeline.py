@@ -93,7 +93,9 @@ def test_strict_refuses_pairs_without_scores(example):
     result = CliRunner().invoke(main, ["run", str(EXAMPLE), "--scores", str(partial), "--strict",
                                        "--out", str(tmp / "strict"), "--no-pdf", "--permutations", "0"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: 1 pair(s) have no score (--strict):\npair pair06: second image:")
+    # stage messages ("Reading manifest ...") may come first on stderr; the error ends it
+    error = result.stderr[result.stderr.index("Error: "):]
+    assert error.startswith("Error: 1 pair(s) have no score (--strict):\npair pair06: second image:")
     assert not (tmp / "strict").exists()
 
 

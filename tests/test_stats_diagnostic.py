@@ -259,7 +259,7 @@ def test_cli_json_matches_library():
                                     "--alpha", "0.1", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert list(out) == list(MEASURES)
+    assert list(out) == [*MEASURES, "input"]
     lib = _by_measure(diagnostic_metrics(10, 0, 2, 8, alpha=0.1))
     assert out["sensitivity"]["estimate"] == lib["sensitivity"].estimate
     assert out["sensitivity"]["ci_low"] == lib["sensitivity"].ci_low
