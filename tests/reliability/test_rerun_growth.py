@@ -67,7 +67,7 @@ def test_validation_scores_without_the_analysis_labels_are_a_clear_error(grown, 
     valid, vscores = _validation_files(tmp_path, score_labels)
     res = _run(small, scores, tmp_path / "out", "--validation-csv", str(valid), "--validation-scores", str(vscores))
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
-    assert res.output.startswith("Error: ") and str(vscores) in res.output
+    assert res.output[res.output.find("Error: "):].startswith("Error: ") and str(vscores) in res.output
     assert not (tmp_path / "out").exists()
 
 
