@@ -10,9 +10,8 @@ salt, no dates in the metadata), so identical results give identical files.
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from covreport._io import atomic_write_bytes
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
+from covreport.errors import ReportError
 
 #: Fixed drawing style per outcome group (grayscale-safe).
 GROUP_STYLE = {
@@ -365,6 +366,110 @@ def cam_figure(cams):
     return fig
 
 
+# --- revalidation: headline estimates across validations ---------------------
+
+
+def _panels(revalidation):
+    """The series shown: headline protocol accuracy and AUC, then the per-label validation AUCs."""
+    protocol = revalidation.get("headline_protocol") or "nested"
+    by_key = {(s["quantity"], s["label"], s["protocol"]): s for s in revalidation.get("series") or []}
+    panels = []
+    for quantity, title in (("accuracy", "accuracy"), ("AUC", "AUC")):
+        s = by_key.get((quantity, None, protocol))
+        if s is not None:
+            panels.append((f"Prediction {title} ({protocol})", s))
+    for s in revalidation.get("series") or []:
+        if s["quantity"] == "validation AUC":
+            panels.append((f"{s['label']}: validation AUC", s))
+    return panels
+
+
+def trend_figure(revalidation, *, ncols=4):
+    """Headline estimates with 95% CIs across successive validations (small multiples).
+
+    One panel per headline number: the headline protocol's prediction
+    accuracy and AUC, then each label's validation AUC. In each panel, one
+    point per validation (oldest left, the new one right) with its CI as an
+    error bar; a validation not comparable with the new one (other weights or
+    preprocessing) is drawn with an open marker. Black and gray only, so it
+    reads in grayscale.
+
+    Parameters
+    ----------
+    revalidation : dict
+        The record :func:`compare` returns.
+    ncols : int, default 4
+        Panels per row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Drawn with the Agg canvas (no pyplot, no global state).
+
+    Raises
+    ------
+    ReportError
+        When the record holds no series to plot.
+    """
+    from matplotlib.lines import Line2D
+
+    panels = _panels(revalidation)
+    if not panels:
+        raise ReportError("nothing to plot: the revalidation record has no headline series "
+                          "(no validation AUCs and no prediction results)")
+    n = len(panels)
+    ncols = max(1, min(int(ncols), n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(2.6 * ncols, 2.2 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    points0 = panels[0][1]["points"]
+    ticks = list(range(1, len(points0) + 1))
+    ticklabels = [(p["created"] or "")[:10] + ("\n(new)" if p["which"] == "new" else "") or p["which"]
+                  for p in points0]
+    for ax, (title, s) in zip(axes.flat, panels):
+        xs_ok, ys_ok, err_ok, xs_nc, ys_nc, err_nc, line_x, line_y = [], [], [], [], [], [], [], []
+        for x, p in zip(ticks, s["points"]):
+            y = p["estimate"]
+            if y is None:
+                continue
+            lo = max(0.0, y - p["ci_low"]) if p["ci_low"] is not None else 0.0
+            hi = max(0.0, p["ci_high"] - y) if p["ci_high"] is not None else 0.0
+            line_x.append(x)
+            line_y.append(y)
+            if p["comparable"]:
+                xs_ok.append(x), ys_ok.append(y), err_ok.append((lo, hi))
+            else:
+                xs_nc.append(x), ys_nc.append(y), err_nc.append((lo, hi))
+        if line_x:
+            ax.plot(line_x, line_y, color="0.6", linewidth=0.8, zorder=1)
+        if xs_ok:
+            ax.errorbar(xs_ok, ys_ok, yerr=list(zip(*err_ok)), fmt="o", color="black", markersize=4,
+                        capsize=2, linewidth=1, zorder=2)
+        if xs_nc:
+            ax.errorbar(xs_nc, ys_nc, yerr=list(zip(*err_nc)), fmt="o", color="0.35", markerfacecolor="white",
+                        markersize=4, capsize=2, linewidth=1, linestyle="none", zorder=2)
+        if not line_x:
+            ax.text(0.5, 0.5, "not estimable", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        if s["quantity"] in ("validation AUC", "AUC", "accuracy"):
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.5, color="0.8", linewidth=0.6, linestyle="--", zorder=0)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(ticklabels, rotation=45, ha="right", fontsize=6)
+        ax.set_xlim(0.5, len(ticks) + 0.5)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], marker="o", color="black", linestyle="none", markersize=4,
+                      label="estimate with 95% CI"),
+               Line2D([], [], marker="o", color="0.35", markerfacecolor="white", linestyle="none", markersize=4,
+                      label="not comparable (other weights or preprocessing)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    fig.suptitle("Headline estimates across successive validations", fontsize=10)
+    return fig
+
+
 # --- saving -------------------------------------------------------------------
 
 
@@ -372,7 +477,7 @@ def save_figure(fig, stem, folder, *, dpi=200):
     """Write ``fig`` as ``folder/stem.png`` and ``folder/stem.svg``, deterministically.
 
     The SVG uses a fixed hash salt and no date; the PNG carries no time
-    stamp. Each file is written to a temporary name and moved into place.
+    stamp. Each file is written atomically (:func:`covreport._io.atomic_write_bytes`).
 
     Returns
     -------
@@ -384,15 +489,7 @@ def save_figure(fig, stem, folder, *, dpi=200):
     out = {}
     with matplotlib.rc_context(_RC):
         for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-            path = folder / f"{stem}.{ext}"
-            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".{ext}", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fig.savefig(fh, format=ext, dpi=dpi, metadata=meta, facecolor="white")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            out[ext] = path
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=dpi, metadata=meta, facecolor="white")
+            out[ext] = atomic_write_bytes(folder / f"{stem}.{ext}", buf.getvalue(), error_class=ReportError)
     return out
