@@ -19,6 +19,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib import patheffects
 from matplotlib.patches import Patch
 
 from covreport._io import atomic_write_bytes
@@ -45,6 +46,8 @@ _RC = {
     "path.simplify": True,
 }
 INDEX_STAGE = "index test not done"
+#: Box-plot whiskers reach the most extreme pair within this many IQRs of the box (Tukey 1977).
+WHISKER_IQR = 1.5
 FLOW_WIDTH = 6.4  # inches; x positions below are in % of the width
 MAIN_X, SIDE_X = 25, 49
 REFERENCE_STAGE = "reference standard not available"
@@ -254,7 +257,9 @@ def change_boxplots(results, ncols=5):
 
     Boxes are hatched and shaded per group and the pairs are overlaid as
     jittered points with a group-specific marker, so the figure reads in
-    grayscale. Uses the ``"<label> change"`` columns of ``results["pairs"]``.
+    grayscale. The median is a white line outlined in black (visible on the
+    dark Worse box); whiskers reach the most extreme pair within
+    :data:`WHISKER_IQR` interquartile ranges of the box (Tukey 1977). Uses the ``"<label> change"`` columns of ``results["pairs"]``.
     Returns a :class:`~matplotlib.figure.Figure`.
     """
     labels = list(results.get("labels") or [])
@@ -276,7 +281,7 @@ def change_boxplots(results, ncols=5):
                 present.append(outcome)
             pos = np.arange(1, len(present) + 1)
             bp = ax.boxplot([d if d.size else [np.nan] for d in data], positions=pos, widths=0.6,
-                            patch_artist=True, showfliers=False,
+                            patch_artist=True, showfliers=False, whis=WHISKER_IQR,
                             medianprops={"color": "black", "linewidth": 1.4},
                             whiskerprops={"linewidth": 0.8}, capprops={"linewidth": 0.8})
             for patch, outcome in zip(bp["boxes"], present):
@@ -285,6 +290,12 @@ def change_boxplots(results, ncols=5):
                 patch.set_hatch(st["hatch"])
                 patch.set_edgecolor(st["edge"])
                 patch.set_linewidth(0.8)
+            for med, outcome in zip(bp["medians"], present):
+                # a white median with a black outline reads on the dark Worse box and on the light ones
+                med.set_color("white")
+                med.set_linewidth(1.6)
+                med.set_path_effects([patheffects.Stroke(linewidth=3.0, foreground="black"), patheffects.Normal()])
+                med.set_zorder(4)
             for x, d, outcome in zip(pos, data, present):
                 if d.size:
                     jit = rng.uniform(-0.18, 0.18, d.size)
@@ -490,6 +501,7 @@ def save_figure(fig, stem, folder, *, dpi=200):
     with matplotlib.rc_context(_RC):
         for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
             buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=dpi, metadata=meta, facecolor="white")
+            fig.savefig(buf, format=ext, dpi=dpi, metadata=meta, facecolor="white", bbox_inches="tight",
+                        pad_inches=0.05)
             out[ext] = atomic_write_bytes(folder / f"{stem}.{ext}", buf.getvalue(), error_class=ReportError)
     return out

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import base64
 import copy
-import fcntl
 import html as htmlmod
 import json
-import os
 import re
-import select
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +26,7 @@ from covreport.report import (
     stard_checklist, templates_dir, write_pdf,
 )
 from covreport.study import STUDY_FIELDS, missing_fields, read_study, validate_study
+from _chromium import Chromium as _Chromium, chromium_binary as _chromium
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 EXAMPLE_STUDY = Path(__file__).parent.parent / "docs" / "study.example.toml"
@@ -228,92 +225,6 @@ def test_user_templates_override_and_are_checked(results, tmp_path):
 
 
 # --- headless Chromium: no console error, no network request ----------------------
-
-
-class _Chromium:
-    """A minimal DevTools-protocol client over --remote-debugging-pipe (fds 3 and 4, NUL-separated JSON)."""
-
-    def __init__(self, binary, profile):
-        r_in, w_in = os.pipe()
-        r_out, w_out = os.pipe()
-        a = fcntl.fcntl(r_in, fcntl.F_DUPFD, 10)
-        b = fcntl.fcntl(w_out, fcntl.F_DUPFD, 10)
-        os.close(r_in)
-        os.close(w_out)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-extensions", "--disable-default-apps", "--no-default-browser-check",
-                 "--hide-scrollbars", "--window-size=1200,2000", f"--user-data-dir={profile}",
-                 "--remote-debugging-pipe", "about:blank"]
-        cmd = " ".join([binary, *flags]) + f" 3<&{a} 4>&{b} {a}<&- {b}>&-"
-        self.proc = subprocess.Popen(["bash", "-c", "exec " + cmd], pass_fds=(a, b),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(a)
-        os.close(b)
-        self.w, self.r, self.buf, self.n, self.events = w_in, r_out, b"", 0, []
-
-    def _read(self, deadline):
-        while b"\0" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("chromium did not answer in time")
-            if select.select([self.r], [], [], left)[0]:
-                chunk = os.read(self.r, 1 << 20)
-                if not chunk:
-                    raise RuntimeError("chromium closed the DevTools pipe")
-                self.buf += chunk
-        msg, self.buf = self.buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def send(self, method, params=None, session=None, timeout=60):
-        self.n += 1
-        msg = {"id": self.n, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self.w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self._read(deadline)
-            if m.get("id") == self.n:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m.get("result", {})
-            self.events.append(m)
-
-    def wait_event(self, name, timeout=60):
-        if any(e.get("method") == name for e in self.events):
-            return
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self._read(deadline)
-            self.events.append(m)
-            if m.get("method") == name:
-                return
-
-    def drain(self, seconds):
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                self.events.append(self._read(deadline))
-        except TimeoutError:
-            pass
-
-    def close(self):
-        try:
-            self.send("Browser.close", timeout=10)
-        except Exception:  # noqa: BLE001 - the browser may already be gone
-            pass
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.w)
-        os.close(self.r)
-
-
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian package `chromium`)")

@@ -94,6 +94,15 @@ def plain_results(results):
         raise ReportError(f"the results cannot be reported: {exc}") from exc
 
 
+def running_title(title, limit=80):
+    """The title shortened at a word boundary to fit the running header on one line."""
+    title = " ".join(str(title).split())
+    if len(title) <= limit:
+        return title
+    cut = title[:limit].rsplit(" ", 1)[0]
+    return cut.rstrip(",;:") + "\u2026"
+
+
 def build_context(results, *, figures=None, cams_note=None, has_cams=False):
     """Everything the templates see, derived from the results mapping.
 
@@ -117,6 +126,11 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
     metric_recs = [dict((b["block"].get("metrics") or {}), auc=b["block"].get("auc") or {}) for b in blocks]
     metric_rows = [{"method": rec.get("method")} for recs in metric_recs for rec in recs.values()]
     metric_letters, metric_notes = _footnotes(metric_rows, ("method",))
+    note_marks = {}
+    for recs in metric_recs:
+        for rec in recs.values():
+            if rec.get("note") and rec["note"] not in note_marks:
+                note_marks[rec["note"]] = str(len(note_marks) + 1)
     gd = results.get("group_differences") or []
     contrasts = []
     for r in gd:
@@ -153,6 +167,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
                             for row in t1),
         "metric_letters": metric_letters,
         "metric_notes": metric_notes,
+        "note_marks": note_marks,
+        "running_title": running_title(title),
         "contrasts": contrasts,
         "validation": _validation_summary(results),
         "groups": _group_summary(results),
