@@ -317,6 +317,90 @@ def change_boxplots(results, ncols=5):
     return fig
 
 
+# --- calibration of the prediction --------------------------------------------
+
+
+def calibration_figure(results, *, frac=2 / 3):
+    """Calibration plots of the out-of-fold probability of Worse, one panel per protocol.
+
+    Each panel shows the observed proportion of Worse pairs against the mean
+    predicted probability in the bins of ``prediction[protocol].calibration.bins``
+    (marker area proportional to the pairs in the bin), a lowess smoother of
+    the pairs' outcomes on their probabilities (Cleveland 1979, statsmodels'
+    ``lowess`` with ``frac``), the diagonal of perfect calibration, and a rug
+    of the pairs (Worse at the bottom, Improved at the top). Black and gray
+    only, so it reads in grayscale.
+
+    Parameters
+    ----------
+    results : dict
+        results.json content; uses ``prediction[protocol]["pairs"]`` (``probability``,
+        ``outcome``) and ``prediction[protocol]["calibration"]``.
+    frac : float
+        Fraction of the pairs in each lowess window.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ReportError
+        When no protocol carries a calibration record.
+
+    References
+    ----------
+    Cleveland WS. Robust locally weighted regression and smoothing
+    scatterplots. J Am Stat Assoc 1979;74:829-836.
+    """
+    from statsmodels.nonparametric.smoothers_lowess import lowess
+
+    pred = results.get("prediction") or {}
+    head = pred.get("headline", "nested")
+    names = [head] + [n for n in ("nested", "global", "reversed") if n != head]
+    panels = [(n, pred[n]) for n in names if isinstance(pred.get(n), dict) and pred[n].get("calibration")]
+    if not panels:
+        raise ReportError("nothing to plot: no prediction protocol has a calibration record")
+    titles = {"nested": "Nested", "global": "Global (OPTIMISTIC)", "reversed": "Reversed order"}
+    with matplotlib.rc_context(_RC):
+        fig = _figure(2.4 * len(panels) + 0.3, 2.7)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (name, block) in zip(axes, panels):
+            cal = block["calibration"]
+            ax.plot([0, 1], [0, 1], linestyle=":", color="0.5", linewidth=0.8, label="perfect calibration")
+            rows = [(float(p["probability"]), 1.0 if p.get("outcome") == WORSE else 0.0)
+                    for p in block.get("pairs") or [] if p.get("probability") is not None]
+            if len(rows) >= 3:
+                x, y = np.array(rows).T
+                fit = lowess(y, x, frac=frac, it=0, return_sorted=True)
+                ax.plot(fit[:, 0], fit[:, 1], color="black", linewidth=1.2, label="lowess")
+                ax.plot(x[y == 1], np.full((y == 1).sum(), -0.03), "|", color="black", markersize=4)
+                ax.plot(x[y == 0], np.full((y == 0).sum(), 1.03), "|", color="0.45", markersize=4)
+            bins = [b for b in cal.get("bins") or [] if b.get("predicted") is not None and b.get("observed") is not None]
+            if bins:
+                ax.scatter([b["predicted"] for b in bins], [b["observed"] for b in bins],
+                           s=[8 + 4 * (b.get("n") or 1) for b in bins], facecolor="white", edgecolor="black",
+                           linewidth=0.8, zorder=3, label="bins (area ~ pairs)")
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.06, 1.06)
+            ax.set_aspect("equal")
+            ax.set_title(titles.get(name, name) + (" [headline]" if name == head else ""), fontsize=7.5)
+            ax.set_xlabel(f"predicted probability of {WORSE}")
+            ax.tick_params(length=2, labelsize=6)
+            brier = cal.get("brier")
+            txt = [f"Brier {_fmt(brier)}" if brier is not None else None,
+                   f"intercept {_fmt(cal.get('intercept'), 2)}" if cal.get("intercept") is not None else None,
+                   f"slope {_fmt(cal.get('slope'), 2)}" if cal.get("slope") is not None else None]
+            ax.text(0.03, 0.97, "\n".join(t for t in txt if t), ha="left", va="top", fontsize=5.5,
+                    transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5,
+                                                  "pad": 1.5})
+        axes[0].set_ylabel(f"observed proportion {WORSE}")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=6.5)
+        fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.3, wspace=0.3)
+    return fig
+
+
 # --- class activation maps -----------------------------------------------------
 
 

@@ -22,11 +22,12 @@ import pytest
 
 from covreport.errors import CovreportError, ReportError
 from covreport.report import (
-    external_references, fmt_ci, fmt_p, limitations, make_environment, render_html, render_report,
+    external_references, fmt_ci, fmt_num, fmt_p, fmt_pp, limitations, make_environment, render_html, render_report,
     stard_checklist, templates_dir, write_pdf,
 )
 from covreport.study import STUDY_FIELDS, missing_fields, read_study, validate_study
 from _chromium import Chromium as _Chromium, chromium_binary as _chromium
+from report_fixtures import base, with_contract_keys
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 EXAMPLE_STUDY = Path(__file__).parent.parent / "docs" / "study.example.toml"
@@ -262,14 +263,97 @@ def test_chromium_opens_report_without_console_error_or_network_request(injected
 
 
 def test_number_formats():
+    # journal style: p < 0.001 below it, otherwise two significant digits; no negative zero
     assert fmt_p(0.0004) == "<0.001"
-    assert fmt_p(0.001) == "0.00100"
-    assert fmt_p(0.0234) == "0.0234"
-    assert fmt_p(0.5) == "0.500"
-    assert fmt_p(1.0) == "1.00"
+    assert fmt_p(0.001) == "0.0010"
+    assert fmt_p(0.002) == "0.0020"
+    assert fmt_p(0.0434) == "0.043"
+    assert fmt_p(0.2449) == "0.24"
+    assert fmt_p(0.5) == "0.50"
+    assert fmt_p(1.0) == "1.0"
     assert fmt_p(None) == "n/a"
+    assert fmt_pp(0.0004) == "p < 0.001" and fmt_pp(0.043) == "p = 0.043"
+    assert fmt_num(-0.0001, 3) == "0.000" and fmt_num(-0.004, 2) == "0.00" and fmt_num(-0.006, 2) == "-0.01"
+    assert fmt_ci(-0.0001, 0.5) == f"0.000{EN}0.500"
     assert fmt_ci(0.1234, 0.5678) == f"0.123{EN}0.568"
     assert fmt_ci(-0.5, 0.25, 2) == "-0.50 to 0.25"
+
+
+def _body_and_references(html):
+    """The report's text before the reference list (plus the appendices after it) and the listed references."""
+    refs = re.search(r'<section id="references">(.*?)</section>', html, re.S).group(1)
+    listed = [(int(n), htmlmod.unescape(re.sub(r"<[^>]+>", "", t)))
+              for n, t in re.findall(r'<li id="ref-[a-z0-9_]+" value="(\d+)">(.*?)</li>', refs, re.S)]
+    body = _text_of_html(html.replace(refs, ""))
+    return body, listed
+
+
+def test_every_citation_is_listed_and_every_listed_reference_cited(tmp_path):
+    r = with_contract_keys()
+    # method strings as the statistics write them (from the demo's results.json): author-year citations
+    for g in r["group_differences"]:
+        g["method"] += "; rank-biserial r = 2U/(n1 n2) - 1 (Kerby 2014)"
+    r["prediction"]["nested"]["permutation_method"] = "p = (1 + b) / (1 + B) (Phipson & Smyth 2010)"
+    r["prediction"]["nested"]["metrics"]["lr_positive"]["method"] = "log method (Altman et al. 2000, p. 109)"
+    html = render_html(r)
+    body, listed = _body_and_references(html)
+    assert "Kerby 2014" in body and "Phipson & Smyth 2010" in body
+    numbers = [n for n, _t in listed]
+    assert numbers == list(range(1, len(listed) + 1))
+    cited = {int(n) for group in re.findall(r"\[(\d+(?:, \d+)*)\]", body) for n in group.split(", ")}
+    assert cited == set(numbers), f"cited but not listed: {cited - set(numbers)}; listed, never cited: " \
+                                  f"{set(numbers) - cited}"
+    # Every work named by author in the text (method strings included) is in the list.
+    texts = " ".join(t for _n, t in listed)
+    for surname in ("Simel", "Altman", "Kerby", "Phipson", "Mercaldo", "DeLong", "Hedges", "Obuchowski",
+                    "Davison", "Clopper", "Holm", "Benjamini", "Brier", "Cleveland"):
+        if surname in body:
+            assert surname in texts, f"{surname} is cited in the text but not listed"
+    for m in re.finditer(r"\b([A-Z][a-z]+)(?: et al\.?| (?:&|and) [A-Z][a-z]+)?,? \(?((?:19|20)\d\d)\b", body):
+        name, year = m.groups()
+        if name in ("STARD", "Page", "Figure", "Table", "Appendix", "Item", "Created", "January"):
+            continue
+        assert any(name in t and year in t for t in texts.split(". ") + [texts]), f"{m.group(0)!r} is not listed"
+
+
+def test_no_absolute_local_path_in_the_report(tmp_path):
+    r = with_contract_keys()
+    r["provenance"]["inputs"]["weights"]["path"] = "/tmp/covreport-demo-x/model/densenet121-phantom.pt"
+    r["provenance"]["inputs"]["manifest"]["path"] = "/home/someone/study/manifest.csv"
+    r["provenance"]["command"] = ("covreport run /home/someone/study/manifest.csv --weights "
+                                  "/tmp/covreport-demo-x/model/densenet121-phantom.pt --out /home/someone/out")
+    html = render_html(r)
+    text = _text_of_html(html)
+    assert "/tmp/" not in text and "/home/" not in text
+    assert "densenet121-phantom.pt" in text and r["provenance"]["inputs"]["weights"]["sha256"] in text
+
+
+def test_new_results_are_shown_and_absent_ones_break_nothing(tmp_path):
+    r = with_contract_keys()
+    text = _text_of_html(render_html(r))
+    g = r["group_differences_clustered"][3]
+    assert f"{g['theta']:.2f} ({g['ci_low']:.2f}{EN}{g['ci_high']:.2f})" in text      # Obuchowski theta with CI
+    assert "Table 2b." in text and "[primary analysis]" in text
+    assert "Table 1b. Demographics per reference-standard category, counted by patient" in text
+    assert r["table1_patients"][0]["note"] in text
+    cal = r["prediction"]["nested"]["calibration"]
+    assert f"{cal['slope']:.2f} ({cal['slope_ci_low']:.2f}{EN}{cal['slope_ci_high']:.2f})" in text
+    assert f"{cal['brier']:.3f}" in text
+    boot = r["bootstrap"]["prediction"]["nested"]["accuracy"]
+    assert f"({boot['ci_low']:.3f}{EN}{boot['ci_high']:.3f})" in text and "Table 4b." in text
+    fs = r["prediction"]["nested"]["features_selected"]
+    assert f"{fs['median']:.1f} ({fs['min']}{EN}{fs['max']})" in text
+    gd = r["group_differences"][0]
+    assert f"{gd['rank_biserial']:.2f}" in text                                          # rank-biserial, Table 2
+    assert "The primary analysis is at the level of the patient" in text
+    old = _text_of_html(render_html(base()))                                               # older results
+    assert "Table 2b." not in old and "Table 4b." not in old and "Table 4c." not in old and "n/a (n/a)" not in old
+
+
+def test_calibration_figure_in_report(tmp_path):
+    written = render_report(with_contract_keys(), tmp_path, pdf=False)
+    assert "figures/calibration.png" in written and "figures/calibration.svg" in written
+    assert 'id="fig-calibration"' in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_limitations_are_computed_from_the_numbers(results):

@@ -41,7 +41,7 @@ diagnostic accuracy studies. BMJ 2015;351:h5527.
 
 from covreport.report.checklists import ai_checklist, stard_checklist
 from covreport.report.context import build_context, plain_results
-from covreport.report.format import REFERENCES, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p
+from covreport.report.format import REFERENCES, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pp
 from covreport.report.limitations import limitations
 from covreport.report.render import (
     external_references, make_environment, render_html, render_report, templates_dir, write_pdf,
@@ -50,4 +50,4 @@ from covreport.report.revalidation_view import revalidation_view
 
 __all__ = ["render_report", "render_html", "write_pdf", "make_environment", "templates_dir", "build_context",
            "plain_results", "stard_checklist", "ai_checklist", "limitations", "revalidation_view",
-           "external_references", "fmt_p", "fmt_auc", "fmt_num", "fmt_ci", "fmt_est", "cite", "REFERENCES"]
+           "external_references", "fmt_p", "fmt_pp", "Citations", "fmt_auc", "fmt_num", "fmt_ci", "fmt_est", "cite", "REFERENCES"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import PurePath
 
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
 from covreport.errors import ReportError
 from covreport.report.checklists import ai_checklist, stard_checklist
-from covreport.report.format import REFERENCES
+from covreport.report.format import METRIC_NAMES
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.summaries import (
@@ -46,8 +48,19 @@ def _recorded_methods(results):
     for b in _prediction_blocks(results):
         add(f"prediction ({b['name']})", b["block"].get("method"))
         add(f"prediction ({b['name']})", (b["block"].get("auc") or {}).get("method"))
+        add(f"prediction ({b['name']}), permutation test", b["block"].get("permutation_method"))
         for rec in (b["block"].get("metrics") or {}).values():
             add(f"prediction ({b['name']})", rec.get("method"))
+    for r in results.get("group_differences_clustered") or []:
+        add("group differences, patients as clusters", r.get("method"))
+    for r in results.get("table1_patients") or []:
+        for k in ("p_age_method", "p_sex_method"):
+            add("Table 1b", r.get(k))
+    boot = results.get("bootstrap") or {}
+    add("cluster bootstrap", boot.get("method"))
+    for b in _prediction_blocks(results):
+        for k in ("auc_clustered", "calibration"):
+            add(f"prediction ({b['name']})", (b["block"].get(k) or {}).get("method"))
     rev = results.get("revalidation") or {}
     for m in (rev.get("method"), rev.get("added_method"), (rev.get("pair_changes") or {}).get("method")):
         add("comparison with the previous validation", m)
@@ -94,6 +107,59 @@ def plain_results(results):
         raise ReportError(f"the results cannot be reported: {exc}") from exc
 
 
+_ABSOLUTE = re.compile(r"""(?<![\w.])(?:/|~/|[A-Za-z]:[\\/])[^\s'"]*""")
+
+
+def display_path(path):
+    """A path as the report shows it: relative paths as given, absolute ones as their file name.
+
+    The report never shows an absolute local path (it names the author's
+    folders and would differ between machines); the SHA-256 beside every
+    input identifies the file.
+    """
+    text = str(path or "")
+    if not text:
+        return ""
+    if _ABSOLUTE.fullmatch(text):
+        return PurePath(text.replace("\\", "/")).name or text
+    return text
+
+
+def scrub_paths(text):
+    """``text`` with every absolute path replaced by its file name (for the recorded command)."""
+    return _ABSOLUTE.sub(lambda m: display_path(m.group(0)), str(text or ""))
+
+
+def _mw_methods_text(rows):
+    """How the Mann-Whitney p-values were computed, in words, with the number of tests of each kind."""
+    counts = {}
+    for r in rows:
+        m = str(r.get("mw_method") or "").strip()
+        if m:
+            counts[m] = counts.get(m, 0) + 1
+    if not counts:
+        return "as stated in the test's method"
+    words = {"exact": "exactly (the exact distribution of U)",
+             "asymptotic": "by the normal approximation with continuity correction",
+             "normal": "by the normal approximation with continuity correction"}
+    parts = [f"{words.get(m.lower(), m)} for {n} of {len(rows)} tests" if len(counts) > 1 else words.get(m.lower(), m)
+             for m, n in counts.items()]
+    return "; ".join(parts)
+
+
+def _marks(notes):
+    marks = {}
+    for n in notes:
+        if n and n not in marks:
+            marks[n] = str(len(marks) + 1)
+    return marks
+
+
+#: Figures in the order they appear in the report (numbered in this order when present).
+FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "class_activation_maps",
+                "revalidation_trend")
+
+
 def running_title(title, limit=80):
     """The title shortened at a word boundary to fit the running header on one line."""
     title = " ".join(str(title).split())
@@ -123,7 +189,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
     blocks = _prediction_blocks(results)
     t1 = results.get("table1") or []
     t1_letters, t1_notes = _footnotes(t1, ("p_age_method", "p_age_welch_method", "p_sex_method"))
-    metric_recs = [dict((b["block"].get("metrics") or {}), auc=b["block"].get("auc") or {}) for b in blocks]
+    metric_recs = [dict((b["block"].get("metrics") or {}), auc=b["block"].get("auc") or {},
+                        auc_clustered=b["block"].get("auc_clustered") or {}) for b in blocks]
     metric_rows = [{"method": rec.get("method")} for recs in metric_recs for rec in recs.values()]
     metric_letters, metric_notes = _footnotes(metric_rows, ("method",))
     note_marks = {}
@@ -132,6 +199,22 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
             if rec.get("note") and rec["note"] not in note_marks:
                 note_marks[rec["note"]] = str(len(note_marks) + 1)
     gd = results.get("group_differences") or []
+    t1p = results.get("table1_patients") or []
+    t1p_letters, t1p_notes = _footnotes(t1p, ("p_age_method", "p_sex_method"))
+    boot = results.get("bootstrap") or {}
+    boot_gd = {(b.get("contrast"), b.get("label"), b.get("quantity")): b for b in boot.get("group_differences") or []}
+    boot_pred = boot.get("prediction") or {}
+    boot_keys = []
+    for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "auc"):
+        if any(name in (boot_pred.get(b["name"]) or {}) for b in blocks):
+            boot_keys.append(name)
+    for recs in boot_pred.values():
+        boot_keys += [k for k in recs if k not in boot_keys]
+    mw_rules = sorted({str(r["mw_rule"]) for r in gd if r.get("mw_rule")})
+    figure_numbers = {}
+    for stem in FIGURE_ORDER:
+        if stem in (figures or {}):
+            figure_numbers[stem] = len(figure_numbers) + 1
     contrasts = []
     for r in gd:
         if r.get("contrast") not in contrasts:
@@ -159,7 +242,6 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
         "checklist": stard_checklist(results),
         "ai_items": ai_checklist(results, has_cams=has_cams),
         "methods": _recorded_methods(results),
-        "references": [{"n": i + 1, "key": k, "text": v} for i, (k, v) in enumerate(REFERENCES.items())],
         "t1_letters": t1_letters,
         "t1_notes": t1_notes,
         "t1_counted_by": sorted({str(row.get("counted_by")) for row in t1 if row.get("counted_by")}),
@@ -168,6 +250,19 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
         "metric_letters": metric_letters,
         "metric_notes": metric_notes,
         "note_marks": note_marks,
+        "primary": results.get("primary_analysis") or None,
+        "mw_rule": "; ".join(mw_rules),
+        "mw_methods_text": _mw_methods_text(gd),
+        "t1p_letters": t1p_letters,
+        "t1p_notes": t1p_notes,
+        "boot_gd": boot_gd,
+        "boot_pred": boot_pred,
+        "boot_pred_keys": boot_keys,
+        "metric_names": METRIC_NAMES,
+        "clustered_note_marks": _marks(r.get("note") for r in results.get("group_differences_clustered") or []),
+        "any_block_has": lambda key: any(b["block"].get(key) is not None for b in blocks),
+        "any_metric": lambda key: any(key in (b["block"].get("metrics") or {}) for b in blocks),
+        "fig_no": figure_numbers,
         "running_title": running_title(title),
         "contrasts": contrasts,
         "validation": _validation_summary(results),

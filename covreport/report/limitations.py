@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
-from covreport.report.format import METRIC_NAMES, _ci_width, _finite, cite, fmt_auc, fmt_est, fmt_num, fmt_p
+from covreport.report.format import METRIC_NAMES, _ci_width, _finite, cite_mark, fmt_auc, fmt_est, fmt_num, fmt_pp
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.summaries import (
     ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _validation_summary,
@@ -19,7 +19,8 @@ def limitations(results):
         :data:`SMALL_GROUP` pairs), wide 95% CIs (width above :data:`WIDE_CI`),
         class imbalance, the number of tests, the optimism of the global
         protocol, correlated pairs, heterogeneous intervals, non-estimable
-        AUCs, exclusions, a reversed-order control above chance, synthetic data.
+        AUCs, exclusions, synthetic data, and the incorporation, spectrum and
+        selection biases of the design where they apply.
     """
     out = []
     flow = results.get("flow") or {}
@@ -87,16 +88,11 @@ def limitations(results):
                     f"(nested), an optimism of {ag - an:+.3f}")
             if _finite(un) and _finite(ug):
                 text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {ug - un:+.3f})"
-            text += ". Only the nested estimate is free of selection leakage " + cite("ambroise") + "."
+            text += ". Only the nested estimate is free of selection leakage " + cite_mark("ambroise") + "."
             out.append({"kind": "Optimism of the global protocol", "text": text})
-    rev = pred.get("reversed")
-    if rev and _finite((rev.get("auc") or {}).get("ci_low")) and rev["auc"]["ci_low"] > 0.5:
-        out.append({"kind": "Reversed-order control above chance", "text": f"Predicting from the second CXR "
-                    f"gave AUC {fmt_est(rev['auc'], est='auc')}, above chance: the features may encode the "
-                    "patient or the acquisition rather than a trajectory."})
     if head and _finite(head["block"].get("permutation_p")) and head["block"]["permutation_p"] >= ALPHA:
         out.append({"kind": "Prediction not distinguished from chance", "text": f"The permutation test of the "
-                    f"{head['name']} protocol gave p = {fmt_p(head['block']['permutation_p'])} "
+                    f"{head['name']} protocol gave {fmt_pp(head['block']['permutation_p'])} "
                     f"({head['block'].get('permutations', '?')} permutations)."})
     pa, na = flow.get("pairs_analysed"), flow.get("patients_analysed")
     if _finite(pa) and _finite(na) and pa > na:
@@ -120,6 +116,32 @@ def limitations(results):
         out.append({"kind": "Exclusions", "text": f"{pim - pan} of {pim} pairs ({100 * (pim - pan) / pim:.1f}%) "
                     "were excluded (see the flow diagram); if exclusion relates to the outcome, the estimates "
                     "are biased."})
+    study = results.get("study") or {}
+    out.append({"kind": "Incorporation bias", "text": "The reference standard (Worse, Stable, Improved) is a reading "
+                "of the same two CXRs whose pixels the index test scores, so the index test's input is part of the "
+                "reference standard; agreement between them can be inflated compared with an outcome judged "
+                "independently of the images (for example clinical deterioration)."})
+    spectrum = (f"The index test was trained on CheXpert{' (a phantom in its layout here)' if prov.get('synthetic') else ''}, "
+                "a general hospital population; the test pairs come from patients imaged at least twice, who tend "
+                "to be sicker than those imaged once. Accuracy in this spectrum need not carry over to another "
+                "setting")
+    if _finite(pan) and by:
+        shares = ", ".join(f"{o} {100 * by[o].get('pairs', 0) / pan:.0f}%" for o in OUTCOMES if o in by and pan)
+        spectrum += f" or to another mix of outcomes (here {shares})"
+    out.append({"kind": "Spectrum bias", "text": spectrum + "."})
+    series = str(study.get("series") or "").lower()
+    sel = []
+    if _finite(pim) and _finite(pan) and pim > pan:
+        sel.append(f"{pim - pan} of {pim} pairs were excluded")
+    if "convenience" in series:
+        sel.append("the series is a convenience series")
+    elif not series:
+        sel.append("how participants were selected is not stated (study.toml: series)")
+    if _finite(pa) and _finite(na) and pa > na:
+        sel.append(f"patients with more CXRs contribute more pairs ({pa} pairs of {na} patients)")
+    if sel:
+        out.append({"kind": "Selection bias", "text": "The analysed pairs may not represent the eligible population: "
+                    + "; ".join(sel) + "."})
     rv = revalidation_view(results)
     if rv and rv["not_comparable"]:
         texts = []

@@ -13,8 +13,10 @@ import jinja2.sandbox
 import covreport
 from covreport._io import atomic_write_bytes, atomic_write_text
 from covreport.errors import ReportError
-from covreport.report.context import build_context, plain_results
-from covreport.report.format import TBC, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pct
+from covreport.report.context import build_context, display_path, plain_results, scrub_paths
+from covreport.report.format import (
+    TBC, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pct, fmt_pp, fmt_ratio,
+)
 from covreport.report.revalidation_view import REVALIDATION_FIGURE
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ def templates_dir():
             return candidate
     raise ReportError(f"the report templates are missing (looked in {pkg / 'templates'} and "
                       f"{pkg.parent / 'templates'}); reinstall covreport")
+
+
+def _pluck(rows, key):
+    """``row.get(key)`` of each mapping in ``rows`` (None where absent or not a mapping)."""
+    return [row.get(key) if isinstance(row, dict) else None for row in rows or []]
 
 
 def make_environment(templates=None):
@@ -62,8 +69,9 @@ def make_environment(templates=None):
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update({"num": fmt_num, "auc": fmt_auc, "p": fmt_p, "ci": fmt_ci, "est": fmt_est,
-                        "pct": fmt_pct})
+    env.filters.update({"num": fmt_num, "auc": fmt_auc, "p": fmt_p, "pp": fmt_pp, "ci": fmt_ci, "est": fmt_est,
+                        "pct": fmt_pct, "ratio": fmt_ratio, "display_path": display_path,
+                        "scrub_paths": scrub_paths, "pluck": _pluck})
     env.globals.update({"cite": cite, "TBC": TBC})
     return env
 
@@ -85,6 +93,9 @@ def _make_figures(results, cams, folder):
         todo.append(("roc_curves", lambda: figures.roc_grid(results), "png"))
     if results.get("pairs") and results.get("labels"):
         todo.append(("change_boxplots", lambda: figures.change_boxplots(results), "png"))
+    pred = results.get("prediction") or {}
+    if any(isinstance(b, dict) and b.get("calibration") for b in pred.values()):
+        todo.append(("calibration", lambda: figures.calibration_figure(results), "png"))
     if cams:
         todo.append(("class_activation_maps", lambda: figures.cam_figure(cams), "png"))
     rev = results.get("revalidation")
@@ -141,7 +152,15 @@ def render_html(results, *, templates=None, figures=None, cams_note=None, has_ca
     env = make_environment(templates)
     ctx = build_context(results, figures=figures, cams_note=cams_note, has_cams=has_cams)
     try:
-        html = env.get_template("report.html.j2").render(**ctx)
+        template = env.get_template("report.html.j2")
+        # Two passes: the first records the order of first citation, the second numbers every citation
+        # in that order and lists exactly the cited works (Vancouver style).
+        first = Citations()
+        template.render(**ctx, cite=first.cite, cite_text=first.text, references=[])
+        second = Citations(first.order)
+        html = template.render(**ctx, cite=second.cite, cite_text=second.text, references=first.listed())
+        if second.order != first.order:
+            raise ReportError("a template cites a work only on its second rendering; cite works unconditionally")
     except jinja2.sandbox.SecurityError as exc:
         raise ReportError(f"a template tried an unsafe operation and was stopped ({exc}); templates run in "
                           "Jinja's sandbox: use only the values of the report context, never attributes "
