@@ -127,7 +127,7 @@ def flow_diagram(results):
             return (text.count("\n") + 1) * size * 1.18 / 72 / 2 + size * 0.5 / 72 + 0.02
 
         y = height - 0.7
-        top = (f"Pairs of consecutive CXRs in manifest\n"
+        top = (f"Potentially eligible: pairs of consecutive\nCXRs of one patient in the manifest\n"
                f"n = {flow['pairs_in_manifest']} pairs of {flow['patients_in_manifest']} patients")
         if flow.get("images_in_manifest") is not None:
             top += f"\n{flow['images_in_manifest']} distinct images"
@@ -137,6 +137,7 @@ def flow_diagram(results):
                     top += f"\n({flow['images_from_cache']} from the score cache)"
         ax.text(MAIN_X, y, top, ha="center", va="center", fontsize=8, bbox=main_box)
         h_prev = half(top)
+        top_edge = y + h_prev + 0.08
         remaining = flow["pairs_in_manifest"]
         for i, stage in enumerate(stages):
             rows = [c for c in counts if c["stage"] == stage]
@@ -173,24 +174,70 @@ def flow_diagram(results):
         ax.plot([xs[0], xs[-1]], [y_bar, y_bar], color="black", linewidth=0.9)
         ax.plot([MAIN_X, MAIN_X], [y_an - h_prev, y_bar], color="black", linewidth=0.9)
         bottom = y_bar
+        group_box = {}
         for x, outcome in zip(xs, OUTCOMES):
             g = by.get(outcome, {})
-            text = f"{outcome}\n{_n(g.get('pairs', 0), 'pair')}\n{_n(g.get('patients', 0), 'patient')}"
+            text = (f"Reference standard: {outcome}\n{_n(g.get('pairs', 0), 'pair')}\n"
+                    f"{_n(g.get('patients', 0), 'patient')}")
             y_g = y_bar - 0.35 - half(text)
             ax.annotate("", xy=(x, y_g + half(text)), xytext=(x, y_bar), arrowprops=arrow)
-            ax.text(x, y_g, text, ha="center", va="center", fontsize=8,
+            ax.text(x, y_g, text, ha="center", va="center", fontsize=7.5,
                     bbox={"boxstyle": "round,pad=0.5", "facecolor": "white", "edgecolor": "black",
                           "linewidth": 1.4 if outcome == WORSE else 1.0,
                           "linestyle": {WORSE: "-", STABLE: "--", IMPROVED: ":"}[outcome]})
+            group_box[outcome] = (x, y_g - half(text))
             bottom = min(bottom, y_g - half(text))
-        bottom -= 0.35
-        ax.set_ylim(bottom, height)
-        fig.set_size_inches(FLOW_WIDTH, height - bottom)
+        # the prediction subset: Worse vs Improved, with the index test's predicted class under each category
+        block, name = _headline_block(results)
+        if block:
+            conf = block.get("confusion") or {}
+            pairs = block.get("pairs") or []
+            y_row = bottom - 0.05
+            rows = {WORSE: (conf.get("tp"), conf.get("fn")), IMPROVED: (conf.get("fp"), conf.get("tn"))}
+            texts = {}
+            for outcome in (WORSE, IMPROVED):
+                pw, pi = rows[outcome]
+                pts = {p.get("patient_id") for p in pairs if p.get("outcome") == outcome}
+                texts[outcome] = (f"Prediction subset ({name})\n{_n(sum(1 for p in pairs if p.get('outcome') == outcome), 'pair')}"
+                                  f" of {_n(len(pts), 'patient')}\nIndex test predicts {WORSE}: {pw}\n"
+                                  f"Index test predicts {IMPROVED}: {pi}")
+            h = max(half(t, 7) for t in texts.values())
+            for outcome, t in texts.items():
+                x, y_top = group_box[outcome]
+                ax.annotate("", xy=(x, y_row - 0.35), xytext=(x, y_top), arrowprops=arrow)
+                ax.text(x, y_row - 0.35 - h, t, ha="center", va="center", fontsize=7,
+                        bbox={"boxstyle": "square,pad=0.5", "facecolor": "white", "edgecolor": "black",
+                              "linewidth": 0.9})
+            x, y_top = group_box[STABLE]
+            ax.text(x, y_row - 0.35 - h, f"{STABLE}: not in the\nprediction of\n{WORSE} vs {IMPROVED}",
+                    ha="center", va="center", fontsize=6.5, style="italic", color="0.25")
+            bottom = y_row - 0.35 - 2 * h - 0.1
+        counted = sum((by.get(o) or {}).get("patients", 0) for o in OUTCOMES)
+        note = ""
+        if counted != flow.get("patients_analysed"):
+            note = (f"A patient can have pairs in several outcome groups: the groups count {counted} patients "
+                    f"for {flow.get('patients_analysed')} patients analysed.")
         total_ex = flow["pairs_in_manifest"] - flow["pairs_analysed"]
         if remaining != flow["pairs_analysed"]:
-            ax.text(50, bottom + 0.1, f"Note: {total_ex} pairs not analysed, {flow['pairs_in_manifest'] - remaining} "
-                    "listed as exclusions", ha="center", fontsize=6.5, style="italic")
+            note += (f" Note: {total_ex} pairs not analysed, {flow['pairs_in_manifest'] - remaining} listed as "
+                     "exclusions.")
+        if note:
+            note = _wrap(note.strip(), 110)
+            bottom -= 0.15
+            ax.text(50, bottom, note, ha="center", va="top", fontsize=6.5, style="italic")
+            bottom -= 0.13 * (note.count("\n") + 1) + 0.05
+        bottom -= 0.05
+        ax.set_ylim(bottom, top_edge)
+        fig.set_size_inches(FLOW_WIDTH, top_edge - bottom)
     return fig
+
+
+def _headline_block(results):
+    """The headline prediction block and its name, or (None, None)."""
+    pred = results.get("prediction") or {}
+    name = pred.get("headline", "nested")
+    block = pred.get(name)
+    return (block, f"{name} protocol") if isinstance(block, dict) and block.get("confusion") else (None, None)
 
 
 # --- ROC curves (validation) -------------------------------------------------
@@ -405,48 +452,66 @@ def calibration_figure(results, *, frac=2 / 3):
 
 
 def cam_figure(cams):
-    """Class activation maps on the first and second CXR of each given pair.
+    """Class activation maps on the first and second CXR of each given pair, one colour scale per pair.
 
     Parameters
     ----------
     cams : list of dict
-        ``{"pair_id", "label", "first": {"image", "heatmap"}, "second": {...}}``;
-        ``image`` and ``heatmap`` are 2-D float arrays (the heatmap is
-        stretched over the image if the sizes differ).
+        ``{"pair_id", "label", "first": {"image", "heatmap"}, "second": {...}}``,
+        optionally ``"outcome"``, ``"probability"`` (out-of-fold probability of
+        Worse), ``"label_first"`` and ``"label_second"`` (the label's probability
+        on each CXR); ``image`` and ``heatmap`` are 2-D float arrays (the
+        heatmap is stretched over the image if the sizes differ).
 
     Returns
     -------
     matplotlib.figure.Figure
         One row per pair: the CXR in gray, the map overlaid with a
         perceptually ordered colour map (inferno, monotone in lightness) and
-        contour lines at 50% and 80% of its maximum, so it reads in grayscale.
+        contour lines at 50% and 80% of the pair's maximum, so it reads in
+        grayscale. Both CXRs of a pair share one scale (0 = the lower of the two
+        minima, 1 = the higher of the two maxima), so their activations compare.
+
+    References
+    ----------
+    Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A. Learning deep features
+    for discriminative localization. Proc IEEE CVPR 2016:2921-2929.
     """
     cams = list(cams or [])
     nrows = max(1, len(cams))
     with matplotlib.rc_context(_RC):
-        fig = _figure(6.6, 3.3 * nrows)
+        fig = _figure(6.6, 3.1 * nrows + 0.2)
         axes = fig.subplots(nrows, 2, squeeze=False)
         mappable = None
         for row, cam in zip(axes, cams):
+            heats = {w: np.asarray(cam[w]["heatmap"], dtype=float) for w in ("first", "second")}
+            lo = min(np.nanmin(h) for h in heats.values())
+            hi = max(np.nanmax(h) for h in heats.values())
             for ax, which in zip(row, ("first", "second")):
                 img = np.asarray(cam[which]["image"], dtype=float)
                 if img.ndim == 3:
                     img = img.mean(axis=-1) if img.shape[-1] in (1, 3, 4) else img[0]
-                heat = np.asarray(cam[which]["heatmap"], dtype=float)
+                heat = heats[which]
                 h, w = img.shape
                 extent = (0, w, h, 0)
-                lo, hi = np.nanmin(heat), np.nanmax(heat)
                 norm_heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
                 ax.imshow(img, cmap="gray", extent=extent, interpolation="bilinear")
                 mappable = ax.imshow(norm_heat, cmap="inferno", alpha=0.45, extent=extent, vmin=0, vmax=1,
                                      interpolation="bilinear")
                 yy = np.linspace(0, h, norm_heat.shape[0])
                 xx = np.linspace(0, w, norm_heat.shape[1])
-                if hi > lo:
-                    ax.contour(xx, yy, norm_heat, levels=[0.5, 0.8], colors=["white", "white"],
-                               linestyles=["--", "-"], linewidths=0.8)
-                ax.set_title(f"Pair {_plain(cam.get('pair_id', '?'))}, {which} CXR\n"
-                             f"{_plain(cam.get('label', ''))}", fontsize=7.5)
+                for level, style in ((0.5, "--"), (0.8, "-")):
+                    if np.nanmin(norm_heat) < level < np.nanmax(norm_heat):
+                        ax.contour(xx, yy, norm_heat, levels=[level], colors="white", linestyles=style,
+                                   linewidths=0.8)
+                title = f"Pair {_plain(cam.get('pair_id', '?'))}"
+                if cam.get("outcome"):
+                    title += f" ({_plain(cam['outcome'])})"
+                title += f", {which} CXR\n{_plain(cam.get('label', ''))}"
+                p_lab = cam.get(f"label_{which}")
+                if p_lab is not None:
+                    title += f": probability {_fmt(p_lab, 2)}"
+                ax.set_title(title, fontsize=7.5)
                 ax.set_xticks([])
                 ax.set_yticks([])
         if not cams:
@@ -454,10 +519,10 @@ def cam_figure(cams):
                 ax.axis("off")
             fig.text(0.5, 0.5, "No class activation maps were computed.", ha="center")
         elif mappable is not None:
-            fig.subplots_adjust(left=0.02, right=0.86, top=0.9, bottom=0.04, wspace=0.05)
+            fig.subplots_adjust(left=0.02, right=0.86, top=0.94, bottom=0.03, wspace=0.05, hspace=0.25)
             cax = fig.add_axes((0.885, 0.15, 0.025, 0.7))
             cb = fig.colorbar(mappable, cax=cax)
-            cb.set_label("activation, scaled 0-1")
+            cb.set_label("activation, one scale per pair (0-1)")
     return fig
 
 

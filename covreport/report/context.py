@@ -169,7 +169,7 @@ def running_title(title, limit=80):
     return cut.rstrip(",;:") + "\u2026"
 
 
-def build_context(results, *, figures=None, cams_note=None, has_cams=False):
+def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams_info=None):
     """Everything the templates see, derived from the results mapping.
 
     Keys (documented for institutions writing their own templates): ``r`` (the
@@ -276,6 +276,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False):
         "preprocessing": _kv(prov.get("preprocessing")) if isinstance(prov.get("preprocessing"), dict) else [],
         "packages": sorted((prov.get("packages") or {}).items()),
         "cams_note": cams_note,
+        "cams_info": plain_results(list(cams_info or [])),
         "reval": revalidation_view(results),
         "outcome_defs": OUTCOME_DEFINITIONS,
         "outcomes": OUTCOMES,

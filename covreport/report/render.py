@@ -140,7 +140,7 @@ def external_references(html):
     return bad
 
 
-def render_html(results, *, templates=None, figures=None, cams_note=None, has_cams=False):
+def render_html(results, *, templates=None, figures=None, cams_note=None, has_cams=False, cams_info=None):
     """Render ``report.html.j2`` to a string (see :func:`build_context` for what templates see).
 
     Raises
@@ -150,7 +150,7 @@ def render_html(results, *, templates=None, figures=None, cams_note=None, has_ca
         external resource.
     """
     env = make_environment(templates)
-    ctx = build_context(results, figures=figures, cams_note=cams_note, has_cams=has_cams)
+    ctx = build_context(results, figures=figures, cams_note=cams_note, has_cams=has_cams, cams_info=cams_info)
     try:
         template = env.get_template("report.html.j2")
         # Two passes: the first records the order of first citation, the second numbers every citation
@@ -238,6 +238,12 @@ def _cams_note(results, cams):
     return "No class activation maps were computed for this run (none were passed to the report)."
 
 
+def _cams_info(cams):
+    """What the caption says of each pair with activation maps (no arrays)."""
+    keys = ("pair_id", "outcome", "label", "probability", "label_first", "label_second", "rule")
+    return [{k: c.get(k) for k in keys} for c in cams or []]
+
+
 def render_report(results, out_dir, *, templates=None, cams=None, pdf=True):
     """Write the STARD 2015 report of ``results`` into ``out_dir``.
 
@@ -275,7 +281,7 @@ def render_report(results, out_dir, *, templates=None, cams=None, pdf=True):
         for ext, p in f["paths"].items():
             written[f"figures/{stem}.{ext}"] = p
     html = render_html(results, templates=templates, figures=figs, cams_note=_cams_note(results, cams),
-                       has_cams=bool(cams))
+                       has_cams=bool(cams), cams_info=_cams_info(cams))
     atomic_write_text(out_dir / "report.html", html, error_class=ReportError)
     written["report.html"] = out_dir / "report.html"
     if pdf:
