@@ -482,3 +482,54 @@ def test_numpy_values_in_results_are_reported(results):
     text = _text_of_html(render_html(r))
     assert _key_numbers(results)["nested accuracy"] in text
     assert f"{r['flow']['pairs_analysed']} pairs of 40 patients were analysed" in text
+
+
+# --- STARD completeness of the demo, training recipe, scale ------------------------------
+
+DEMO_TRAINING = {"labels": ["Edema"], "uncertainty": "zeros", "image_size": 64, "epochs": 2, "batch_size": 32,
+                 "lr": 0.001, "betas": [0.9, 0.999], "init": "none", "seed": 0}
+
+
+def test_demo_study_leaves_nothing_to_be_completed():
+    from covreport.demo import DEMO_STUDY_TOML
+    from covreport.report import ai_checklist
+
+    r = copy.deepcopy(with_contract_keys())
+    r["study"] = read_study(DEMO_STUDY_TOML)
+    r["provenance"]["model"] = {"training": DEMO_TRAINING}
+    r["provenance"]["demo"] = {"seed": 0, "phantom": {"image_size": 64, "n_train": 2400, "n_valid": 300}}
+    text = _text_of_html(render_html(r, has_cams=True))
+    assert "to be completed (" not in text
+    assert {row["status"] for row in stard_checklist(r)} <= {"covreport", "study.toml", "covreport + study.toml"}
+    assert {row["status"] for row in ai_checklist(r, has_cams=True)} <= {"covreport", "study.toml",
+                                                                          "covreport + study.toml"}
+    assert "Not applicable: a retrospective analysis of generated images" in text   # item 25 with its reason
+    # items 10a and the appendix: training data and recipe in words, deviations from the original recipe flagged
+    for phrase in ("64 x 64 px instead of 320 x 320 px", "2 epochs instead of 3 epochs",
+                   "learning rate 0.001 instead of learning rate 0.0001",
+                   "random weights instead of ImageNet weights", "batch 32 instead of batch 16",
+                   "2400 training and 300 validation images"):
+        assert phrase in text, phrase
+    rows = {row["item"]: row for row in stard_checklist(r)}
+    assert "64 x 64 px instead of 320 x 320 px" in rows["10a"]["filled"]
+
+
+def test_original_recipe_has_no_deviation():
+    from covreport.report.training import ORIGINAL_RECIPE, describe_training
+
+    d = describe_training(dict(ORIGINAL_RECIPE, seed=1))
+    assert d["deviations"] == [] and "The recipe is the original study's." in d["text"]
+    assert describe_training(None) is None
+
+
+def test_report_lists_the_first_50_exclusions_and_counts_by_reason(tmp_path):
+    r = base()
+    base_row = r["flow"]["exclusions"][0]
+    r["flow"]["exclusions"] = [dict(base_row, pair_id=f"X{i:05d}") for i in range(500)]
+    r["flow"]["exclusion_counts"] = [{"stage": "index test not done", "reason": f"reason {i}", "pairs": 500 - i}
+                                     for i in range(60)]
+    html = render_html(r)
+    text = _text_of_html(html)
+    assert "the first 50 of 500; all are in tables/exclusions.csv" in text
+    assert "X00049" in text and "X00050" not in text
+    assert "10 further reasons with" in text and "reason 49" in text and "reason 50" not in text

@@ -9,6 +9,18 @@ def _study_status(study, fields):
     return have, miss
 
 
+#: What items 10a, 14 and 18 add when a training recipe is stored with the weights.
+_RECIPE_NOTE = {"10a": "training data and recipe described in words",
+                "14": "the index test's own validation (per-label AUCs) and training recipe stated",
+                "18": "training and validation set sizes of the index test stated"}
+
+
+def _recipe(results):
+    from covreport.report.context import training_text
+
+    return training_text(results)
+
+
 def item_status(auto_ok, fields, have, miss):
     """The one status rule of every checklist row.
 
@@ -119,6 +131,7 @@ def stard_checklist(results):
         study.toml fields the author must still fill, or why data is missing).
     """
     study = results.get("study") or {}
+    recipe = _recipe(results)
     rows = []
     for item, title, sec, sec_name, auto, fields in STARD_ITEMS:
         have, miss = _study_status(study, fields)
@@ -136,6 +149,9 @@ def stard_checklist(results):
         todo = [f"study.toml: {f}" for f in miss]
         if gap:
             todo.append(gap)
+        if item in ("10a", "14", "18") and recipe:
+            filled.append(_RECIPE_NOTE[item] + (f"; deviations from the original recipe: {', '.join(recipe['deviations'])}"
+                                                if recipe["deviations"] else "; the original study's recipe"))
         rows.append({"item": item, "title": title, "section": sec, "section_name": sec_name, "status": status,
                      "filled": "; ".join(filled), "todo": "; ".join(todo)})
     return rows
@@ -171,8 +187,12 @@ def ai_checklist(results, *, has_cams=False):
         "recorded preprocessing", gap="preprocessing not recorded (scores file supplied)")
     add("Model and weights (architecture, SHA-256)", "methods-index", "Methods: index test",
         bool(prov.get("weights_sha256")), "weights SHA-256", gap="weights not available (scores file supplied)")
-    add("Model development (training recipe)", "methods-index", "Methods: index test", bool(model.get("training")),
-        "training recipe stored with the weights", gap="no training recipe stored with the weights")
+    recipe = _recipe(results)
+    add("Model development (training data and recipe)", "methods-index", "Methods: index test", bool(recipe),
+        "training data and recipe in words (initialisation, input size, uncertain labels, loss and class weights, "
+        "optimiser, batch, epochs, no augmentation, checkpoint rule)"
+        + (f"; deviations from the original recipe: {', '.join(recipe['deviations'])}" if recipe and recipe["deviations"]
+           else ""), gap="no training recipe stored with the weights")
     add("Software versions", "reproducibility", "Reproducibility", bool(prov.get("packages")),
         "Python and package versions")
     add("Performance with 95% CIs", "results-accuracy", "Results: accuracy",

@@ -12,6 +12,7 @@ from covreport.report.checklists import ai_checklist, stard_checklist
 from covreport.report.format import METRIC_NAMES
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
+from covreport.report.training import describe_training
 from covreport.report.summaries import (
     ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _threshold,
     _validation_summary,
@@ -155,9 +156,29 @@ def _marks(notes):
     return marks
 
 
+#: Excluded pairs (and reasons) listed in the report; tables/exclusions.csv holds them all.
+EXCLUSIONS_SHOWN = 50
+
 #: Figures in the order they appear in the report (numbered in this order when present).
 FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "class_activation_maps",
                 "revalidation_trend")
+
+
+def training_text(results):
+    """:func:`~covreport.report.training.describe_training` of the results' recipe (None without one)."""
+    prov = results.get("provenance") or {}
+    model = prov.get("model") or {}
+    training = model.get("training") if isinstance(model.get("training"), dict) else None
+    data = None
+    demo = prov.get("demo") if isinstance(prov.get("demo"), dict) else None
+    if demo and isinstance(demo.get("phantom"), dict):
+        ph = demo["phantom"]
+        data = (f"The training data were covreport's synthetic phantom in the CheXpert layout: "
+                f"{ph.get('n_train', '?')} training and {ph.get('n_valid', '?')} validation images of "
+                f"{ph.get('image_size', '?')} x {ph.get('image_size', '?')} px, generated with seed "
+                f"{demo.get('seed', '?')}, one source, so no duplicates across sources; training and validation "
+                "images are generated separately.")
+    return describe_training(training, data=data)
 
 
 def running_title(title, limit=80):
@@ -199,6 +220,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
             if rec.get("note") and rec["note"] not in note_marks:
                 note_marks[rec["note"]] = str(len(note_marks) + 1)
     gd = results.get("group_differences") or []
+    counts = sorted((results.get("flow") or {}).get("exclusion_counts") or [],
+                    key=lambda c: (-(c.get("pairs") or 0), str(c.get("stage")), str(c.get("reason"))))
     t1p = results.get("table1_patients") or []
     t1p_letters, t1p_notes = _footnotes(t1p, ("p_age_method", "p_sex_method"))
     boot = results.get("bootstrap") or {}
@@ -275,7 +298,13 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
                                                      if model.get("training") else []),
         "preprocessing": _kv(prov.get("preprocessing")) if isinstance(prov.get("preprocessing"), dict) else [],
         "packages": sorted((prov.get("packages") or {}).items()),
+        "training_text": training_text(results),
         "cams_note": cams_note,
+        "exclusions_shown": list((results.get("flow") or {}).get("exclusions") or [])[:EXCLUSIONS_SHOWN],
+        "exclusion_counts_shown": counts[:EXCLUSIONS_SHOWN],
+        "exclusion_counts_more": ({"reasons": len(counts) - EXCLUSIONS_SHOWN,
+                                   "pairs": sum(c.get("pairs") or 0 for c in counts[EXCLUSIONS_SHOWN:])}
+                                  if len(counts) > EXCLUSIONS_SHOWN else None),
         "cams_info": plain_results(list(cams_info or [])),
         "reval": revalidation_view(results),
         "outcome_defs": OUTCOME_DEFINITIONS,
