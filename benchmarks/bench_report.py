@@ -46,7 +46,7 @@ def scale(n_pairs, n_analysed=12, seconds=60.0, megabytes=2048.0, keep=None):
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_validate import write_manifest  # the validation benchmark's manifest generator
+    from bench_validate import tiny_png, write_manifest  # the validation benchmark's generators
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(keep) if keep else Path(tmp)
@@ -65,6 +65,9 @@ def scale(n_pairs, n_analysed=12, seconds=60.0, megabytes=2048.0, keep=None):
                 if len(chosen) == n_analysed:
                     break
         images = [img for r in chosen for img in (r["first_image"], r["second_image"])]
+        for img in images:  # only these images exist: every other pair is excluded (file not found)
+            (tmp / img).parent.mkdir(parents=True, exist_ok=True)
+            tiny_png(tmp / img)
         rng = np.random.default_rng(0)
         from covreport.constants import CHEXPERT_LABELS, feature_columns
 
