@@ -146,7 +146,11 @@ def run(opts: RunOptions) -> Path:
         from covreport.revalidation import compare
 
         results["revalidation"] = compare(results, previous)
-    cams = _cams(pairs, loaded, results.get("prediction")) if loaded is not None else None
+    # Which pairs the activation maps show depends on the scores and the prediction only, so it is stored in
+    # results.json (and the report's text comes from there); the maps themselves need the model.
+    selection = _cam_pairs(pairs, labels, results.get("prediction"))
+    results["class_activation_maps"] = _cam_record(*selection)
+    cams = _cams(loaded, *selection) if loaded is not None else None
     return _write_outputs(results, out, opts, cams)
 
 
@@ -335,13 +339,22 @@ def _cam_pairs(pairs, labels, prediction):
     return chosen, label
 
 
-def _cams(pairs, loaded, prediction=None):
-    """Class activation maps of the first and second CXR of one pair per outcome group (see :data:`CAM_RULE`)."""
+def _cam_record(chosen, label):
+    """The ``class_activation_maps`` record of results.json: the label, the rule and the chosen pairs."""
+    return {"label": label, "rule": CAM_RULE,
+            "method": "Class activation maps (Zhou et al. 2016) of the label on the first and second CXR of each "
+                      "chosen pair, both CXRs of a pair on one colour scale",
+            "pairs": [{"pair_id": rec["pair_id"], "outcome": rec["outcome"], "probability": probability,
+                       "label_first": float(rec[f"{label} first"]), "label_second": float(rec[f"{label} second"])}
+                      for rec, probability in chosen]}
+
+
+def _cams(loaded, chosen, label):
+    """Class activation maps of the first and second CXR of the chosen pairs (see :data:`CAM_RULE`)."""
     from covreport.images import load_image
     from covreport.model import class_activation_map
 
     labels = list(loaded.labels)  # the scores' labels are the model's
-    chosen, label = _cam_pairs(pairs, labels, prediction)
     cams = []
     for rec, probability in chosen:
         cam = {"pair_id": rec["pair_id"], "label": label, "outcome": rec["outcome"], "probability": probability,

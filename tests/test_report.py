@@ -533,3 +533,26 @@ def test_report_lists_the_first_50_exclusions_and_counts_by_reason(tmp_path):
     assert "the first 50 of 500; all are in tables/exclusions.csv" in text
     assert "X00049" in text and "X00050" not in text
     assert "10 further reasons with" in text and "reason 49" in text and "reason 50" not in text
+
+
+def test_report_text_outside_figures_comes_from_results_json(results, tmp_path):
+    # `covreport verify` renders the report again from results.json alone (no model, no images): the text
+    # outside the figures must read the same as the report rendered with the activation maps.
+    r = copy.deepcopy(results)
+    r.update(validation_auc=[], roc_curves={})
+    r["class_activation_maps"] = {"label": "Edema", "rule": "the stated rule", "method": "CAM",
+                                  "pairs": [{"pair_id": "P001-1", "outcome": "Worse", "probability": 0.71,
+                                             "label_first": 0.2, "label_second": 0.6}]}
+    img = np.zeros((16, 16))
+    cams = [{"pair_id": "P001-1", "label": "Edema", "first": {"image": img, "heatmap": img[:4, :4]},
+             "second": {"image": img, "heatmap": img[:4, :4]}}]
+    render_report(r, tmp_path / "a", cams=cams, pdf=False)
+    render_report(r, tmp_path / "b", pdf=False)
+
+    def outside_figures(path):
+        html = (path / "report.html").read_text(encoding="utf-8")
+        return _text_of_html(re.sub(r"<figure.*?</figure>", " ", html, flags=re.S))
+
+    assert outside_figures(tmp_path / "a") == outside_figures(tmp_path / "b")
+    a = _text_of_html((tmp_path / "a" / "report.html").read_text(encoding="utf-8"))
+    assert "Pair P001-1: reference standard Worse, out-of-fold probability of Worse 0.71" in a

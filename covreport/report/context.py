@@ -204,6 +204,16 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     validation, or None without ``--previous``).
     """
     results = plain_results(results)
+    # The text on the activation maps comes from results.json when it holds the record (so that a report
+    # rendered again from results.json alone, e.g. by `covreport verify`, reads the same).
+    cam_record = results.get("class_activation_maps") if isinstance(results.get("class_activation_maps"), dict) else {}
+    cam_pairs = [dict(p, label=cam_record.get("label")) for p in cam_record.get("pairs") or []] or \
+        plain_results(list(cams_info or []))
+    cam_rule = cam_record.get("rule") or next((c.get("rule") for c in cams_info or [] if c.get("rule")), None)
+    prov0 = results.get("provenance") or {}
+    weights_mode = "scores" not in (prov0.get("inputs") or {}) and bool(prov0.get("weights_sha256"))
+    cams_expected = bool(has_cams or (cam_record.get("pairs") and weights_mode))
+    has_cams = cams_expected
     study = validate_study(results.get("study") or {}, source="results['study']")
     results["study"] = study
     prov = results.get("provenance") or {}
@@ -236,7 +246,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     mw_rules = sorted({str(r["mw_rule"]) for r in gd if r.get("mw_rule")})
     figure_numbers = {}
     for stem in FIGURE_ORDER:
-        if stem in (figures or {}):
+        if stem in (figures or {}) or (stem == "class_activation_maps" and cams_expected):
             figure_numbers[stem] = len(figure_numbers) + 1
     contrasts = []
     for r in gd:
@@ -305,7 +315,9 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "exclusion_counts_more": ({"reasons": len(counts) - EXCLUSIONS_SHOWN,
                                    "pairs": sum(c.get("pairs") or 0 for c in counts[EXCLUSIONS_SHOWN:])}
                                   if len(counts) > EXCLUSIONS_SHOWN else None),
-        "cams_info": plain_results(list(cams_info or [])),
+        "cams_info": cam_pairs,
+        "cams_rule": cam_rule,
+        "cams_expected": cams_expected,
         "reval": revalidation_view(results),
         "outcome_defs": OUTCOME_DEFINITIONS,
         "outcomes": OUTCOMES,

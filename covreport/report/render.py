@@ -239,7 +239,7 @@ def _cams_note(results, cams):
 
 
 def _cams_info(cams):
-    """What the caption says of each pair with activation maps (no arrays)."""
+    """What the caption says of each pair with activation maps (no arrays), when results.json has no record."""
     keys = ("pair_id", "outcome", "label", "probability", "label_first", "label_second", "rule")
     return [{k: c.get(k) for k in keys} for c in cams or []]
 
