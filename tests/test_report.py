@@ -556,3 +556,22 @@ def test_report_text_outside_figures_comes_from_results_json(results, tmp_path):
     assert outside_figures(tmp_path / "a") == outside_figures(tmp_path / "b")
     a = _text_of_html((tmp_path / "a" / "report.html").read_text(encoding="utf-8"))
     assert "Pair P001-1: reference standard Worse, out-of-fold probability of Worse 0.71" in a
+
+
+def test_reviewer_mode_report_is_complete_with_the_authors_index_test_description():
+    from covreport.demo import DEMO_STUDY_TOML
+    from covreport.report import ai_checklist
+
+    r = base()
+    r["provenance"].update(weights_sha256=None, preprocessing=None, model=None)
+    r["provenance"]["inputs"] = {"manifest": r["provenance"]["inputs"]["manifest"],
+                                 "scores": {"path": "scores.csv", "sha256": "ab" * 32}}
+    r["study"] = read_study(DEMO_STUDY_TOML)
+    text = _text_of_html(render_html(r))
+    assert "to be completed (" not in text and "covreport did not run the model" in text
+    done = {"covreport", "study.toml", "covreport + study.toml"}
+    assert {row["status"] for row in stard_checklist(r)} <= done
+    assert {row["status"] for row in ai_checklist(r)} <= done
+    r["study"].pop("index_test")
+    rows = {row["item"]: row for row in stard_checklist(r)}
+    assert rows["10a"]["status"] == "partly" and "index_test" in rows["10a"]["todo"]

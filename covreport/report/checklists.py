@@ -133,7 +133,11 @@ def stard_checklist(results):
     study = results.get("study") or {}
     recipe = _recipe(results)
     rows = []
+    prov = results.get("provenance") or {}
+    reviewer = "scores" in (prov.get("inputs") or {}) or not prov.get("weights_sha256")
     for item, title, sec, sec_name, auto, fields in STARD_ITEMS:
+        if item == "10a" and reviewer:  # covreport saw a scores file only: the authors describe the model
+            auto, fields = "scores file with its SHA-256, labels, software versions", ("index_test",)
         have, miss = _study_status(study, fields)
         gap = _available(item, results) if auto else None
         if auto and gap:
@@ -163,6 +167,10 @@ def ai_checklist(results, *, has_cams=False):
     prov = results.get("provenance") or {}
     inputs = prov.get("inputs") or {}
     model = prov.get("model") or {}
+    # Reviewer mode: covreport read a scores file and never saw the model, so what it would have recorded
+    # comes from the authors (study.toml: index_test), and activation maps do not apply.
+    reviewer = "scores" in inputs or not prov.get("weights_sha256")
+    by_author = ("index_test",) if reviewer else ()
     rows = []
 
     def add(title, sec, sec_name, ok, filled, fields=(), gap=None):
@@ -184,23 +192,27 @@ def ai_checklist(results, *, has_cams=False):
     add("Acquisition devices and protocols", "methods-participants", "Methods: participants", False, "",
         ("acquisition",))
     add("Preprocessing", "methods-index", "Methods: index test", bool(prov.get("preprocessing")),
-        "recorded preprocessing", gap="preprocessing not recorded (scores file supplied)")
+        "recorded preprocessing", by_author, gap="preprocessing not recorded (scores file supplied)")
     add("Model and weights (architecture, SHA-256)", "methods-index", "Methods: index test",
-        bool(prov.get("weights_sha256")), "weights SHA-256", gap="weights not available (scores file supplied)")
+        bool(prov.get("weights_sha256")), "weights SHA-256", by_author,
+        gap="weights not available (scores file supplied)")
     recipe = _recipe(results)
-    add("Model development (training data and recipe)", "methods-index", "Methods: index test", bool(recipe),
+    add("Model development (training data and recipe)", "methods-index", "Methods: index test",
+        bool(recipe) or (reviewer and bool(study.get("index_test"))),
         "training data and recipe in words (initialisation, input size, uncertain labels, loss and class weights, "
         "optimiser, batch, epochs, no augmentation, checkpoint rule)"
         + (f"; deviations from the original recipe: {', '.join(recipe['deviations'])}" if recipe and recipe["deviations"]
-           else ""), gap="no training recipe stored with the weights")
+           else "") if recipe else "described by the authors (study.toml: index_test)",
+        by_author if not recipe else (), gap="no training recipe stored with the weights")
     add("Software versions", "reproducibility", "Reproducibility", bool(prov.get("packages")),
         "Python and package versions")
     add("Performance with 95% CIs", "results-accuracy", "Results: accuracy",
         bool(results.get("prediction") or results.get("validation_auc")), "metrics with CIs")
     add("Error analysis (per-case outputs, control analysis)", "appendix-pairs", "Appendix: per-pair predictions",
         bool(results.get("prediction")), "per-pair predictions; reversed-order control")
-    add("Explainability (class activation maps)", "results-cams", "Results: activation maps", has_cams,
-        "class activation maps", gap="no class activation maps computed")
+    add("Explainability (class activation maps)", "results-cams", "Results: activation maps", has_cams or reviewer,
+        "class activation maps" if has_cams else "not applicable: a scores file has no model to compute them from",
+        gap="no class activation maps computed")
     add("Code availability", "other", "Other information", True,
         f"covreport {results.get('covreport_version', '')}", ("code_availability",))
     add("Data availability", "other", "Other information", False, "", ("data_availability",))
