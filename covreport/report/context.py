@@ -156,6 +156,12 @@ def _marks(notes):
     return marks
 
 
+#: Row names of the prediction measures in the tables.
+METRIC_TITLES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity",
+                 "specificity": "Specificity", "ppv": "Positive predictive value",
+                 "npv": "Negative predictive value", "lr_positive": "Positive likelihood ratio",
+                 "lr_negative": "Negative likelihood ratio", "auc": "AUC"}
+
 #: Excluded pairs (and reasons) listed in the report; tables/exclusions.csv holds them all.
 EXCLUSIONS_SHOWN = 50
 
@@ -292,6 +298,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "boot_pred": boot_pred,
         "boot_pred_keys": boot_keys,
         "metric_names": METRIC_NAMES,
+        "metric_titles": METRIC_TITLES,
         "clustered_note_marks": _marks(r.get("note") for r in results.get("group_differences_clustered") or []),
         "any_block_has": lambda key: any(b["block"].get(key) is not None for b in blocks),
         "any_metric": lambda key: any(key in (b["block"].get("metrics") or {}) for b in blocks),

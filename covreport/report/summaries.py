@@ -14,6 +14,13 @@ ALPHA = 0.05
 # --- derived content: abstract, methods, limitations, checklist -------------------
 
 
+def _majority_rate(confusion):
+    """Accuracy of always predicting the larger class, from a confusion matrix (None without one)."""
+    c = confusion or {}
+    pos, neg = (c.get("tp") or 0) + (c.get("fn") or 0), (c.get("fp") or 0) + (c.get("tn") or 0)
+    return max(pos, neg) / (pos + neg) if pos + neg else None
+
+
 def _prediction_blocks(results):
     pred = results.get("prediction") or {}
     headline = pred.get("headline", "nested")
@@ -25,8 +32,10 @@ def _prediction_blocks(results):
     for name in ("nested", "global", "reversed"):
         b = pred.get(name)
         if b:
-            blocks.append({"name": name, "title": titles[name], "short": short[name], "block": b, "headline": name == headline,
-                           "optimistic": name == "global"})
+            blocks.append({"name": name, "title": titles[name], "short": short[name], "block": b,
+                           "headline": name == headline, "optimistic": name == "global",
+                           "majority": b.get("majority_rate") if _finite(b.get("majority_rate"))
+                           else _majority_rate(b.get("confusion"))})
     blocks.sort(key=lambda d: (not d["headline"], ("nested", "global", "reversed").index(d["name"])))
     return blocks
 
