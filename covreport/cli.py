@@ -108,19 +108,25 @@ def validate(manifest, as_json, strict, no_images):
                    "and accuracy by Bayes' rule (default: the table's own prevalence).")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="1 - confidence level of the intervals, 0 < A < 1.")
+@click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
+              help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
+                   "logit with the sample prevalence taken as known (MedCalc; the original study).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON keyed by measure instead of a table; missing or infinite values "
                    "are null with a note.")
-def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
+def diagnostic(tp, fp, fn, tn, prevalence, alpha, predictive_ci, as_json):
     """Diagnostic accuracy of a 2x2 table, with confidence intervals.
 
     Prints accuracy, sensitivity, specificity, ppv, npv, lr_positive and
     lr_negative with their intervals, computed as MedCalc's diagnostic test
     calculator does: Clopper-Pearson exact intervals for sensitivity,
     specificity and accuracy; the log method (Altman et al. 2000) for the
-    likelihood ratios; standard logit intervals (Mercaldo et al. 2007) for the
-    predictive values, with the table's prevalence (TP+FN)/N or --prevalence
-    taken as known, Clopper-Pearson when a value is 0 or 1. No continuity
+    likelihood ratios. Predictive values: Clopper-Pearson exact intervals by
+    default (in a consecutive cohort PPV and NPV are binomial proportions);
+    --predictive-ci logit gives the standard logit interval (Mercaldo et al.
+    2007) with the table's prevalence taken as known, as MedCalc prints; with
+    --prevalence, the logit interval with that prevalence. A degenerate logit
+    interval is replaced by Clopper-Pearson, with a note. No continuity
     correction: a measure a zero cell makes undefined is reported missing,
     with the reason.
 
@@ -129,7 +135,8 @@ def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
     from covreport.stats._util import records
     from covreport.stats.diagnostic import diagnostic_metrics
 
-    table = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha)
+    table = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha,
+                               predictive_ci=predictive_ci)
     if as_json:
         out = {}
         for rec in records(table):
