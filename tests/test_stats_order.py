@@ -134,3 +134,28 @@ def test_covreport_run_ignores_row_order_and_pair_id_spelling(tmp_path):
     assert list(a) == list(b)
     for key in a:
         assert a[key] == b[key], key
+
+
+def test_cli_run_bootstrap_and_predictive_ci_options(tmp_path):
+    # `covreport run --bootstrap 0 --predictive-ci logit`: no bootstrap block, Mercaldo's PPV interval
+    from click.testing import CliRunner
+
+    from covreport.cli import main
+
+    cols = ["pair_id", "patient_id", "first_image", "second_image", "outcome", "first_offset_days",
+            "second_offset_days", "age", "sex"]
+    PAIRS[cols].to_csv(tmp_path / "m.csv", index=False)
+    rng = np.random.default_rng(2)
+    full = pd.DataFrame(rng.gamma(2.0, 0.5, (len(SCORES), 1024)), columns=feature_columns())
+    pd.concat([SCORES[["image", *LABELS]], full], axis=1).to_csv(tmp_path / "s.csv", index=False)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "m.csv"), "--scores", str(tmp_path / "s.csv"),
+                                    "--no-pdf", "--out", str(tmp_path / "o"), "--permutations", "5",
+                                    "--bootstrap", "0", "--predictive-ci", "logit"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "o" / "results.json").read_text(encoding="utf-8"))
+    assert r["bootstrap"] is None
+    ppv = r["prediction"]["nested"]["metrics"]["ppv"]
+    assert "Mercaldo" in ppv["method"] or "Clopper-Pearson instead" in (ppv["note"] or "")
+    assert r["primary_analysis"]["unit"] == "patient"
+    assert all(rec["unit"] == "patient" for rec in r["table1_patients"])
+    assert all(rec["unit"] == "pair" for rec in r["group_differences"])

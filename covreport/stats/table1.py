@@ -319,6 +319,7 @@ def table_one_patients(pairs, reference=None):
     for r in rows:
         r["unit"] = "patient"
         r["note"] = note if r["group"] in OUTCOMES else None
+    rows[0]["note"] = "all patients: no comparison, so no p"
     out = pd.DataFrame(rows, columns=list(PATIENT_COLUMNS))
     for col in ("pairs", "patients"):
         out[col] = out[col].astype("Int64")
