@@ -431,3 +431,20 @@ def test_predict_outcome_too_few_patients_is_a_note_not_a_crash():
         assert block["confusion"] is None and block["permutation_p"] is None
         assert "at least 2 patients" in block["note"] and block["n_patients"] == 1
         assert len(block["pairs"]) == keep.sum()
+
+
+def test_parallel_permutation_tests_give_the_serial_results(monkeypatch, capsys):
+    # the three protocols' tests in spawned processes must give exactly what one process gives
+    import covreport.stats.prediction as prediction
+
+    X, y, groups = _study(21, n_patients=8, n_features=12)
+    outcome = np.where(y == 1, WORSE, IMPROVED)
+    ids = [f"p{i}" for i in range(len(y))]
+    monkeypatch.setattr(prediction, "PARALLEL_MIN_PERMUTATIONS", 1)
+    serial = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=1)
+    capsys.readouterr()
+    parallel = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=2)
+    assert "unavailable" not in capsys.readouterr().err          # the processes did run
+    for key in ("nested", "global", "reversed"):
+        assert serial[key]["permutation_p"] == parallel[key]["permutation_p"]
+        assert serial[key]["permutation_p"] is not None

@@ -13,6 +13,8 @@ References
    accuracy testing. medRxiv 2020.05.01.20086207.
 """
 
+import os
+
 import numpy as np
 import pandas as pd
 
@@ -127,8 +129,56 @@ def _as_frame_rows(X, keep, order):
     return np.asarray(X)[keep][order]
 
 
+#: From this many permutations on, predict_outcome runs the protocols' permutation tests in
+#: parallel processes (when more than one core is available); the results are the same.
+PARALLEL_MIN_PERMUTATIONS = 200
+
+
+def _available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                      # not on Linux
+        return os.cpu_count() or 1
+
+
+def _permutation_task(X, y, groups, protocol, n_permutations, seed, solver):
+    from covreport import progress
+
+    progress.set_quiet(True)
+    return permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed,
+                         solver=solver)
+
+
+def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
+    """Permutation tests of the protocols in ``tasks`` ({key: (X, y, groups, protocol)}), in parallel
+    processes (spawned; each test is deterministic, so the results do not depend on it) when asked."""
+    from covreport import progress
+
+    if n_jobs > 1 and len(tasks) > 1 and n_permutations >= PARALLEL_MIN_PERMUTATIONS:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        workers = min(n_jobs, len(tasks))
+        message = (f"Permutation tests: {len(tasks)} protocols x {n_permutations} permutations "
+                   f"in {workers} processes")
+        try:
+            with progress.stage(message), ProcessPoolExecutor(
+                    max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {key: pool.submit(_permutation_task, np.asarray(X, dtype=float), y, groups,
+                                            protocol, n_permutations, seed, solver)
+                           for key, (X, y, groups, protocol) in tasks.items()}
+                return {key: f.result() for key, f in futures.items()}
+        except (OSError, BrokenProcessPool) as exc:
+            progress.say(f"parallel permutation tests unavailable ({exc}); running them one by one")
+    return {key: permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed,
+                               solver=solver, desc=f"Permutations ({key})")
+            for key, (X, y, groups, protocol) in tasks.items()}
+
+
 def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline="nested",
-                    n_permutations=1000, seed=0, alpha=0.05, solver="fast", predictive_ci="exact"):
+                    n_permutations=1000, seed=0, alpha=0.05, solver="fast", predictive_ci="exact",
+                    n_jobs=None):
     """The ``prediction`` block of ``results.json`` (docs/RESULTS.md).
 
     Parameters
@@ -164,6 +214,11 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         As in :func:`lopo_predict`.
     predictive_ci : {"exact", "logit"}
         PPV/NPV interval (:func:`covreport.stats.diagnostic_metrics`).
+    n_jobs : int, optional
+        Processes for the three permutation tests (from
+        :data:`PARALLEL_MIN_PERMUTATIONS` permutations on); default: the
+        cores available. 1 runs them in this process. The results are the
+        same either way.
 
     Returns
     -------
@@ -209,6 +264,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
 
     out = {"headline": headline, "positive_class": WORSE, "negative_class": IMPROVED}
     specs = (("nested", "nested", "first"), ("global", "global", "first"), ("reversed", headline, "second"))
+    fits, tasks = {}, {}
     for key, protocol, source in specs:
         X = _as_frame_rows(feats[source], keep, order)
         if n_patients < 2:
@@ -218,14 +274,21 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             if key == "reversed":
                 _describe_reversed(out[key], y)
             continue
-        res = lopo_predict(X, y, groups_k, protocol=protocol, solver=solver)
+        fits[key] = lopo_predict(X, y, groups_k, protocol=protocol, solver=solver)
+        out[key] = None                                  # keeps the key order
+        if n_permutations:
+            tasks[key] = (X, y, groups_k, protocol)
+    jobs = _available_cores() if n_jobs is None else int(n_jobs)
+    perms = _permutation_tests(tasks, n_permutations, seed, solver, jobs) if tasks else {}
+    for key, protocol, source in specs:
+        if key not in fits:
+            continue
+        res = fits[key]
         prob, pred = res["probabilities"], res["predicted"]
         n_folds = res["n_folds"]
         selected = sorted(res["selected_features"].items(), key=lambda kv: (-kv[1], kv[0]))
-        if n_permutations:
-            perm = permutation_p(X, y, groups_k, protocol=protocol, n_permutations=n_permutations,
-                                 seed=seed, solver=solver, desc=f"Permutations ({key})")
-            p_perm, n_perm = perm["p"], perm["n_permutations"]
+        if key in perms:
+            p_perm, n_perm = perms[key]["p"], perms[key]["n_permutations"]
         else:
             p_perm, n_perm = None, 0
         fitted = [k for k, one in zip(res["features_per_fold"], _one_class_folds(y, groups_k)) if not one]
