@@ -20,8 +20,9 @@ from covreport.stats.lopo import (
 
 PERMUTATION_METHOD = (
     "permutation test of the accuracy: whole patients' outcome vectors permuted between "
-    "patients with the same number of pairs (numpy default_rng(seed)), the whole pipeline "
-    "rerun each time; p = (1 + #{{permuted accuracy >= observed}}) / (1 + N), N = {n}"
+    "patients with the same number of pairs (patients sorted by id, pairs in canonical order; "
+    "numpy default_rng(seed)), the whole pipeline (feature selection included) rerun each time; "
+    "p = (1 + #{{permuted accuracy >= observed}}) / (1 + N), N = {n}"
 )
 
 
