@@ -8,6 +8,12 @@ References
    Stat Appl Genet Mol Biol 2010;9:39 (p = (1 + b) / (1 + N)).
 """
 
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from covreport import progress
@@ -131,3 +137,67 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     return {"p": (1 + at_least) / (1 + n_perm), "observed_accuracy": observed / n,
             "n_permutations": n_perm, "n_at_least_observed": int(at_least), "method": method,
             "note": None}
+
+
+class _PermutationProcess:
+    """A :func:`permutation_p` running in another Python process (see :func:`start_permutation_process`)."""
+
+    def __init__(self, proc, folder):
+        self.proc = proc
+        self.folder = folder
+
+    def result(self):
+        """The test's result dict, or None when the process failed (its folder is removed either way)."""
+        import shutil
+
+        try:
+            self.proc.wait()
+            out = self.folder / "result.pickle"
+            if self.proc.returncode != 0 or not out.is_file():
+                return None
+            with open(out, "rb") as fh:
+                return pickle.load(fh)
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            return None
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_permutation_process(X, y, groups, **kwargs):
+    """Start :func:`permutation_p` in a fresh ``python -c`` process; ``.result()`` waits for it.
+
+    The process imports covreport only (never the caller's ``__main__``),
+    reads its arguments from a pickle in a private temporary folder and
+    writes its result beside them; it shows no progress bar.
+    """
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="covreport-perm-"))
+    try:
+        with open(folder / "arguments.pickle", "wb") as fh:
+            pickle.dump((np.asarray(X, dtype=float), np.asarray(y), np.asarray(groups, dtype=object), kwargs), fh)
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = "import sys; from covreport.stats.permutation import _permutation_main; _permutation_main(sys.argv[1])"
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return _PermutationProcess(proc, folder)
+
+
+def _permutation_main(folder):
+    """Entry point of :func:`start_permutation_process`'s process."""
+    folder = Path(folder)
+    progress.set_quiet(True)
+    with open(folder / "arguments.pickle", "rb") as fh:
+        X, y, groups, kwargs = pickle.load(fh)
+    result = permutation_p(X, y, groups, **kwargs)
+    tmp = folder / "result.pickle.tmp"
+    with open(tmp, "wb") as fh:
+        pickle.dump(result, fh)
+    os.replace(tmp, folder / "result.pickle")

@@ -141,39 +141,47 @@ def _available_cores():
         return os.cpu_count() or 1
 
 
-def _permutation_task(X, y, groups, protocol, n_permutations, seed, solver):
-    from covreport import progress
-
-    progress.set_quiet(True)
-    return permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed,
-                         solver=solver)
-
-
 def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
-    """Permutation tests of the protocols in ``tasks`` ({key: (X, y, groups, protocol)}), in parallel
-    processes (spawned; each test is deterministic, so the results do not depend on it) when asked."""
+    """Permutation tests of the protocols in ``tasks`` ({key: (X, y, groups, protocol)}).
+
+    With ``n_jobs`` > 1 (and at least :data:`PARALLEL_MIN_PERMUTATIONS`
+    permutations), the first ``n_jobs - 1`` tests run in fresh Python
+    processes (``python -c``: they import covreport only, never the caller's
+    script) while this process runs the rest; each test is deterministic, so
+    the results are the same as in one process. A process that fails is
+    replaced by running its test here.
+    """
     from covreport import progress
+    from covreport.stats.permutation import start_permutation_process
 
-    if n_jobs > 1 and len(tasks) > 1 and n_permutations >= PARALLEL_MIN_PERMUTATIONS:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
-
-        workers = min(n_jobs, len(tasks))
-        message = (f"Permutation tests: {len(tasks)} protocols x {n_permutations} permutations "
-                   f"in {workers} processes")
-        try:
-            with progress.stage(message), ProcessPoolExecutor(
-                    max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {key: pool.submit(_permutation_task, np.asarray(X, dtype=float), y, groups,
-                                            protocol, n_permutations, seed, solver)
-                           for key, (X, y, groups, protocol) in tasks.items()}
-                return {key: f.result() for key, f in futures.items()}
-        except (OSError, BrokenProcessPool) as exc:
-            progress.say(f"parallel permutation tests unavailable ({exc}); running them one by one")
-    return {key: permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed,
-                               solver=solver, desc=f"Permutations ({key})")
-            for key, (X, y, groups, protocol) in tasks.items()}
+    keys = list(tasks)
+    results, running = {}, {}
+    if n_jobs > 1 and len(keys) > 1 and n_permutations >= PARALLEL_MIN_PERMUTATIONS:
+        for key in keys[:n_jobs - 1][:len(keys) - 1]:
+            X, y, groups, protocol = tasks[key]
+            try:
+                running[key] = start_permutation_process(X, y, groups, protocol=protocol,
+                                                         n_permutations=n_permutations, seed=seed, solver=solver)
+            except OSError as exc:
+                progress.say(f"could not start a process for the {key} permutation test ({exc}); "
+                             "running it here")
+        if running:
+            progress.say(f"Permutation tests of {', '.join(running)} running in {len(running)} other "
+                         f"process{'es' if len(running) > 1 else ''}")
+    for key in keys:
+        if key not in running:
+            X, y, groups, protocol = tasks[key]
+            results[key] = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations,
+                                         seed=seed, solver=solver, desc=f"Permutations ({key})")
+    for key, proc in running.items():
+        res = proc.result()
+        if res is None:
+            progress.say(f"the process of the {key} permutation test failed; running it here")
+            X, y, groups, protocol = tasks[key]
+            res = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed,
+                                solver=solver, desc=f"Permutations ({key})")
+        results[key] = res
+    return {key: results[key] for key in keys}
 
 
 def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline="nested",
@@ -279,6 +287,8 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         if n_permutations:
             tasks[key] = (X, y, groups_k, protocol)
     jobs = _available_cores() if n_jobs is None else int(n_jobs)
+    # the two nested-protocol tests cost most: they go first (to the other processes)
+    tasks = dict(sorted(tasks.items(), key=lambda kv: kv[1][3] != "nested"))
     perms = _permutation_tests(tasks, n_permutations, seed, solver, jobs) if tasks else {}
     for key, protocol, source in specs:
         if key not in fits:
