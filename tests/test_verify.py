@@ -137,3 +137,38 @@ def test_compare_results_tolerance_and_shape():
     b["provenance"]["options"]["seed"] = 2
     diffs, _ = compare_results(a, b)
     assert [d["path"] for d in diffs] == ["provenance.options.seed", "x.p", "x.label"]
+
+
+@pytest.mark.xfail(strict=True, reason="CAM text of the report depends on the images, not on results.json: "
+                                       "fixed when the report package lands")
+def test_weights_mode_run_verifies_with_weights_or_a_scores_file(tmp_path):
+    """A weights-mode run (tiny random DenseNet, 32 px) re-derived from its weights, or from scores made with them."""
+    import torch
+
+    from covreport.images import Preprocessing
+    from covreport.model import build_model, save_checkpoint
+
+    labels = ("Cardiomegaly", "Edema", "Pleural Effusion")
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    save_checkpoint(weights, build_model(labels), labels=labels, preprocessing=Preprocessing(size=32))
+    study = tmp_path / "study"
+    shutil.copytree(EXAMPLE.parent, study)
+    runner = CliRunner()
+    cache = str(tmp_path / "cache.sqlite")
+    res = runner.invoke(main, ["run", str(study / "manifest.csv"), "--weights", str(weights), "--cache", cache,
+                               "--out", str(tmp_path / "out"), "--permutations", "20", "--no-pdf"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv")])
+    assert res.exit_code == 1
+    assert "--weights: the run scored the images with tiny.pt, SHA-256" in res.output
+    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv"),
+                               "--weights", str(weights), "--no-cache"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("verified: ")
+    res = runner.invoke(main, ["score", str(study / "manifest.csv"), "--weights", str(weights), "--cache", cache,
+                               "--out", str(tmp_path / "scores.csv")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv"),
+                               "--scores", str(tmp_path / "scores.csv")])
+    assert res.exit_code == 0, res.output
