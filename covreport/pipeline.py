@@ -26,7 +26,7 @@ import pandas as pd
 from covreport import __version__
 from covreport._io import sha256_file
 from covreport.constants import (
-    FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE,
+    FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
 )
 from covreport.errors import CovreportError, ReportError, ScoresError
 
