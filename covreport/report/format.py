@@ -91,6 +91,8 @@ REFERENCES = {
                  "1979;74:829-836.",
     "brodersen": "Brodersen KH, Ong CS, Stephan KE, Buhmann JM. The balanced accuracy and its posterior "
                  "distribution. Proc 20th Int Conf Pattern Recognit 2010:3121-3124.",
+    "vancalster": "Van Calster B, McLernon DJ, van Smeden M, Wynants L, Steyerberg EW. Calibration: the Achilles heel "
+                  "of predictive analytics. BMC Med 2019;17:230.",
     "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
                "diagnostic accuracy studies. Ann Intern Med 2011;155:529-536.",
 }
@@ -104,7 +106,8 @@ AUTHOR_YEAR = (
     (r"Brier", "brier"), (r"Welch", "welch"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
     (r"Mann[- ](?:&|and )?Whitney", "mw"), (r"Fisher", "fisher"), (r"Brodersen", "brodersen"),
     (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
-    (r"Ambroise", "ambroise"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
+    (r"Ambroise", "ambroise"), (r"Van Calster|Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
+    (r"Zhou et al\.? 2016", "cam"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]
