@@ -113,6 +113,7 @@ def run(opts: RunOptions) -> Path:
         raise ScoresError(f"{opts.scores}: no label columns (columns other than 'image' and 'feat_*')")
 
     pairs, exclusions = _analysed_pairs(manifest, scores, labels)
+    pairs = canonical_pairs(pairs)   # no result depends on row order or pair-id spelling
     reference = None
     if opts.reference_csv is not None:
         from covreport.stats.table1 import read_reference_csv
@@ -149,13 +150,22 @@ def run(opts: RunOptions) -> Path:
         from covreport.revalidation import compare
 
         results["revalidation"] = compare(results, previous)
+    # Which pairs the activation maps show depends on the scores and the prediction only, so it is stored in
+    # results.json (and the report's text comes from there); the maps themselves need the model.
+    selection = _cam_pairs(pairs, labels, results.get("prediction"))
+    results["class_activation_maps"] = _cam_record(*selection)
     with progress.stage(f"Writing report to {out}"):
-        cams = _cams(pairs, loaded) if loaded is not None else None
+        cams = _cams(loaded, *selection) if loaded is not None else None
         return _write_outputs(results, out, opts, cams)
 
 
 def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     """Every analysis of the study on the analysed pairs; a dict of results.json keys.
+
+    The pairs are first put in canonical order by content (patient, first
+    date or offset, first image, second image; :func:`canonical_pairs`), so
+    that no result depends on the manifest's row order or on how pair ids are
+    spelled.
 
     Parameters
     ----------
@@ -165,17 +175,25 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     scores : pandas.DataFrame
         The scores table (``image``, labels, ``feat_*``).
     opts : RunOptions
-        Read only: the statistical options (protocol, permutations, seed).
+        Read only: the statistical options (protocol, permutations, seed,
+        bootstrap, predictive_ci).
     reference : pandas.DataFrame, optional
         The reference population of Table 1 (``read_reference_csv``).
     """
     from covreport.stats import compare_groups, predict_outcome, table_one
+    from covreport.stats.clustered import cluster_bootstrap, group_differences_clustered, primary_analysis
+    from covreport.stats.table1 import table_one_patients
 
-    t1 = table_one(pairs[["patient_id", "outcome", "age", "sex"]], reference)
-    changes = pairs[["outcome"]].copy()
+    pairs = canonical_pairs(pairs)
+    demo = pairs[["patient_id", "outcome", "age", "sex"]]
+    t1 = table_one(demo, reference)
+    t1["unit"] = np.where(t1["counted_by"] == "pair", "pair", "image")
+    t1_patients = table_one_patients(demo, reference)
+    changes = pairs[["patient_id", "outcome"]].copy()
     for lab in labels:
         changes[lab] = pairs[f"{lab} change"]
     groups = compare_groups(changes, labels)
+    clustered = group_differences_clustered(changes, labels, changes["patient_id"])
     feats = [c for c in scores.columns if str(c).startswith(FEATURE_PREFIX)]
     if not feats:
         raise ScoresError("the scores have no feature columns feat_0000 ... feat_1023; "
@@ -186,13 +204,51 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     prediction = predict_outcome(
         pd.DataFrame(first, columns=feats), pd.DataFrame(second, columns=feats),
         pairs["outcome"].to_numpy(), pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
+        order_keys=_order_keys(pairs).drop(columns=["patient_id"]),
         headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
+        predictive_ci=opts.predictive_ci,
     )
+    bootstrap = None
+    if opts.bootstrap:
+        predicted = {}
+        for key in ("nested", "global", "reversed"):
+            block = prediction.get(key) or {}
+            rows = [r for r in block.get("pairs", []) if r["predicted"] is not None]
+            if rows:
+                predicted[key] = {"patient_id": [r["patient_id"] for r in rows],
+                                  "outcome": [r["outcome"] == WORSE for r in rows],
+                                  "predicted": [r["predicted"] == WORSE for r in rows]}
+        bootstrap = cluster_bootstrap(pairs["patient_id"], predicted, changes, labels,
+                                      n_resamples=opts.bootstrap, seed=opts.seed)
+        bootstrap["group_differences"] = _records(pd.DataFrame(bootstrap["group_differences"]))
     return {
+        "primary_analysis": primary_analysis(pairs["patient_id"]),
         "table1": _records(t1),
+        "table1_patients": _records(t1_patients),
         "group_differences": _records(groups),
+        "group_differences_clustered": _records(clustered),
         "prediction": prediction,
+        "bootstrap": bootstrap,
     }
+
+
+#: Columns that order pairs canonically by content (those present are used, in this order).
+_ORDER_COLUMNS = ("patient_id", "first_date", "first_offset_days", "first_image", "second_image", "pair_id")
+
+
+def canonical_pairs(pairs):
+    """The pairs in canonical order: patient, first date or offset, first image, second image.
+
+    The pair id comes last, so it only orders pairs identical in all the rest.
+    """
+    from covreport.stats._util import canonical_order
+
+    return pairs.iloc[canonical_order(_order_keys(pairs))].reset_index(drop=True)
+
+
+def _order_keys(pairs):
+    return pd.DataFrame({c: (pairs[c].to_numpy() if c in pairs.columns else [None] * len(pairs))
+                         for c in _ORDER_COLUMNS})
 
 
 # --- stages ----------------------------------------------------------------
@@ -309,22 +365,64 @@ def _open_cache(opts):
     return ScoreCache(opts.cache)  # None: the default under the user's cache folder
 
 
-def _cams(pairs, loaded):
-    """Class activation maps of the first and second CXR of one pair, for its most activated label."""
+#: How the pairs shown with class activation maps are chosen (stated in the report's caption).
+CAM_RULE = ("one pair per reference-standard category: for Worse and Improved, the pair whose out-of-fold "
+            "predicted probability of Worse (headline protocol) is closest to the median of its category; for "
+            "Stable, which is not predicted, the pair whose change in the label is closest to the category's "
+            "median change; the label is the one with the highest mean probability over all analysed CXRs")
+
+
+def _cam_pairs(pairs, labels, prediction):
+    """The pairs shown with activation maps, by :data:`CAM_RULE`: [(row, probability or None)], and the label."""
+    label = max(labels, key=lambda lab: float(np.nanmean(np.r_[pairs[f"{lab} first"], pairs[f"{lab} second"]])))
+    block = (prediction or {}).get((prediction or {}).get("headline", "nested")) or {}
+    prob = {p["pair_id"]: p.get("probability") for p in block.get("pairs") or [] if p.get("probability") is not None}
+    chosen = []
+    for outcome in OUTCOMES:
+        sub = pairs[pairs["outcome"] == outcome]
+        if sub.empty:
+            continue
+        probs = sub["pair_id"].map(prob)
+        if probs.notna().any():
+            have = sub[probs.notna()]
+            p = probs[probs.notna()].astype(float)
+            idx = (p - p.median()).abs().idxmin()
+            chosen.append((have.loc[idx], float(p.loc[idx])))
+        else:
+            change = sub[f"{label} change"].astype(float)
+            idx = (change - change.median()).abs().idxmin()
+            chosen.append((sub.loc[idx], None))
+    return chosen, label
+
+
+def _cam_record(chosen, label):
+    """The ``class_activation_maps`` record of results.json: the label, the rule and the chosen pairs."""
+    return {"label": label, "rule": CAM_RULE,
+            "method": "Class activation maps (Zhou et al. 2016) of the label on the first and second CXR of each "
+                      "chosen pair, both CXRs of a pair on one colour scale",
+            "pairs": [{"pair_id": rec["pair_id"], "outcome": rec["outcome"], "probability": probability,
+                       "label_first": float(rec[f"{label} first"]), "label_second": float(rec[f"{label} second"])}
+                      for rec, probability in chosen]}
+
+
+def _cams(loaded, chosen, label):
+    """Class activation maps of the first and second CXR of the chosen pairs (see :data:`CAM_RULE`)."""
     from covreport.images import load_image
     from covreport.model import class_activation_map
 
-    worse = pairs[pairs["outcome"] == WORSE]
-    rec = (worse if len(worse) else pairs).iloc[0]
-    labels = list(loaded.labels)
-    label = max(labels, key=lambda lab: rec[f"{lab} second"])  # scores' labels are the model's
-    cam = {"pair_id": rec["pair_id"], "label": label}
-    for which in ("first", "second"):
-        image = load_image(rec[f"{which}_path"])
-        heat, _overlay = class_activation_map(loaded.model, image, label, labels=labels,
-                                              preprocessing=loaded.preprocessing)
-        cam[which] = {"image": image, "heatmap": heat}
-    return [cam]
+    labels = list(loaded.labels)  # the scores' labels are the model's
+    cams = []
+    for rec, probability in chosen:
+        cam = {"pair_id": rec["pair_id"], "label": label, "outcome": rec["outcome"], "probability": probability,
+               "label_first": float(rec[f"{label} first"]), "label_second": float(rec[f"{label} second"]),
+               "rule": CAM_RULE}
+        for which in ("first", "second"):
+            image = load_image(rec[f"{which}_path"])
+            heat, _overlay = class_activation_map(loaded.model, image, label, labels=labels,
+                                                  preprocessing=loaded.preprocessing)
+            cam[which] = {"image": image, "heatmap": heat}
+        cams.append(cam)
+    return cams
 
 
 # --- provenance and writing --------------------------------------------------
