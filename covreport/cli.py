@@ -13,8 +13,16 @@ from pathlib import Path
 
 import click
 
-from covreport import __version__
+from covreport import __version__, _threads
 from covreport.errors import CovreportError
+
+# The command line is the application: before torch (imported lazily by the
+# commands) starts its threads, OpenMP threads are made to sleep instead of
+# spinning while they wait, and no more threads than the cores this process
+# may use. Variables the user set are kept (issue 14.9; covreport/_threads.py).
+# A library caller who wants the same calls _threads.prepare_environment()
+# before importing torch; importing covreport itself changes nothing.
+_threads.prepare_environment()
 
 
 class _Group(click.Group):

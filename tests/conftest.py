@@ -7,10 +7,12 @@ score cache, which :func:`_private_score_cache` points at a temporary folder.
 
 import pytest
 
-# Importing covreport before torch sets OMP_NUM_THREADS to the cores this
+# As the CLI does, before torch is imported: OMP_NUM_THREADS = the cores this
 # process may use and OMP_WAIT_POLICY=PASSIVE (covreport/_threads.py), so that
 # torch and BLAS neither oversubscribe the 2-core CI machine nor spin.
-import covreport  # noqa: F401
+from covreport import _threads
+
+_threads.prepare_environment()
 
 
 @pytest.fixture(scope="session", autouse=True)

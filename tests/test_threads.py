@@ -59,16 +59,21 @@ def _python(code, *prefix, env=None):
     return proc.stdout.split()
 
 
-def test_importing_covreport_before_torch_sets_the_environment_torch_starts_with():
-    code = ("import os, covreport, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads(), "
+def test_the_command_line_sets_the_environment_torch_starts_with():
+    code = ("import os, covreport.cli, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads(), "
             "len(os.sched_getaffinity(0)))")
     policy, threads, cpus = _python(code)
     assert policy == "PASSIVE"
     assert int(threads) <= int(cpus)
 
 
+def test_importing_the_library_changes_no_environment():
+    code = "import os; before = dict(os.environ); import covreport.pipeline; print(dict(os.environ) == before)"
+    assert _python(code) == ["True"]
+
+
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_one_allowed_core_gives_one_thread():
-    code = "import os, covreport, torch; print(torch.get_num_threads(), len(os.sched_getaffinity(0)))"
+    code = "import os, covreport.cli, torch; print(torch.get_num_threads(), len(os.sched_getaffinity(0)))"
     threads, cpus = _python(code, "taskset", "-c", "0")
     assert (threads, cpus) == ("1", "1")
