@@ -584,6 +584,64 @@ def score_manifest(manifest, weights, *, cache_path=None, use_cache=True, batch_
             cache.close()
 
 
+def score_to_file(manifest_path, out, *, weights=None, cache_path=None, use_cache=True, batch_size=16,
+                  num_workers=2, precision="float32", strict=False, force=False, progress=False,
+                  device=None):
+    """``covreport score``: read a manifest, score its images, write the scores file and its sidecar.
+
+    Every check that can fail is made before any image is scored: the
+    output folder exists, ``out`` and ``out.json`` are no input (manifest,
+    weights, cache, images) and exist only with ``force``.
+
+    Parameters
+    ----------
+    manifest_path : path
+        The pair manifest (see :func:`covreport.manifest.read_manifest`).
+    out : path
+        ``.csv`` or ``.parquet`` scores file; provenance goes to ``out.json``.
+    weights : str or path, optional
+        As for :func:`covreport.model.find_weights` (default: the newest
+        checkpoint of the model folder).
+    strict : bool
+        Refuse (nothing written) when any image is missing or unreadable.
+    force : bool
+        Replace an existing output file (never an input).
+    cache_path, use_cache, batch_size, num_workers, precision, progress, device
+        As in :func:`score_manifest`.
+
+    Returns
+    -------
+    (ScoringResult, covreport.model.LoadedModel)
+    """
+    from covreport._io import check_out_file
+    from covreport.cache import default_cache_path
+    from covreport.manifest import read_manifest
+    from covreport.model import find_weights, load_checkpoint
+
+    out = Path(out)
+    _suffix(out)
+    sidecar = Path(f"{out}.json")
+    spec = find_weights(weights)
+    cache_file = (cache_path if cache_path is not None else default_cache_path()) if use_cache else None
+    inputs = [manifest_path, spec, cache_file]
+    check_out_file(out, inputs=inputs, force=force, also=[sidecar], error_class=ScoresError)
+    m = read_manifest(manifest_path, strict=strict, check_images=strict)
+    images = list(manifest_images(m).values())
+    check_out_file(out, inputs=images, force=force, also=[sidecar], error_class=ScoresError)
+    loaded = load_checkpoint(spec)
+    res = score_manifest(m, loaded, cache_path=cache_path, use_cache=use_cache, batch_size=batch_size,
+                         num_workers=num_workers, precision=precision, progress=progress, device=device)
+    if strict and res.failed:
+        first, reason = next(iter(res.failed.items()))
+        raise ImageError(f"{len(res.failed)} image(s) could not be scored (--strict), "
+                         f"e.g. {first}: {reason}; nothing written")
+    # Checked again just before writing: the folder may have changed while scoring.
+    check_out_file(out, inputs=[*inputs, *images], force=force, also=[sidecar], error_class=ScoresError)
+    write_scores(res.scores, out, metadata={**res.metadata(), "weights": str(loaded.source),
+                                            "manifest": {"path": str(manifest_path), "sha256": m.sha256}})
+    return res, loaded
+
+
 def manifest_images(manifest):
     """Ordered dict: image as the manifest writes it -> resolved path.
 
