@@ -7,6 +7,8 @@ Usage: ``python kill_at.py POINT covreport-arguments...``, POINT one of
 - ``move``: when the finished temporary folder is about to be moved into place;
 - ``swap``: with ``--force`` over an existing output folder, right after the
   old folder was moved aside and before the new one is moved in;
+- ``term``: SIGTERM (not SIGKILL) when the report starts writing (the
+  handler must remove the temporary folder);
 - ``none``: no kill (a control run).
 
 SIGKILL runs no cleanup code at all: what is left on disk is what a power
@@ -31,6 +33,14 @@ def main():
 
     if point == "pdf":
         report.write_pdf = lambda *a, **k: _die()
+    elif point == "term":
+        real_render = report.render_report
+
+        def render(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_render(*a, **k)
+
+        report.render_report = render
     elif point == "move":
         pipeline._replace_dir = lambda *a, **k: _die()
     elif point == "swap":
