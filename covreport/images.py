@@ -89,6 +89,12 @@ def _not_supported(fmt):
 #: compute, so that old cache entries are not reused.
 PREPROCESSING_VERSION = 1
 
+#: Stated range of the network input side (pixels): a checkpoint asking for
+#: more is refused at load (30,000 px would need 10.8 GB per image).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 2048
+#: Preprocessing means lie within [-MAX_NORM, MAX_NORM], stds within [1/MAX_NORM, MAX_NORM].
+MAX_NORM = 1e6
+
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
 
 #: What to install to decode compressed DICOM pixel data pydicom cannot.
@@ -143,8 +149,9 @@ class Preprocessing:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
             raise ModelError(f"preprocessing size must be an integer, got {self.size!r}")
         object.__setattr__(self, "size", int(self.size))
-        if self.size < 8:
-            raise ModelError(f"preprocessing size must be at least 8 pixels, got {self.size}")
+        if not MIN_INPUT_SIZE <= self.size <= MAX_INPUT_SIZE:
+            raise ModelError(f"preprocessing size must be {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels, "
+                             f"got {self.size}")
         if self.resize not in RESIZE_METHODS:
             raise ModelError(
                 f"preprocessing resize must be one of {', '.join(RESIZE_METHODS)}, "
@@ -157,10 +164,12 @@ class Preprocessing:
                 f"preprocessing needs one mean and one std per channel ({self.channels}), "
                 f"got {len(mean)} means and {len(std)} stds"
             )
-        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std) \
+                or not all(abs(m) <= MAX_NORM for m in mean) \
+                or not all(1 / MAX_NORM <= s <= MAX_NORM for s in std):
             raise ModelError(
-                f"preprocessing mean must be finite and std positive, got "
-                f"mean={mean}, std={std}"
+                f"preprocessing mean must be finite within [-{MAX_NORM}, {MAX_NORM}] and std within "
+                f"[{1 / MAX_NORM}, {MAX_NORM}], got mean={mean}, std={std}"
             )
 
     def to_dict(self):

@@ -96,7 +96,8 @@ def run(opts: RunOptions) -> Path:
         scores, failed = res.scores, res.failed
         # How this run got its scores describes the run, not the study: provenance, not flow.
         opts.extra_provenance["scoring"] = {"images_computed": int(res.scored),
-                                            "images_from_cache": int(res.from_cache)}
+                                            "images_from_cache": int(res.from_cache),
+                                            "cache_rows_rejected": int(res.cache_rows_rejected)}
     labels = label_columns(scores)
     if not labels:
         raise ScoresError(f"{opts.scores}: no label columns (columns other than 'image' and 'feat_*')")

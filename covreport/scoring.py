@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import hashlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,8 @@ import pandas as pd
 
 from covreport.constants import FEATURE_PREFIX, IMAGE_COLUMN, N_FEATURES, feature_columns
 from covreport.errors import ImageError, ModelError, ScoresError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bf16")
 _PRECISION_ALIASES = {"float32": "float32", "fp32": "float32", "bf16": "bf16", "bfloat16": "bf16"}
@@ -62,6 +65,10 @@ class ScoringResult:
         Distinct images (by content) run through the network in this call.
     from_cache : int
         Distinct images whose output came from the cache.
+    cache_rows_rejected : int
+        Cached rows found for these images but not used (damaged: wrong
+        shape, non-finite, probabilities outside [0, 1], other labels); those
+        images were scored again.
     weights_sha256 : str
     preprocessing : dict
     precision : str
@@ -75,6 +82,7 @@ class ScoringResult:
     weights_sha256: str = ""
     preprocessing: dict = dataclasses.field(default_factory=dict)
     precision: str = "float32"
+    cache_rows_rejected: int = 0
 
     @property
     def images(self):
@@ -93,6 +101,7 @@ class ScoringResult:
             "labels": list(self.labels),
             "images_scored": int(self.scored),
             "images_from_cache": int(self.from_cache),
+            "cache_rows_rejected": int(self.cache_rows_rejected),
             "images_failed": len(self.failed),
             "failed": {str(k): v for k, v in self.failed.items()},
         }
@@ -441,11 +450,22 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
         path_of_sha.setdefault(sha, mapping[key])
 
     outputs = {}  # sha -> (probs float32 (L,), feats float32 (F,))
+    rejected = 0
     if cache is not None and distinct:
+        from covreport.cache import row_problem
+
         keys = [CacheKey(s, loaded.sha256, signature) for s in distinct]
-        for k, v in cache.get_many(keys).items():
-            if tuple(v.labels) == labels:
+        before = cache.rows_rejected
+        found = cache.get_many(keys)
+        rejected = cache.rows_rejected - before
+        for k, v in found.items():
+            problem = row_problem(v, labels, N_FEATURES)
+            if problem is None:
                 outputs[k.image_sha256] = (v.probabilities, v.features)
+            else:  # a damaged or edited row: a miss, scored again (and its row replaced)
+                rejected += 1
+                log.warning("score cache %s: row for image %s not used (%s); scoring it again",
+                            cache.path, k.image_sha256, problem)
     from_cache = len(outputs)
     todo = [s for s in distinct if s not in outputs]
     bad_sha = {}
@@ -497,7 +517,7 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
     scores = _scores_frame(keys, [outputs[sha_of[k]] for k in keys], labels)
     return ScoringResult(
         scores=scores, failed=failed, labels=labels,
-        scored=len(todo) - len(bad_sha), from_cache=from_cache,
+        scored=len(todo) - len(bad_sha), from_cache=from_cache, cache_rows_rejected=rejected,
         weights_sha256=loaded.sha256, preprocessing=prep.to_dict(), precision=precision,
     )
 
