@@ -168,8 +168,8 @@ class Preprocessing:
                 or not all(abs(m) <= MAX_NORM for m in mean) \
                 or not all(1 / MAX_NORM <= s <= MAX_NORM for s in std):
             raise ModelError(
-                f"preprocessing mean must be finite within [-{MAX_NORM}, {MAX_NORM}] and std within "
-                f"[{1 / MAX_NORM}, {MAX_NORM}], got mean={mean}, std={std}"
+                f"preprocessing mean must be finite (within [-{MAX_NORM:g}, {MAX_NORM:g}]) and std positive "
+                f"(within [{1 / MAX_NORM:g}, {MAX_NORM:g}]), got mean={mean}, std={std}"
             )
 
     def to_dict(self):
@@ -384,7 +384,8 @@ def _decode_pil_strict(data, name, fmt):
         if "truncated" in text or isinstance(exc, EOFError):
             reason = "truncated or corrupt image file"
         else:
-            reason = f"cannot decode image ({type(exc).__name__}: {text})"
+            # Not the decoder's text: it can quote bytes of the file (a PNG chunk name).
+            reason = f"cannot decode image ({type(exc).__name__})"
         raise _error(name, reason) from None
 
 
@@ -459,6 +460,29 @@ def _read_dicom(data, name):
         raise _error(name, "unreadable DICOM file") from None
 
 
+#: DICOM photometric interpretations covreport decodes.
+PHOTOMETRIC_INTERPRETATIONS = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
+                               "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+
+
+def _transfer_syntax_text(tsyntax):
+    """A transfer syntax for a reason: its standard name and UID, or "an unknown transfer syntax".
+
+    Only UIDs of pydicom's dictionary of transfer syntaxes are named; another
+    UID is shown only when well formed (digits and dots), so no text of the
+    file is ever copied into a reason.
+    """
+    from pydicom.uid import UID_dictionary
+
+    uid = str(tsyntax) if tsyntax is not None else ""
+    entry = UID_dictionary.get(uid)
+    if entry is not None and entry[1] == "Transfer Syntax":
+        return f"{entry[0]} ({uid})"
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) and len(uid) <= 64:  # a well-formed UID: digits only
+        return f"a private transfer syntax ({uid})"
+    return "an unknown transfer syntax"
+
+
 def _decode_dicom(data, name):
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -470,7 +494,7 @@ def _decode_dicom(data, name):
     if not has_pixels:
         raise _error(name, "DICOM without pixel data")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    ts_text = f"{tsyntax.name} ({tsyntax})" if tsyntax is not None else "unknown transfer syntax"
+    ts_text = _transfer_syntax_text(tsyntax)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -480,9 +504,10 @@ def _decode_dicom(data, name):
     _check_pixels(name, cols, rows, frames)
     if frames != 1:
         raise _error(name, "multi-frame DICOM is not supported; export a single frame")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
-                           "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"):
-        raise _error(name, f"unsupported DICOM photometric interpretation {photometric}")
+    if photometric not in PHOTOMETRIC_INTERPRETATIONS:
+        # The tag's value is not echoed: reasons come from a fixed vocabulary.
+        raise _error(name, "unsupported DICOM photometric interpretation (MONOCHROME1, MONOCHROME2, "
+                           "RGB or YBR expected)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -633,7 +658,7 @@ def probe_image(path):
     except OSError as exc:
         return f"cannot read file ({exc.strerror or type(exc).__name__})"
     if fmt not in ("PNG", "JPEG", "DICOM"):
-        return "unreadable image (" + _not_supported(fmt) + ")"
+        return f"unreadable image ({fmt + ', ' if fmt else ''}not PNG, JPEG or DICOM)"
     if fmt == "DICOM":
         import pydicom
 

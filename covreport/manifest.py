@@ -52,6 +52,7 @@ from covreport.constants import (
 )
 from covreport.errors import ManifestError
 from covreport.images import probe_image
+from covreport.vocab import INVISIBLE_CONTROLS_RE
 
 __all__ = ["Manifest", "read_manifest", "MISSING_IMAGE_REASONS"]
 
@@ -737,6 +738,13 @@ def _validate(table, problems, warnings, base, strict):
     out = {}
     unit = table.unit
     decimal_comma = table.delimiter == ";"
+
+    # Invisible direction controls and zero-width characters: an id could display as another id.
+    for col in cells.columns:
+        if col in _KNOWN:
+            _flag(table, problems, cells[col].str.contains(INVISIBLE_CONTROLS_RE), col,
+                  "remove the invisible direction-control or zero-width character(s) (shown as \\u....): "
+                  "they can make one id display as another", kind=(col, "invisible"))
 
     # pair_id
     if "pair_id" in cells:
