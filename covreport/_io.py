@@ -7,6 +7,7 @@ whole new one, never a partial file. CSV text cells are neutralised against
 spreadsheet formula injection.
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -29,24 +30,29 @@ def _write_error(path, exc, error_class):
     )
 
 
-def atomic_write_bytes(path, data, *, error_class=CovreportError):
-    """Write ``data`` to ``path`` atomically (temporary file + ``os.replace``).
+@contextlib.contextmanager
+def atomic_write(path, *, mode="wb", encoding=None, error_class=CovreportError):
+    """Open a temporary file beside ``path``; on success move it into place whole.
 
-    Parameters
-    ----------
-    path : str or path-like
-    data : bytes
-    error_class : type
-        The :class:`~covreport.errors.CovreportError` subclass raised when
-        the file cannot be written (read-only or full folder, ...).
+    The one atomic file writer of covreport: the file is written in the
+    destination folder (``.NAME.*.tmp``), flushed and fsynced, given the
+    usual mode (0666 less the umask) and moved over ``path`` with
+    :func:`os.replace`, so a reader (or a crash) sees the old file or the
+    whole new one. On any exception the temporary file is removed; an
+    ``OSError`` becomes ``error_class`` naming the file.
+
+    Examples
+    --------
+    >>> with atomic_write("model.pt", error_class=ModelError) as fh:  # doctest: +SKIP
+    ...     torch.save(payload, fh)
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)
@@ -62,7 +68,22 @@ def atomic_write_bytes(path, data, *, error_class=CovreportError):
                 os.unlink(tmp)
             except OSError:
                 pass
-    return path
+
+
+def atomic_write_bytes(path, data, *, error_class=CovreportError):
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`).
+
+    Parameters
+    ----------
+    path : str or path-like
+    data : bytes
+    error_class : type
+        The :class:`~covreport.errors.CovreportError` subclass raised when
+        the file cannot be written (read-only or full folder, ...).
+    """
+    with atomic_write(path, error_class=error_class) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path, text, *, encoding="utf-8", error_class=CovreportError):
@@ -295,7 +316,7 @@ def make_staging_dir(target, *, error_class=CovreportError):
     return tmp
 
 
-def swap_dir(tmp, target, *, force=False, error_class=CovreportError):
+def swap_dir(tmp, target, *, force=False, replace_any=False, error_class=CovreportError):
     """Move the finished folder ``tmp`` to ``target``: the one folder swap of covreport.
 
     ``target`` is the resolved destination (see :func:`check_out_dir`); an
@@ -303,6 +324,8 @@ def swap_dir(tmp, target, *, force=False, error_class=CovreportError):
     covreport's marker (or is empty): it is moved aside to
     ``.NAME.old-PID``, ``tmp`` is moved in, and the old folder is deleted.
     A reader (or a crash) sees the old folder or the whole new one.
+    ``replace_any`` drops the marker requirement, for a caller that asked
+    its user explicitly (:func:`covreport.phantom.make_study`'s ``overwrite``).
     """
     import shutil
 
@@ -311,7 +334,7 @@ def swap_dir(tmp, target, *, force=False, error_class=CovreportError):
         if not force:
             raise error_class(f"{target} exists; choose another --out or add --force to replace it")
         if not target.is_dir() or target.is_symlink() or (
-                not is_covreport_output(target) and any(target.iterdir())):
+                not replace_any and not is_covreport_output(target) and any(target.iterdir())):
             raise error_class(f"{target} was not written by covreport (no {OUTPUT_MARKER} file); "
                               "--force will not replace it")
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

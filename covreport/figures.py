@@ -11,8 +11,6 @@ salt, no dates in the metadata), so identical results give identical files.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from covreport._io import atomic_write
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
 
 #: Fixed drawing style per outcome group (grayscale-safe).
@@ -385,14 +384,7 @@ def save_figure(fig, stem, folder, *, dpi=200):
     with matplotlib.rc_context(_RC):
         for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
             path = folder / f"{stem}.{ext}"
-            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".{ext}", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fig.savefig(fh, format=ext, dpi=dpi, metadata=meta, facecolor="white")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_write(path) as fh:
+                fig.savefig(fh, format=ext, dpi=dpi, metadata=meta, facecolor="white")
             out[ext] = path
     return out

@@ -249,26 +249,13 @@ def _preprocessing_dict(preprocessing):
     raise ModelError(f"preprocessing must be a Preprocessing or a dict, not {type(preprocessing).__name__}.")
 
 
-def _temp_beside(path):
-    """A fresh temporary name in ``path``'s folder (created with the user's umask)."""
-    import secrets
-
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def _atomic_torch_save(obj, path):
+    from covreport._io import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "xb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, error_class=ModelError) as fh:
+        torch.save(obj, fh)
     return path
 
 
