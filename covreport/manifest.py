@@ -52,7 +52,9 @@ from covreport.constants import (
 )
 from covreport.errors import ManifestError
 from covreport.images import probe_image
-from covreport.vocab import INVISIBLE_CONTROLS_RE
+from covreport.vocab import (
+    DATE_RANGE, INVISIBLE_CONTROLS_RE, VIEW_CODES, canon, iso_dates, normalise_sex, view_key,
+)
 
 __all__ = ["Manifest", "read_manifest", "MISSING_IMAGE_REASONS"]
 
@@ -75,11 +77,6 @@ _OUTCOME_HINTS = {
     "IMPROVE": IMPROVED, "IMPROVING": IMPROVED, "IMPROVEMENT": IMPROVED, "BETTER": IMPROVED,
     "DECREASED": IMPROVED, "RESOLVED": IMPROVED,
 }
-_SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
-_VIEW_CODES = {
-    "AP": "AP", "AP SUPINE": "AP Supine", "SUPINE AP": "AP Supine",
-    "PA": "PA", "LATERAL": "Lateral", "LAT": "Lateral", "L": "Lateral",
-}
 _DATE_PAIRS = (("first_date", "second_date"), ("first_offset_days", "second_offset_days"))
 _VIEW_COLUMNS = ("first_view", "second_view")
 _TEXT_COLUMNS = ("source", "notes")
@@ -89,15 +86,10 @@ _MAX_SHOWN_PER_KIND = 20
 _BLANK = " \t\x0b\x0c"  # a row holding only these (and delimiters) is an empty row
 _SNIFF_BYTES = 65536
 _FORMULA = r"^(?:[=@]|[+\-][^\d.]|[+\-]$)"  # RE2-compatible: pyarrow runs it vectorised
-_ISO_DATE = (r"^\d{4}-?\d{2}-?\d{2}(?:[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?"
-             r"(?:Z|[+-]\d{2}(?::?\d{2})?)?)?$")
-_DATE_RANGE = ("1900-01-01", "2199-12-31")
 _MESSY_PATH = r"(?:^|/)\.{1,2}(?:/|$)|//|/$"
 
 
-def _canon(name):
-    """Column name reduced for forgiving comparison: case, spaces, _ - . ignored."""
-    return re.sub(r"[\s_\-.]+", "", name.lower())
+_canon = canon
 
 
 def _n(count, word):
@@ -682,11 +674,7 @@ def _numbers(table, column, decimal_comma):
 def _dates(table, column):
     """ISO 8601 dates (optionally with a time and zone) -> naive UTC Timestamps, bad-cell mask."""
     s = _stripped(table, column)
-    iso = s.str.match(_ISO_DATE)
-    values = pd.to_datetime(s.where(iso, ""), format="ISO8601", errors="coerce", utc=True)
-    low, high = (pd.Timestamp(d, tz="UTC") for d in _DATE_RANGE)
-    values = values.where((values >= low) & (values <= high))
-    values = values.dt.tz_convert(None).astype("datetime64[ns]")
+    values = iso_dates(s)
     return s, values, ((s != "") & values.isna()).to_numpy()
 
 
@@ -806,8 +794,8 @@ def _validate(table, problems, warnings, base, strict):
             if col.endswith("_date"):
                 s, values, bad = _dates(table, col)
                 _flag(table, problems, bad, col,
-                      f"write dates in ISO 8601, YYYY-MM-DD (e.g. 2020-03-14), from {_DATE_RANGE[0]} "
-                      f"to {_DATE_RANGE[1]}")
+                      f"write dates in ISO 8601, YYYY-MM-DD (e.g. 2020-03-14), from {DATE_RANGE[0]} "
+                      f"to {DATE_RANGE[1]}")
             else:
                 s, values, bad = _numbers(table, col, decimal_comma)
                 _flag(table, problems, bad, col, "write the day offset as a number of days (e.g. 0, 3, 12.5)")
@@ -843,7 +831,7 @@ def _validate(table, problems, warnings, base, strict):
 
     # sex
     if "sex" in cells:
-        mapped, empty = _codes(table, "sex", lambda v: _SEX_CODES.get(v.upper()))
+        mapped, empty = _codes(table, "sex", normalise_sex)
         _flag(table, problems, ~empty & pd.isna(mapped), "sex",
               "use M, F, Male or Female (any case), or leave it blank")
         out["sex"] = pd.Series(mapped, dtype=object)
@@ -853,7 +841,7 @@ def _validate(table, problems, warnings, base, strict):
     # views
     for col in _VIEW_COLUMNS:
         if col in cells:
-            mapped, empty = _codes(table, col, lambda v: _VIEW_CODES.get(re.sub(r"[\s_\-]+", " ", v.upper())))
+            mapped, empty = _codes(table, col, lambda v: VIEW_CODES.get(view_key(v)))
             _flag(table, problems, ~empty & pd.isna(mapped), col,
                   f"use {', '.join(VIEWS[:-1])} or {VIEWS[-1]} (or leave it blank)")
             out[col] = pd.Series(mapped, dtype=object)
