@@ -248,3 +248,22 @@ def test_a_dangling_link_creates_nothing(study, tmp_path):
     _refused(_run(manifest, scores, link, "--force"), "symbolic link", "does not exist")
     assert link.is_symlink() and not (tmp_path / "missing").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "study"]
+
+
+def test_out_through_a_symbolic_link_to_another_file_system(study, tmp_path):
+    """The link's target is on another file system: the swap happens there, no cross-device rename."""
+    from reliability_helpers import tiny_tmpfs
+
+    _, manifest, scores = study
+    with tiny_tmpfs(tmp_path / "mnt", size="32m") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here")
+        real = tmp_path / "mnt" / "out"
+        assert _run(manifest, scores, real).exit_code == 0
+        link = tmp_path / "link"
+        link.symlink_to(real, target_is_directory=True)
+        res = _run(manifest, scores, link, "--force")
+        assert res.exit_code == 0, res.output
+        assert link.is_symlink() and (real / "results.json").is_file()
+        assert sorted(p.name for p in (tmp_path / "mnt").iterdir()) == ["out"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mnt", "study"]
