@@ -365,8 +365,12 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
     Example (ieee8023 covid-chestxray-dataset, from its folder):
       covreport pairs metadata.csv --preset ieee8023 --filter "finding~COVID-19" --out pairs.csv
     """
+    from covreport._io import check_out_file
+    from covreport.errors import ManifestError
     from covreport.pairs import build_pairs, read_column_map, write_pairs
 
+    # The export and the map are never overwritten (the --update manifest may be: that is its purpose).
+    check_out_file(out, inputs=[images, map_file], force=True, error_class=ManifestError)
     columns = dict(read_column_map(map_file)) if map_file else {}
     for key, value in (("patient_id", patient_col), ("date", date_col), ("offset_days", offset_col),
                        ("view", view_col), ("age", age_col), ("sex", sex_col)):

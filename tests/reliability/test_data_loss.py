@@ -267,3 +267,17 @@ def test_out_through_a_symbolic_link_to_another_file_system(study, tmp_path):
         assert link.is_symlink() and (real / "results.json").is_file()
         assert sorted(p.name for p in (tmp_path / "mnt").iterdir()) == ["out"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mnt", "study"]
+
+
+def test_pairs_never_overwrites_the_export(tmp_path):
+    export = tmp_path / "images.csv"
+    export.write_text("patient_id,image,date\nP1,a.png,2020-03-01\nP1,b.png,2020-03-02\n")
+    before = export.read_bytes()
+    res = CliRunner().invoke(main, ["pairs", str(export), "--out", str(export)])
+    _refused(res, f"would overwrite the input {export}")
+    assert export.read_bytes() == before
+    # The documented in-place update of a manifest still works.
+    manifest = tmp_path / "pairs.csv"
+    assert CliRunner().invoke(main, ["pairs", str(export), "--out", str(manifest)]).exit_code == 0
+    res = CliRunner().invoke(main, ["pairs", str(export), "--update", str(manifest), "--out", str(manifest)])
+    assert res.exit_code == 0, res.output
