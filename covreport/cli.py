@@ -52,7 +52,10 @@ _VALIDATE_LIST_LIMIT = 20
               help="Treat missing or unreadable images and empty outcomes as errors, not exclusions.")
 @click.option("--no-images", is_flag=True,
               help="Do not open the image files (only the manifest itself is checked).")
-def validate(manifest, as_json, strict, no_images):
+@click.option("--scores", type=click.Path(dir_okay=False, path_type=str),
+              help="Check the manifest against this scores file (reviewer mode): a pair can be analysed "
+                   "when both its images have a row in it. No image file is opened or looked up.")
+def validate(manifest, as_json, strict, no_images, scores):
     """Check a pair manifest and summarise it; nothing is written.
 
     MANIFEST is a CSV (UTF-8; comma-, semicolon- or tab-separated) or an .xlsx
@@ -60,12 +63,22 @@ def validate(manifest, as_json, strict, no_images):
     first_image, second_image, outcome (Worse/Stable/Improved); see
     data_manifests/README.md. Every problem is listed at once with its line,
     column, value and fix, and the exit status is 1. Missing or unreadable
-    images and empty outcomes are exclusions (exit 0) unless --strict.
+    images and empty outcomes are exclusions (exit 0) unless --strict. With --scores, as in
+    `covreport run --scores`, the images are not looked up and a pair
+    whose images lack a score is the exclusion.
     """
     from covreport.manifest import read_manifest
 
-    m = read_manifest(manifest, strict=strict, check_images=not no_images)
+    if scores is not None:
+        from covreport.scoring import read_scores
+
+        m = read_manifest(manifest, strict=strict, check_images=False)
+        m = m.exclude_unscored(read_scores(scores)["image"], strict=strict)
+    else:
+        m = read_manifest(manifest, strict=strict, check_images=not no_images)
     summary = m.summary()
+    if scores is not None:
+        summary["scores"] = scores
     if as_json:
         _echo_json(summary)
         return
@@ -75,6 +88,8 @@ def validate(manifest, as_json, strict, no_images):
     if images["checked"]:
         image_line = (f"{images['total']} files: {images['found']} found, "
                       f"{images['missing']} missing, {images['unreadable']} unreadable")
+    elif scores is not None:
+        image_line = f"{images['total']} files, not looked up (reviewer mode: index-test results from {scores})"
     else:
         image_line = f"{images['total']} files, not checked (--no-images)"
     click.echo(f"Manifest    {manifest}")
@@ -508,6 +523,75 @@ def demo(out, seed):
     click.echo(f"Report: {result.report / 'report.html'} (and report.pdf, results.json)")
     click.echo(f"Time: {took}" + ("" if result.trained else " (weights reused)"))
     click.echo(f"Regenerate with:\n  {result.command}")
+
+
+# --- verify (reviewer) ---------------------------------------------------------
+
+_VERIFY_LIST_LIMIT = 50
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The manifest the submitted run read.")
+@click.option("--scores", type=click.Path(dir_okay=False, path_type=Path),
+              help="The scores file of a reviewer-mode run (or one made with the run's weights).")
+@click.option("--weights", help="The weights of a weights-mode run (file or xrv: spec).")
+@click.option("--validation-csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--validation-scores", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reference-csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--previous", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The earlier results.json files the run was given with --previous, in the same order.")
+@click.option("--ignore-hashes", is_flag=True,
+              help="Rerun even when an input's SHA-256 differs from the recorded one (still a failure).")
+@click.option("--no-cache", is_flag=True, help="Score the images again instead of using the score cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verification as a JSON record.")
+def verify(folder, manifest, scores, weights, validation_csv, validation_scores, reference_csv, study,
+           previous, ignore_hashes, no_cache, as_json):
+    """Re-derive every number of a submitted results folder (FOLDER holds results.json).
+
+    Checks each input against the SHA-256 recorded in the run's provenance,
+    reruns the analysis with the recorded options (protocol, seed,
+    permutations, bootstrap resamples, predictive-value interval, strict)
+    into a temporary folder and compares every number of the new
+    results.json with the submitted one; then checks that tables/*.csv and
+    the text of report.html carry the submitted values. Inputs not given are
+    looked for at their recorded paths, relative to the manifest's folder.
+    Exit 0: every number regenerated; exit 1: the differences are listed.
+
+    \b
+    Example (a reviewer holding the folder, the manifest and the scores):
+      covreport verify submitted/ --manifest manifest.csv --scores scores.csv
+    """
+    from covreport.verify import verify as verify_folder
+
+    inputs = {"manifest": manifest, "scores": scores, "weights": weights, "validation_csv": validation_csv,
+              "validation_scores": validation_scores, "reference_csv": reference_csv, "study": study}
+    result = verify_folder(folder, {k: v for k, v in inputs.items() if v is not None}, previous=previous,
+                           ignore_hashes=ignore_hashes, use_cache=not no_cache)
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        for m in result.hash_mismatches:
+            click.echo(f"input changed: {m['input']} {m['path']}: SHA-256 {m['sha256']}, "
+                       f"recorded {m['recorded_sha256']}")
+        diffs = result.differences + result.report_differences
+        if diffs:
+            click.echo(f"NOT verified: {len(result.differences)} difference(s) in results.json, "
+                       f"{len(result.report_differences)} in the report files ({result.tolerance})")
+            click.echo("path\tsubmitted\tregenerated")
+            for d in diffs[:_VERIFY_LIST_LIMIT]:
+                click.echo(f"{d['path']}\t{d['submitted']}\t{d['regenerated']}")
+            if len(diffs) > _VERIFY_LIST_LIMIT:
+                click.echo(f"... and {len(diffs) - _VERIFY_LIST_LIMIT} more (see --json)")
+        elif result.ok:
+            click.echo(f"verified: {result.numbers_compared} numbers regenerated exactly ({result.tolerance})")
+        click.echo(f"report files checked: {', '.join(result.report_checked) or 'none'}")
+        for text in result.report_not_checked:
+            click.echo(f"not checked: {text}")
+    if not result.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

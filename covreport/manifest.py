@@ -32,6 +32,7 @@ import hashlib
 import io
 import os
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from covreport.constants import (
     VIEWS,
     WORSE,
 )
-from covreport.errors import ManifestError
+from covreport.errors import ManifestError, ScoresError
 from covreport.images import probe_image
 from covreport.vocab import (
     DATE_RANGE, INVISIBLE_CONTROLS_RE, VIEW_CODES, canon, iso_dates, normalise_sex, view_key,
@@ -178,6 +179,56 @@ class Manifest:
         ids = self.pairs["pair_id"].to_numpy(dtype=object)
         keep = np.fromiter((p not in excluded for p in ids), dtype=bool, count=len(ids))
         return self.pairs[keep].reset_index(drop=True)
+
+    def exclude_unscored(self, scored, *, failed=None, strict=False):
+        """This manifest with the pairs lacking an index-test result excluded.
+
+        A pair is analysable when both its images (as written in the
+        manifest) are in ``scored``; the first image without one makes the
+        pair an exclusion at the stage "index test not done". In reviewer
+        mode (a scores file, no images) this is the only image check: no
+        image file is opened or looked up.
+
+        Parameters
+        ----------
+        scored : collection of str
+            Image names (the manifest's ``first_image``/``second_image``
+            text) that have a score.
+        failed : dict, optional
+            Image name -> why it could not be scored (weights mode).
+        strict : bool
+            Raise :class:`ScoresError` listing every unscored pair instead.
+
+        Returns
+        -------
+        Manifest
+            A copy; ``exclusions`` gains one row per newly excluded pair.
+        """
+        failed = failed or {}
+        scored = set(scored)
+        already = set(self.exclusions["pair_id"].tolist())
+        rows = []
+        for rec in self.pairs[["pair_id", "patient_id", "outcome", "first_image", "second_image"]].itertuples(
+                index=False):
+            if rec.pair_id in already:
+                continue
+            for which, img in (("first", rec.first_image), ("second", rec.second_image)):
+                if img not in scored:
+                    why = failed.get(img) or "no score for this image in the scores file"
+                    rows.append({"pair_id": rec.pair_id, "patient_id": rec.patient_id, "outcome": rec.outcome,
+                                 "stage": STAGE_INDEX_TEST_NOT_DONE, "reason": f"{which} image: {why} ({img})",
+                                 "cause": f"{which} image: {why}"})
+                    break
+        if rows and strict:
+            lines = "\n".join(f"pair {r['pair_id']}: {r['reason']}" for r in rows)
+            raise ScoresError(f"{len(rows)} pair(s) have no score (--strict):\n{lines}")
+        if not rows:
+            return self
+        new = pd.DataFrame(rows, columns=self.exclusions.columns, dtype=object)
+        exclusions = pd.concat([self.exclusions, new], ignore_index=True) if len(self.exclusions) else new
+        warnings = [*self.warnings, f"{_n(len(rows), 'pair')} without a score for an image: excluded "
+                                    f"({STAGE_INDEX_TEST_NOT_DONE})"]
+        return dataclasses.replace(self, exclusions=exclusions, warnings=warnings)
 
     def image_counts(self):
         """Distinct image files: total, and found/missing/unreadable (None if not checked)."""

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata as _md
@@ -55,6 +56,8 @@ class RunOptions:
     use_cache: bool = True
     pdf: bool = True
     synthetic: bool = False
+    bootstrap: int = 2000
+    predictive_ci: str = "exact"
     previous: tuple = ()
     command: str = ""
     extra_provenance: dict = field(default_factory=dict)
@@ -66,76 +69,104 @@ def label_columns(scores):
 
 
 def run(opts: RunOptions) -> Path:
-    """Run the whole study and write its outputs to ``opts.out``; return that path."""
+    """Run the whole study and write its outputs to ``opts.out``; return that path.
+
+    With ``opts.scores`` (reviewer mode) the image files are neither opened
+    nor looked up: a pair is analysed when both its images have a row in the
+    scores file. With weights, every image is checked, scored (through the
+    cache) and a pair whose image cannot be scored is an exclusion.
+    """
     from covreport.manifest import read_manifest
 
     out = Path(opts.out)
     _check_out(opts)
-    if opts.scores is None and opts.weights is None:
+    weights = opts.weights
+    if opts.scores is None and weights is None:
         from covreport.model import find_weights
 
-        opts.weights = str(find_weights(None))  # raises with how to train / where to put weights
-    manifest = read_manifest(opts.manifest, strict=opts.strict)
-    _check_out(opts, _manifest_image_paths(manifest))
-
-    inputs = {"manifest": _input(opts.manifest)}
-    loaded = None
+        weights = str(find_weights(None))  # raises with how to train / where to put weights
+    loaded, scoring = None, None
     if opts.scores is not None:
         from covreport.scoring import read_scores
 
+        manifest = read_manifest(opts.manifest, strict=opts.strict, check_images=False)
+        _check_out(opts, _manifest_image_paths(manifest))
         scores = read_scores(opts.scores)
-        inputs["scores"] = _input(opts.scores)
-        failed = {}
+        manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], strict=opts.strict)
     else:
         from covreport.model import load_checkpoint
         from covreport.scoring import score_manifest
 
-        loaded = load_checkpoint(opts.weights)
-        inputs["weights"] = {"path": str(opts.weights), "sha256": loaded.sha256}
+        manifest = read_manifest(opts.manifest, strict=opts.strict)
+        _check_out(opts, _manifest_image_paths(manifest))
+        loaded = load_checkpoint(weights)
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache)
-        scores, failed = res.scores, res.failed
+        scores = res.scores
         # How this run got its scores describes the run, not the study: provenance, not flow.
-        opts.extra_provenance["scoring"] = {"images_computed": int(res.scored),
-                                            "images_from_cache": int(res.from_cache),
-                                            "cache_rows_rejected": int(res.cache_rows_rejected)}
+        scoring = {"images_computed": int(res.scored), "images_from_cache": int(res.from_cache),
+                   "cache_rows_rejected": int(res.cache_rows_rejected)}
+        manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], failed=res.failed, strict=opts.strict)
     labels = label_columns(scores)
     if not labels:
         raise ScoresError(f"{opts.scores}: no label columns (columns other than 'image' and 'feat_*')")
 
-    pairs, exclusions = _analysed_pairs(manifest, scores, labels, failed, strict=opts.strict)
-    results = {
-        "covreport_version": __version__,
-        "provenance": _provenance(opts, inputs, loaded, _is_phantom(manifest)),
-        "study": {},
-        "labels": labels,
-        "flow": _flow(manifest, pairs, exclusions, scores),
-        "pairs": _pairs_records(pairs, labels),
-    }
+    pairs, exclusions = _analysed_pairs(manifest, scores, labels)
+    reference = None
+    if opts.reference_csv is not None:
+        from covreport.stats.table1 import read_reference_csv
+
+        reference = read_reference_csv(opts.reference_csv)
+    validation_auc, roc = _validation(opts, loaded, labels)
+    study = {}
     if opts.study is not None:
         from covreport.study import read_study
 
-        results["study"] = read_study(opts.study)
-        inputs["study"] = _input(opts.study)
-    results.update(compute_statistics(pairs, labels, scores, opts, loaded, inputs))
+        study = read_study(opts.study)
+    previous = []
     if opts.previous:
-        from covreport.revalidation import compare, load_results
+        from covreport.revalidation import load_results
 
-        results["revalidation"] = compare(results, [load_results(p) for p in opts.previous])
-        for i, path in enumerate(opts.previous, 1):
-            inputs[f"previous_{i}"] = _input(path)
+        previous = [load_results(p) for p in opts.previous]
+
+    statistics = compute_statistics(pairs, labels, scores, opts, reference=reference)
+    results = {
+        "covreport_version": __version__,
+        "provenance": _provenance(opts, manifest, weights, loaded, scoring),
+        "study": study,
+        "labels": labels,
+        "flow": _flow(manifest, pairs, exclusions, scores),
+        "pairs": _pairs_records(pairs, labels),
+        "interval_days": _interval_summary(pairs["interval_days"]),
+        "table1": statistics.pop("table1"),
+        "validation_auc": validation_auc,
+        "roc_curves": roc,
+        **statistics,
+    }
+    if previous:
+        from covreport.revalidation import compare
+
+        results["revalidation"] = compare(results, previous)
     cams = _cams(pairs, loaded) if loaded is not None else None
     return _write_outputs(results, out, opts, cams)
 
 
-def compute_statistics(pairs, labels, scores, opts, loaded, inputs):
-    """Every analysis of the study on the analysed pairs; a dict of results.json keys."""
-    from covreport.stats import compare_groups, predict_outcome, table_one
-    from covreport.stats.table1 import read_reference_csv
+def compute_statistics(pairs, labels, scores, opts, *, reference=None):
+    """Every analysis of the study on the analysed pairs; a dict of results.json keys.
 
-    reference = None
-    if opts.reference_csv is not None:
-        reference = read_reference_csv(opts.reference_csv)
-        inputs["reference_csv"] = _input(opts.reference_csv)
+    Parameters
+    ----------
+    pairs : pandas.DataFrame
+        The analysed pairs with ``<label> first/second/change`` columns.
+    labels : list of str
+    scores : pandas.DataFrame
+        The scores table (``image``, labels, ``feat_*``).
+    opts : RunOptions
+        Read only: the statistical options (protocol, permutations, seed).
+    reference : pandas.DataFrame, optional
+        The reference population of Table 1 (``read_reference_csv``).
+    """
+    from covreport.stats import compare_groups, predict_outcome, table_one
+
     t1 = table_one(pairs[["patient_id", "outcome", "age", "sex"]], reference)
     changes = pairs[["outcome"]].copy()
     for lab in labels:
@@ -153,12 +184,8 @@ def compute_statistics(pairs, labels, scores, opts, loaded, inputs):
         pairs["outcome"].to_numpy(), pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
         headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
     )
-    val_auc, roc = _validation(opts, loaded, labels, inputs)
     return {
-        "interval_days": _interval_summary(pairs["interval_days"]),
         "table1": _records(t1),
-        "validation_auc": val_auc,
-        "roc_curves": roc,
         "group_differences": _records(groups),
         "prediction": prediction,
     }
@@ -167,33 +194,10 @@ def compute_statistics(pairs, labels, scores, opts, loaded, inputs):
 # --- stages ----------------------------------------------------------------
 
 
-def _analysed_pairs(manifest, scores, labels, failed, *, strict):
-    """Join pairs with scores; pairs lacking a score become exclusions."""
-    pairs = manifest.pairs.copy()
-    excl = [manifest.exclusions] if len(manifest.exclusions) else []
-    excluded = set(manifest.exclusions["pair_id"]) if len(manifest.exclusions) else set()
-    known = set(scores[IMAGE_COLUMN])
-    rows = []
-    for rec in pairs.itertuples(index=False):
-        if rec.pair_id in excluded:
-            continue
-        for which in ("first", "second"):
-            img = getattr(rec, f"{which}_image")
-            if img not in known:
-                reason = failed.get(img) or "no score for this image in the scores file"
-                rows.append({"pair_id": rec.pair_id, "patient_id": rec.patient_id, "outcome": rec.outcome,
-                             "stage": STAGE_INDEX_TEST_NOT_DONE, "reason": f"{which} image: {reason} ({img})",
-                             "cause": f"{which} image: {reason}"})
-                break
-    if rows:
-        if strict:
-            lines = "\n".join(f"pair {r['pair_id']}: {r['reason']}" for r in rows)
-            raise ScoresError(f"{len(rows)} pair(s) have no score (--strict):\n{lines}")
-        excl.append(pd.DataFrame(rows))
-        excluded |= {r["pair_id"] for r in rows}
-    exclusions = (pd.concat(excl, ignore_index=True) if excl
-                  else pd.DataFrame(columns=["pair_id", "patient_id", "outcome", "stage", "reason", "cause"]))
-    pairs = pairs[~pairs["pair_id"].isin(excluded)].reset_index(drop=True)
+def _analysed_pairs(manifest, scores, labels):
+    """The pairs that are not excluded, joined with their probabilities, and the exclusions."""
+    exclusions = manifest.exclusions
+    pairs = manifest.analysable_pairs()
     if pairs.empty:
         raise CovreportError("no pair is left to analyse: every pair was excluded "
                              "(see `covreport validate` for the reasons)")
@@ -249,19 +253,17 @@ def _interval_summary(days):
                       "of second-minus-first CXR dates, in days"}
 
 
-def _validation(opts, loaded, labels, inputs):
+def _validation(opts, loaded, labels):
     """Per-label validation AUCs with DeLong CIs, and ROC curve points."""
     if opts.validation_csv is None:
         return [], {}
     from covreport.stats.auc import read_chexpert_csv, roc_curve_points, validation_auc
 
     truth = read_chexpert_csv(opts.validation_csv)
-    inputs["validation_csv"] = _input(opts.validation_csv)
     if opts.validation_scores is not None:
         from covreport.scoring import read_scores
 
         vscores = read_scores(opts.validation_scores)
-        inputs["validation_scores"] = _input(opts.validation_scores)
     elif loaded is not None:
         from covreport.scoring import score_images
 
@@ -330,11 +332,47 @@ def _is_phantom(manifest):
     return source is not None and len(source) > 0 and bool((source == "phantom").all())
 
 
-def _input(path):
-    return {"path": str(path), "sha256": sha256_file(path)}
+#: RunOptions fields that change a number of results.json: recorded in
+#: ``provenance.options`` so that a rerun (``covreport verify``) can repeat them.
+NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "strict")
 
 
-def _provenance(opts, inputs, loaded, synthetic_data=False):
+def portable_path(path, base):
+    """``path`` relative to ``base`` when it lies below it, else its file name: never an absolute path."""
+    p = Path(os.path.abspath(path))
+    try:
+        return p.relative_to(os.path.abspath(base)).as_posix()
+    except ValueError:
+        return p.name
+
+
+def _portable_command(command, base):
+    """The command line with every absolute path made portable (see :func:`portable_path`)."""
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return command
+    return shlex.join(portable_path(a, base) if os.path.isabs(a) else a for a in args)
+
+
+def _provenance(opts, manifest, weights, loaded, scoring):
+    """Where the results came from, built from what the loaders read; paths relative to the manifest."""
+    base = Path(manifest.path).parent
+    inputs = {"manifest": {"path": portable_path(manifest.path, base), "sha256": manifest.sha256}}
+    if opts.scores is not None:
+        inputs["scores"] = _input(opts.scores, base)
+    if loaded is not None:
+        shown = portable_path(weights, base) if Path(str(weights)).exists() else str(weights)
+        inputs["weights"] = {"path": shown, "sha256": loaded.sha256}
+    if opts.validation_csv is not None:
+        inputs["validation_csv"] = _input(opts.validation_csv, base)
+        if opts.validation_scores is not None:
+            inputs["validation_scores"] = _input(opts.validation_scores, base)
+    for key in ("reference_csv", "study"):
+        if getattr(opts, key) is not None:
+            inputs[key] = _input(getattr(opts, key), base)
+    for i, path in enumerate(opts.previous, 1):
+        inputs[f"previous_{i}"] = _input(path, base)
     versions = {}
     for name in PACKAGES:
         try:
@@ -352,12 +390,19 @@ def _provenance(opts, inputs, loaded, synthetic_data=False):
         "seed": int(opts.seed),
         "protocol": opts.protocol,
         "permutations": int(opts.permutations),
-        "command": opts.command,
+        "options": {k: getattr(opts, k) for k in NUMBER_OPTIONS},
+        "command": _portable_command(opts.command, base),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "synthetic": bool(opts.synthetic) or synthetic_data,
+        "synthetic": bool(opts.synthetic) or _is_phantom(manifest),
     }
+    if scoring is not None:
+        prov["scoring"] = scoring
     prov.update(opts.extra_provenance)
     return prov
+
+
+def _input(path, base):
+    return {"path": portable_path(path, base), "sha256": sha256_file(path)}
 
 
 def _model_summary(loaded):
@@ -441,7 +486,10 @@ def _check_out(opts, images=()):
 
 
 def _manifest_image_paths(manifest):
-    """The folders of the manifest's images (checking folders is enough: --out is a folder)."""
+    """The folders of the manifest's images (checking folders is enough: --out is a folder).
+
+    Only the path strings are used: no image file is opened or looked up.
+    """
     pairs = manifest.pairs
     cols = [c for c in ("first_path", "second_path") if c in pairs.columns]
     return sorted({os.path.dirname(str(p)) or "." for c in cols for p in pairs[c]
@@ -474,4 +522,4 @@ def _replace_dir(tmp, target, *, force):
 
 def command_line():
     """The command that produced these results, for provenance."""
-    return " ".join(["covreport", *sys.argv[1:]])
+    return shlex.join(["covreport", *sys.argv[1:]])

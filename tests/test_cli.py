@@ -36,7 +36,8 @@ def test_every_command_is_documented_in_the_readme(command):
 
 def test_the_commands_are_the_issue_list():
     # Commands that are not built are absent, never placeholders.
-    assert set(main.commands) == {"validate", "diagnostic", "run", "score", "train", "demo", "pairs"}
+    assert set(main.commands) == {"validate", "diagnostic", "run", "score", "train", "demo", "pairs",
+                                  "verify"}
 
 
 def test_library_errors_become_one_line_and_exit_1(tmp_path):

@@ -1,6 +1,7 @@
 """covreport run in reviewer mode (--scores): outputs, exclusions, determinism."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,54 @@ def test_force_replaces_whole_and_previous_is_compared(example):
     assert results["revalidation"]["added"]
     assert (again / "tables" / "revalidation_headline.csv").is_file()
     assert not list(tmp.glob(".f.old-*"))
+
+
+def test_reviewer_mode_needs_only_the_two_csv_files(tmp_path, monkeypatch):
+    """Issue 11.1: a reviewer holds manifest.csv and scores.csv, never the images."""
+    import covreport.manifest
+
+    shutil.copy(EXAMPLE, tmp_path / "manifest.csv")
+    m = pd.read_csv(EXAMPLE)
+    images = sorted(set(m["first_image"]) | set(m["second_image"]))
+    _scores(tmp_path / "scores.csv", [i for i in images if i != "images/P03_3.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "scores.csv"]
+
+    def no_lookup(path):
+        raise AssertionError(f"reviewer mode looked up the image {path}")
+
+    monkeypatch.setattr(covreport.manifest, "probe_image", no_lookup)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(main, ["validate", "manifest.csv", "--scores", "scores.csv"])
+    assert res.exit_code == 0, res.output
+    assert "not looked up (reviewer mode" in res.output
+    assert "5 of 6 pairs can be analysed" in res.output
+    assert ("pair pair06 (patient P03): index test not done: second image: "
+            "no score for this image in the scores file (images/P03_3.png)") in res.output
+    res = runner.invoke(main, ["validate", "manifest.csv", "--scores", "scores.csv", "--strict"])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: 1 pair(s) have no score (--strict):\n"
+                                 "pair pair06: second image: no score")
+
+    res = runner.invoke(main, ["run", "manifest.csv", "--scores", "scores.csv", "--out", "out",
+                               "--permutations", "20", "--no-pdf"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["flow"]["pairs_analysed"] == 5
+    assert [e["pair_id"] for e in results["flow"]["exclusions"]] == ["pair06"]
+    # Provenance names inputs relative to the manifest's folder, never by an absolute path.
+    assert results["provenance"]["inputs"]["manifest"]["path"] == "manifest.csv"
+    assert results["provenance"]["inputs"]["scores"]["path"] == "scores.csv"
+    assert str(tmp_path) not in (tmp_path / "out" / "results.json").read_text(encoding="utf-8")
+    assert results["provenance"]["options"]["permutations"] == 20
+
+
+def test_weights_mode_still_checks_images(tmp_path):
+    """Without --scores the images are probed: a missing file is an exclusion with its reason."""
+    from covreport.manifest import read_manifest
+
+    shutil.copy(EXAMPLE, tmp_path / "manifest.csv")
+    m = read_manifest(tmp_path / "manifest.csv")
+    assert len(m.exclusions) == 6
+    assert set(m.exclusions["stage"]) == {"index test not done"}
+    assert all("file not found" in r for r in m.exclusions["reason"])

@@ -1,0 +1,174 @@
+"""covreport verify: a reviewer re-derives every number of a submitted folder (issue 15).
+
+Reviewer mode throughout: the folder holds only manifest.csv and scores.csv,
+never the images, as a reviewer receives them.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from covreport.cli import main
+from covreport.verify import VerifyError, compare_results, verify
+
+from test_pipeline import EXAMPLE, _scores
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """A study folder (manifest + scores, no images) and the output of its `covreport run`."""
+    import pandas as pd
+
+    tmp = tmp_path_factory.mktemp("verify")
+    shutil.copy(EXAMPLE, tmp / "manifest.csv")
+    m = pd.read_csv(EXAMPLE)
+    _scores(tmp / "scores.csv", sorted(set(m["first_image"]) | set(m["second_image"])))
+    res = CliRunner().invoke(main, ["run", str(tmp / "manifest.csv"), "--scores", str(tmp / "scores.csv"),
+                                    "--out", str(tmp / "out"), "--permutations", "30", "--seed", "7",
+                                    "--no-pdf"])
+    assert res.exit_code == 0, res.output
+    return tmp
+
+
+def _copy(submitted, tmp_path):
+    shutil.copytree(submitted / "out", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _verify(folder, submitted, *extra):
+    return CliRunner().invoke(main, ["verify", str(folder), "--manifest", str(submitted / "manifest.csv"),
+                                     "--scores", str(submitted / "scores.csv"), *extra])
+
+
+def test_untouched_folder_verifies(submitted):
+    res = _verify(submitted / "out", submitted)
+    assert res.exit_code == 0, res.output
+    m = re.search(r"^verified: (\d+) numbers regenerated exactly \(numbers equal within a relative "
+                  r"difference of 1e-09", res.output, re.M)
+    assert m and int(m.group(1)) > 300
+    assert "report.html (its text outside figures)" in res.output
+    assert "tables/group_differences.csv" in res.output
+    # The recorded options were used: another seed would change the permutation p-values.
+    results = json.loads((submitted / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["provenance"]["options"]["seed"] == 7
+
+
+def test_edited_p_value_is_caught(submitted, tmp_path):
+    out = _copy(submitted, tmp_path)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    old = results["group_differences"][0]["p"]
+    results["group_differences"][0]["p"] = old / 10
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    res = _verify(out, submitted)
+    assert res.exit_code == 1
+    assert "NOT verified: 1 difference(s) in results.json" in res.output
+    assert f"group_differences[0].p\t{old / 10}\t{old}" in res.output
+    # --json carries the same record.
+    res = _verify(out, submitted, "--json")
+    record = json.loads(res.output[res.output.index("{"):])
+    assert record["verified"] is False
+    assert record["differences"] == [{"path": "group_differences[0].p", "submitted": old / 10, "regenerated": old}]
+
+
+def test_edited_report_number_is_caught(submitted, tmp_path):
+    out = _copy(submitted, tmp_path)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    n = results["flow"]["pairs_in_manifest"]
+    # Change the number of pairs in the manifest wherever the report says it in the flow text.
+    edited, k = re.subn(rf"\b{n} pairs\b", f"{n + 40} pairs", html, count=1)
+    assert k == 1
+    (out / "report.html").write_text(edited, encoding="utf-8")
+    res = _verify(out, submitted)
+    assert res.exit_code == 1
+    assert "0 difference(s) in results.json, 1 in the report files" in res.output
+    assert "report.html text line" in res.output and f"{n + 40} pairs" in res.output
+
+
+def test_edited_table_cell_is_caught(submitted, tmp_path):
+    out = _copy(submitted, tmp_path)
+    path = out / "tables" / "pairs.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1].replace("Worse", "Improved", 1)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = _verify(out, submitted)
+    assert res.exit_code == 1
+    assert "tables/pairs.csv line 2, column 'outcome'\tImproved\tWorse" in res.output
+
+
+def test_changed_manifest_is_a_hash_mismatch(submitted, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text((submitted / "manifest.csv").read_text(encoding="utf-8").replace("Stable", "Worse"),
+                        encoding="utf-8")
+    res = CliRunner().invoke(main, ["verify", str(submitted / "out"), "--manifest", str(manifest),
+                                    "--scores", str(submitted / "scores.csv")])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: 1 input(s) differ from those of the submitted run:\n"
+                                 f"  manifest {manifest}: SHA-256 ")
+    assert "give the files the run read, or --ignore-hashes to compare anyway" in res.output
+    # With --ignore-hashes the rerun happens and the changed outcome shows as differences.
+    res = CliRunner().invoke(main, ["verify", str(submitted / "out"), "--manifest", str(manifest),
+                                    "--scores", str(submitted / "scores.csv"), "--ignore-hashes"])
+    assert res.exit_code == 1
+    assert "input changed: manifest" in res.output and "NOT verified" in res.output
+
+
+def test_missing_input_is_named(submitted, tmp_path):
+    # The manifest alone: the scores file is neither given nor at its recorded path.
+    shutil.copy(submitted / "manifest.csv", tmp_path / "manifest.csv")
+    with pytest.raises(VerifyError, match=r"the rerun needs these inputs of the submitted run:\n"
+                                          r"  --scores: scores.csv, SHA-256 [0-9a-f]{64}"):
+        verify(submitted / "out", {"manifest": tmp_path / "manifest.csv"})
+    # Beside the manifest at its recorded path, it is found without being named.
+    assert verify(submitted / "out", {"manifest": submitted / "manifest.csv"}).ok
+
+
+def test_compare_results_tolerance_and_shape():
+    a = {"x": {"p": 0.1, "n": 3, "label": "Edema"}, "provenance": {"created": "a", "options": {"seed": 1}}}
+    b = {"x": {"p": 0.1 * (1 + 1e-12), "n": 3, "label": "Edema"},
+         "provenance": {"created": "b", "options": {"seed": 1}}}
+    assert compare_results(a, b) == ([], 3)  # created is a run fact; 1e-12 relative is equal
+    b["x"]["p"] = 0.1 * (1 + 1e-6)
+    b["x"]["label"] = "Oedema"
+    b["provenance"]["options"]["seed"] = 2
+    diffs, _ = compare_results(a, b)
+    assert [d["path"] for d in diffs] == ["provenance.options.seed", "x.p", "x.label"]
+
+
+@pytest.mark.xfail(strict=True, reason="CAM text of the report depends on the images, not on results.json: "
+                                       "fixed when the report package lands")
+def test_weights_mode_run_verifies_with_weights_or_a_scores_file(tmp_path):
+    """A weights-mode run (tiny random DenseNet, 32 px) re-derived from its weights, or from scores made with them."""
+    import torch
+
+    from covreport.images import Preprocessing
+    from covreport.model import build_model, save_checkpoint
+
+    labels = ("Cardiomegaly", "Edema", "Pleural Effusion")
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    save_checkpoint(weights, build_model(labels), labels=labels, preprocessing=Preprocessing(size=32))
+    study = tmp_path / "study"
+    shutil.copytree(EXAMPLE.parent, study)
+    runner = CliRunner()
+    cache = str(tmp_path / "cache.sqlite")
+    res = runner.invoke(main, ["run", str(study / "manifest.csv"), "--weights", str(weights), "--cache", cache,
+                               "--out", str(tmp_path / "out"), "--permutations", "20", "--no-pdf"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv")])
+    assert res.exit_code == 1
+    assert "--weights: the run scored the images with tiny.pt, SHA-256" in res.output
+    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv"),
+                               "--weights", str(weights), "--no-cache"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("verified: ")
+    res = runner.invoke(main, ["score", str(study / "manifest.csv"), "--weights", str(weights), "--cache", cache,
+                               "--out", str(tmp_path / "scores.csv")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv"),
+                               "--scores", str(tmp_path / "scores.csv")])
+    assert res.exit_code == 0, res.output
