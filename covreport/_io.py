@@ -273,11 +273,12 @@ def _pid_alive(pid):
     return True
 
 
-def remove_leftovers(target):
+def remove_leftovers(target, kinds=("tmp", "old")):
     """Remove ``.NAME.tmp-PID-*`` and ``.NAME.old-PID`` folders of dead covreport processes beside ``target``.
 
     Only folders carrying covreport's marker file and whose process is gone
-    (``kill -9``, power cut) are removed; returns the paths removed.
+    (``kill -9``, power cut) are removed; ``kinds`` says which of the two
+    (``"tmp"``, ``"old"``). Returns the paths removed.
     """
     import shutil
 
@@ -290,6 +291,8 @@ def remove_leftovers(target):
     for entry in entries:
         m = _LEFTOVER.fullmatch(entry.name)
         if not m or m["name"] != target.name or entry.is_symlink() or not is_covreport_output(entry):
+            continue
+        if ("tmp" if m["tmp"] else "old") not in kinds:
             continue
         if _pid_alive(int(m["tmp"] or m["old"])):
             continue
@@ -358,8 +361,11 @@ def _on_sigterm(signum, _frame):
 class staged_dir:
     """Context manager: build an output folder beside ``target``, move it into place whole.
 
-    Removes leftovers of dead covreport processes first; yields the marked
-    temporary folder; on success swaps it in with :func:`swap_dir`; on any
+    Removes temporary folders of dead covreport processes first; yields the
+    marked temporary folder; on success swaps it in with :func:`swap_dir`
+    and then removes previous outputs a dead process had moved aside
+    (``.NAME.old-PID``: kept until now, as the only copy of the previous
+    output, should this run fail); on any
     exception (SIGINT, and SIGTERM, which is turned into ``SystemExit(143)``
     while the folder is staged) deletes it.
     """
@@ -375,7 +381,7 @@ class staged_dir:
         import signal
         import threading
 
-        remove_leftovers(self.target)
+        remove_leftovers(self.target, kinds=("tmp",))
         if threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         self.tmp = make_staging_dir(self.target, error_class=self.error_class)
@@ -391,6 +397,7 @@ class staged_dir:
                     self.swap(self.tmp, self.target, force=self.force)
                 except OSError as err:
                     raise self.error_class(f"cannot write the outputs to {self.target}: {err}") from None
+                remove_leftovers(self.target, kinds=("old",))
         finally:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp, ignore_errors=True)

@@ -215,6 +215,26 @@ def test_leftovers_of_dead_runs_are_removed_and_only_those(study, tmp_path):
     assert unmarked.is_dir()
 
 
+def test_a_previous_output_moved_aside_survives_a_failed_run(study, tmp_path):
+    """``.OUT.old-PID`` may be the only copy of the previous output: removed only after a successful swap."""
+    import covreport.report as report
+
+    _, manifest, scores = study
+    out = tmp_path / "out"
+    assert _run(manifest, scores, out).exit_code == 0
+    aside = tmp_path / f".out.old-{_dead_pid()}"
+    out.rename(aside)  # as a kill -9 between the two renames of the swap leaves it
+    real = report.render_report
+    try:
+        report.render_report = lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        _refused(_run(manifest, scores, out), "No space left on device")
+    finally:
+        report.render_report = real
+    assert (aside / "results.json").is_file() and not out.exists()
+    assert _run(manifest, scores, out).exit_code == 0
+    assert not aside.exists() and (out / "results.json").is_file()
+
+
 def test_sigterm_during_writing_removes_the_temporary_folder(study, tmp_path):
     _, manifest, scores = study
     out = tmp_path / "out"
