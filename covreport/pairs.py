@@ -36,9 +36,7 @@ https://github.com/ieee8023/covid-chestxray-dataset) has a preset:
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import os
 import posixpath
 import re
@@ -48,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from covreport.errors import ManifestError
+from covreport.tabular import read_records
 from covreport.vocab import DATE_RANGE, EXPORT_VIEW_CODES, SEX_CODES, canon, iso_dates, view_key
 
 __all__ = [
@@ -168,16 +167,9 @@ def _read_table(path, *, delimiter=None, what="table"):
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         counts = {d: first.count(d) for d in (",", ";", "\t")}
         delimiter = max(counts, key=lambda d: (counts[d], d == ","))
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records, starts, prev_end = [], [], 0
-    try:
-        for rec in reader:
-            if any(cell.strip() for cell in rec):
-                records.append(rec)
-                starts.append(prev_end + 1)
-            prev_end = reader.line_num
-    except csv.Error as exc:
-        raise ManifestError(f"{name} line {reader.line_num}: {exc} -- check the quoting on this line") from None
+    all_records, all_starts = read_records(text, delimiter, name)
+    filled = [i for i, rec in enumerate(all_records) if any(cell.strip() for cell in rec)]
+    records, starts = [all_records[i] for i in filled], [int(all_starts[i]) for i in filled]
     if not records:
         raise ManifestError(f"{name} is empty -- export one row per image, with a header line")
     header = [h.strip() for h in records[0]]
