@@ -361,6 +361,7 @@ def _provenance(opts, manifest, weights, loaded, scoring):
     inputs = {"manifest": {"path": portable_path(manifest.path, base), "sha256": manifest.sha256}}
     if opts.scores is not None:
         inputs["scores"] = _input(opts.scores, base)
+    shown = None
     if loaded is not None:
         shown = portable_path(weights, base) if Path(str(weights)).exists() else str(weights)
         inputs["weights"] = {"path": shown, "sha256": loaded.sha256}
@@ -386,7 +387,7 @@ def _provenance(opts, manifest, weights, loaded, scoring):
         "inputs": inputs,
         "weights_sha256": loaded.sha256 if loaded is not None else None,
         "preprocessing": loaded.preprocessing.to_dict() if loaded is not None else None,
-        "model": _model_summary(loaded),
+        "model": _model_summary(loaded, shown),
         "seed": int(opts.seed),
         "protocol": opts.protocol,
         "permutations": int(opts.permutations),
@@ -405,11 +406,11 @@ def _input(path, base):
     return {"path": portable_path(path, base), "sha256": sha256_file(path)}
 
 
-def _model_summary(loaded):
+def _model_summary(loaded, source):
     if loaded is None:
         return None
     meta = dict(loaded.metadata or {})
-    return {"source": loaded.source, "labels": list(loaded.labels),
+    return {"source": source, "labels": list(loaded.labels),
             "training": meta.get("training") or meta.get("config"),
             "training_data_sha256": meta.get("training_data_sha256"),
             "validation_auc": meta.get("validation_auc")}

@@ -18,7 +18,8 @@ What is compared: everything outside ``provenance``; of ``provenance``, the
 inputs' SHA-256, ``options``, ``weights_sha256``, ``preprocessing`` and
 ``model``. Not compared (they describe the run, not the study): ``created``,
 ``command``, ``scoring`` (images computed or taken from the cache), the
-package versions, and the input paths (an input is identified by its hash).
+package versions, and the input and model paths (an input is identified by
+its hash).
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ def compare_results(submitted, regenerated, *, skip=()):
             a, b = submitted.get(key) or {}, regenerated.get(key) or {}
             for sub in PROVENANCE_COMPARED:
                 _walk(a.get(sub), b.get(sub), f"provenance.{sub}", diffs, count)
+            diffs = [d for d in diffs if d["path"] != "provenance.model.source"]  # a path, not the model
             ins_a, ins_b = a.get("inputs") or {}, b.get("inputs") or {}
             for role in sorted(set(ins_a) | set(ins_b)):
                 _walk((ins_a.get(role) or {}).get("sha256"), (ins_b.get(role) or {}).get("sha256"),
