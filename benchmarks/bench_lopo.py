@@ -76,8 +76,8 @@ def bench_small(args):
         second = rng.permutation(X)
         t_block, _ = timed(lambda: predict_outcome(X, second, outcome, groups, np.arange(len(y)),
                                                    n_permutations=n, seed=0))
-        print(f"    predict_outcome (nested + global + reversed, {n} permutations each for nested "
-              f"and reversed): {t_block:8.2f} s")
+        print(f"    predict_outcome (nested + global + reversed, {n} permutations each, the three "
+              f"tests in parallel processes from 200 permutations on): {t_block:8.2f} s")
 
 
 def bench_large(args):

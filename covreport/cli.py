@@ -123,19 +123,25 @@ def validate(manifest, as_json, strict, no_images, scores):
                    "and accuracy by Bayes' rule (default: the table's own prevalence).")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="1 - confidence level of the intervals, 0 < A < 1.")
+@click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
+              help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
+                   "logit with the sample prevalence taken as known (MedCalc; the original study).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON keyed by measure instead of a table; missing or infinite values "
                    "are null with a note.")
-def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
+def diagnostic(tp, fp, fn, tn, prevalence, alpha, predictive_ci, as_json):
     """Diagnostic accuracy of a 2x2 table, with confidence intervals.
 
     Prints accuracy, sensitivity, specificity, ppv, npv, lr_positive and
     lr_negative with their intervals, computed as MedCalc's diagnostic test
     calculator does: Clopper-Pearson exact intervals for sensitivity,
     specificity and accuracy; the log method (Altman et al. 2000) for the
-    likelihood ratios; standard logit intervals (Mercaldo et al. 2007) for the
-    predictive values, with the table's prevalence (TP+FN)/N or --prevalence
-    taken as known, Clopper-Pearson when a value is 0 or 1. No continuity
+    likelihood ratios. Predictive values: Clopper-Pearson exact intervals by
+    default (in a consecutive cohort PPV and NPV are binomial proportions);
+    --predictive-ci logit gives the standard logit interval (Mercaldo et al.
+    2007) with the table's prevalence taken as known, as MedCalc prints; with
+    --prevalence, the logit interval with that prevalence. A degenerate logit
+    interval is replaced by Clopper-Pearson, with a note. No continuity
     correction: a measure a zero cell makes undefined is reported missing,
     with the reason.
 
@@ -144,7 +150,8 @@ def diagnostic(tp, fp, fn, tn, prevalence, alpha, as_json):
     from covreport.stats._util import records
     from covreport.stats.diagnostic import diagnostic_metrics
 
-    table = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha)
+    table = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha,
+                               predictive_ci=predictive_ci)
     if as_json:
         out = {}
         for rec in records(table):
@@ -472,8 +479,14 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
 @click.option("--protocol", type=click.Choice(["nested", "global"]), default="nested", show_default=True,
               help="Headline prediction protocol (feature selection inside each fold, or once on all pairs).")
 @click.option("--permutations", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Permutations for the accuracy's permutation p-value (0 to skip).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permutation test.")
+              help="Permutations for each protocol's permutation p-value of the accuracy (0 to skip).")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Patient-level cluster bootstrap resamples for percentile CIs (0 to skip).")
+@click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
+              help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
+                   "logit with the sample prevalence taken as known (MedCalc; the original study).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the permutation tests and the bootstrap.")
 @click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
               help="Score cache (SQLite); default under the user's cache folder.")
 @click.option("--no-cache", is_flag=True, help="Score every image afresh and store nothing.")
@@ -485,7 +498,8 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
 @click.option("--previous", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="results.json of an earlier validation (repeat, oldest first): the report shows what moved.")
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
-        protocol, permutations, seed, cache, no_cache, strict, no_pdf, out, force, previous):
+        protocol, permutations, bootstrap, predictive_ci, seed, cache, no_cache, strict, no_pdf, out, force,
+        previous):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -498,7 +512,8 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
     opts = RunOptions(manifest=manifest, out=out, scores=scores, weights=weights,
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
-                      permutations=permutations, seed=seed, force=force, strict=strict, cache=cache,
+                      permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
+                      seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())
     written = run_study(opts)
     click.echo(f"Report: {written / 'report.html'}")

@@ -111,6 +111,7 @@ def run(opts: RunOptions) -> Path:
         raise ScoresError(f"{opts.scores}: no label columns (columns other than 'image' and 'feat_*')")
 
     pairs, exclusions = _analysed_pairs(manifest, scores, labels)
+    pairs = canonical_pairs(pairs)   # no result depends on row order or pair-id spelling
     reference = None
     if opts.reference_csv is not None:
         from covreport.stats.table1 import read_reference_csv
@@ -153,6 +154,11 @@ def run(opts: RunOptions) -> Path:
 def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     """Every analysis of the study on the analysed pairs; a dict of results.json keys.
 
+    The pairs are first put in canonical order by content (patient, first
+    date or offset, first image, second image; :func:`canonical_pairs`), so
+    that no result depends on the manifest's row order or on how pair ids are
+    spelled.
+
     Parameters
     ----------
     pairs : pandas.DataFrame
@@ -161,17 +167,25 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     scores : pandas.DataFrame
         The scores table (``image``, labels, ``feat_*``).
     opts : RunOptions
-        Read only: the statistical options (protocol, permutations, seed).
+        Read only: the statistical options (protocol, permutations, seed,
+        bootstrap, predictive_ci).
     reference : pandas.DataFrame, optional
         The reference population of Table 1 (``read_reference_csv``).
     """
     from covreport.stats import compare_groups, predict_outcome, table_one
+    from covreport.stats.clustered import cluster_bootstrap, group_differences_clustered, primary_analysis
+    from covreport.stats.table1 import table_one_patients
 
-    t1 = table_one(pairs[["patient_id", "outcome", "age", "sex"]], reference)
-    changes = pairs[["outcome"]].copy()
+    pairs = canonical_pairs(pairs)
+    demo = pairs[["patient_id", "outcome", "age", "sex"]]
+    t1 = table_one(demo, reference)
+    t1["unit"] = np.where(t1["counted_by"] == "pair", "pair", "image")
+    t1_patients = table_one_patients(demo, reference)
+    changes = pairs[["patient_id", "outcome"]].copy()
     for lab in labels:
         changes[lab] = pairs[f"{lab} change"]
     groups = compare_groups(changes, labels)
+    clustered = group_differences_clustered(changes, labels, changes["patient_id"])
     feats = [c for c in scores.columns if str(c).startswith(FEATURE_PREFIX)]
     if not feats:
         raise ScoresError("the scores have no feature columns feat_0000 ... feat_1023; "
@@ -182,13 +196,51 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     prediction = predict_outcome(
         pd.DataFrame(first, columns=feats), pd.DataFrame(second, columns=feats),
         pairs["outcome"].to_numpy(), pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
+        order_keys=_order_keys(pairs).drop(columns=["patient_id"]),
         headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
+        predictive_ci=opts.predictive_ci,
     )
+    bootstrap = None
+    if opts.bootstrap:
+        predicted = {}
+        for key in ("nested", "global", "reversed"):
+            block = prediction.get(key) or {}
+            rows = [r for r in block.get("pairs", []) if r["predicted"] is not None]
+            if rows:
+                predicted[key] = {"patient_id": [r["patient_id"] for r in rows],
+                                  "outcome": [r["outcome"] == WORSE for r in rows],
+                                  "predicted": [r["predicted"] == WORSE for r in rows]}
+        bootstrap = cluster_bootstrap(pairs["patient_id"], predicted, changes, labels,
+                                      n_resamples=opts.bootstrap, seed=opts.seed)
+        bootstrap["group_differences"] = _records(pd.DataFrame(bootstrap["group_differences"]))
     return {
+        "primary_analysis": primary_analysis(pairs["patient_id"]),
         "table1": _records(t1),
+        "table1_patients": _records(t1_patients),
         "group_differences": _records(groups),
+        "group_differences_clustered": _records(clustered),
         "prediction": prediction,
+        "bootstrap": bootstrap,
     }
+
+
+#: Columns that order pairs canonically by content (those present are used, in this order).
+_ORDER_COLUMNS = ("patient_id", "first_date", "first_offset_days", "first_image", "second_image", "pair_id")
+
+
+def canonical_pairs(pairs):
+    """The pairs in canonical order: patient, first date or offset, first image, second image.
+
+    The pair id comes last, so it only orders pairs identical in all the rest.
+    """
+    from covreport.stats._util import canonical_order
+
+    return pairs.iloc[canonical_order(_order_keys(pairs))].reset_index(drop=True)
+
+
+def _order_keys(pairs):
+    return pd.DataFrame({c: (pairs[c].to_numpy() if c in pairs.columns else [None] * len(pairs))
+                         for c in _ORDER_COLUMNS})
 
 
 # --- stages ----------------------------------------------------------------

@@ -55,7 +55,8 @@ def test_run_writes_results_tables_and_report(example):
         assert rec["Edema change"] == pytest.approx(want)
     for block in ("nested", "global", "reversed"):
         assert set(results["prediction"][block]["metrics"]) == {
-            "accuracy", "sensitivity", "specificity", "ppv", "npv", "lr_positive", "lr_negative"}
+            "accuracy", "sensitivity", "specificity", "ppv", "npv", "lr_positive", "lr_negative",
+            "balanced_accuracy"}
     assert all(r["method"] for r in results["group_differences"])
     for name in ("table1.csv", "group_differences.csv", "pairs.csv", "prediction_nested_metrics.csv"):
         assert (out / "tables" / name).is_file()

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
+from scipy.stats import binomtest
 from statsmodels.stats.proportion import proportion_confint
 
 from covreport.cli import main
@@ -103,11 +104,48 @@ def test_predictive_values_mercaldo_logit_sample_prevalence(tp, fp, fn, tn):
     # prevalence (TP+FN)/N, as MedCalc's calculator uses when no prevalence is given.
     p = (tp + fn) / (tp + fp + fn + tn)
     ppv, plo, phi, npv, nlo, nhi = _mercaldo_reference(tp, fp, fn, tn, p)
-    m = _by_measure(diagnostic_metrics(tp, fp, fn, tn))
+    m = _by_measure(diagnostic_metrics(tp, fp, fn, tn, predictive_ci="logit"))
     assert ppv == pytest.approx(tp / (tp + fp), rel=1e-12)  # sanity of the reference itself
     assert (m["ppv"].estimate, m["ppv"].ci_low, m["ppv"].ci_high) == pytest.approx((ppv, plo, phi), rel=1e-12)
     assert (m["npv"].estimate, m["npv"].ci_low, m["npv"].ci_high) == pytest.approx((npv, nlo, nhi), rel=1e-12)
     assert "Mercaldo" in m["ppv"].method and "sample prevalence" in m["ppv"].method
+    assert "MedCalc" in m["ppv"].method and "original study" in m["ppv"].method
+
+
+@pytest.mark.parametrize("tp,fp,fn,tn", [(20, 5, 10, 65), (7, 2, 1, 12), (130, 27, 15, 228), (5, 6, 0, 0),
+                                         (0, 4, 3, 0)])
+def test_predictive_values_clopper_pearson_by_default(tp, fp, fn, tn):
+    # Reference: scipy.stats.binomtest(...).proportion_ci(method="exact"), which is
+    # R's binom.test interval (Clopper-Pearson), and statsmodels proportion_confint("beta").
+    m = _by_measure(diagnostic_metrics(tp, fp, fn, tn))
+    for name, x, n in (("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+        if n == 0:
+            assert math.isnan(m[name].estimate) and m[name].note.startswith("not estimable")
+            continue
+        ci = binomtest(x, n).proportion_ci(method="exact")
+        assert m[name].estimate == pytest.approx(x / n, rel=1e-15)
+        assert (m[name].ci_low, m[name].ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10, abs=1e-14)
+        assert (m[name].ci_low, m[name].ci_high) == pytest.approx(proportion_confint(x, n, method="beta"),
+                                                                    rel=1e-10, abs=1e-14)
+        assert m[name].method.startswith("Clopper-Pearson exact") and "binom.test" in m[name].method
+
+
+def test_issue_example_tp5_fp6_has_a_real_interval():
+    # covreport diagnostic --tp 5 --fp 6 --fn 0 --tn 0 used to print PPV 0.4545 (0.4545-0.4545)
+    m = _by_measure(diagnostic_metrics(5, 6, 0, 0))
+    ci = binomtest(5, 11).proportion_ci(method="exact")   # scipy's Clopper-Pearson = R's binom.test(5, 11)
+    assert (m["ppv"].ci_low, m["ppv"].ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert 0.167 < m["ppv"].ci_low < 0.168 and 0.766 < m["ppv"].ci_high < 0.767
+    # the logit method degenerates (sensitivity 1, specificity 0): Clopper-Pearson with a note
+    lg = _by_measure(diagnostic_metrics(5, 6, 0, 0, predictive_ci="logit"))
+    assert (lg["ppv"].ci_low, lg["ppv"].ci_high) == (m["ppv"].ci_low, m["ppv"].ci_high)
+    assert "degenerates" in lg["ppv"].note and "sensitivity is 1" in lg["ppv"].note
+    assert "specificity is 0" in lg["ppv"].note
+
+
+def test_unknown_predictive_ci_is_refused():
+    with pytest.raises(StatsError, match="predictive_ci must be one of"):
+        diagnostic_metrics(1, 2, 3, 4, predictive_ci="wald")
 
 
 @pytest.mark.parametrize("prevalence", [0.02, 0.3, 0.9])
@@ -156,12 +194,13 @@ def test_accuracy_with_prevalence_combines_se_and_sp():
 
 def test_ppv_at_one_falls_back_to_clopper_pearson():
     # Reference: statsmodels proportion_confint(method="beta") on TP/(TP+FP) and TN/(TN+FN).
-    m = _by_measure(diagnostic_metrics(12, 0, 3, 9))
+    m = _by_measure(diagnostic_metrics(12, 0, 3, 9, predictive_ci="logit"))
     lo, hi = proportion_confint(12, 12, method="beta")
     assert m["ppv"].estimate == 1.0
     assert (m["ppv"].ci_low, m["ppv"].ci_high) == pytest.approx((lo, hi), abs=1e-12)
     assert m["ppv"].method.startswith("Clopper-Pearson exact on TP/(TP+FP)")
-    m = _by_measure(diagnostic_metrics(5, 4, 0, 0 + 6))
+    assert "specificity is 1" in m["ppv"].note
+    m = _by_measure(diagnostic_metrics(5, 4, 0, 0 + 6, predictive_ci="logit"))
     lo, hi = proportion_confint(6, 6, method="beta")
     assert m["npv"].estimate == 1.0 and m["npv"].ci_low == pytest.approx(lo, abs=1e-12)
 
@@ -226,10 +265,10 @@ counts = st.integers(min_value=0, max_value=60)
 @settings(max_examples=150, deadline=None)
 @given(counts, counts, counts, counts,
        st.one_of(st.none(), st.floats(min_value=0.01, max_value=0.99)),
-       st.sampled_from([0.01, 0.05, 0.2]))
-def test_every_ci_contains_its_estimate(tp, fp, fn, tn, prevalence, alpha):
+       st.sampled_from([0.01, 0.05, 0.2]), st.sampled_from(["exact", "logit"]))
+def test_every_ci_contains_its_estimate(tp, fp, fn, tn, prevalence, alpha, predictive_ci):
     # Property: no crash on any table; every finite interval contains its estimate.
-    df = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha)
+    df = diagnostic_metrics(tp, fp, fn, tn, prevalence=prevalence, alpha=alpha, predictive_ci=predictive_ci)
     for r in df.itertuples(index=False):
         if np.isfinite(r.ci_low) and np.isfinite(r.ci_high):
             assert r.ci_low <= r.estimate * (1 + 1e-12) + 1e-12
@@ -275,6 +314,17 @@ def test_cli_json_with_prevalence():
     lib = _by_measure(diagnostic_metrics(20, 5, 10, 65, prevalence=0.1))
     assert out["ppv"]["estimate"] == lib["ppv"].estimate
     assert "Bayes" in out["ppv"]["method"]
+
+
+def test_cli_predictive_ci_option():
+    args = ["diagnostic", "--tp", "20", "--fp", "5", "--fn", "10", "--tn", "65", "--json"]
+    exact = json.loads(CliRunner().invoke(main, args).output)
+    logit = json.loads(CliRunner().invoke(main, [*args, "--predictive-ci", "logit"]).output)
+    assert exact["ppv"]["ci_low"] == _by_measure(diagnostic_metrics(20, 5, 10, 65))["ppv"].ci_low
+    lib = _by_measure(diagnostic_metrics(20, 5, 10, 65, predictive_ci="logit"))
+    assert logit["ppv"]["ci_low"] == lib["ppv"].ci_low and "Mercaldo" in logit["ppv"]["method"]
+    res = CliRunner().invoke(main, ["diagnostic", "--tp", "5", "--fp", "6", "--fn", "0", "--tn", "0"])
+    assert res.exit_code == 0 and "0.1675 to 0.7662" in res.output
 
 
 @pytest.mark.parametrize("args,message", [

@@ -73,17 +73,22 @@ def test_against_scipy_pingouin_and_numpy(seed, ties):
         assert (row.n1, row.n2) == (len(x), len(y))
         assert row.median1 == pytest.approx(np.median(x), abs=1e-15)
         assert row.mean2 == pytest.approx(np.mean(y), abs=1e-15)
-        # reference: scipy.stats.mannwhitneyu, default (auto) and the method reported
-        ref = sps.mannwhitneyu(x, y, alternative="two-sided")
+        # reference: R's wilcox.test rule (exact when both n < 50 and no ties, else the
+        # normal approximation with continuity correction), run through scipy explicitly
+        tied = len(np.unique(np.r_[x, y])) < len(x) + len(y)
+        rule = "exact" if (len(x) < 50 and len(y) < 50 and not tied) else "asymptotic"
+        assert row.mw_method == ("exact" if rule == "exact" else
+                                 "normal approximation with continuity correction")
+        assert "wilcox.test" in row.mw_rule and row.unit == "pair"
+        ref = sps.mannwhitneyu(x, y, alternative="two-sided", method=rule, use_continuity=True)
         assert row.U == pytest.approx(ref.statistic, abs=1e-12)
         assert row.p == pytest.approx(ref.pvalue, rel=1e-12, abs=0)
-        explicit = sps.mannwhitneyu(x, y, alternative="two-sided", method=row.mw_method)
-        assert row.p == pytest.approx(explicit.pvalue, rel=1e-12, abs=0)
         # reference: pingouin.mwu (RBC, same sign convention) -- column names pinned
         pmw = pg.mwu(x, y, alternative="two-sided")
         assert row.rank_biserial == pytest.approx(_pg_col(pmw, "RBC"), abs=1e-12)
         assert row.U == pytest.approx(_pg_col(pmw, "U_val", "U-val"), abs=1e-12)
-        assert row.p == pytest.approx(_pg_col(pmw, "p_val", "p-val"), rel=1e-9)
+        if rule == "asymptotic" and min(len(x), len(y)) > 8:   # pingouin follows scipy's auto rule
+            assert row.p == pytest.approx(_pg_col(pmw, "p_val", "p-val"), rel=1e-9)
         # reference: numpy Cohen's d from sums of squares, and pingouin.compute_effsize
         d = _numpy_d(x, y)
         assert row.cohen_d == pytest.approx(d, rel=1e-12)
@@ -122,18 +127,38 @@ def test_shier_worked_example_exact():
     assert rev.p == pytest.approx(row.p)
 
 
-def test_mannwhitney_method_follows_scipy_rule():
+def test_mannwhitney_method_follows_r_wilcox_test_rule():
+    exact, normal = "exact", "normal approximation with continuity correction"
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=8), rng.normal(size=30)
-    assert mannwhitney_method(a, b) == "exact"             # one group <= 8, no ties
-    assert mannwhitney_method(np.r_[a[:7], a[0]], b) == "asymptotic"   # a tie
-    assert mannwhitney_method(rng.normal(size=9), rng.normal(size=9)) == "asymptotic"
-    # a tie across the groups counts as a tie
-    assert mannwhitney_method([1.0, 2.0], [2.0, 3.0]) == "asymptotic"
-    # the p-value is scipy's auto p in each case (reference: scipy, method given explicitly)
-    for x, y in [(a, b), (np.r_[a[:7], a[0]], b), (a[:3], b[:4])]:
-        auto = sps.mannwhitneyu(x, y).pvalue
-        assert auto == sps.mannwhitneyu(x, y, method=mannwhitney_method(x, y)).pvalue
+    assert mannwhitney_method(a, b) == exact
+    assert mannwhitney_method(rng.normal(size=49), rng.normal(size=49)) == exact
+    assert mannwhitney_method(rng.normal(size=50), rng.normal(size=3)) == normal   # n >= 50
+    assert mannwhitney_method(np.r_[a[:7], a[0]], b) == normal                    # a tie
+    assert mannwhitney_method([1.0, 2.0], [2.0, 3.0]) == normal                   # tie across groups
+
+
+def test_exact_p_for_9_vs_9_is_r_wilcox_test():
+    # R 4.x: wilcox.test(1:9, 10:18)$p.value = 4.113534e-05 = 2 / choose(18, 9) (exact);
+    # scipy's auto rule took the normal approximation here (p = 4.1e-4)
+    df = pd.DataFrame({"outcome": [WORSE] * 9 + [IMPROVED] * 9, "v": np.arange(1.0, 19.0)})
+    row = compare_groups(df, ["v"], contrasts=[(WORSE, IMPROVED)]).iloc[0]
+    assert row.mw_method == "exact"
+    assert row.U == 0.0
+    assert row.p == pytest.approx(2 / math.comb(18, 9), rel=1e-12)
+    assert row.p == pytest.approx(4.113534e-05, rel=1e-6)
+    # with a tie R takes the normal approximation with continuity correction:
+    # wilcox.test(c(1:8, 8), 10:18, exact=FALSE, correct=TRUE); reference: scipy asymptotic
+    df.loc[8, "v"] = 8.0
+    row = compare_groups(df, ["v"], contrasts=[(WORSE, IMPROVED)]).iloc[0]
+    assert row.mw_method == "normal approximation with continuity correction"
+    x, y = df.v[:9].to_numpy(), df.v[9:].to_numpy()
+    ref = sps.mannwhitneyu(x, y, method="asymptotic", use_continuity=True)
+    assert row.p == pytest.approx(ref.pvalue, rel=1e-12)
+    # hand-computed: sigma with tie correction, |U - n1 n2 / 2| - 1/2
+    n = 18
+    sigma = math.sqrt(81 / 12 * ((n + 1) - (2 ** 3 - 2) / (n * (n - 1))))
+    assert row.p == pytest.approx(2 * sps.norm.sf((40.5 - 0.5) / sigma), rel=1e-12)
 
 
 def test_small_group_gives_nan_with_reason():
@@ -188,5 +213,5 @@ def test_row_order_does_not_matter(seed):
     a = compare_groups(df, LABELS)
     b = compare_groups(df.sample(frac=1.0, random_state=seed).reset_index(drop=True), LABELS)
     num = [c for c in GROUP_COLUMNS if c not in ("contrast", "label", "group1", "group2",
-                                                  "mw_method", "d_method", "method", "note")]
+                                                  "mw_method", "mw_rule", "unit", "d_method", "method", "note")]
     assert np.allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=1e-12, atol=1e-14, equal_nan=True)

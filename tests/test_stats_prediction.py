@@ -309,7 +309,8 @@ def test_permuted_outcomes_move_whole_patients_within_strata():
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
 
 
-def test_permutation_p_brute_force():
+@pytest.mark.parametrize("protocol", ["nested", "global"])
+def test_permutation_p_brute_force(protocol):
     X, y, groups = _study(9, n_patients=6, n_features=8, signal=1.5)
     n_perm = 8
     # brute force: the documented scheme written out here -- patients sorted by id, grouped
@@ -318,7 +319,8 @@ def test_permutation_p_brute_force():
     rng = np.random.default_rng(4)
     patients = sorted(set(groups))
     sizes = {p: int((groups == p).sum()) for p in patients}
-    observed = ((_sk_pipeline(X, y, groups, "nested", TIGHT) >= 0.5) == (y == 1)).sum()
+    # (global: the selection on all pairs is rerun on each permuted vector)
+    observed = ((_sk_pipeline(X, y, groups, protocol, TIGHT) >= 0.5) == (y == 1)).sum()
     at_least = 0
     for _ in range(n_perm):
         yp = np.empty_like(y)
@@ -327,9 +329,9 @@ def test_permutation_p_brute_force():
             donors = [stratum[i] for i in rng.permutation(len(stratum))]
             for p, d in zip(stratum, donors):
                 yp[groups == p] = y[groups == d]
-        acc = ((_sk_pipeline(X, yp, groups, "nested", TIGHT) >= 0.5) == (yp == 1)).sum()
+        acc = ((_sk_pipeline(X, yp, groups, protocol, TIGHT) >= 0.5) == (yp == 1)).sum()
         at_least += acc >= observed
-    res = permutation_p(X, y, groups, protocol="nested", n_permutations=n_perm, seed=4)
+    res = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_perm, seed=4)
     assert res["p"] == (1 + at_least) / (1 + n_perm)
     assert res["observed_accuracy"] == observed / len(y)
     assert res["n_permutations"] == n_perm and res["n_at_least_observed"] == at_least
@@ -357,23 +359,35 @@ def test_predict_outcome_block():
         block = out[key]
         assert (block["protocol"], block["features_from"]) == (protocol, source)
         assert block["n_pairs"] == keep.sum() and block["n_patients"] == len(set(groups[keep]))
-        assert set(block["metrics"]) == set(MEASURES)
+        assert set(block["metrics"]) == set(MEASURES) | {"balanced_accuracy"}
+        m = block["metrics"]
+        assert m["balanced_accuracy"]["estimate"] == pytest.approx(
+            (m["sensitivity"]["estimate"] + m["specificity"]["estimate"]) / 2, rel=1e-15)
         for rec in block["metrics"].values():
             assert set(rec) >= {"estimate", "ci_low", "ci_high", "method", "note"}
         assert set(block["auc"]) >= {"auc", "se", "ci_low", "ci_high", "method", "note"}
         feats = block["selected_features"]
         assert feats == sorted(feats, key=lambda r: (-r["folds_selected"], r["feature"]))
         assert all(r["fraction"] == r["folds_selected"] / block["n_patients"] for r in feats)
-        assert [p["pair_id"] for p in block["pairs"]] == [pid for pid, k in zip(pair_ids, keep) if k]
+        # pairs in canonical order: patient, then pair id (no content keys given)
+        kept = sorted((g, pid) for g, pid, k in zip(groups, pair_ids, keep) if k)
+        assert [(p["patient_id"], p["pair_id"]) for p in block["pairs"]] == kept
         # the pairs agree with lopo_predict on the kept rows (reference: the function itself)
         Xs = (first if source == "first" else second)[keep]
         ref = lopo_predict(Xs, y[keep], groups[keep], protocol=protocol)
-        np.testing.assert_allclose([p["probability"] for p in block["pairs"]], ref["probabilities"], atol=1e-9)
+        by_id = {p["pair_id"]: p for p in block["pairs"]}
+        kept_ids = [pid for pid, k in zip(pair_ids, keep) if k]
+        np.testing.assert_allclose([by_id[i]["probability"] for i in kept_ids], ref["probabilities"], atol=1e-9)
         assert block["confusion"] == ref["confusion"]
-        assert [p["predicted"] for p in block["pairs"]] == [WORSE if v else IMPROVED for v in ref["predicted"]]
-    assert out["nested"]["permutation_p"] is not None and out["nested"]["permutations"] == 5
-    assert out["reversed"]["permutation_p"] is not None
-    assert out["global"]["permutation_p"] is None and out["global"]["permutations"] == 0
+        assert [by_id[i]["predicted"] for i in kept_ids] == [WORSE if v else IMPROVED for v in ref["predicted"]]
+        # every protocol has its permutation p (the global one reruns its selection each time)
+        assert block["permutation_p"] is not None and block["permutations"] == 5
+        per_fold = block["features_selected"]["per_fold"]
+        assert len(per_fold) == block["n_patients"] - block["one_class_folds"]
+        assert block["features_selected"]["median"] == np.median(per_fold)
+        assert sum(per_fold) == sum(r["folds_selected"] for r in feats)
+        assert block["unit"] == "pair" and block["auc_clustered"]["unit"] == "patient"
+        assert block["solver"] in block["method"] or "Newton" in block["method"]
     # AUC agrees with scikit-learn's roc_auc_score (reference)
     from sklearn.metrics import roc_auc_score
     probs = [p["probability"] for p in out["nested"]["pairs"]]
@@ -382,6 +396,9 @@ def test_predict_outcome_block():
     # the headline switches the permutation test and the reversed control's protocol
     glob = predict_outcome(first, second, outcome, groups, pair_ids, headline="global", n_permutations=0)
     assert glob["reversed"]["protocol"] == "global" and glob["global"]["permutation_p"] is None
+    # the reversed control is descriptive: accuracy beside the majority rate
+    n_worse = int((y[keep] == 1).sum())
+    assert out["reversed"]["majority_rate"] == max(n_worse, keep.sum() - n_worse) / keep.sum()
 
 
 def test_predict_outcome_row_order_and_errors():
@@ -414,3 +431,34 @@ def test_predict_outcome_too_few_patients_is_a_note_not_a_crash():
         assert block["confusion"] is None and block["permutation_p"] is None
         assert "at least 2 patients" in block["note"] and block["n_patients"] == 1
         assert len(block["pairs"]) == keep.sum()
+
+
+def test_parallel_permutation_tests_give_the_serial_results(monkeypatch, capsys):
+    # the protocols' tests run in other processes must give exactly what one process gives
+    import covreport.stats.permutation as permutation
+    import covreport.stats.prediction as prediction
+
+    X, y, groups = _study(21, n_patients=8, n_features=12)
+    outcome = np.where(y == 1, WORSE, IMPROVED)
+    ids = [f"p{i}" for i in range(len(y))]
+    monkeypatch.setattr(prediction, "PARALLEL_MIN_PERMUTATIONS", 1)
+    serial = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=1)
+    for jobs, others in ((2, "1 other process"), (3, "2 other processes")):
+        capsys.readouterr()
+        parallel = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=jobs)
+        err = capsys.readouterr().err
+        assert others in err and "failed" not in err and "could not" not in err
+        for key in ("nested", "global", "reversed"):
+            assert serial[key]["permutation_p"] == parallel[key]["permutation_p"] is not None
+    # a process that fails is replaced by running its test here
+
+    class Broken:
+        def result(self):
+            return None
+
+    monkeypatch.setattr(permutation, "start_permutation_process", lambda *a, **k: Broken())
+    capsys.readouterr()
+    again = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=2)
+    assert "failed; running it here" in capsys.readouterr().err
+    assert [again[k]["permutation_p"] for k in ("nested", "global", "reversed")] == \
+        [serial[k]["permutation_p"] for k in ("nested", "global", "reversed")]

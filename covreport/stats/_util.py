@@ -99,3 +99,46 @@ def records(df):
             rec["note"] = "; ".join(lost)
         out.append(rec)
     return out
+
+
+def _sortable(col):
+    """A column as sortable values: datetimes and numbers as floats (missing last), anything else as text."""
+    s = pd.Series(col).reset_index(drop=True)
+    if pd.api.types.is_datetime64_any_dtype(s):
+        v = s.astype("int64").astype(float)
+        return np.where(s.isna().to_numpy(), np.inf, v), None
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        v = s.to_numpy(dtype=float)
+        return np.where(np.isnan(v), np.inf, v), None
+    missing = s.isna().to_numpy()
+    text = np.array(["" if m else str(v) for v, m in zip(s, missing)], dtype=object)
+    return missing.astype(np.int8), text
+
+
+def canonical_order(keys):
+    """Row order of a table of sort keys, independent of its row order.
+
+    Parameters
+    ----------
+    keys : pandas.DataFrame
+        One row per item; columns are compared in order (the first is the
+        primary key). Datetime and numeric columns sort by value, other
+        columns as text; missing values sort last.
+
+    Returns
+    -------
+    ndarray of int
+        Indices that put the rows in canonical order (``np.lexsort``, stable:
+        rows equal in every key keep their input order).
+    """
+    columns = []
+    for name in keys.columns:
+        first, text = _sortable(keys[name])
+        columns.append(first)
+        if text is not None:
+            # rank the text so that lexsort compares integers
+            uniq, inv = np.unique(text.astype(str), return_inverse=True)
+            columns.append(inv.reshape(-1))
+    if not columns:
+        return np.arange(len(keys))
+    return np.lexsort(tuple(reversed(columns)))

@@ -128,30 +128,51 @@ def _likelihood_ratio(measure, a, n1, b, n0, alpha, z):
     return _row(measure, estimate, math.exp(log_lr - z * se), math.exp(log_lr + z * se), LOG_METHOD, note)
 
 
-def _predictive_value(measure, tp, fp, fn, tn, prevalence, alpha, z):
-    """PPV or NPV with the standard logit interval of Mercaldo et al. (2007).
+#: PPV/NPV interval methods of :func:`diagnostic_metrics` (``predictive_ci``).
+PREDICTIVE_CI = ("exact", "logit")
 
-    With prevalence p (the sample prevalence n1/N when none is given),
-    sensitivity Se = TP/n1 and specificity Sp = TN/n0 (n1 = TP+FN, n0 = FP+TN):
+LOGIT_SAMPLE_NOTE = ("the sample prevalence treated as known: the interval MedCalc prints and the "
+                     "original study published; it ignores the sampling variability of the prevalence")
+
+
+def _predictive_value(measure, tp, fp, fn, tn, prevalence, alpha, z, predictive_ci="exact"):
+    """PPV or NPV with a Clopper-Pearson or Mercaldo et al. (2007) logit interval.
+
+    Without a prevalence and with ``predictive_ci="exact"`` (the default),
+    PPV = TP/(TP+FP) and NPV = TN/(TN+FN) are binomial proportions of a
+    consecutive cohort and get Clopper-Pearson intervals (R's ``binom.test``;
+    epiR's ``epi.tests(method="exact")``).
+
+    Otherwise the standard logit interval of Mercaldo et al. (2007): with
+    prevalence p (the sample prevalence n1/N when none is given and
+    ``predictive_ci="logit"``), sensitivity Se = TP/n1 and specificity
+    Sp = TN/n0 (n1 = TP+FN, n0 = FP+TN):
 
     logit PPV = ln(p Se / ((1-p)(1-Sp))),  Var = (1-Se)/(n1 Se) + Sp/(n0 (1-Sp))
     logit NPV = ln((1-p) Sp / (p (1-Se))), Var = Se/(n1 (1-Se)) + (1-Sp)/(n0 Sp)
 
-    When the value is 0 or 1 the logit is undefined and a Clopper-Pearson
-    interval of TP/(TP+FP) (or TN/(TN+FN)) is given instead, as MedCalc does.
+    Where that interval degenerates (Se or Sp undefined, 0 or 1: an infinite
+    logit or a zero variance) a Clopper-Pearson interval of TP/(TP+FP) (or
+    TN/(TN+FN)) is given instead, or, with a given prevalence, Bayes' rule
+    applied to the Clopper-Pearson limits of Se and Sp (PPV and NPV increase
+    in both); the note says why.
     """
     n1, n0 = tp + fn, fp + tn
     if measure == "ppv":
-        x, n, empty = tp, tp + fp, "no positive test results (TP + FP = 0)"
+        x, n, empty, what = tp, tp + fp, "no positive test results (TP + FP = 0)", "TP/(TP+FP)"
     else:
-        x, n, empty = tn, tn + fn, "no negative test results (TN + FN = 0)"
+        x, n, empty, what = tn, tn + fn, "no negative test results (TN + FN = 0)", "TN/(TN+FN)"
+    exact_method = f"{CLOPPER_PEARSON} on {what} (a binomial proportion in a consecutive cohort; R binom.test)"
     if prevalence is None:
         if n == 0:
-            return _row(measure, math.nan, method="standard logit (Mercaldo et al. 2007)",
-                        note=f"not estimable: {empty}")
+            method = exact_method if predictive_ci == "exact" else "standard logit (Mercaldo et al. 2007)"
+            return _row(measure, math.nan, method=method, note=f"not estimable: {empty}")
         estimate = x / n
+        if predictive_ci == "exact":
+            low, high = clopper_pearson(x, n, alpha)
+            return _row(measure, estimate, low, high, exact_method)
         p = n1 / (n1 + n0)
-        p_text = "sample prevalence"
+        p_text = "the sample prevalence"
     else:
         if n1 == 0 or n0 == 0:
             which = "no diseased cases (TP + FN = 0)" if n1 == 0 else "no non-diseased cases (FP + TN = 0)"
@@ -168,13 +189,24 @@ def _predictive_value(measure, tp, fp, fn, tn, prevalence, alpha, z):
                         note=f"not estimable: {empty}, so the value is 0/0")
         estimate = num / den
         p_text = f"prevalence {p:g}"
-    if estimate == 0.0 or estimate == 1.0:
-        low, high = clopper_pearson(x, n, alpha)
-        what = "TP/(TP+FP)" if measure == "ppv" else "TN/(TN+FN)"
-        return _row(measure, estimate, low, high,
-                    f"Clopper-Pearson exact on {what} (value is {estimate:g}; the logit is undefined)"
-                    + ("" if prevalence is None else f"; estimate by Bayes' rule with {p_text}"))
-    se_, sp_ = tp / n1, tn / n0
+    se_ = tp / n1 if n1 else math.nan
+    sp_ = tn / n0 if n0 else math.nan
+    degenerate = [f"{name} is {'undefined' if v != v else f'{v:g}'}"
+                  for name, v in (("sensitivity", se_), ("specificity", sp_)) if not 0.0 < v < 1.0]
+    if degenerate:
+        why = f"the logit interval degenerates when {' and '.join(degenerate)}"
+        if prevalence is None:
+            low, high = clopper_pearson(x, n, alpha)
+            return _row(measure, estimate, low, high, exact_method, f"Clopper-Pearson instead: {why}")
+        # Bayes' rule is increasing in Se and Sp: apply it to their Clopper-Pearson limits
+        se_lo, se_hi = clopper_pearson(tp, n1, alpha)
+        sp_lo, sp_hi = clopper_pearson(tn, n0, alpha)
+        bayes = ((lambda a, b: p * a / (p * a + (1 - p) * (1 - b))) if measure == "ppv" else
+                 (lambda a, b: (1 - p) * b / ((1 - p) * b + p * (1 - a))))
+        return _row(measure, estimate, bayes(se_lo, sp_lo), bayes(se_hi, sp_hi),
+                    f"Bayes' rule with {p_text}; interval by Bayes' rule on the {CLOPPER_PEARSON} limits "
+                    "of sensitivity and specificity",
+                    f"Clopper-Pearson limits instead: {why}")
     if measure == "ppv":
         logit = math.log(p * se_ / ((1 - p) * (1 - sp_)))
         var = (1 - se_) / (n1 * se_) + sp_ / (n0 * (1 - sp_))
@@ -183,17 +215,14 @@ def _predictive_value(measure, tp, fp, fn, tn, prevalence, alpha, z):
         var = se_ / (n1 * (1 - se_)) + (1 - sp_) / (n0 * sp_)
     half = z * math.sqrt(var)
     expit = lambda t: 1.0 / (1.0 + math.exp(-t))  # noqa: E731
-    method = f"standard logit (Mercaldo et al. 2007) with {p_text}"
-    if prevalence is not None:
-        method = "Bayes' rule; " + method
-    note = ""
-    if var == 0.0:
-        note = ("zero-width interval: the logit variance is 0 when sensitivity is 1 and "
-                "specificity is 0")
-    return _row(measure, estimate, expit(logit - half), expit(logit + half), method, note)
+    if prevalence is None:
+        method = f"standard logit (Mercaldo et al. 2007) with {LOGIT_SAMPLE_NOTE}"
+    else:
+        method = f"Bayes' rule; standard logit (Mercaldo et al. 2007) with {p_text}"
+    return _row(measure, estimate, expit(logit - half), expit(logit + half), method)
 
 
-def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05):
+def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05, predictive_ci="exact"):
     """Accuracy, sensitivity, specificity, predictive values and likelihood ratios with CIs.
 
     Methods follow MedCalc's diagnostic test calculator:
@@ -203,9 +232,14 @@ def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05):
     - LR+ = Se/(1-Sp) and LR- = (1-Se)/Sp: log method,
       SE(ln LR+) = sqrt(1/TP - 1/(TP+FN) + 1/FP - 1/(FP+TN)) and
       SE(ln LR-) = sqrt(1/FN - 1/(TP+FN) + 1/TN - 1/(FP+TN));
-    - PPV and NPV: standard logit intervals of Mercaldo et al. (2007), with the
-      sample prevalence (TP+FN)/N, or ``prevalence`` when given, taken as
-      known; a Clopper-Pearson interval when the value is 0 or 1.
+    - PPV and NPV: Clopper-Pearson exact intervals of TP/(TP+FP) and
+      TN/(TN+FN) by default (binomial proportions of a consecutive cohort, as
+      epiR's ``epi.tests(method="exact")``); with ``predictive_ci="logit"``
+      the standard logit intervals of Mercaldo et al. (2007) with the sample
+      prevalence (TP+FN)/N taken as known (what MedCalc prints); with
+      ``prevalence``, Mercaldo's logit interval with that prevalence. A logit
+      interval that degenerates (sensitivity or specificity undefined, 0 or
+      1) is replaced by Clopper-Pearson, with a note.
 
     With ``prevalence`` p, PPV and NPV come from Bayes' rule and accuracy is
     Se*p + Sp*(1-p), with the interval p*[Se limits] + (1-p)*[Sp limits]
@@ -223,6 +257,8 @@ def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05):
         Disease prevalence in the target population, 0 < prevalence < 1.
     alpha : float
         1 - confidence level (0.05 for 95% intervals).
+    predictive_ci : {"exact", "logit"}
+        Interval of PPV and NPV without a ``prevalence`` (see above).
 
     Returns
     -------
@@ -234,8 +270,8 @@ def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05):
     Raises
     ------
     StatsError
-        On a negative or non-integer count, a prevalence outside (0, 1) or
-        an alpha outside (0, 1).
+        On a negative or non-integer count, a prevalence outside (0, 1), an
+        alpha outside (0, 1) or an unknown ``predictive_ci``.
 
     References
     ----------
@@ -245,6 +281,8 @@ def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05):
     """
     tp, fp, fn, tn = (_count(name, v) for name, v in (("tp", tp), ("fp", fp), ("fn", fn), ("tn", tn)))
     alpha = check_alpha(alpha)
+    if predictive_ci not in PREDICTIVE_CI:
+        raise StatsError(f"predictive_ci must be one of {PREDICTIVE_CI}, got {show(predictive_ci)}")
     if prevalence is not None:
         if isinstance(prevalence, (bool, np.bool_)) or not isinstance(prevalence, numbers.Real):
             raise StatsError(f"prevalence must be a number between 0 and 1 (exclusive), got {show(prevalence)}")
@@ -272,8 +310,8 @@ def diagnostic_metrics(tp, fp, fn, tn, *, prevalence=None, alpha=0.05):
                        sens["ci_high"] * p + spec["ci_high"] * (1 - p), method)
     rows = [
         acc, sens, spec,
-        _predictive_value("ppv", tp, fp, fn, tn, prevalence, alpha, z),
-        _predictive_value("npv", tp, fp, fn, tn, prevalence, alpha, z),
+        _predictive_value("ppv", tp, fp, fn, tn, prevalence, alpha, z, predictive_ci),
+        _predictive_value("npv", tp, fp, fn, tn, prevalence, alpha, z, predictive_ci),
         _likelihood_ratio("lr_positive", tp, n1, fp, n0, alpha, z),
         _likelihood_ratio("lr_negative", fn, n1, tn, n0, alpha, z),
     ]

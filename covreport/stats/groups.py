@@ -3,7 +3,8 @@
 For every pair the change of a label is its probability on the second CXR
 minus on the first. :func:`compare_groups` compares the changes of two outcome
 groups (Worse vs Improved, Worse vs Stable, Stable vs Improved) label by label
-with a two-sided Mann-Whitney U test and Cohen's d, and adjusts the p-values
+with a two-sided Mann-Whitney U test (exact or normal approximation by R's
+wilcox.test rule) and Cohen's d, and adjusts the p-values
 across labels within each contrast (Holm; Benjamini-Hochberg).
 
 References
@@ -37,19 +38,28 @@ from covreport.stats._util import check_alpha, z_quantile
 GROUP_COLUMNS = (
     "contrast", "label", "group1", "group2", "n1", "n2",
     "median1", "median2", "mean1", "mean2",
-    "U", "p", "mw_method", "rank_biserial",
+    "U", "p", "mw_method", "mw_rule", "rank_biserial",
     "cohen_d", "d_ci_low", "d_ci_high", "d_method",
-    "p_holm", "p_bh", "method", "note",
+    "p_holm", "p_bh", "unit", "method", "note",
 )
 
 #: Smallest group size for which the tests and effect sizes are computed.
 MIN_GROUP_SIZE = 2
 
+#: Which p-value method runs: R's ``wilcox.test`` default rule.
+MW_RULE = (
+    "R's wilcox.test default: exact when both groups have fewer than 50 values and there are "
+    "no ties, otherwise the normal approximation with tie and continuity correction"
+)
+
+#: ``mw_method`` values.
+MW_EXACT = "exact"
+MW_NORMAL = "normal approximation with continuity correction"
+
 #: Text of the ``method`` column (the whole test, effect sizes and adjustment).
 METHOD = (
-    "Two-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, method='auto': exact "
-    "distribution when either group has at most 8 values and there are no ties, "
-    "otherwise the normal approximation with tie and continuity correction); "
+    "Two-sided Mann-Whitney U test (scipy.stats.mannwhitneyu; " + MW_RULE + "); "
+    "pairs counted as independent; "
     "U is the first-named group's; rank-biserial r = 2U/(n1 n2) - 1 (Kerby 2014); "
     "p adjusted across labels within the contrast by Holm and by Benjamini-Hochberg "
     "(statsmodels multipletests)"
@@ -65,12 +75,12 @@ def _d_method(alpha):
 
 
 def mannwhitney_method(x, y):
-    """Name the p-value method ``scipy.stats.mannwhitneyu(method="auto")`` uses.
+    """Name the p-value method of R's ``wilcox.test`` default for samples ``x`` and ``y``.
 
-    Reproduces scipy's rule (``scipy/stats/_mannwhitneyu.py``,
-    ``_mwu_choose_method``): asymptotic when both groups have more than 8
-    values; otherwise asymptotic when the pooled values hold any tie; otherwise
-    exact.
+    R (``stats:::wilcox.test.default``, ``exact = NULL``, ``correct = TRUE``)
+    computes the exact distribution when both groups have fewer than 50
+    values and the pooled values hold no tie; otherwise the normal
+    approximation with tie and continuity correction.
 
     Parameters
     ----------
@@ -80,16 +90,37 @@ def mannwhitney_method(x, y):
     Returns
     -------
     str
-        ``"exact"`` or ``"asymptotic"``.
+        :data:`MW_EXACT` or :data:`MW_NORMAL`.
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
-    if len(x) > 8 and len(y) > 8:
-        return "asymptotic"
+    if len(x) >= 50 or len(y) >= 50:
+        return MW_NORMAL
     pooled = np.concatenate([x, y])
     if len(np.unique(pooled)) < len(pooled):
-        return "asymptotic"
-    return "exact"
+        return MW_NORMAL
+    return MW_EXACT
+
+
+def mannwhitney(x, y):
+    """Two-sided Mann-Whitney U test by R's ``wilcox.test`` rule.
+
+    Returns
+    -------
+    (float, float, str)
+        U of ``x``, the two-sided p and the method that ran
+        (:func:`mannwhitney_method`).
+
+    References
+    ----------
+    Mann & Whitney 1947; R Core Team, ``wilcox.test``; computed with
+    :func:`scipy.stats.mannwhitneyu` (``method="exact"``, or
+    ``method="asymptotic", use_continuity=True``).
+    """
+    which = mannwhitney_method(x, y)
+    res = sps.mannwhitneyu(x, y, alternative="two-sided", use_continuity=True,
+                           method="exact" if which == MW_EXACT else "asymptotic")
+    return float(res.statistic), float(res.pvalue), which
 
 
 def cohens_d(x, y, alpha=0.05):
@@ -202,10 +233,11 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
                 "median2": float(np.median(y)) if n2 else math.nan,
                 "mean1": float(np.mean(x)) if n1 else math.nan,
                 "mean2": float(np.mean(y)) if n2 else math.nan,
-                "U": math.nan, "p": math.nan, "mw_method": None, "rank_biserial": math.nan,
+                "U": math.nan, "p": math.nan, "mw_method": None, "mw_rule": MW_RULE,
+                "rank_biserial": math.nan,
                 "cohen_d": math.nan, "d_ci_low": math.nan, "d_ci_high": math.nan,
                 "d_method": d_method, "p_holm": math.nan, "p_bh": math.nan,
-                "method": METHOD,
+                "unit": "pair", "method": METHOD,
             }
             small = [f"{g} has n = {n}" for g, n in ((group1, n1), (group2, n2)) if n < MIN_GROUP_SIZE]
             if small:
@@ -213,11 +245,8 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
                     f"not computed: {' and '.join(small)} (fewer than {MIN_GROUP_SIZE} pairs)"
                 )
             else:
-                res = sps.mannwhitneyu(x, y, alternative="two-sided", method="auto")
-                u1 = float(res.statistic)
+                u1, row["p"], row["mw_method"] = mannwhitney(x, y)
                 row["U"] = u1
-                row["p"] = float(res.pvalue)
-                row["mw_method"] = mannwhitney_method(x, y)
                 row["rank_biserial"] = 2.0 * u1 / (n1 * n2) - 1.0
                 d, low, high, d_note = cohens_d(x, y, alpha)
                 row["cohen_d"], row["d_ci_low"], row["d_ci_high"] = d, low, high

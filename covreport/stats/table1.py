@@ -38,6 +38,8 @@ from covreport.errors import CovreportError, StatsError
 from covreport.stats._util import show
 
 ALL_PAIRS = "All pairs"
+ALL_PATIENTS = "All patients"
+OTHER_PATIENTS = "patients without a pair in this group"
 REFERENCE = "Reference (CheXpert)"
 OTHER_PAIRS = "other pairs"
 
@@ -236,6 +238,89 @@ def table_one(pairs, reference=None):
     out = pd.DataFrame(rows, columns=list(COLUMNS))
     # Whole numbers stay whole; the reference's pairs (and patients, when
     # unknown) are missing.
+    for col in ("pairs", "patients"):
+        out[col] = out[col].astype("Int64")
+    return out
+
+
+PATIENT_COLUMNS = COLUMNS + ("unit", "note")
+
+
+def table_one_patients(pairs, reference=None):
+    """Table 1 per patient: one row per patient, with the age and sex of its first pair.
+
+    Parameters
+    ----------
+    pairs : pandas.DataFrame
+        One row per analysed pair (columns ``patient_id``, ``outcome``,
+        ``age``, ``sex``), in canonical order: a patient's first row is its
+        first pair (the pipeline orders pairs by patient, then first date or
+        offset, then images).
+    reference : pandas.DataFrame, optional
+        As in :func:`table_one` (counted by CSV row).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Rows "All patients", "Worse", "Stable", "Improved" (and the
+        reference), columns of :func:`table_one` plus ``unit`` ("patient")
+        and ``note``; ``counted_by`` is "patient". A patient counts in every
+        outcome group in which it has a pair (``pairs`` gives that group's
+        pairs of those patients), and the note says how many count in
+        several. Each outcome group is compared with the patients that have
+        no pair in it (independent samples); the reference row compares all
+        patients with the reference.
+
+    References
+    ----------
+    As :func:`table_one`.
+    """
+    need = ["patient_id", "outcome", "age", "sex"]
+    missing = [c for c in need if c not in pairs.columns]
+    if missing:
+        raise StatsError(f"table_one_patients: pairs lack column(s) {missing}; need {need}")
+    df = pairs[need].reset_index(drop=True).copy()
+    bad = ~df["outcome"].isin(OUTCOMES)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise StatsError(f"table_one_patients: pairs, row {i}: outcome {show(df['outcome'].iloc[i])} is not "
+                         f"one of {list(OUTCOMES)}")
+    df["age"] = _normalise_age(df["age"], "table_one_patients: pairs")
+    df["sex"] = _normalise_sex(df["sex"], "table_one_patients: pairs")
+    df["patient_id"] = df["patient_id"].astype(str)
+    first = df.drop_duplicates("patient_id", keep="first").set_index("patient_id")
+    groups_of = df.groupby("patient_id", sort=True)["outcome"].agg(lambda s: set(s))
+    several = int((groups_of.map(len) > 1).sum())
+    note = (f"{several} patient(s) have pairs in more than one outcome group and count in each"
+            if several else None)
+    patients = first.reset_index()[["patient_id", "age", "sex"]]
+    rows = []
+    row = _describe(ALL_PATIENTS, patients, "patient")
+    row["pairs"] = len(df)
+    rows.append(row)
+    for outcome in OUTCOMES:
+        ids = set(df.loc[df["outcome"] == outcome, "patient_id"])
+        inside = patients["patient_id"].isin(ids)
+        row = _describe(outcome, patients[inside], "patient")
+        row["pairs"] = int((df["outcome"] == outcome).sum())
+        _compare(row, patients[inside], patients[~inside], OTHER_PATIENTS)
+        rows.append(row)
+    if reference is not None:
+        missing = [c for c in ("age", "sex") if c not in reference.columns]
+        if missing:
+            raise StatsError(f"table_one_patients: reference lacks column(s) {missing}; need 'age' and 'sex'")
+        cols = ["age", "sex"] + (["patient_id"] if "patient_id" in reference.columns else [])
+        ref = reference[cols].reset_index(drop=True).copy()
+        ref["age"] = _normalise_age(ref["age"], "table_one_patients: reference")
+        ref["sex"] = _normalise_sex(ref["sex"], "table_one_patients: reference")
+        row = _describe(REFERENCE, ref, "CSV row")
+        _compare(row, patients, ref, ALL_PATIENTS)
+        rows.append(row)
+    for r in rows:
+        r["unit"] = "patient"
+        r["note"] = note if r["group"] in OUTCOMES else None
+    rows[0]["note"] = "all patients: no comparison, so no p"
+    out = pd.DataFrame(rows, columns=list(PATIENT_COLUMNS))
     for col in ("pairs", "patients"):
         out[col] = out[col].astype("Int64")
     return out

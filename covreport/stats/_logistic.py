@@ -1,0 +1,358 @@
+"""L2-penalised logistic regression solvers of the LOPO fast path.
+
+The model is scikit-learn's ``LogisticRegression()`` with its defaults: it
+minimises ``0.5 ||w||^2 + C sum_i log-loss_i`` (C = 1, the intercept
+unpenalised), which is strictly convex with a unique optimum. These solvers go
+to that optimum for a batch of problems at once (see :mod:`covreport.stats.lopo`
+for how the fold loop uses them):
+
+- :func:`_newton_batch`: damped Newton with Armijo backtracking, in the
+  primal or, when a problem keeps more features than pairs, in the n x n dual
+  form by Woodbury's identity;
+- :func:`_chord_batch`: chord iterations from a nearby fit with a fixed
+  Hessian (one inverse shared by the targets of a feature set, by Woodbury's
+  identity); targets that do not converge are reported for a Newton refit.
+
+References
+----------
+.. [1] Nocedal J, Wright SJ. Numerical Optimization, 2nd ed. 2006, ch. 3
+   (Newton's method with backtracking line search).
+.. [2] Woodbury MA. Inverting modified matrices. Memorandum Report 42,
+   Statistical Research Group, Princeton University, 1950.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy import special
+
+# Convergence of the solvers: Newton stops after the step whose decrement
+# g' H^-1 g (twice the objective gap, to second order) is below _NEWTON_TOL;
+# chord iterations stop when a step moves no linear predictor by more than _CHORD_TOL.
+_NEWTON_TOL = 1e-12
+_NEWTON_MAX_ITER = 100
+_CHORD_TOL = 1e-6
+_CHORD_MAX_ITER = 40
+# BLAS threads of the fast path (see _blas_limits).
+_BLAS_THREADS = 1
+# chord targets sharing a feature set with at least this many share its Hessian inverse
+_SHARED_MIN = 8
+# "fast" uses chord iterations above this many pairs.
+_CHORD_MIN_PAIRS = 400
+def _spd_solve(M, b):
+    """Solve M x = b for a batch of symmetric positive-definite M.
+
+    numpy's batched LU solver (a C loop over the batch); run it with
+    single-threaded BLAS (:func:`_blas_limits`), as threads make small
+    factorisations erratic. A singular matrix falls back to least squares.
+    """
+    try:
+        return np.linalg.solve(M, b)
+    except np.linalg.LinAlgError:
+        return np.stack([np.linalg.lstsq(Mi, bi, rcond=None)[0] for Mi, bi in zip(M, b)])
+
+
+def _objective(z, y, m, w, pen):
+    """0.5 w'Pw + sum_i m_i log-loss(z_i, y_i) for a batch (rows of z, m and w)."""
+    loss = np.logaddexp(0.0, z) - y * z
+    return 0.5 * np.einsum("fk,k,fk->f", w, pen, w) + (m * loss).sum(axis=1)
+
+
+def _newton_batch(Xa, y, m, w0):
+    """Minimise 0.5 w'Pw + sum_i m_i log-loss_i for a batch of problems.
+
+    Parameters
+    ----------
+    Xa : ndarray (F, n, k+1)
+        Design matrices, the last column the intercept (ones); padding
+        columns are all zero (their weight stays exactly 0).
+    y : ndarray (n,)
+        0/1 outcomes shared by the problems.
+    m : ndarray (F, n)
+        Row weights, 1 for training pairs and 0 for held-out pairs.
+    w0 : ndarray (F, k+1)
+        Starting points.
+
+    Returns
+    -------
+    (ndarray (F, k+1), ndarray (F,) of bool)
+        Solutions and whether each converged.
+
+    Notes
+    -----
+    Damped Newton with Armijo backtracking (Nocedal & Wright 2006, ch. 3),
+    P = diag(1, ..., 1, 0) (the intercept unpenalised). The Newton system is
+    solved in the primal ((k+1) x (k+1)) when k <= n, otherwise in the n x n
+    dual form by Woodbury's identity:
+    (I + X'WX)^-1 v = v - X'D (I + D K D)^-1 D X v with D = W^(1/2), K = XX',
+    and the intercept by block elimination.
+    """
+    Xa = np.ascontiguousarray(Xa, dtype=np.float64)
+    F, n, k1 = Xa.shape
+    pen = np.ones(k1)
+    pen[-1] = 0.0
+    w = np.array(w0, dtype=np.float64, copy=True)
+    z = np.einsum("fnk,fk->fn", Xa, w)
+    f = _objective(z, y, m, w, pen)
+    done = np.zeros(F, dtype=bool)
+    dual = k1 - 1 > n
+    if dual:
+        Xf_all = np.ascontiguousarray(Xa[..., :-1])
+        K_all = Xf_all @ Xf_all.transpose(0, 2, 1)
+        eye_n = np.eye(n)
+    for _ in range(_NEWTON_MAX_ITER):
+        act = np.flatnonzero(~done)
+        if len(act) == 0:
+            break
+        every = len(act) == F
+        X = Xa if every else Xa[act]
+        ma, wa, za, fa = m[act], w[act], z[act], f[act]
+        p = special.expit(za)
+        r = ma * (p - y)
+        g = pen * wa + np.einsum("fnk,fn->fk", X, r)
+        W = ma * p * (1.0 - p)
+        if not dual:
+            H = (X * W[..., None]).transpose(0, 2, 1) @ X
+            H[:, np.arange(k1), np.arange(k1)] += pen
+            step = _spd_solve(H, g[..., None])[..., 0]
+        else:
+            Xf = Xf_all if every else Xf_all[act]
+            K = K_all if every else K_all[act]
+            D = np.sqrt(W)
+            B = D[:, :, None] * K * D[:, None, :] + eye_n
+            gw, gb = g[:, :-1], g[:, -1]
+            u = np.einsum("fnk,fn->fk", Xf, W)
+            V = np.stack([gw, u], axis=2)                              # (F, k, 2)
+            sol = _spd_solve(B, D[..., None] * np.einsum("fnk,fkj->fnj", Xf, V))
+            MinvV = V - np.einsum("fnk,fnj->fkj", Xf, D[..., None] * sol)
+            Mg, Mu = MinvV[..., 0], MinvV[..., 1]
+            c = W.sum(axis=1)
+            db = (gb - (u * Mg).sum(1)) / (c - (u * Mu).sum(1))
+            step = np.concatenate([Mg - db[:, None] * Mu, db[:, None]], axis=1)
+        dec = (g * step).sum(axis=1)
+        dz = np.einsum("fnk,fk->fn", X, step)
+        t = np.ones(len(act))
+        new_w, new_z = wa - step, za - dz
+        new_f = _objective(new_z, y, ma, new_w, pen)
+        pending = ~(new_f <= fa - 1e-4 * dec + 1e-13 * np.abs(fa))
+        for _ls in range(60):
+            if not pending.any():
+                break
+            i = np.flatnonzero(pending)
+            t[i] *= 0.5
+            new_w[i] = wa[i] - t[i, None] * step[i]
+            new_z[i] = za[i] - t[i, None] * dz[i]
+            new_f[i] = _objective(new_z[i], y, ma[i], new_w[i], pen)
+            ok = new_f[i] <= fa[i] - 1e-4 * t[i] * dec[i] + 1e-13 * np.abs(fa[i])
+            pending[i[ok]] = False
+        # a step that the line search could not accept is not taken
+        keep = ~pending
+        w[act[keep]], z[act[keep]], f[act[keep]] = new_w[keep], new_z[keep], new_f[keep]
+        finished = (dec <= _NEWTON_TOL) | pending | ~np.isfinite(dec)
+        done[act[finished]] = True
+    return w, done
+
+
+
+class ChordContext(NamedTuple):
+    """What every chord iteration of one LOPO problem shares.
+
+    Attributes
+    ----------
+    A : ndarray (n, u+2)
+        The union design: the features selected by any fold, a zero dummy
+        column (padding), then the intercept (ones).
+    At : ndarray (u+2, n)
+        ``A`` transposed, contiguous.
+    colmax : ndarray (u+2,)
+        Column maxima of ``|A|`` (bound on how far a step moves a predictor).
+    HU : ndarray (u+2, u+2)
+        Penalised Hessian on all pairs at the all-pairs fit (dummy row and
+        column zero).
+    W0 : ndarray (n,)
+        Logistic weights p(1-p) at the all-pairs fit.
+    y : ndarray (n,)
+        0/1 outcomes.
+    dummy : int
+        Index of the dummy column.
+    """
+
+    A: np.ndarray
+    At: np.ndarray
+    colmax: np.ndarray
+    HU: np.ndarray
+    W0: np.ndarray
+    y: np.ndarray
+    dummy: int
+
+
+def _chord_batch(ctx, idx, rows, row_valid, w0, g0):
+    """Chord iterations for a batch of targets, grouped by feature set.
+
+    Targets sharing a feature set with at least _SHARED_MIN others share the
+    inverse of the set's all-pairs Hessian and take their held-out pairs out
+    of it by Woodbury's identity (:func:`_chord_shared`); the others get
+    their own Hessian (:func:`_chord_each`). Returns the solutions and the
+    indices of targets that did not converge.
+    """
+    out = np.array(w0, dtype=np.float64, copy=True)
+    sets, inverse = np.unique(idx, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sizes = np.bincount(inverse, minlength=len(sets))
+    failed = []
+    rest = np.flatnonzero(sizes[inverse] < _SHARED_MIN)
+    for j in np.flatnonzero(sizes >= _SHARED_MIN):
+        t = np.flatnonzero(inverse == j)
+        w, bad = _chord_shared(ctx, sets[j], rows[t], row_valid[t], out[t],
+                               None if g0 is None else g0[t])
+        out[t] = w
+        failed.extend(t[bad])
+    if len(rest):
+        w, bad = _chord_each(ctx, idx[rest], rows[rest], row_valid[rest], out[rest],
+                             None if g0 is None else g0[rest])
+        out[rest] = w
+        failed.extend(rest[bad])
+    return out, np.array(sorted(failed), dtype=np.int64)
+
+
+def _chord_shared(ctx, ib, rows, row_valid, w0, g0):
+    """Chord iterations for targets that share the feature positions ``ib``.
+
+    With H_S the set's penalised Hessian on all pairs at the all-pairs fit and
+    U = W0_R^(1/2) A_R a target's held-out rows, its Hessian is H_S - U'U and
+    (H_S - U'U)^-1 g = H_S^-1 g + P' (I - P U')^-1 P g with P = U H_S^-1
+    (Woodbury), so that one k x k inverse serves every target.
+    """
+    A, colmax, HU, W0, y, dummy = ctx.A, ctx.colmax, ctx.HU, ctx.W0, ctx.y, ctx.dummy
+    n, u2 = A.shape
+    k1 = len(ib)
+    valid = ib != dummy
+    H = HU[np.ix_(ib, ib)] * (valid[:, None] & valid[None, :])
+    H[np.arange(k1), np.arange(k1)] += ~valid
+    Hinv = _spd_solve(H, np.eye(k1))
+    AS = np.ascontiguousarray(A[:, ib])                          # (n, k1); dummy columns are 0
+    ASt = np.ascontiguousarray(AS.T)
+    pen = np.where(ib == u2 - 1, 0.0, 1.0)
+    cmax = colmax[ib]
+    out = np.array(w0, dtype=np.float64, copy=True)
+    T = len(out)
+    rmax = rows.shape[1]
+    failed = []
+    block = max(1, min(512, int(20_000_000 // (n + k1 * (rmax + 1)))))
+    for s in range(0, T, block):
+        sl = slice(s, s + block)
+        rws, rv = rows[sl], row_valid[sl]
+        nb = len(rws)
+        if rmax:
+            U = np.sqrt(W0[rws] * rv)[..., None] * AS[rws]           # (nb, r, k1)
+            P = U @ Hinv                                             # (nb, r, k1)
+            C = np.eye(rmax) - P @ U.transpose(0, 2, 1)              # (nb, r, r)
+            Cinv = _spd_solve(C, np.broadcast_to(np.eye(rmax), C.shape))
+
+        def solve(g, sel):
+            x = g @ Hinv
+            if rmax:
+                Pg = np.einsum("frk,fk->fr", P[sel], g)
+                x += np.einsum("frk,fr->fk", P[sel], np.einsum("frs,fs->fr", Cinv[sel], Pg))
+            return x
+
+        w = out[sl]
+        act = np.arange(nb)
+        for it in range(_CHORD_MAX_ITER):
+            if len(act) == 0:
+                break
+            if it == 0 and g0 is not None:
+                g = g0[sl]
+            else:
+                R = special.expit(AS @ w[act].T)                     # (n, na)
+                R -= y[:, None]
+                if rmax:
+                    ra = rws[act]
+                    R[ra, np.broadcast_to(np.arange(len(act))[:, None], ra.shape)] = 0.0
+                g = (ASt @ R).T + pen * w[act]
+                g[:, ~valid] = 0.0
+            step = solve(g, act)
+            w[act] -= step
+            moved = (np.abs(step) * cmax).sum(axis=1)
+            bad = ~np.isfinite(moved)
+            failed.extend(act[bad] + s)
+            act = act[~bad & (moved > _CHORD_TOL)]
+        failed.extend(act + s)
+        out[sl] = w
+    return out, np.array(sorted(failed), dtype=np.int64)
+
+
+def _chord_each(ctx, idx, rows, row_valid, w0, g0):
+    """Chord iterations w <- w - H_t^-1 g_t(w) for a batch of targets.
+
+    ``ctx`` (:class:`ChordContext`): the union
+    design (dummy zero column, then intercept), the penalised Hessian on all
+    pairs at the all-pairs fit and its weights. Each target's Hessian is H_U
+    restricted to its features minus its held-out pairs' part. ``g0``, when
+    given, is the gradient at ``w0`` (no pass over the data for the first
+    step). Returns the solutions and the indices of targets that did not
+    converge within _CHORD_MAX_ITER steps or went non-finite.
+    """
+    A, At, colmax, HU, W0, y, dummy = ctx.A, ctx.At, ctx.colmax, ctx.HU, ctx.W0, ctx.y, ctx.dummy
+    n, u2 = A.shape
+    T, k1 = idx.shape
+    out = np.array(w0, dtype=np.float64, copy=True)
+    failed = []
+    block = max(1, min(256, int(20_000_000 // (n + k1 * k1))))
+    for s in range(0, T, block):
+        sl = slice(s, s + block)
+        ib = idx[sl]
+        nb = len(ib)
+        valid = ib != dummy                                       # intercept counts as valid
+        H = HU[ib[:, :, None], ib[:, None, :]]
+        H *= valid[:, :, None] & valid[:, None, :]
+        H[:, np.arange(k1), np.arange(k1)] += ~valid
+        rws, rv = rows[sl], row_valid[sl]
+        if rws.shape[1]:
+            AR = A[rws[:, :, None], ib[:, None, :]]               # (nb, rmax, k1)
+            H -= (AR * (W0[rws] * rv)[..., None]).transpose(0, 2, 1) @ AR
+        Hinv = _spd_solve(H, np.broadcast_to(np.eye(k1), H.shape))
+        pen = np.where(ib == u2 - 1, 0.0, 1.0)
+        w = out[sl]
+        act = np.arange(nb)
+        g_first = None if g0 is None else g0[sl]
+        for it in range(_CHORD_MAX_ITER):
+            if len(act) == 0:
+                break
+            ia = ib[act]
+            if it == 0 and g_first is not None:
+                g = g_first
+            else:
+                ca = np.arange(len(act))
+                Wfull = np.zeros((u2, len(act)))
+                Wfull[ia.T, ca[None, :]] = w[act].T
+                Wfull[dummy] = 0.0
+                R = special.expit(A @ Wfull)
+                R -= y[:, None]
+                if rws.shape[1]:
+                    ra = rws[act]
+                    R[ra, np.broadcast_to(ca[:, None], ra.shape)] = 0.0   # held-out pairs
+                g = (At @ R)[ia, ca[:, None]] + pen[act] * w[act]
+                g[~valid[act]] = 0.0
+            step = np.einsum("fij,fj->fi", Hinv[act], g)
+            w[act] -= step
+            # bound on how far the step moved any linear predictor
+            moved = (np.abs(step) * colmax[ia]).sum(axis=1)
+            bad = ~np.isfinite(moved)
+            failed.extend(act[bad] + s)
+            act = act[~bad & (moved > _CHORD_TOL)]
+        failed.extend(act + s)
+        out[sl] = w
+    return out, np.array(sorted(set(int(f) for f in failed)), dtype=np.int64)
+
+
+def _blas_limits():
+    """Run the fast path with single-threaded BLAS (scoped; restored on exit).
+
+    Its work is many small batched matrix products and factorisations, for
+    which BLAS threads cost more than they give, and far more when other
+    processes share the cores.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=_BLAS_THREADS, user_api="blas")

@@ -1,0 +1,517 @@
+"""Inference with the patient as the cluster: Obuchowski's clustered AUC and a cluster bootstrap.
+
+A patient contributes several pairs, which are not independent. The
+pair-level results (which replicate the original study) stay; beside them:
+
+- :func:`obuchowski_auc`: the nonparametric AUC (probability of superiority)
+  with Obuchowski's (1997) clustered variance, a Wald interval and the z test
+  against 1/2 (a clustered Mann-Whitney test);
+- :func:`group_differences_clustered`: that test for each label and contrast
+  of the change in probability, adjusted by Holm and Benjamini-Hochberg
+  within each contrast;
+- :func:`cluster_bootstrap`: patients drawn with replacement, each with all
+  its pairs; percentile intervals of the prediction metrics (the out-of-fold
+  predictions resampled, not refitted), Cohen's d and the difference in
+  medians;
+- :func:`primary_analysis`: which unit the report leads with.
+
+References
+----------
+.. [1] Obuchowski NA. Nonparametric analysis of clustered ROC curve data.
+   Biometrics 1997;53:567-578.
+.. [2] DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two
+   or more correlated receiver operating characteristic curves.
+   Biometrics 1988;44:837-845 (the unclustered case).
+.. [3] Davison AC, Hinkley DV. Bootstrap Methods and their Application.
+   Cambridge University Press, 1997, section 3.8 (resampling clusters).
+.. [4] Field CA, Welsh AH. Bootstrapping clustered data. J R Stat Soc B
+   2007;69:369-390.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _sps
+from statsmodels.stats.multitest import multipletests
+
+from covreport import progress
+from covreport.constants import CONTRASTS
+from covreport.errors import StatsError
+from covreport.stats._util import check_alpha, z_quantile
+
+OBUCHOWSKI_METHOD = (
+    "nonparametric AUC (probability of superiority, ties count 1/2) with Obuchowski's clustered "
+    "variance (Obuchowski 1997, Biometrics 53:567-578), the patient as the cluster; "
+    "95% Wald interval clipped to [0, 1]"
+)
+
+CLUSTERED_MW_METHOD = (
+    "clustered Mann-Whitney test: theta = U/(n1 n2) = P(change in group 1 > change in group 2) + "
+    "P(tie)/2 with Obuchowski's clustered variance (Obuchowski 1997), the patient as the cluster; "
+    "95% Wald interval clipped to [0, 1]; two-sided p of z = (theta - 1/2)/SE; p adjusted across "
+    "labels within the contrast by Holm and by Benjamini-Hochberg (statsmodels multipletests)"
+)
+
+CLUSTERED_COLUMNS = (
+    "contrast", "label", "group1", "group2", "n1", "n2", "clusters1", "clusters2", "clusters",
+    "theta", "se", "ci_low", "ci_high", "z", "p", "p_holm", "p_bh", "unit", "method", "note",
+)
+
+#: Prediction metrics of :func:`cluster_bootstrap`, in order.
+BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
+                     "lr_positive", "lr_negative")
+
+
+def _codes(clusters, n):
+    clusters = pd.Series(np.asarray(clusters, dtype=object))
+    if len(clusters) != n:
+        raise StatsError(f"clusters (patient ids) must have one value per unit ({n}), got {len(clusters)}")
+    if clusters.isna().any():
+        i = int(np.flatnonzero(clusters.isna().to_numpy())[0])
+        raise StatsError(f"patient id missing at position {i}; every pair needs its patient id")
+    codes, _ = pd.factorize(clusters.astype(str), sort=True)
+    return codes
+
+
+def obuchowski_components(x, cx, y, cy):
+    """theta and Obuchowski's clustered variance for scores ``x`` (group 1) and ``y`` (group 2).
+
+    Parameters
+    ----------
+    x, y : ndarray of float
+        Scores of the units of group 1 (e.g. diseased) and group 2.
+    cx, cy : ndarray of int
+        Cluster code of each unit (codes shared between the groups).
+
+    Returns
+    -------
+    dict
+        ``theta``, ``var`` (NaN when fewer than 2 clusters hold a unit of a
+        group), ``n1``, ``n2``, ``clusters1`` (I10), ``clusters2`` (I01),
+        ``clusters`` (I).
+
+    Notes
+    -----
+    With psi(X, Y) = 1, 1/2, 0 for X >, =, < Y, N units of group 1 and M of
+    group 2: V10(X_ik) = sum_Y psi(X_ik, Y) / M, V01(Y_ij) = sum_X psi(X, Y_ij) / N,
+    theta = sum V10 / N; per cluster i the sums V10(X_i.), V01(Y_i.) and the
+    counts n_i, m_i;
+    S10 = I10 / ((I10 - 1) N) sum_i (V10(X_i.) - n_i theta)^2,
+    S01 = I01 / ((I01 - 1) M) sum_i (V01(Y_i.) - m_i theta)^2,
+    S11 = I / (I - 1) sum_i (V10(X_i.) - n_i theta)(V01(Y_i.) - m_i theta),
+    var = S10 / N + S01 / M + 2 S11 / (N M) (Obuchowski 1997, section 2).
+    With one unit per cluster S11 = 0 and the variance is DeLong's.
+    Computed in O((N + M) log(N + M)) from sorted scores.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    N, M = len(x), len(y)
+    ys, xs = np.sort(y), np.sort(x)
+    lo, hi = np.searchsorted(ys, x, "left"), np.searchsorted(ys, x, "right")
+    v10 = (lo + 0.5 * (hi - lo)) / M
+    lo, hi = np.searchsorted(xs, y, "left"), np.searchsorted(xs, y, "right")
+    v01 = ((N - hi) + 0.5 * (hi - lo)) / N
+    theta = float(v10.sum() / N)
+    used, inv = np.unique(np.concatenate([cx, cy]), return_inverse=True)
+    ix, iy = inv[:N], inv[N:]
+    n_clusters = len(used)
+    a = np.bincount(ix, weights=v10, minlength=n_clusters) - theta * np.bincount(ix, minlength=n_clusters)
+    b = np.bincount(iy, weights=v01, minlength=n_clusters) - theta * np.bincount(iy, minlength=n_clusters)
+    i10, i01 = len(np.unique(ix)), len(np.unique(iy))
+    if i10 < 2 or i01 < 2:
+        var = math.nan
+    else:
+        s10 = i10 / ((i10 - 1) * N) * float(a @ a)
+        s01 = i01 / ((i01 - 1) * M) * float(b @ b)
+        s11 = n_clusters / (n_clusters - 1) * float(a @ b)
+        var = s10 / N + s01 / M + 2.0 * s11 / (N * M)
+    return {"theta": theta, "var": var, "n1": N, "n2": M, "clusters1": i10, "clusters2": i01,
+            "clusters": n_clusters}
+
+
+def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
+    """Nonparametric AUC with Obuchowski's (1997) clustered standard error.
+
+    Parameters
+    ----------
+    y_true : array_like of 0/1
+        1 = positive (its scores are group 1).
+    y_score : array_like of float
+    clusters : array_like
+        Cluster (patient) of each unit.
+    alpha : float
+        1 - confidence level.
+
+    Returns
+    -------
+    dict
+        ``auc``, ``se``, ``ci_low``, ``ci_high`` (Wald, clipped to [0, 1]),
+        ``z`` and ``p`` (two-sided, of AUC = 1/2), ``n_pos``, ``n_neg``,
+        ``clusters``, ``clusters_pos``, ``clusters_neg``, ``unit``
+        ("patient"), ``method``, ``note`` (None, or why the SE is missing).
+
+    Raises
+    ------
+    StatsError
+        One class only, missing values or misaligned inputs.
+
+    References
+    ----------
+    Obuchowski NA. Biometrics 1997;53:567-578.
+
+    Examples
+    --------
+    >>> r = obuchowski_auc([1, 1, 0, 0, 1, 0], [0.9, 0.8, 0.3, 0.4, 0.2, 0.1], ["a", "a", "b", "b", "c", "c"])
+    >>> round(r["auc"], 4)
+    0.7778
+    """
+    alpha = check_alpha(alpha)
+    y = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=float)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise StatsError(f"y_true and y_score must be one-dimensional and aligned, got {y.shape} and {s.shape}")
+    if not np.isfinite(s).all():
+        raise StatsError("y_score has missing or infinite values; drop those units first")
+    if not np.isin(y, (0, 1)).all():
+        raise StatsError("y_true must hold 0 (negative) and 1 (positive) only")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise StatsError(f"the AUC needs both classes, but all {len(y)} units are "
+                         f"{'positive' if y.all() else 'negative'}")
+    codes = _codes(clusters, len(y))
+    comp = obuchowski_components(s[y], codes[y], s[~y], codes[~y])
+    out = _wald(comp, alpha)
+    return {"auc": comp["theta"], "se": out["se"], "ci_low": out["ci_low"], "ci_high": out["ci_high"],
+            "z": out["z"], "p": out["p"], "n_pos": comp["n1"], "n_neg": comp["n2"],
+            "clusters": comp["clusters"], "clusters_pos": comp["clusters1"],
+            "clusters_neg": comp["clusters2"], "unit": "patient", "method": OBUCHOWSKI_METHOD,
+            "note": out["note"]}
+
+
+def _wald(comp, alpha):
+    var = comp["var"]
+    theta = comp["theta"]
+    if not math.isfinite(var):
+        return {"se": math.nan, "ci_low": math.nan, "ci_high": math.nan, "z": math.nan, "p": math.nan,
+                "note": (f"no standard error: Obuchowski's variance needs at least 2 patients in each "
+                         f"group (got {comp['clusters1']} and {comp['clusters2']})")}
+    se = math.sqrt(max(var, 0.0))
+    zq = z_quantile(alpha)
+    low, high = max(0.0, theta - zq * se), min(1.0, theta + zq * se)
+    if se == 0.0:
+        return {"se": se, "ci_low": low, "ci_high": high, "z": math.nan, "p": math.nan,
+                "note": "zero standard error (complete separation of the groups): no z test"}
+    z = (theta - 0.5) / se
+    return {"se": se, "ci_low": low, "ci_high": high, "z": z, "p": float(2.0 * _sps.norm.sf(abs(z))),
+            "note": None}
+
+
+def group_differences_clustered(changes, labels, clusters, *, outcome_column="outcome",
+                                contrasts=CONTRASTS, alpha=0.05):
+    """Clustered Mann-Whitney test of the label changes, for each label and contrast.
+
+    Parameters
+    ----------
+    changes : pandas.DataFrame
+        One row per pair: the outcome and one column per label (change in
+        probability), as for :func:`covreport.stats.compare_groups`.
+    labels : sequence of str
+    clusters : array_like
+        Patient id of each row of ``changes``.
+    outcome_column : str
+    contrasts : sequence of (str, str)
+    alpha : float
+        1 - confidence level.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`CLUSTERED_COLUMNS`: theta = P(change in group 1 >
+        change in group 2) + P(tie)/2 (= U/(n1 n2)) with Obuchowski's
+        clustered SE, its Wald CI, z = (theta - 1/2)/SE and the two-sided p,
+        Holm and BH adjusted within each contrast; ``unit`` "patient".
+
+    References
+    ----------
+    Obuchowski 1997; Holm 1979; Benjamini & Hochberg 1995.
+    """
+    alpha = check_alpha(alpha)
+    if not isinstance(changes, pd.DataFrame):
+        raise StatsError("changes must be a pandas DataFrame with one row per pair")
+    labels = list(labels)
+    missing = [c for c in [outcome_column, *labels] if c not in changes.columns]
+    if missing:
+        raise StatsError(f"the changes table lacks column(s) {missing}")
+    codes = _codes(clusters, len(changes))
+    outcome = changes[outcome_column].to_numpy()
+    rows = []
+    for group1, group2 in contrasts:
+        contrast = f"{group1} vs {group2}"
+        block = []
+        in1, in2 = outcome == group1, outcome == group2
+        for label in labels:
+            v = pd.to_numeric(changes[label], errors="coerce").to_numpy(dtype=float)
+            ok = np.isfinite(v)
+            m1, m2 = in1 & ok, in2 & ok
+            row = {"contrast": contrast, "label": label, "group1": group1, "group2": group2,
+                   "n1": int(m1.sum()), "n2": int(m2.sum()),
+                   "clusters1": len(np.unique(codes[m1])), "clusters2": len(np.unique(codes[m2])),
+                   "clusters": len(np.unique(codes[m1 | m2])),
+                   "theta": math.nan, "se": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+                   "z": math.nan, "p": math.nan, "p_holm": math.nan, "p_bh": math.nan,
+                   "unit": "patient", "method": CLUSTERED_MW_METHOD, "note": None}
+            notes = []
+            bad = int(((in1 | in2) & ~ok).sum())
+            if bad:
+                notes.append(f"{bad} missing change(s) left out")
+            if row["n1"] == 0 or row["n2"] == 0:
+                notes.append(f"not computed: {group1 if row['n1'] == 0 else group2} has no pair")
+            else:
+                comp = obuchowski_components(v[m1], codes[m1], v[m2], codes[m2])
+                res = _wald(comp, alpha)
+                row["theta"] = comp["theta"]
+                row.update({k: res[k] for k in ("se", "ci_low", "ci_high", "z", "p")})
+                if res["note"]:
+                    notes.append(res["note"])
+            row["note"] = "; ".join(notes) if notes else None
+            block.append(row)
+        pvals = np.array([r["p"] for r in block], dtype=float)
+        ok = np.isfinite(pvals)
+        if ok.any():
+            holm = multipletests(pvals[ok], method="holm")[1]
+            bh = multipletests(pvals[ok], method="fdr_bh")[1]
+            for r, ph, pb in zip((r for r, k in zip(block, ok) if k), holm, bh):
+                r["p_holm"], r["p_bh"] = float(ph), float(pb)
+        rows.extend(block)
+    return pd.DataFrame(rows, columns=list(CLUSTERED_COLUMNS))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def resample_counts(n_clusters, n_resamples, seed, desc=None):
+    """How many times each cluster is drawn in each resample: an (n_resamples, n_clusters) array.
+
+    Each resample draws ``n_clusters`` clusters with replacement
+    (``numpy.random.default_rng(seed).integers``, 500 resamples at a time),
+    clusters in the order given.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_resamples, n_clusters))
+    chunks = range(0, n_resamples, 500)
+    for s in progress.bar(chunks, total=len(chunks), desc=desc, unit="500 resamples") if desc else chunks:
+        b = min(500, n_resamples - s)
+        draws = rng.integers(0, n_clusters, size=(b, n_clusters))
+        flat = (np.arange(b)[:, None] * n_clusters + draws).ravel()
+        counts[s:s + b] = np.bincount(flat, minlength=b * n_clusters).reshape(b, n_clusters)
+    return counts
+
+
+def _percentile(values, alpha):
+    """Percentile interval of the finite values, and how many were not finite."""
+    finite = np.isfinite(values)
+    bad = int((~finite).sum())
+    if finite.sum() == 0:
+        return math.nan, math.nan, bad
+    lo, hi = np.percentile(values[finite], [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi), bad
+
+
+def _metric_draws(tp, fp, fn, tn):
+    """Prediction metrics of each resample from its 2x2 cells (NaN or inf where undefined)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = tp + fp + fn + tn
+        se = tp / (tp + fn)
+        sp = tn / (tn + fp)
+        return {
+            "accuracy": (tp + tn) / n, "sensitivity": se, "specificity": sp,
+            "ppv": tp / (tp + fp), "npv": tn / (tn + fn), "balanced_accuracy": (se + sp) / 2,
+            "lr_positive": se / (1 - sp), "lr_negative": (1 - se) / sp,
+        }
+
+
+def _weighted_medians(values, weights):
+    """Median of each row's expanded sample: ``values`` (sorted, n) repeated ``weights`` (B, n) times."""
+    total = weights.sum(axis=1)
+    cum = np.cumsum(weights, axis=1)
+    k1 = np.floor((total - 1) / 2)
+    k2 = np.floor(total / 2)
+    i1 = (cum > k1[:, None]).argmax(axis=1)
+    i2 = (cum > k2[:, None]).argmax(axis=1)
+    med = (values[i1] + values[i2]) / 2.0
+    med[total == 0] = np.nan
+    return med
+
+
+def _per_cluster(codes, n_clusters, values=None):
+    return np.bincount(codes, weights=values, minlength=n_clusters)
+
+
+BOOTSTRAP_METHOD = (
+    "patient-level cluster bootstrap: patients drawn with replacement (numpy default_rng(seed)), "
+    "each with all its pairs, {n} resamples; percentile {level:g}% intervals over the resamples in "
+    "which the quantity is estimable (Davison & Hinkley 1997, section 3.8); the out-of-fold "
+    "predictions are resampled, the model is not refitted; a resample is not estimable when the "
+    "quantity is undefined or infinite in it (e.g. no Improved pair drawn)"
+)
+
+
+def cluster_bootstrap(patients, prediction=None, changes=None, labels=(), *, n_resamples=2000, seed=0,
+                      alpha=0.05, contrasts=CONTRASTS, outcome_column="outcome"):
+    """Patient-level cluster bootstrap of the prediction metrics and the group differences.
+
+    Parameters
+    ----------
+    patients : array_like
+        Patient ids of the study (every analysed patient; the resampling
+        unit). Patients are put in sorted order (as text) before drawing, so
+        that the draws do not depend on row order.
+    prediction : dict, optional
+        ``{protocol: {"patient_id", "outcome" (1 = Worse), "predicted" (1 = Worse)}}``
+        of arrays, one entry per pair (out-of-fold predictions).
+    changes : pandas.DataFrame, optional
+        One row per pair with ``patient_id``, the outcome column and the
+        label change columns.
+    labels : sequence of str
+    n_resamples : int
+        Number of resamples (>= 1).
+    seed : int
+    alpha : float
+        1 - level of the percentile intervals.
+
+    Returns
+    -------
+    dict
+        ``{"resamples", "seed", "unit": "patient", "method", "prediction":
+        {protocol: {metric: {"ci_low", "ci_high", "not_estimable"}}},
+        "group_differences": [{"contrast", "label", "quantity", "estimate",
+        "ci_low", "ci_high", "not_estimable", "unit", "method"}]}``; quantity
+        is ``cohen_d`` (pooled SD, ddof 1) or ``median_difference`` (median of
+        group 1 minus median of group 2).
+
+    References
+    ----------
+    Davison & Hinkley 1997, section 3.8; Field & Welsh 2007.
+    """
+    alpha = check_alpha(alpha)
+    n_resamples = int(n_resamples)
+    if n_resamples < 1:
+        raise StatsError(f"the bootstrap needs at least 1 resample, got {n_resamples}")
+    ids = pd.Series(np.asarray(patients, dtype=object)).astype(str)
+    order = np.array(sorted(set(ids)), dtype=object)
+    lookup = {p: i for i, p in enumerate(order)}
+    G = len(order)
+    level = round(100 * (1 - alpha), 6)
+    method = BOOTSTRAP_METHOD.format(n=n_resamples, level=level)
+    counts = resample_counts(G, n_resamples, seed, desc="Cluster bootstrap")
+
+    def code(values):
+        return np.array([lookup[str(v)] for v in values], dtype=np.int64)
+
+    pred_out = {}
+    for protocol, block in (prediction or {}).items():
+        c = code(block["patient_id"])
+        y = np.asarray(block["outcome"], dtype=bool)
+        hit = np.asarray(block["predicted"], dtype=bool)
+        cells = [_per_cluster(c, G, (hit & y).astype(float)), _per_cluster(c, G, (hit & ~y).astype(float)),
+                 _per_cluster(c, G, (~hit & y).astype(float)), _per_cluster(c, G, (~hit & ~y).astype(float))]
+        tp, fp, fn, tn = (counts @ cell for cell in cells)
+        draws = _metric_draws(tp, fp, fn, tn)
+        pred_out[protocol] = {}
+        for metric in BOOTSTRAP_METRICS:
+            lo, hi, bad = _percentile(draws[metric], alpha)
+            pred_out[protocol][metric] = {"ci_low": lo, "ci_high": hi, "not_estimable": bad}
+
+    groups_out = []
+    if changes is not None and len(labels):
+        c_all = code(changes["patient_id"])
+        outcome = changes[outcome_column].to_numpy()
+        for group1, group2 in contrasts:
+            for label in labels:
+                v = pd.to_numeric(changes[label], errors="coerce").to_numpy(dtype=float)
+                ok = np.isfinite(v)
+                sides = []
+                for g in (group1, group2):
+                    m = (outcome == g) & ok
+                    vals, cg = v[m], c_all[m]
+                    srt = np.argsort(vals, kind="stable")
+                    sides.append((vals, cg, vals[srt], cg[srt]))
+                groups_out.extend(_group_draws(counts, G, sides, group1, group2, label, alpha, method))
+    return {"resamples": n_resamples, "seed": int(seed), "unit": "patient", "method": method,
+            "prediction": pred_out, "group_differences": groups_out}
+
+
+def _group_draws(counts, G, sides, group1, group2, label, alpha, method):
+    (x, cx, xs, cxs), (y, cy, ys, cys) = sides
+    contrast = f"{group1} vs {group2}"
+    base = {"contrast": contrast, "label": label, "unit": "patient", "method": method}
+    # Cohen's d from per-patient sums (n, sum, sum of squares) of values centred on the
+    # pooled mean (d does not change; the sums of squares lose less to cancellation)
+    centre = float(np.concatenate([x, y]).mean()) if len(x) + len(y) else 0.0
+    xc, yc = x - centre, y - centre
+    k1 = counts @ _per_cluster(cx, G)
+    k2 = counts @ _per_cluster(cy, G)
+    s1, s2 = counts @ _per_cluster(cx, G, xc), counts @ _per_cluster(cy, G, yc)
+    q1, q2 = counts @ _per_cluster(cx, G, xc * xc), counts @ _per_cluster(cy, G, yc * yc)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ss = (q1 - s1 * s1 / k1) + (q2 - s2 * s2 / k2)
+        pooled = ss / (k1 + k2 - 2)
+        d = (s1 / k1 - s2 / k2) / np.sqrt(pooled)
+        scale = (q1 + q2) / np.maximum(k1 + k2, 1)
+    # a pooled SD of 0 (all values equal within each group) leaves d undefined
+    d[(k1 < 2) | (k2 < 2) | ~(pooled > 1e-12 * scale)] = np.nan
+    est_d = math.nan
+    if len(x) >= 2 and len(y) >= 2:
+        pv = ((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / (len(x) + len(y) - 2)
+        if pv > 0:
+            est_d = float((x.mean() - y.mean()) / math.sqrt(pv))
+    lo, hi, bad = _percentile(d, alpha)
+    out = [{**base, "quantity": "cohen_d", "estimate": est_d, "ci_low": lo, "ci_high": hi,
+            "not_estimable": bad}]
+    # difference in medians: weighted medians of the sorted values
+    if len(xs) and len(ys):
+        md = _weighted_medians(xs, counts[:, cxs]) - _weighted_medians(ys, counts[:, cys])
+        est = float(np.median(x) - np.median(y))
+    else:
+        md = np.full(len(counts), np.nan)
+        est = math.nan
+    lo, hi, bad = _percentile(md, alpha)
+    out.append({**base, "quantity": "median_difference", "estimate": est, "ci_low": lo, "ci_high": hi,
+                "not_estimable": bad})
+    return out
+
+
+def primary_analysis(patient_ids):
+    """Which analysis the report leads with: patient-clustered when any patient has several pairs.
+
+    Parameters
+    ----------
+    patient_ids : array_like
+        Patient id of each analysed pair.
+
+    Returns
+    -------
+    dict
+        ``{"unit": "patient" | "pair", "reason": str}``.
+    """
+    ids = pd.Series(np.asarray(patient_ids, dtype=object)).astype(str)
+    per = ids.value_counts()
+    several = int((per > 1).sum())
+    if several:
+        return {"unit": "patient",
+                "reason": (f"{several} of {len(per)} patients contribute more than one analysed pair "
+                           f"({len(ids)} pairs), so pairs are not independent: the patient-clustered "
+                           "analyses (Obuchowski's clustered AUC and Mann-Whitney test, the patient-level "
+                           "cluster bootstrap, Table 1 per patient) are primary; the pair-level results, "
+                           "which replicate the original study, are secondary")}
+    return {"unit": "pair",
+            "reason": (f"each of the {len(per)} patients contributes one analysed pair, so pairs are "
+                       "independent and the pair-level analyses are primary (the clustered ones "
+                       "coincide with them)")}
+
+
+__all__ = [
+    "BOOTSTRAP_METRICS", "cluster_bootstrap", "group_differences_clustered", "obuchowski_auc",
+    "obuchowski_components", "primary_analysis", "resample_counts",
+]

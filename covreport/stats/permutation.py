@@ -1,0 +1,203 @@
+"""Permutation test of the leave-one-patient-out accuracy.
+
+References
+----------
+.. [1] Ojala M, Garriga GC. Permutation tests for studying classifier
+   performance. JMLR 2010;11:1833-1863.
+.. [2] Phipson B, Smyth GK. Permutation p-values should never be zero.
+   Stat Appl Genet Mol Biol 2010;9:39 (p = (1 + b) / (1 + N)).
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from covreport import progress
+from covreport.errors import StatsError
+from covreport.stats._logistic import _blas_limits
+from covreport.stats._util import check_alpha
+from covreport.stats.lopo import (
+    SELECTION_ALPHA, SOLVERS, THRESHOLD, _check_protocol, _group_codes, _Lopo, _prepare, _reference_run,
+)
+
+PERMUTATION_METHOD = (
+    "permutation test of the accuracy: whole patients' outcome vectors permuted between "
+    "patients with the same number of pairs (patients sorted by id, pairs in canonical order; "
+    "numpy default_rng(seed)), the whole pipeline (feature selection included) rerun each time; "
+    "p = (1 + #{{permuted accuracy >= observed}}) / (1 + N), N = {n}"
+)
+
+
+def _strata(codes, n_groups, sizes):
+    """Row-index matrices of the patients of each stratum of equal pair count."""
+    order = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = []
+    for c in np.unique(sizes):
+        pats = np.flatnonzero(sizes == c)
+        rows = order[starts[pats][:, None] + np.arange(c)[None, :]]   # (patients, c)
+        out.append(rows)
+    return out
+
+
+def permuted_outcomes(y, groups, n_permutations, seed=0):
+    """Yield the permuted outcome vectors of :func:`permutation_p`.
+
+    Patients are sorted by id and grouped by their number of pairs (strata in
+    increasing pair count); for each permutation and each stratum in turn,
+    ``rng.permutation`` of the stratum's patients (``rng =
+    numpy.random.default_rng(seed)``) says whose outcome vector (pairs in
+    input order) each patient receives.
+
+    Yields
+    ------
+    ndarray
+        The permuted outcome vector (input order).
+    """
+    y = np.asarray(y)
+    codes, patients = _group_codes(groups, len(y))
+    sizes = np.bincount(codes, minlength=len(patients))
+    strata = _strata(codes, len(patients), sizes)
+    rng = np.random.default_rng(seed)
+    for _ in range(n_permutations):
+        new = np.empty_like(y)
+        for rows in strata:
+            perm = rng.permutation(len(rows))
+            new[rows.ravel()] = y[rows[perm].ravel()]
+        yield new
+
+
+def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=SELECTION_ALPHA,
+                  solver="fast", desc=None):
+    """Permutation p-value of the LOPO accuracy.
+
+    Parameters
+    ----------
+    X, y, groups, protocol, alpha, solver
+        As in :func:`lopo_predict`.
+    n_permutations : int
+        Number of permutations N (0 skips the test: p is None).
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+    desc : str, optional
+        Label of the progress bar (stderr; :mod:`covreport.progress`).
+
+    Returns
+    -------
+    dict
+        ``p`` = (1 + #{permuted accuracy >= observed}) / (1 + N) (Phipson &
+        Smyth 2010), ``observed_accuracy``, ``n_permutations``,
+        ``n_at_least_observed``, ``method``.
+
+    Notes
+    -----
+    Outcome vectors are permuted between whole patients with the same number
+    of pairs (:func:`permuted_outcomes`), so each patient keeps a coherent
+    vector and the fold structure is unchanged; the whole pipeline (selection
+    included) is rerun on each permutation (Ojala & Garriga 2010).
+    """
+    protocol = _check_protocol(protocol)
+    alpha = check_alpha(alpha)
+    if solver not in SOLVERS:
+        raise StatsError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    try:
+        n_perm = int(n_permutations)
+    except (TypeError, ValueError):
+        raise StatsError(f"n_permutations must be a whole number >= 0, got {n_permutations!r}") from None
+    if n_perm < 0 or n_perm != n_permutations:
+        raise StatsError(f"n_permutations must be a whole number >= 0, got {n_permutations!r}")
+    values, _names, yf, codes, patients = _prepare(X, y, groups)
+    G = len(patients)
+    if solver == "sklearn":
+        def correct(yy):
+            prob = _reference_run(values, yy, codes, G, protocol, alpha).prob
+            return int(((prob >= THRESHOLD) == (yy == 1)).sum())
+    else:
+        problem = _Lopo(values, codes, G)
+
+        def correct(yy):
+            prob = problem.run(yy, protocol, alpha, solver).prob
+            return int(((prob >= THRESHOLD) == (yy == 1)).sum())
+    with _blas_limits():
+        observed = correct(yf)
+        at_least = 0
+        perms = permuted_outcomes(yf, groups, n_perm, seed)
+        for yp in progress.bar(perms, total=n_perm, desc=desc or f"Permutations ({protocol})", unit="perm"):
+            at_least += correct(yp) >= observed
+    n = len(yf)
+    method = PERMUTATION_METHOD.format(n=n_perm)
+    if n_perm == 0:
+        return {"p": None, "observed_accuracy": observed / n, "n_permutations": 0,
+                "n_at_least_observed": None, "method": method,
+                "note": "permutation test skipped (0 permutations)"}
+    return {"p": (1 + at_least) / (1 + n_perm), "observed_accuracy": observed / n,
+            "n_permutations": n_perm, "n_at_least_observed": int(at_least), "method": method,
+            "note": None}
+
+
+class _PermutationProcess:
+    """A :func:`permutation_p` running in another Python process (see :func:`start_permutation_process`)."""
+
+    def __init__(self, proc, folder):
+        self.proc = proc
+        self.folder = folder
+
+    def result(self):
+        """The test's result dict, or None when the process failed (its folder is removed either way)."""
+        import shutil
+
+        try:
+            self.proc.wait()
+            out = self.folder / "result.pickle"
+            if self.proc.returncode != 0 or not out.is_file():
+                return None
+            with open(out, "rb") as fh:
+                return pickle.load(fh)
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            return None
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_permutation_process(X, y, groups, **kwargs):
+    """Start :func:`permutation_p` in a fresh ``python -c`` process; ``.result()`` waits for it.
+
+    The process imports covreport only (never the caller's ``__main__``),
+    reads its arguments from a pickle in a private temporary folder and
+    writes its result beside them; it shows no progress bar.
+    """
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="covreport-perm-"))
+    try:
+        with open(folder / "arguments.pickle", "wb") as fh:
+            pickle.dump((np.asarray(X, dtype=float), np.asarray(y), np.asarray(groups, dtype=object), kwargs), fh)
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = "import sys; from covreport.stats.permutation import _permutation_main; _permutation_main(sys.argv[1])"
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return _PermutationProcess(proc, folder)
+
+
+def _permutation_main(folder):
+    """Entry point of :func:`start_permutation_process`'s process."""
+    folder = Path(folder)
+    progress.set_quiet(True)
+    with open(folder / "arguments.pickle", "rb") as fh:
+        X, y, groups, kwargs = pickle.load(fh)
+    result = permutation_p(X, y, groups, **kwargs)
+    tmp = folder / "result.pickle.tmp"
+    with open(tmp, "wb") as fh:
+        pickle.dump(result, fh)
+    os.replace(tmp, folder / "result.pickle")

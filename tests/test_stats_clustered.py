@@ -1,0 +1,302 @@
+"""Tests of covreport.stats.clustered (patient-clustered inference).
+
+Independent references, named at each check: Obuchowski's (1997) formulas
+written out plainly in this file (double loops over units and clusters);
+DeLong's variance (covreport.stats.auc.delong_auc, itself checked against
+pROC) for the one-unit-per-cluster identity; scipy.stats.mannwhitneyu for
+theta = U/(n1 n2); statsmodels multipletests for Holm and BH; the bootstrap
+quantities recomputed here from each resample's expanded sample (np.repeat),
+with numpy's median and Cohen's d from its definition.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from covreport.constants import CONTRASTS, IMPROVED, STABLE, WORSE
+from covreport.errors import StatsError
+from covreport.stats.auc import delong_auc
+from covreport.stats.clustered import (
+    BOOTSTRAP_METRICS,
+    cluster_bootstrap,
+    group_differences_clustered,
+    obuchowski_auc,
+    primary_analysis,
+    resample_counts,
+)
+from covreport.stats.table1 import table_one_patients
+
+
+def _plain_obuchowski(x, cx, y, cy):
+    """Obuchowski 1997, section 2, written out with loops (reference)."""
+    def psi(a, b):
+        return 1.0 if a > b else (0.5 if a == b else 0.0)
+
+    N, M = len(x), len(y)
+    theta = sum(psi(a, b) for a in x for b in y) / (N * M)
+    clusters = sorted(set(cx) | set(cy))
+    V10 = {c: 0.0 for c in clusters}
+    V01 = {c: 0.0 for c in clusters}
+    n = {c: 0 for c in clusters}
+    m = {c: 0 for c in clusters}
+    for a, c in zip(x, cx):
+        V10[c] += sum(psi(a, b) for b in y) / M
+        n[c] += 1
+    for b, c in zip(y, cy):
+        V01[c] += sum(psi(a, b) for a in x) / N
+        m[c] += 1
+    I10 = sum(1 for c in clusters if n[c] > 0)
+    I01 = sum(1 for c in clusters if m[c] > 0)
+    I = len(clusters)
+    S10 = I10 / ((I10 - 1) * N) * sum((V10[c] - n[c] * theta) ** 2 for c in clusters if n[c] > 0)
+    S01 = I01 / ((I01 - 1) * M) * sum((V01[c] - m[c] * theta) ** 2 for c in clusters if m[c] > 0)
+    S11 = I / (I - 1) * sum((V10[c] - n[c] * theta) * (V01[c] - m[c] * theta) for c in clusters)
+    return theta, S10 / N + S01 / M + 2 * S11 / (M * N)
+
+
+def _clustered_data(seed, n_patients=15, ties=False):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_patients):
+        effect = rng.normal()
+        for _ in range(rng.integers(1, 4)):
+            y = int(rng.random() < 0.5)
+            s = effect + y + rng.normal()
+            rows.append((f"P{i:02d}", y, round(s, 1) if ties else s))
+    df = pd.DataFrame(rows, columns=["patient", "y", "score"])
+    df.loc[0, "y"], df.loc[1, "y"] = 1, 0
+    return df
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, False), (3, True)])
+def test_obuchowski_matches_formulas_written_out(seed, ties):
+    df = _clustered_data(seed, ties=ties)
+    res = obuchowski_auc(df.y, df.score, df.patient)
+    pos, neg = df[df.y == 1], df[df.y == 0]
+    theta, var = _plain_obuchowski(pos.score.tolist(), pos.patient.tolist(), neg.score.tolist(),
+                                   neg.patient.tolist())
+    assert res["auc"] == pytest.approx(theta, rel=1e-12)
+    assert res["se"] == pytest.approx(math.sqrt(var), rel=1e-10)
+    # theta = U / (n1 n2) (reference: scipy.stats.mannwhitneyu)
+    u = sps.mannwhitneyu(pos.score, neg.score).statistic
+    assert res["auc"] == pytest.approx(u / (len(pos) * len(neg)), rel=1e-12)
+    z = (theta - 0.5) / math.sqrt(var)
+    assert res["z"] == pytest.approx(z, rel=1e-10)
+    assert res["p"] == pytest.approx(2 * sps.norm.sf(abs(z)), rel=1e-9)
+    assert res["ci_low"] == pytest.approx(max(0, theta - 1.959963984540054 * math.sqrt(var)), rel=1e-10)
+    assert res["clusters"] == df.patient.nunique() and res["unit"] == "patient"
+    assert "Obuchowski" in res["method"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 6)), min_size=4, max_size=40))
+def test_one_unit_per_cluster_equals_delong(units):
+    # The identity of Obuchowski 1997: with one unit per cluster S11 = 0 and the
+    # clustered variance is DeLong's (reference: covreport.stats.auc.delong_auc, checked
+    # against pROC's var(method="delong") in test_stats_auc.py).
+    y = np.array([u[0] for u in units])
+    s = np.array([u[1] for u in units], dtype=float)     # small integers: many ties
+    if y.sum() < 2 or (1 - y).sum() < 2:
+        return
+    ours = obuchowski_auc(y, s, [f"id{i}" for i in range(len(y))])
+    ref = delong_auc(y, s)
+    assert ours["auc"] == pytest.approx(ref["auc"], rel=1e-13, abs=1e-15)
+    if ref["se"] == 0:
+        assert ours["se"] == pytest.approx(0.0, abs=1e-12)
+    else:
+        assert ours["se"] == pytest.approx(ref["se"], rel=1e-10)
+
+
+def test_obuchowski_errors_and_too_few_clusters():
+    with pytest.raises(StatsError, match="both classes"):
+        obuchowski_auc([1, 1], [0.2, 0.3], ["a", "b"])
+    with pytest.raises(StatsError, match="patient id missing"):
+        obuchowski_auc([1, 0], [0.2, 0.3], ["a", None])
+    res = obuchowski_auc([1, 0, 0], [0.9, 0.1, 0.2], ["a", "b", "b"])   # one cluster per group
+    assert math.isnan(res["se"]) and "at least 2 patients" in res["note"]
+
+
+def _changes(seed=0, n_patients=20):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_patients):
+        for _ in range(rng.integers(1, 4)):
+            outcome = rng.choice([WORSE, STABLE, IMPROVED])
+            shift = {WORSE: 0.2, STABLE: 0.0, IMPROVED: -0.2}[outcome]
+            rows.append({"patient_id": f"P{i:02d}", "outcome": outcome,
+                         "A": shift + rng.normal(0, 0.2), "B": rng.normal(0, 0.2),
+                         "C": np.round(rng.normal(0, 0.2), 1)})
+    return pd.DataFrame(rows)
+
+
+def test_group_differences_clustered_against_written_out_formulas():
+    df = _changes(1)
+    out = group_differences_clustered(df, ["A", "B", "C"], df["patient_id"])
+    assert list(zip(out.contrast, out.label)) == [(f"{a} vs {b}", lab) for a, b in CONTRASTS
+                                                 for lab in ("A", "B", "C")]
+    for r in out.itertuples(index=False):
+        x = df[df.outcome == r.group1]
+        y = df[df.outcome == r.group2]
+        theta, var = _plain_obuchowski(x[r.label].tolist(), x.patient_id.tolist(),
+                                       y[r.label].tolist(), y.patient_id.tolist())
+        assert r.theta == pytest.approx(theta, rel=1e-12)
+        assert r.se == pytest.approx(math.sqrt(var), rel=1e-10)
+        assert r.p == pytest.approx(2 * sps.norm.sf(abs(theta - 0.5) / math.sqrt(var)), rel=1e-9)
+        assert (r.n1, r.n2) == (len(x), len(y))
+        assert r.clusters1 == x.patient_id.nunique() and r.clusters2 == y.patient_id.nunique()
+        assert r.clusters == pd.concat([x, y]).patient_id.nunique()
+        assert r.unit == "patient"
+    for _, block in out.groupby("contrast", sort=False):
+        # reference: statsmodels multipletests within each contrast
+        assert np.allclose(block.p_holm, multipletests(block.p, method="holm")[1], rtol=1e-14)
+        assert np.allclose(block.p_bh, multipletests(block.p, method="fdr_bh")[1], rtol=1e-14)
+
+
+def test_group_differences_clustered_empty_group_is_a_note():
+    df = _changes(2)
+    df = df[df.outcome != STABLE]
+    out = group_differences_clustered(df, ["A"], df["patient_id"])
+    row = out[out.contrast == "Worse vs Stable"].iloc[0]
+    assert math.isnan(row.theta) and "has no pair" in row.note
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_resample_counts_draw_whole_clusters_reproducibly():
+    c = resample_counts(7, 1200, seed=3)
+    assert c.shape == (1200, 7) and (c.sum(axis=1) == 7).all()
+    assert np.array_equal(c, resample_counts(7, 1200, seed=3))
+    assert not np.array_equal(c, resample_counts(7, 1200, seed=4))
+    # each cluster is drawn 7 * 1/7 = 1 time on average
+    assert abs(c.mean() - 1.0) < 0.05
+
+
+def _expanded(df, counts_row, patients):
+    """The resample as an explicit table: each patient's rows repeated as often as it was drawn."""
+    parts = [df[df.patient_id == p] for p, k in zip(patients, counts_row) for _ in range(int(k))]
+    return pd.concat(parts) if parts else df.iloc[:0]
+
+
+def _d(x, y):
+    if len(x) < 2 or len(y) < 2:
+        return math.nan
+    sp = math.sqrt(((len(x) - 1) * np.var(x, ddof=1) + (len(y) - 1) * np.var(y, ddof=1)) / (len(x) + len(y) - 2))
+    return (np.mean(x) - np.mean(y)) / sp if sp > 0 else math.nan
+
+
+def test_cluster_bootstrap_against_explicit_resamples():
+    df = _changes(3, n_patients=12)
+    rng = np.random.default_rng(0)
+    pred = df[df.outcome != STABLE].copy()
+    pred["y"] = pred.outcome == WORSE
+    pred["hit"] = rng.random(len(pred)) < 0.6
+    B, seed = 150, 11
+    res = cluster_bootstrap(df.patient_id, {"nested": {"patient_id": pred.patient_id, "outcome": pred.y,
+                                                       "predicted": pred.hit}},
+                            df, ["A", "C"], n_resamples=B, seed=seed)
+    assert res["resamples"] == B and res["seed"] == seed and res["unit"] == "patient"
+    patients = sorted(set(df.patient_id))
+    counts = resample_counts(len(patients), B, seed)
+    # reference: each resample built explicitly and its quantities computed directly
+    ref = {m: [] for m in BOOTSTRAP_METRICS}
+    gd = {}
+    for row in counts:
+        p = _expanded(pred, row, patients)
+        tp = int((p.hit & p.y).sum()); fp = int((p.hit & ~p.y).sum())
+        fn = int((~p.hit & p.y).sum()); tn = int((~p.hit & ~p.y).sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            se, sp = np.float64(tp) / (tp + fn), np.float64(tn) / (tn + fp)
+            vals = {"accuracy": np.float64(tp + tn) / len(p), "sensitivity": se, "specificity": sp,
+                    "ppv": np.float64(tp) / (tp + fp), "npv": np.float64(tn) / (tn + fn),
+                    "balanced_accuracy": (se + sp) / 2, "lr_positive": se / (1 - sp),
+                    "lr_negative": (1 - se) / sp}
+        for k, v in vals.items():
+            ref[k].append(v)
+        e = _expanded(df, row, patients)
+        for g1, g2 in CONTRASTS:
+            for lab in ("A", "C"):
+                x = e.loc[e.outcome == g1, lab].to_numpy()
+                y = e.loc[e.outcome == g2, lab].to_numpy()
+                gd.setdefault((f"{g1} vs {g2}", lab, "cohen_d"), []).append(_d(x, y))
+                md = np.median(x) - np.median(y) if len(x) and len(y) else math.nan
+                gd.setdefault((f"{g1} vs {g2}", lab, "median_difference"), []).append(md)
+    for metric in BOOTSTRAP_METRICS:
+        v = np.array(ref[metric], dtype=float)
+        ok = np.isfinite(v)
+        got = res["prediction"]["nested"][metric]
+        assert got["not_estimable"] == int((~ok).sum())
+        lo, hi = np.percentile(v[ok], [2.5, 97.5])
+        assert (got["ci_low"], got["ci_high"]) == pytest.approx((lo, hi), rel=1e-12, abs=1e-12)
+    assert len(res["group_differences"]) == len(CONTRASTS) * 2 * 2
+    for rec in res["group_differences"]:
+        v = np.array(gd[(rec["contrast"], rec["label"], rec["quantity"])], dtype=float)
+        ok = np.isfinite(v)
+        assert rec["not_estimable"] == int((~ok).sum()), rec
+        lo, hi = np.percentile(v[ok], [2.5, 97.5])
+        assert (rec["ci_low"], rec["ci_high"]) == pytest.approx((lo, hi), rel=1e-9, abs=1e-12)
+        g1, g2 = rec["contrast"].split(" vs ")
+        x = df.loc[df.outcome == g1, rec["label"]].to_numpy()
+        y = df.loc[df.outcome == g2, rec["label"]].to_numpy()
+        want = _d(x, y) if rec["quantity"] == "cohen_d" else np.median(x) - np.median(y)
+        assert rec["estimate"] == pytest.approx(want, rel=1e-12)
+        assert rec["unit"] == "patient" and "cluster bootstrap" in rec["method"]
+
+
+def test_cluster_bootstrap_counts_not_estimable_resamples():
+    # one Improved patient: about (1 - 1/4)^4 = 32% of resamples draw no Improved pair
+    # (and a few draw only it, so no Worse pair)
+    df = pd.DataFrame({"patient_id": ["a", "b", "c", "d"], "outcome": [WORSE, WORSE, WORSE, IMPROVED],
+                       "A": [0.1, 0.2, 0.3, -0.1]})
+    res = cluster_bootstrap(df.patient_id, None, df, ["A"], n_resamples=400, seed=0)
+    md = [r for r in res["group_differences"]
+          if r["quantity"] == "median_difference" and r["contrast"] == "Worse vs Improved"][0]
+    counts = resample_counts(4, 400, 0)
+    assert md["not_estimable"] == int(((counts[:, 3] == 0) | (counts[:, 3] == 4)).sum()) > 0
+    with pytest.raises(StatsError, match="at least 1 resample"):
+        cluster_bootstrap(df.patient_id, None, df, ["A"], n_resamples=0)
+
+
+def test_bootstrap_does_not_depend_on_row_order():
+    df = _changes(4)
+    shuffled = df.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    a = cluster_bootstrap(df.patient_id, None, df, ["A"], n_resamples=100, seed=2)
+    b = cluster_bootstrap(shuffled.patient_id, None, shuffled, ["A"], n_resamples=100, seed=2)
+    for ra, rb in zip(a["group_differences"], b["group_differences"]):
+        assert ra["not_estimable"] == rb["not_estimable"]
+        for k in ("estimate", "ci_low", "ci_high"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-12, abs=1e-15) or (ra[k] != ra[k] and rb[k] != rb[k])
+
+
+# --------------------------------------------------------------------------- Table 1, primary
+
+
+def test_table_one_patients_counts_each_patient_once_per_group():
+    pairs = pd.DataFrame({
+        "patient_id": ["a", "a", "b", "c", "c", "d"],
+        "outcome": [WORSE, IMPROVED, WORSE, STABLE, STABLE, IMPROVED],
+        "age": [50, 51, 60, 70, 71, 40], "sex": ["M", "M", "F", "M", "M", "F"],
+    })
+    t = table_one_patients(pairs).set_index("group")
+    assert t.loc["All patients", "patients"] == 4 and t.loc["All patients", "pairs"] == 6
+    # age of the first pair: a 50, b 60, c 70, d 40
+    assert t.loc["All patients", "age_mean"] == pytest.approx(np.mean([50, 60, 70, 40]))
+    assert t.loc["Worse", "patients"] == 2 and t.loc["Worse", "pairs"] == 2
+    assert t.loc["Stable", "patients"] == 1 and t.loc["Stable", "pairs"] == 2
+    assert t.loc["Improved", "patients"] == 2
+    assert (t["counted_by"] == "patient").all() and (t["unit"] == "patient").all()
+    assert "1 patient(s) have pairs in more than one outcome group" in t.loc["Worse", "note"]
+    # Worse (a 50, b 60) vs patients without a Worse pair (c 70, d 40): reference scipy ttest_ind
+    assert t.loc["Worse", "p_age"] == pytest.approx(sps.ttest_ind([50, 60], [70, 40]).pvalue, rel=1e-12)
+
+
+def test_primary_analysis():
+    assert primary_analysis(["a", "b", "c"])["unit"] == "pair"
+    res = primary_analysis(["a", "a", "b"])
+    assert res["unit"] == "patient" and "1 of 2 patients" in res["reason"]
