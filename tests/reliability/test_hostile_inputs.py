@@ -191,7 +191,7 @@ def test_run_counts_rejected_cache_rows_in_provenance(tmp_path, tiny_weights):
     manifest = make_study(tmp_path / "s", n_patients=4, images_per_patient=2, seed=2)
     db = tmp_path / "c.sqlite"
     args = ["run", str(manifest), "--weights", str(tiny_weights), "--cache", str(db), "--permutations", "0",
-            "--no-pdf"]
+            "--bootstrap", "0", "--no-pdf"]
     assert CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
     con = sqlite3.connect(db)
     con.execute("UPDATE scores SET probabilities = ?", (np.array([7.5, 7.5, 7.5], "<f4").tobytes(),))
@@ -261,7 +261,7 @@ def good_results(tmp_path_factory):
     manifest = make_study(root, n_patients=6, images_per_patient=3, seed=5)
     scores = random_scores(manifest_images(manifest), root / "scores.csv")
     res = CliRunner().invoke(main, ["run", str(manifest), "--scores", str(scores), "--out", str(root / "out"),
-                                    "--permutations", "0", "--no-pdf"])
+                                    "--permutations", "0", "--bootstrap", "0", "--no-pdf"])
     assert res.exit_code == 0, res.output
     return manifest, scores, json.loads((root / "out" / "results.json").read_text())
 
@@ -302,7 +302,7 @@ def test_hostile_previous_through_run_is_an_error(tmp_path, good_results):
     manifest, scores, good = good_results
     bad = _edited(tmp_path, {**good, "validation_auc": [1, 2, "x"]})
     res = CliRunner().invoke(main, ["run", str(manifest), "--scores", str(scores), "--out", str(tmp_path / "o"),
-                                    "--permutations", "0", "--no-pdf", "--previous", str(bad)])
+                                    "--permutations", "0", "--bootstrap", "0", "--no-pdf", "--previous", str(bad)])
     assert res.exit_code == 1 and res.output.startswith("Error: ") and "validation_auc[0]" in res.output
     assert not (tmp_path / "o").exists()
 
