@@ -69,7 +69,8 @@ def small(tmp_path_factory):
 
 
 def _run_args(manifest, scores, out, *extra):
-    return ["run", str(manifest), "--scores", str(scores), "--out", str(out), "--permutations", "0", *extra]
+    return ["run", str(manifest), "--scores", str(scores), "--out", str(out), "--permutations", "0",
+            "--bootstrap", "0", *extra]
 
 
 def _no_blocked_network(stderr):
