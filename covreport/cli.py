@@ -494,7 +494,8 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
 @click.option("--no-pdf", is_flag=True, help="Write the HTML report only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-out"),
               show_default=True, help="Output folder (written whole, at the end).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder that covreport wrote (it holds a "
+              ".covreport-output file); never a folder holding an input.")
 @click.option("--previous", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="results.json of an earlier validation (repeat, oldest first): the report shows what moved.")
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
