@@ -16,6 +16,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: The demo's study.toml: the phantom study described honestly (STARD items that do not apply say why).
+DEMO_STUDY_TOML = Path(__file__).with_name("demo_study.toml")
+
 
 @dataclass
 class DemoResult:
@@ -60,11 +63,11 @@ def run_demo(out="covreport-demo", *, seed=0, permutations=1000, progress=True):
     cache = out / "cache.sqlite"
     args = ["covreport", "run", str(manifest), "--weights", str(weights), "--validation-csv", str(valid_csv),
             "--reference-csv", str(train_csv), "--cache", str(cache),
-            "--permutations", str(permutations), "--seed", str(seed),
+            "--study", str(DEMO_STUDY_TOML), "--permutations", str(permutations), "--seed", str(seed),
             "--out", str(report), "--force"]
     command = shlex.join(args)
     opts = RunOptions(manifest=manifest, out=report, weights=str(weights), validation_csv=valid_csv,
-                      reference_csv=train_csv, cache=cache, permutations=permutations,
+                      reference_csv=train_csv, cache=cache, permutations=permutations, study=DEMO_STUDY_TOML,
                       seed=seed, force=True, synthetic=True, command=command,
                       extra_provenance={"demo": {"seed": seed, "phantom": DEMO_STUDY, "training": config.to_dict()}})
     run(opts)

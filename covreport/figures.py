@@ -10,6 +10,7 @@ salt, no dates in the metadata), so identical results give identical files.
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from pathlib import Path
@@ -18,10 +19,12 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib import patheffects
 from matplotlib.patches import Patch
 
-from covreport._io import atomic_write
+from covreport._io import atomic_write_bytes
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
+from covreport.errors import ReportError
 
 #: Fixed drawing style per outcome group (grayscale-safe).
 GROUP_STYLE = {
@@ -43,6 +46,8 @@ _RC = {
     "path.simplify": True,
 }
 INDEX_STAGE = "index test not done"
+#: Box-plot whiskers reach the most extreme pair within this many IQRs of the box (Tukey 1977).
+WHISKER_IQR = 1.5
 FLOW_WIDTH = 6.4  # inches; x positions below are in % of the width
 MAIN_X, SIDE_X = 25, 49
 REFERENCE_STAGE = "reference standard not available"
@@ -122,7 +127,7 @@ def flow_diagram(results):
             return (text.count("\n") + 1) * size * 1.18 / 72 / 2 + size * 0.5 / 72 + 0.02
 
         y = height - 0.7
-        top = (f"Pairs of consecutive CXRs in manifest\n"
+        top = (f"Potentially eligible: pairs of consecutive\nCXRs of one patient in the manifest\n"
                f"n = {flow['pairs_in_manifest']} pairs of {flow['patients_in_manifest']} patients")
         if flow.get("images_in_manifest") is not None:
             top += f"\n{flow['images_in_manifest']} distinct images"
@@ -132,6 +137,7 @@ def flow_diagram(results):
                     top += f"\n({flow['images_from_cache']} from the score cache)"
         ax.text(MAIN_X, y, top, ha="center", va="center", fontsize=8, bbox=main_box)
         h_prev = half(top)
+        top_edge = y + h_prev + 0.08
         remaining = flow["pairs_in_manifest"]
         for i, stage in enumerate(stages):
             rows = [c for c in counts if c["stage"] == stage]
@@ -168,24 +174,70 @@ def flow_diagram(results):
         ax.plot([xs[0], xs[-1]], [y_bar, y_bar], color="black", linewidth=0.9)
         ax.plot([MAIN_X, MAIN_X], [y_an - h_prev, y_bar], color="black", linewidth=0.9)
         bottom = y_bar
+        group_box = {}
         for x, outcome in zip(xs, OUTCOMES):
             g = by.get(outcome, {})
-            text = f"{outcome}\n{_n(g.get('pairs', 0), 'pair')}\n{_n(g.get('patients', 0), 'patient')}"
+            text = (f"Reference standard: {outcome}\n{_n(g.get('pairs', 0), 'pair')}\n"
+                    f"{_n(g.get('patients', 0), 'patient')}")
             y_g = y_bar - 0.35 - half(text)
             ax.annotate("", xy=(x, y_g + half(text)), xytext=(x, y_bar), arrowprops=arrow)
-            ax.text(x, y_g, text, ha="center", va="center", fontsize=8,
+            ax.text(x, y_g, text, ha="center", va="center", fontsize=7.5,
                     bbox={"boxstyle": "round,pad=0.5", "facecolor": "white", "edgecolor": "black",
                           "linewidth": 1.4 if outcome == WORSE else 1.0,
                           "linestyle": {WORSE: "-", STABLE: "--", IMPROVED: ":"}[outcome]})
+            group_box[outcome] = (x, y_g - half(text))
             bottom = min(bottom, y_g - half(text))
-        bottom -= 0.35
-        ax.set_ylim(bottom, height)
-        fig.set_size_inches(FLOW_WIDTH, height - bottom)
+        # the prediction subset: Worse vs Improved, with the index test's predicted class under each category
+        block, name = _headline_block(results)
+        if block:
+            conf = block.get("confusion") or {}
+            pairs = block.get("pairs") or []
+            y_row = bottom - 0.05
+            rows = {WORSE: (conf.get("tp"), conf.get("fn")), IMPROVED: (conf.get("fp"), conf.get("tn"))}
+            texts = {}
+            for outcome in (WORSE, IMPROVED):
+                pw, pi = rows[outcome]
+                pts = {p.get("patient_id") for p in pairs if p.get("outcome") == outcome}
+                texts[outcome] = (f"Prediction subset ({name})\n{_n(sum(1 for p in pairs if p.get('outcome') == outcome), 'pair')}"
+                                  f" of {_n(len(pts), 'patient')}\nIndex test predicts {WORSE}: {pw}\n"
+                                  f"Index test predicts {IMPROVED}: {pi}")
+            h = max(half(t, 7) for t in texts.values())
+            for outcome, t in texts.items():
+                x, y_top = group_box[outcome]
+                ax.annotate("", xy=(x, y_row - 0.35), xytext=(x, y_top), arrowprops=arrow)
+                ax.text(x, y_row - 0.35 - h, t, ha="center", va="center", fontsize=7,
+                        bbox={"boxstyle": "square,pad=0.5", "facecolor": "white", "edgecolor": "black",
+                              "linewidth": 0.9})
+            x, y_top = group_box[STABLE]
+            ax.text(x, y_row - 0.35 - h, f"{STABLE}: not in the\nprediction of\n{WORSE} vs {IMPROVED}",
+                    ha="center", va="center", fontsize=6.5, style="italic", color="0.25")
+            bottom = y_row - 0.35 - 2 * h - 0.1
+        counted = sum((by.get(o) or {}).get("patients", 0) for o in OUTCOMES)
+        note = ""
+        if counted != flow.get("patients_analysed"):
+            note = (f"A patient can have pairs in several outcome groups: the groups count {counted} patients "
+                    f"for {flow.get('patients_analysed')} patients analysed.")
         total_ex = flow["pairs_in_manifest"] - flow["pairs_analysed"]
         if remaining != flow["pairs_analysed"]:
-            ax.text(50, bottom + 0.1, f"Note: {total_ex} pairs not analysed, {flow['pairs_in_manifest'] - remaining} "
-                    "listed as exclusions", ha="center", fontsize=6.5, style="italic")
+            note += (f" Note: {total_ex} pairs not analysed, {flow['pairs_in_manifest'] - remaining} listed as "
+                     "exclusions.")
+        if note:
+            note = _wrap(note.strip(), 110)
+            bottom -= 0.15
+            ax.text(50, bottom, note, ha="center", va="top", fontsize=6.5, style="italic")
+            bottom -= 0.13 * (note.count("\n") + 1) + 0.05
+        bottom -= 0.05
+        ax.set_ylim(bottom, top_edge)
+        fig.set_size_inches(FLOW_WIDTH, top_edge - bottom)
     return fig
+
+
+def _headline_block(results):
+    """The headline prediction block and its name, or (None, None)."""
+    pred = results.get("prediction") or {}
+    name = pred.get("headline", "nested")
+    block = pred.get(name)
+    return (block, f"{name} protocol") if isinstance(block, dict) and block.get("confusion") else (None, None)
 
 
 # --- ROC curves (validation) -------------------------------------------------
@@ -252,7 +304,9 @@ def change_boxplots(results, ncols=5):
 
     Boxes are hatched and shaded per group and the pairs are overlaid as
     jittered points with a group-specific marker, so the figure reads in
-    grayscale. Uses the ``"<label> change"`` columns of ``results["pairs"]``.
+    grayscale. The median is a white line outlined in black (visible on the
+    dark Worse box); whiskers reach the most extreme pair within
+    :data:`WHISKER_IQR` interquartile ranges of the box (Tukey 1977). Uses the ``"<label> change"`` columns of ``results["pairs"]``.
     Returns a :class:`~matplotlib.figure.Figure`.
     """
     labels = list(results.get("labels") or [])
@@ -274,7 +328,7 @@ def change_boxplots(results, ncols=5):
                 present.append(outcome)
             pos = np.arange(1, len(present) + 1)
             bp = ax.boxplot([d if d.size else [np.nan] for d in data], positions=pos, widths=0.6,
-                            patch_artist=True, showfliers=False,
+                            patch_artist=True, showfliers=False, whis=WHISKER_IQR,
                             medianprops={"color": "black", "linewidth": 1.4},
                             whiskerprops={"linewidth": 0.8}, capprops={"linewidth": 0.8})
             for patch, outcome in zip(bp["boxes"], present):
@@ -283,6 +337,12 @@ def change_boxplots(results, ncols=5):
                 patch.set_hatch(st["hatch"])
                 patch.set_edgecolor(st["edge"])
                 patch.set_linewidth(0.8)
+            for med, outcome in zip(bp["medians"], present):
+                # a white median with a black outline reads on the dark Worse box and on the light ones
+                med.set_color("white")
+                med.set_linewidth(1.6)
+                med.set_path_effects([patheffects.Stroke(linewidth=3.0, foreground="black"), patheffects.Normal()])
+                med.set_zorder(4)
             for x, d, outcome in zip(pos, data, present):
                 if d.size:
                     jit = rng.uniform(-0.18, 0.18, d.size)
@@ -304,52 +364,154 @@ def change_boxplots(results, ncols=5):
     return fig
 
 
+# --- calibration of the prediction --------------------------------------------
+
+
+def calibration_figure(results, *, frac=2 / 3):
+    """Calibration plots of the out-of-fold probability of Worse, one panel per protocol.
+
+    Each panel shows the observed proportion of Worse pairs against the mean
+    predicted probability in the bins of ``prediction[protocol].calibration.bins``
+    (marker area proportional to the pairs in the bin), a lowess smoother of
+    the pairs' outcomes on their probabilities (Cleveland 1979, statsmodels'
+    ``lowess`` with ``frac``), the diagonal of perfect calibration, and a rug
+    of the pairs (Worse at the bottom, Improved at the top). Black and gray
+    only, so it reads in grayscale.
+
+    Parameters
+    ----------
+    results : dict
+        results.json content; uses ``prediction[protocol]["pairs"]`` (``probability``,
+        ``outcome``) and ``prediction[protocol]["calibration"]``.
+    frac : float
+        Fraction of the pairs in each lowess window.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ReportError
+        When no protocol carries a calibration record.
+
+    References
+    ----------
+    Cleveland WS. Robust locally weighted regression and smoothing
+    scatterplots. J Am Stat Assoc 1979;74:829-836.
+    """
+    from statsmodels.nonparametric.smoothers_lowess import lowess
+
+    pred = results.get("prediction") or {}
+    head = pred.get("headline", "nested")
+    names = [head] + [n for n in ("nested", "global", "reversed") if n != head]
+    panels = [(n, pred[n]) for n in names if isinstance(pred.get(n), dict) and pred[n].get("calibration")]
+    if not panels:
+        raise ReportError("nothing to plot: no prediction protocol has a calibration record")
+    titles = {"nested": "Nested", "global": "Global (OPTIMISTIC)", "reversed": "Reversed order"}
+    with matplotlib.rc_context(_RC):
+        fig = _figure(2.4 * len(panels) + 0.3, 2.7)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (name, block) in zip(axes, panels):
+            cal = block["calibration"]
+            ax.plot([0, 1], [0, 1], linestyle=":", color="0.5", linewidth=0.8, label="perfect calibration")
+            rows = [(float(p["probability"]), 1.0 if p.get("outcome") == WORSE else 0.0)
+                    for p in block.get("pairs") or [] if p.get("probability") is not None]
+            if len(rows) >= 3:
+                x, y = np.array(rows).T
+                fit = lowess(y, x, frac=frac, it=0, return_sorted=True)
+                ax.plot(fit[:, 0], fit[:, 1], color="black", linewidth=1.2, label="lowess")
+                ax.plot(x[y == 1], np.full((y == 1).sum(), -0.03), "|", color="black", markersize=4)
+                ax.plot(x[y == 0], np.full((y == 0).sum(), 1.03), "|", color="0.45", markersize=4)
+            bins = [b for b in cal.get("bins") or [] if b.get("predicted") is not None and b.get("observed") is not None]
+            if bins:
+                ax.scatter([b["predicted"] for b in bins], [b["observed"] for b in bins],
+                           s=[8 + 4 * (b.get("n") or 1) for b in bins], facecolor="white", edgecolor="black",
+                           linewidth=0.8, zorder=3, label="bins (area ~ pairs)")
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.06, 1.06)
+            ax.set_aspect("equal")
+            ax.set_title(titles.get(name, name) + (" [headline]" if name == head else ""), fontsize=7.5)
+            ax.set_xlabel(f"predicted probability of {WORSE}")
+            ax.tick_params(length=2, labelsize=6)
+            brier = cal.get("brier")
+            txt = [f"Brier {_fmt(brier)}" if brier is not None else None,
+                   f"intercept {_fmt(cal.get('intercept'), 2)}" if cal.get("intercept") is not None else None,
+                   f"slope {_fmt(cal.get('slope'), 2)}" if cal.get("slope") is not None else None]
+            ax.text(0.03, 0.97, "\n".join(t for t in txt if t), ha="left", va="top", fontsize=5.5,
+                    transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5,
+                                                  "pad": 1.5})
+        axes[0].set_ylabel(f"observed proportion {WORSE}")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=6.5)
+        fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.3, wspace=0.3)
+    return fig
+
+
 # --- class activation maps -----------------------------------------------------
 
 
 def cam_figure(cams):
-    """Class activation maps on the first and second CXR of each given pair.
+    """Class activation maps on the first and second CXR of each given pair, one colour scale per pair.
 
     Parameters
     ----------
     cams : list of dict
-        ``{"pair_id", "label", "first": {"image", "heatmap"}, "second": {...}}``;
-        ``image`` and ``heatmap`` are 2-D float arrays (the heatmap is
-        stretched over the image if the sizes differ).
+        ``{"pair_id", "label", "first": {"image", "heatmap"}, "second": {...}}``,
+        optionally ``"outcome"``, ``"probability"`` (out-of-fold probability of
+        Worse), ``"label_first"`` and ``"label_second"`` (the label's probability
+        on each CXR); ``image`` and ``heatmap`` are 2-D float arrays (the
+        heatmap is stretched over the image if the sizes differ).
 
     Returns
     -------
     matplotlib.figure.Figure
         One row per pair: the CXR in gray, the map overlaid with a
         perceptually ordered colour map (inferno, monotone in lightness) and
-        contour lines at 50% and 80% of its maximum, so it reads in grayscale.
+        contour lines at 50% and 80% of the pair's maximum, so it reads in
+        grayscale. Both CXRs of a pair share one scale (0 = the lower of the two
+        minima, 1 = the higher of the two maxima), so their activations compare.
+
+    References
+    ----------
+    Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A. Learning deep features
+    for discriminative localization. Proc IEEE CVPR 2016:2921-2929.
     """
     cams = list(cams or [])
     nrows = max(1, len(cams))
     with matplotlib.rc_context(_RC):
-        fig = _figure(6.6, 3.3 * nrows)
+        fig = _figure(6.6, 3.1 * nrows + 0.2)
         axes = fig.subplots(nrows, 2, squeeze=False)
         mappable = None
         for row, cam in zip(axes, cams):
+            heats = {w: np.asarray(cam[w]["heatmap"], dtype=float) for w in ("first", "second")}
+            lo = min(np.nanmin(h) for h in heats.values())
+            hi = max(np.nanmax(h) for h in heats.values())
             for ax, which in zip(row, ("first", "second")):
                 img = np.asarray(cam[which]["image"], dtype=float)
                 if img.ndim == 3:
                     img = img.mean(axis=-1) if img.shape[-1] in (1, 3, 4) else img[0]
-                heat = np.asarray(cam[which]["heatmap"], dtype=float)
+                heat = heats[which]
                 h, w = img.shape
                 extent = (0, w, h, 0)
-                lo, hi = np.nanmin(heat), np.nanmax(heat)
                 norm_heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
                 ax.imshow(img, cmap="gray", extent=extent, interpolation="bilinear")
                 mappable = ax.imshow(norm_heat, cmap="inferno", alpha=0.45, extent=extent, vmin=0, vmax=1,
                                      interpolation="bilinear")
                 yy = np.linspace(0, h, norm_heat.shape[0])
                 xx = np.linspace(0, w, norm_heat.shape[1])
-                if hi > lo:
-                    ax.contour(xx, yy, norm_heat, levels=[0.5, 0.8], colors=["white", "white"],
-                               linestyles=["--", "-"], linewidths=0.8)
-                ax.set_title(f"Pair {_plain(cam.get('pair_id', '?'))}, {which} CXR\n"
-                             f"{_plain(cam.get('label', ''))}", fontsize=7.5)
+                for level, style in ((0.5, "--"), (0.8, "-")):
+                    if np.nanmin(norm_heat) < level < np.nanmax(norm_heat):
+                        ax.contour(xx, yy, norm_heat, levels=[level], colors="white", linestyles=style,
+                                   linewidths=0.8)
+                title = f"Pair {_plain(cam.get('pair_id', '?'))}"
+                if cam.get("outcome"):
+                    title += f" ({_plain(cam['outcome'])})"
+                title += f", {which} CXR\n{_plain(cam.get('label', ''))}"
+                p_lab = cam.get(f"label_{which}")
+                if p_lab is not None:
+                    title += f": probability {_fmt(p_lab, 2)}"
+                ax.set_title(title, fontsize=7.5)
                 ax.set_xticks([])
                 ax.set_yticks([])
         if not cams:
@@ -357,10 +519,114 @@ def cam_figure(cams):
                 ax.axis("off")
             fig.text(0.5, 0.5, "No class activation maps were computed.", ha="center")
         elif mappable is not None:
-            fig.subplots_adjust(left=0.02, right=0.86, top=0.9, bottom=0.04, wspace=0.05)
+            fig.subplots_adjust(left=0.02, right=0.86, top=0.94, bottom=0.03, wspace=0.05, hspace=0.25)
             cax = fig.add_axes((0.885, 0.15, 0.025, 0.7))
             cb = fig.colorbar(mappable, cax=cax)
-            cb.set_label("activation, scaled 0-1")
+            cb.set_label("activation, one scale per pair (0-1)")
+    return fig
+
+
+# --- revalidation: headline estimates across validations ---------------------
+
+
+def _panels(revalidation):
+    """The series shown: headline protocol accuracy and AUC, then the per-label validation AUCs."""
+    protocol = revalidation.get("headline_protocol") or "nested"
+    by_key = {(s["quantity"], s["label"], s["protocol"]): s for s in revalidation.get("series") or []}
+    panels = []
+    for quantity, title in (("accuracy", "accuracy"), ("AUC", "AUC")):
+        s = by_key.get((quantity, None, protocol))
+        if s is not None:
+            panels.append((f"Prediction {title} ({protocol})", s))
+    for s in revalidation.get("series") or []:
+        if s["quantity"] == "validation AUC":
+            panels.append((f"{s['label']}: validation AUC", s))
+    return panels
+
+
+def trend_figure(revalidation, *, ncols=4):
+    """Headline estimates with 95% CIs across successive validations (small multiples).
+
+    One panel per headline number: the headline protocol's prediction
+    accuracy and AUC, then each label's validation AUC. In each panel, one
+    point per validation (oldest left, the new one right) with its CI as an
+    error bar; a validation not comparable with the new one (other weights or
+    preprocessing) is drawn with an open marker. Black and gray only, so it
+    reads in grayscale.
+
+    Parameters
+    ----------
+    revalidation : dict
+        The record :func:`compare` returns.
+    ncols : int, default 4
+        Panels per row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Drawn with the Agg canvas (no pyplot, no global state).
+
+    Raises
+    ------
+    ReportError
+        When the record holds no series to plot.
+    """
+    from matplotlib.lines import Line2D
+
+    panels = _panels(revalidation)
+    if not panels:
+        raise ReportError("nothing to plot: the revalidation record has no headline series "
+                          "(no validation AUCs and no prediction results)")
+    n = len(panels)
+    ncols = max(1, min(int(ncols), n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(2.6 * ncols, 2.2 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    points0 = panels[0][1]["points"]
+    ticks = list(range(1, len(points0) + 1))
+    ticklabels = [(p["created"] or "")[:10] + ("\n(new)" if p["which"] == "new" else "") or p["which"]
+                  for p in points0]
+    for ax, (title, s) in zip(axes.flat, panels):
+        xs_ok, ys_ok, err_ok, xs_nc, ys_nc, err_nc, line_x, line_y = [], [], [], [], [], [], [], []
+        for x, p in zip(ticks, s["points"]):
+            y = p["estimate"]
+            if y is None:
+                continue
+            lo = max(0.0, y - p["ci_low"]) if p["ci_low"] is not None else 0.0
+            hi = max(0.0, p["ci_high"] - y) if p["ci_high"] is not None else 0.0
+            line_x.append(x)
+            line_y.append(y)
+            if p["comparable"]:
+                xs_ok.append(x), ys_ok.append(y), err_ok.append((lo, hi))
+            else:
+                xs_nc.append(x), ys_nc.append(y), err_nc.append((lo, hi))
+        if line_x:
+            ax.plot(line_x, line_y, color="0.6", linewidth=0.8, zorder=1)
+        if xs_ok:
+            ax.errorbar(xs_ok, ys_ok, yerr=list(zip(*err_ok)), fmt="o", color="black", markersize=4,
+                        capsize=2, linewidth=1, zorder=2)
+        if xs_nc:
+            ax.errorbar(xs_nc, ys_nc, yerr=list(zip(*err_nc)), fmt="o", color="0.35", markerfacecolor="white",
+                        markersize=4, capsize=2, linewidth=1, linestyle="none", zorder=2)
+        if not line_x:
+            ax.text(0.5, 0.5, "not estimable", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        if s["quantity"] in ("validation AUC", "AUC", "accuracy"):
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.5, color="0.8", linewidth=0.6, linestyle="--", zorder=0)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(ticklabels, rotation=45, ha="right", fontsize=6)
+        ax.set_xlim(0.5, len(ticks) + 0.5)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], marker="o", color="black", linestyle="none", markersize=4,
+                      label="estimate with 95% CI"),
+               Line2D([], [], marker="o", color="0.35", markerfacecolor="white", linestyle="none", markersize=4,
+                      label="not comparable (other weights or preprocessing)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    fig.suptitle("Headline estimates across successive validations", fontsize=10)
     return fig
 
 
@@ -371,7 +637,7 @@ def save_figure(fig, stem, folder, *, dpi=200):
     """Write ``fig`` as ``folder/stem.png`` and ``folder/stem.svg``, deterministically.
 
     The SVG uses a fixed hash salt and no date; the PNG carries no time
-    stamp. Each file is written to a temporary name and moved into place.
+    stamp. Each file is written atomically (:func:`covreport._io.atomic_write_bytes`).
 
     Returns
     -------
@@ -383,8 +649,8 @@ def save_figure(fig, stem, folder, *, dpi=200):
     out = {}
     with matplotlib.rc_context(_RC):
         for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-            path = folder / f"{stem}.{ext}"
-            with atomic_write(path) as fh:
-                fig.savefig(fh, format=ext, dpi=dpi, metadata=meta, facecolor="white")
-            out[ext] = path
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=dpi, metadata=meta, facecolor="white", bbox_inches="tight",
+                        pad_inches=0.05)
+            out[ext] = atomic_write_bytes(folder / f"{stem}.{ext}", buf.getvalue(), error_class=ReportError)
     return out

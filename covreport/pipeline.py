@@ -147,7 +147,11 @@ def run(opts: RunOptions) -> Path:
         from covreport.revalidation import compare
 
         results["revalidation"] = compare(results, previous)
-    cams = _cams(pairs, loaded) if loaded is not None else None
+    # Which pairs the activation maps show depends on the scores and the prediction only, so it is stored in
+    # results.json (and the report's text comes from there); the maps themselves need the model.
+    selection = _cam_pairs(pairs, labels, results.get("prediction"))
+    results["class_activation_maps"] = _cam_record(*selection)
+    cams = _cams(loaded, *selection) if loaded is not None else None
     return _write_outputs(results, out, opts, cams)
 
 
@@ -357,22 +361,64 @@ def _open_cache(opts):
     return ScoreCache(opts.cache)  # None: the default under the user's cache folder
 
 
-def _cams(pairs, loaded):
-    """Class activation maps of the first and second CXR of one pair, for its most activated label."""
+#: How the pairs shown with class activation maps are chosen (stated in the report's caption).
+CAM_RULE = ("one pair per reference-standard category: for Worse and Improved, the pair whose out-of-fold "
+            "predicted probability of Worse (headline protocol) is closest to the median of its category; for "
+            "Stable, which is not predicted, the pair whose change in the label is closest to the category's "
+            "median change; the label is the one with the highest mean probability over all analysed CXRs")
+
+
+def _cam_pairs(pairs, labels, prediction):
+    """The pairs shown with activation maps, by :data:`CAM_RULE`: [(row, probability or None)], and the label."""
+    label = max(labels, key=lambda lab: float(np.nanmean(np.r_[pairs[f"{lab} first"], pairs[f"{lab} second"]])))
+    block = (prediction or {}).get((prediction or {}).get("headline", "nested")) or {}
+    prob = {p["pair_id"]: p.get("probability") for p in block.get("pairs") or [] if p.get("probability") is not None}
+    chosen = []
+    for outcome in OUTCOMES:
+        sub = pairs[pairs["outcome"] == outcome]
+        if sub.empty:
+            continue
+        probs = sub["pair_id"].map(prob)
+        if probs.notna().any():
+            have = sub[probs.notna()]
+            p = probs[probs.notna()].astype(float)
+            idx = (p - p.median()).abs().idxmin()
+            chosen.append((have.loc[idx], float(p.loc[idx])))
+        else:
+            change = sub[f"{label} change"].astype(float)
+            idx = (change - change.median()).abs().idxmin()
+            chosen.append((sub.loc[idx], None))
+    return chosen, label
+
+
+def _cam_record(chosen, label):
+    """The ``class_activation_maps`` record of results.json: the label, the rule and the chosen pairs."""
+    return {"label": label, "rule": CAM_RULE,
+            "method": "Class activation maps (Zhou et al. 2016) of the label on the first and second CXR of each "
+                      "chosen pair, both CXRs of a pair on one colour scale",
+            "pairs": [{"pair_id": rec["pair_id"], "outcome": rec["outcome"], "probability": probability,
+                       "label_first": float(rec[f"{label} first"]), "label_second": float(rec[f"{label} second"])}
+                      for rec, probability in chosen]}
+
+
+def _cams(loaded, chosen, label):
+    """Class activation maps of the first and second CXR of the chosen pairs (see :data:`CAM_RULE`)."""
     from covreport.images import load_image
     from covreport.model import class_activation_map
 
-    worse = pairs[pairs["outcome"] == WORSE]
-    rec = (worse if len(worse) else pairs).iloc[0]
-    labels = list(loaded.labels)
-    label = max(labels, key=lambda lab: rec[f"{lab} second"])  # scores' labels are the model's
-    cam = {"pair_id": rec["pair_id"], "label": label}
-    for which in ("first", "second"):
-        image = load_image(rec[f"{which}_path"])
-        heat, _overlay = class_activation_map(loaded.model, image, label, labels=labels,
-                                              preprocessing=loaded.preprocessing)
-        cam[which] = {"image": image, "heatmap": heat}
-    return [cam]
+    labels = list(loaded.labels)  # the scores' labels are the model's
+    cams = []
+    for rec, probability in chosen:
+        cam = {"pair_id": rec["pair_id"], "label": label, "outcome": rec["outcome"], "probability": probability,
+               "label_first": float(rec[f"{label} first"]), "label_second": float(rec[f"{label} second"]),
+               "rule": CAM_RULE}
+        for which in ("first", "second"):
+            image = load_image(rec[f"{which}_path"])
+            heat, _overlay = class_activation_map(loaded.model, image, label, labels=labels,
+                                                  preprocessing=loaded.preprocessing)
+            cam[which] = {"image": image, "heatmap": heat}
+        cams.append(cam)
+    return cams
 
 
 # --- provenance and writing --------------------------------------------------

@@ -36,6 +36,9 @@ STUDY_FIELDS = {
     "reference_standard": ("10b", "Who read the pairs (readers, experience), how disagreements were resolved, "
                                   "and the definitions used."),
     "rationale_reference_standard": ("11", "Why this reference standard was chosen."),
+    "index_test": ("10a", "Only when covreport reads a scores file (reviewer mode): the model that produced the "
+                          "scores as the authors ran it (weights file and SHA-256, training data and recipe, "
+                          "preprocessing), since covreport cannot record them itself."),
     "blinding_index": ("13a", "Whether clinical information and reference-standard results were available "
                               "to those performing or reading the index test."),
     "blinding_reference": ("13b", "Whether clinical information and index-test results were available to "

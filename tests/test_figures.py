@@ -76,9 +76,14 @@ def test_change_boxplots_medians_match_the_pairs(results):
     axes = [ax for ax in fig.axes if ax.axison]
     assert len(axes) == len(results["labels"])
     for ax, lab in zip(axes, results["labels"]):
-        medians = [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linewidth() == 1.4]
-        expected = [np.median([p[f"{lab} change"] for p in results["pairs"] if p["outcome"] == o]) for o in OUTCOMES]
+        medians = [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_color() == "white"]
+        groups = [np.array([p[f"{lab} change"] for p in results["pairs"] if p["outcome"] == o]) for o in OUTCOMES]
+        expected = [np.median(g) for g in groups]
         assert np.allclose(medians, expected)  # reference: numpy.median of the fixture's changes
+        # Tukey's rule, computed here with numpy: the upper whisker ends at the largest pair <= Q3 + 1.5 IQR
+        q1, q3 = np.percentile(groups[0], [25, 75])
+        top = groups[0][groups[0] <= q3 + 1.5 * (q3 - q1)].max()
+        assert any(np.allclose(ln.get_ydata(), [q3, top]) for ln in ax.get_lines())
 
 
 def test_group_styles_read_in_grayscale():
@@ -109,3 +114,53 @@ def test_save_figure_is_deterministic(results, tmp_path):
     assert "<dc:date>" not in svg and svg.lstrip().startswith("<?xml")
     assert a["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["roc.png", "roc.svg"]
+
+
+def test_cam_figure_puts_both_cxrs_of_a_pair_on_one_scale():
+    img = np.zeros((16, 16))
+    heat = np.arange(16.0).reshape(4, 4)
+    cams = [{"pair_id": "P1-1", "label": "Edema", "outcome": "Worse", "probability": 0.8,
+             "label_first": 0.2, "label_second": 0.6,
+             "first": {"image": img, "heatmap": heat}, "second": {"image": img, "heatmap": 2 * heat}}]
+    fig = cam_figure(cams)
+    first, second = (ax.get_images()[1].get_array() for ax in fig.axes[:2])
+    # one scale for the pair: 0 at the lower minimum (0), 1 at the higher maximum (30), computed here
+    assert np.allclose(first, heat / 30.0) and np.allclose(second, 2 * heat / 30.0)
+    assert "Pair P1-1 (Worse), first CXR\nEdema: probability 0.20" in _texts(fig)
+
+
+def test_cam_pairs_follow_the_stated_rule():
+    import pandas as pd
+
+    from covreport.pipeline import _cam_pairs
+
+    rng = np.random.default_rng(1)
+    n = 15
+    pairs = pd.DataFrame({"pair_id": [f"p{i}" for i in range(n)], "outcome": ["Worse"] * 7 + ["Improved"] * 5
+                          + ["Stable"] * 3, "A first": rng.random(n), "A second": rng.random(n),
+                          "B first": rng.random(n) / 10, "B second": rng.random(n) / 10})
+    pairs["A change"] = pairs["A second"] - pairs["A first"]
+    pairs["B change"] = pairs["B second"] - pairs["B first"]
+    probs = rng.random(12)
+    prediction = {"headline": "nested", "nested": {"pairs": [{"pair_id": f"p{i}", "probability": float(probs[i])}
+                                                             for i in range(12)]}}
+    chosen, label = _cam_pairs(pairs, ["A", "B"], prediction)
+    assert label == "A"  # higher mean probability over all CXRs
+    got = {rec["outcome"]: rec["pair_id"] for rec, _p in chosen}
+    # reference: numpy median and argmin, per category
+    w = probs[:7]
+    assert got["Worse"] == f"p{np.argmin(np.abs(w - np.median(w)))}"
+    i = probs[7:12]
+    assert got["Improved"] == f"p{7 + np.argmin(np.abs(i - np.median(i)))}"
+    s = pairs["A change"].to_numpy()[12:]
+    assert got["Stable"] == f"p{12 + np.argmin(np.abs(s - np.median(s)))}"
+
+
+def test_flow_diagram_has_the_stard_boxes(results):
+    text = _texts(flow_diagram(results))
+    c = results["prediction"]["nested"]["confusion"]
+    assert "Potentially eligible" in text and "Index test done" in text and "Analysed" in text
+    assert f"Index test predicts Worse: {c['tp']}" in text and f"Index test predicts Improved: {c['tn']}" in text
+    by = results["flow"]["by_outcome"]
+    counted = sum(g["patients"] for g in by.values())
+    assert f"the groups count {counted} patients for {results['flow']['patients_analysed']} patients" in text

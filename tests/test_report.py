@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import base64
 import copy
-import fcntl
 import html as htmlmod
 import json
-import os
 import re
-import select
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +22,12 @@ import pytest
 
 from covreport.errors import CovreportError, ReportError
 from covreport.report import (
-    external_references, fmt_ci, fmt_p, limitations, make_environment, render_html, render_report,
+    external_references, fmt_ci, fmt_num, fmt_p, fmt_pp, limitations, make_environment, render_html, render_report,
     stard_checklist, templates_dir, write_pdf,
 )
 from covreport.study import STUDY_FIELDS, missing_fields, read_study, validate_study
+from _chromium import Chromium as _Chromium, chromium_binary as _chromium
+from report_fixtures import base, with_contract_keys
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 EXAMPLE_STUDY = Path(__file__).parent.parent / "docs" / "study.example.toml"
@@ -230,92 +228,6 @@ def test_user_templates_override_and_are_checked(results, tmp_path):
 # --- headless Chromium: no console error, no network request ----------------------
 
 
-class _Chromium:
-    """A minimal DevTools-protocol client over --remote-debugging-pipe (fds 3 and 4, NUL-separated JSON)."""
-
-    def __init__(self, binary, profile):
-        r_in, w_in = os.pipe()
-        r_out, w_out = os.pipe()
-        a = fcntl.fcntl(r_in, fcntl.F_DUPFD, 10)
-        b = fcntl.fcntl(w_out, fcntl.F_DUPFD, 10)
-        os.close(r_in)
-        os.close(w_out)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-extensions", "--disable-default-apps", "--no-default-browser-check",
-                 "--hide-scrollbars", "--window-size=1200,2000", f"--user-data-dir={profile}",
-                 "--remote-debugging-pipe", "about:blank"]
-        cmd = " ".join([binary, *flags]) + f" 3<&{a} 4>&{b} {a}<&- {b}>&-"
-        self.proc = subprocess.Popen(["bash", "-c", "exec " + cmd], pass_fds=(a, b),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(a)
-        os.close(b)
-        self.w, self.r, self.buf, self.n, self.events = w_in, r_out, b"", 0, []
-
-    def _read(self, deadline):
-        while b"\0" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("chromium did not answer in time")
-            if select.select([self.r], [], [], left)[0]:
-                chunk = os.read(self.r, 1 << 20)
-                if not chunk:
-                    raise RuntimeError("chromium closed the DevTools pipe")
-                self.buf += chunk
-        msg, self.buf = self.buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def send(self, method, params=None, session=None, timeout=60):
-        self.n += 1
-        msg = {"id": self.n, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self.w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self._read(deadline)
-            if m.get("id") == self.n:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m.get("result", {})
-            self.events.append(m)
-
-    def wait_event(self, name, timeout=60):
-        if any(e.get("method") == name for e in self.events):
-            return
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self._read(deadline)
-            self.events.append(m)
-            if m.get("method") == name:
-                return
-
-    def drain(self, seconds):
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                self.events.append(self._read(deadline))
-        except TimeoutError:
-            pass
-
-    def close(self):
-        try:
-            self.send("Browser.close", timeout=10)
-        except Exception:  # noqa: BLE001 - the browser may already be gone
-            pass
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.w)
-        os.close(self.r)
-
-
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian package `chromium`)")
 def test_chromium_opens_report_without_console_error_or_network_request(injected, tmp_path):
     from PIL import Image
@@ -351,14 +263,97 @@ def test_chromium_opens_report_without_console_error_or_network_request(injected
 
 
 def test_number_formats():
+    # journal style: p < 0.001 below it, otherwise two significant digits; no negative zero
     assert fmt_p(0.0004) == "<0.001"
-    assert fmt_p(0.001) == "0.00100"
-    assert fmt_p(0.0234) == "0.0234"
-    assert fmt_p(0.5) == "0.500"
-    assert fmt_p(1.0) == "1.00"
+    assert fmt_p(0.001) == "0.0010"
+    assert fmt_p(0.002) == "0.0020"
+    assert fmt_p(0.0434) == "0.043"
+    assert fmt_p(0.2449) == "0.24"
+    assert fmt_p(0.5) == "0.50"
+    assert fmt_p(1.0) == "1.0"
     assert fmt_p(None) == "n/a"
+    assert fmt_pp(0.0004) == "p < 0.001" and fmt_pp(0.043) == "p = 0.043"
+    assert fmt_num(-0.0001, 3) == "0.000" and fmt_num(-0.004, 2) == "0.00" and fmt_num(-0.006, 2) == "-0.01"
+    assert fmt_ci(-0.0001, 0.5) == f"0.000{EN}0.500"
     assert fmt_ci(0.1234, 0.5678) == f"0.123{EN}0.568"
     assert fmt_ci(-0.5, 0.25, 2) == "-0.50 to 0.25"
+
+
+def _body_and_references(html):
+    """The report's text before the reference list (plus the appendices after it) and the listed references."""
+    refs = re.search(r'<section id="references">(.*?)</section>', html, re.S).group(1)
+    listed = [(int(n), htmlmod.unescape(re.sub(r"<[^>]+>", "", t)))
+              for n, t in re.findall(r'<li id="ref-[a-z0-9_]+" value="(\d+)">(.*?)</li>', refs, re.S)]
+    body = _text_of_html(html.replace(refs, ""))
+    return body, listed
+
+
+def test_every_citation_is_listed_and_every_listed_reference_cited(tmp_path):
+    r = with_contract_keys()
+    # method strings as the statistics write them (from the demo's results.json): author-year citations
+    for g in r["group_differences"]:
+        g["method"] += "; rank-biserial r = 2U/(n1 n2) - 1 (Kerby 2014)"
+    r["prediction"]["nested"]["permutation_method"] = "p = (1 + b) / (1 + B) (Phipson & Smyth 2010)"
+    r["prediction"]["nested"]["metrics"]["lr_positive"]["method"] = "log method (Altman et al. 2000, p. 109)"
+    html = render_html(r)
+    body, listed = _body_and_references(html)
+    assert "Kerby 2014" in body and "Phipson & Smyth 2010" in body
+    numbers = [n for n, _t in listed]
+    assert numbers == list(range(1, len(listed) + 1))
+    cited = {int(n) for group in re.findall(r"\[(\d+(?:, \d+)*)\]", body) for n in group.split(", ")}
+    assert cited == set(numbers), f"cited but not listed: {cited - set(numbers)}; listed, never cited: " \
+                                  f"{set(numbers) - cited}"
+    # Every work named by author in the text (method strings included) is in the list.
+    texts = " ".join(t for _n, t in listed)
+    for surname in ("Simel", "Altman", "Kerby", "Phipson", "Mercaldo", "DeLong", "Hedges", "Obuchowski",
+                    "Davison", "Clopper", "Holm", "Benjamini", "Brier", "Cleveland"):
+        if surname in body:
+            assert surname in texts, f"{surname} is cited in the text but not listed"
+    for m in re.finditer(r"\b([A-Z][a-z]+)(?: et al\.?| (?:&|and) [A-Z][a-z]+)?,? \(?((?:19|20)\d\d)\b", body):
+        name, year = m.groups()
+        if name in ("STARD", "Page", "Figure", "Table", "Appendix", "Item", "Created", "January"):
+            continue
+        assert any(name in t and year in t for t in texts.split(". ") + [texts]), f"{m.group(0)!r} is not listed"
+
+
+def test_no_absolute_local_path_in_the_report(tmp_path):
+    r = with_contract_keys()
+    r["provenance"]["inputs"]["weights"]["path"] = "/tmp/covreport-demo-x/model/densenet121-phantom.pt"
+    r["provenance"]["inputs"]["manifest"]["path"] = "/home/someone/study/manifest.csv"
+    r["provenance"]["command"] = ("covreport run /home/someone/study/manifest.csv --weights "
+                                  "/tmp/covreport-demo-x/model/densenet121-phantom.pt --out /home/someone/out")
+    html = render_html(r)
+    text = _text_of_html(html)
+    assert "/tmp/" not in text and "/home/" not in text
+    assert "densenet121-phantom.pt" in text and r["provenance"]["inputs"]["weights"]["sha256"] in text
+
+
+def test_new_results_are_shown_and_absent_ones_break_nothing(tmp_path):
+    r = with_contract_keys()
+    text = _text_of_html(render_html(r))
+    g = r["group_differences_clustered"][3]
+    assert f"{g['theta']:.2f} ({g['ci_low']:.2f}{EN}{g['ci_high']:.2f})" in text      # Obuchowski theta with CI
+    assert "Table 2b." in text and "[primary analysis]" in text
+    assert "Table 1b. Demographics per reference-standard category, counted by patient" in text
+    assert r["table1_patients"][0]["note"] in text
+    cal = r["prediction"]["nested"]["calibration"]
+    assert f"{cal['slope']:.2f} ({cal['slope_ci_low']:.2f}{EN}{cal['slope_ci_high']:.2f})" in text
+    assert f"{cal['brier']:.3f}" in text
+    boot = r["bootstrap"]["prediction"]["nested"]["accuracy"]
+    assert f"({boot['ci_low']:.3f}{EN}{boot['ci_high']:.3f})" in text and "Table 4b." in text
+    fs = r["prediction"]["nested"]["features_selected"]
+    assert f"{fs['median']:.1f} ({fs['min']}{EN}{fs['max']})" in text
+    gd = r["group_differences"][0]
+    assert f"{gd['rank_biserial']:.2f}" in text                                          # rank-biserial, Table 2
+    assert "The primary analysis is at the level of the patient" in text
+    old = _text_of_html(render_html(base()))                                               # older results
+    assert "Table 2b." not in old and "Table 4b." not in old and "Table 4c." not in old and "n/a (n/a)" not in old
+
+
+def test_calibration_figure_in_report(tmp_path):
+    written = render_report(with_contract_keys(), tmp_path, pdf=False)
+    assert "figures/calibration.png" in written and "figures/calibration.svg" in written
+    assert 'id="fig-calibration"' in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_limitations_are_computed_from_the_numbers(results):
@@ -487,3 +482,96 @@ def test_numpy_values_in_results_are_reported(results):
     text = _text_of_html(render_html(r))
     assert _key_numbers(results)["nested accuracy"] in text
     assert f"{r['flow']['pairs_analysed']} pairs of 40 patients were analysed" in text
+
+
+# --- STARD completeness of the demo, training recipe, scale ------------------------------
+
+DEMO_TRAINING = {"labels": ["Edema"], "uncertainty": "zeros", "image_size": 64, "epochs": 2, "batch_size": 32,
+                 "lr": 0.001, "betas": [0.9, 0.999], "init": "none", "seed": 0}
+
+
+def test_demo_study_leaves_nothing_to_be_completed():
+    from covreport.demo import DEMO_STUDY_TOML
+    from covreport.report import ai_checklist
+
+    r = copy.deepcopy(with_contract_keys())
+    r["study"] = read_study(DEMO_STUDY_TOML)
+    r["provenance"]["model"] = {"training": DEMO_TRAINING}
+    r["provenance"]["demo"] = {"seed": 0, "phantom": {"image_size": 64, "n_train": 2400, "n_valid": 300}}
+    text = _text_of_html(render_html(r, has_cams=True))
+    assert "to be completed (" not in text
+    assert {row["status"] for row in stard_checklist(r)} <= {"covreport", "study.toml", "covreport + study.toml"}
+    assert {row["status"] for row in ai_checklist(r, has_cams=True)} <= {"covreport", "study.toml",
+                                                                          "covreport + study.toml"}
+    assert "Not applicable: a retrospective analysis of generated images" in text   # item 25 with its reason
+    # items 10a and the appendix: training data and recipe in words, deviations from the original recipe flagged
+    for phrase in ("64 x 64 px instead of 320 x 320 px", "2 epochs instead of 3 epochs",
+                   "learning rate 0.001 instead of learning rate 0.0001",
+                   "random weights instead of ImageNet weights", "batch 32 instead of batch 16",
+                   "2400 training and 300 validation images"):
+        assert phrase in text, phrase
+    rows = {row["item"]: row for row in stard_checklist(r)}
+    assert "64 x 64 px instead of 320 x 320 px" in rows["10a"]["filled"]
+
+
+def test_original_recipe_has_no_deviation():
+    from covreport.report.training import ORIGINAL_RECIPE, describe_training
+
+    d = describe_training(dict(ORIGINAL_RECIPE, seed=1))
+    assert d["deviations"] == [] and "The recipe is the original study's." in d["text"]
+    assert describe_training(None) is None
+
+
+def test_report_lists_the_first_50_exclusions_and_counts_by_reason(tmp_path):
+    r = base()
+    base_row = r["flow"]["exclusions"][0]
+    r["flow"]["exclusions"] = [dict(base_row, pair_id=f"X{i:05d}") for i in range(500)]
+    r["flow"]["exclusion_counts"] = [{"stage": "index test not done", "reason": f"reason {i}", "pairs": 500 - i}
+                                     for i in range(60)]
+    html = render_html(r)
+    text = _text_of_html(html)
+    assert "the first 50 of 500; all are in tables/exclusions.csv" in text
+    assert "X00049" in text and "X00050" not in text
+    assert "10 further reasons with" in text and "reason 49" in text and "reason 50" not in text
+
+
+def test_report_text_outside_figures_comes_from_results_json(results, tmp_path):
+    # `covreport verify` renders the report again from results.json alone (no model, no images): the text
+    # outside the figures must read the same as the report rendered with the activation maps.
+    r = copy.deepcopy(results)
+    r.update(validation_auc=[], roc_curves={})
+    r["class_activation_maps"] = {"label": "Edema", "rule": "the stated rule", "method": "CAM",
+                                  "pairs": [{"pair_id": "P001-1", "outcome": "Worse", "probability": 0.71,
+                                             "label_first": 0.2, "label_second": 0.6}]}
+    img = np.zeros((16, 16))
+    cams = [{"pair_id": "P001-1", "label": "Edema", "first": {"image": img, "heatmap": img[:4, :4]},
+             "second": {"image": img, "heatmap": img[:4, :4]}}]
+    render_report(r, tmp_path / "a", cams=cams, pdf=False)
+    render_report(r, tmp_path / "b", pdf=False)
+
+    def outside_figures(path):
+        html = (path / "report.html").read_text(encoding="utf-8")
+        return _text_of_html(re.sub(r"<figure.*?</figure>", " ", html, flags=re.S))
+
+    assert outside_figures(tmp_path / "a") == outside_figures(tmp_path / "b")
+    a = _text_of_html((tmp_path / "a" / "report.html").read_text(encoding="utf-8"))
+    assert "Pair P001-1: reference standard Worse, out-of-fold probability of Worse 0.71" in a
+
+
+def test_reviewer_mode_report_is_complete_with_the_authors_index_test_description():
+    from covreport.demo import DEMO_STUDY_TOML
+    from covreport.report import ai_checklist
+
+    r = base()
+    r["provenance"].update(weights_sha256=None, preprocessing=None, model=None)
+    r["provenance"]["inputs"] = {"manifest": r["provenance"]["inputs"]["manifest"],
+                                 "scores": {"path": "scores.csv", "sha256": "ab" * 32}}
+    r["study"] = read_study(DEMO_STUDY_TOML)
+    text = _text_of_html(render_html(r))
+    assert "to be completed (" not in text and "covreport did not run the model" in text
+    done = {"covreport", "study.toml", "covreport + study.toml"}
+    assert {row["status"] for row in stard_checklist(r)} <= done
+    assert {row["status"] for row in ai_checklist(r)} <= done
+    r["study"].pop("index_test")
+    rows = {row["item"]: row for row in stard_checklist(r)}
+    assert rows["10a"]["status"] == "partly" and "index_test" in rows["10a"]["todo"]

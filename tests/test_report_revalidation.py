@@ -167,7 +167,7 @@ def test_comparable_previous_validation(results):
     text = _text(html)
     assert "Previous validation not comparable" not in text
     assert "descriptive flag, not a test of change" in text  # recorded methods / table notes
-    assert "Figure 5" not in sec  # one previous result: no trend figure
+    assert "Headline estimates with their 95% CIs across" not in sec  # one previous result: no trend figure
 
 
 # --- not comparable ------------------------------------------------------------------
@@ -231,7 +231,8 @@ def test_trend_figure_with_two_previous(two_previous):
     assert html.index('id="fig-revalidation_trend"') > html.index('id="results-revalidation"')
     assert external_references(html) == []
     sec = _section(html)
-    assert "Figure 5. Headline estimates with their 95% CIs across successive validations" in sec
+    # figures are numbered consecutively: flow diagram, ROC curves, box plots, then the trend (no CAMs here)
+    assert "Figure 4. Headline estimates with their 95% CIs across successive validations" in sec
     assert f"previous 1 2024-01-15T08:00:00+00:00 {OTHER_SHA[:12]}{ELL} NOT comparable different weights" in sec
     assert "Not comparable: 1 earlier validation (2024-01-15: different weights" in sec
     assert 'id="revalidation-not-comparable"' not in html  # the most recent previous one is comparable
@@ -255,5 +256,5 @@ def test_key_numbers_and_flags_in_pdf(two_previous, results):
               f"{new_v['auc'] - old_v['auc']:+.3f}", _est(*OLD_ACCURACY),
               f"{acc['estimate'] - OLD_ACCURACY[0]:+.3f}"):
         assert s in pdf, s
-    assert "Figure 5." in pdf
+    assert "Figure 4." in pdf
     assert "Previous validation not comparable" in pdf

@@ -29,7 +29,7 @@ def _die():
 def main():
     point, args = sys.argv[1], sys.argv[2:]
     import covreport.pipeline as pipeline
-    import covreport.report as report
+    import covreport.report.render as report
 
     if point == "pdf":
         report.write_pdf = lambda *a, **k: _die()

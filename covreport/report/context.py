@@ -1,0 +1,335 @@
+"""Everything the templates see, derived from the results mapping."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import PurePath
+
+from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
+from covreport.errors import ReportError
+from covreport.report.checklists import ai_checklist, stard_checklist
+from covreport.report.format import METRIC_NAMES
+from covreport.report.limitations import limitations
+from covreport.report.revalidation_view import revalidation_view
+from covreport.report.training import describe_training
+from covreport.report.summaries import (
+    ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _threshold,
+    _validation_summary,
+)
+from covreport.study import STUDY_FIELDS, validate_study
+
+#: Reference categories (the reference standard's outcome definitions).
+OUTCOME_DEFINITIONS = {
+    WORSE: "new or increased radiological findings on the second CXR compared with the first",
+    STABLE: "no change in radiological findings between the two CXRs",
+    IMPROVED: "decreased radiological findings on the second CXR compared with the first",
+}
+
+def _recorded_methods(results):
+    """Every distinct ``method`` string stored in the results, with where it was used."""
+    seen = {}
+
+    def add(where, m):
+        if m:
+            seen.setdefault(str(m), [])
+            if where not in seen[str(m)]:
+                seen[str(m)].append(where)
+
+    for r in results.get("validation_auc") or []:
+        add("validation AUC", r.get("method"))
+    for r in results.get("group_differences") or []:
+        for k in ("mw_method", "d_method", "method"):
+            add("group differences", r.get(k))
+    for r in results.get("table1") or []:
+        for k in ("p_age_method", "p_age_welch_method", "p_sex_method"):
+            add("Table 1", r.get(k))
+    iv = results.get("interval_days") or {}
+    add("interval between CXRs", iv.get("method"))
+    for b in _prediction_blocks(results):
+        add(f"prediction ({b['name']})", b["block"].get("method"))
+        add(f"prediction ({b['name']})", (b["block"].get("auc") or {}).get("method"))
+        add(f"prediction ({b['name']}), permutation test", b["block"].get("permutation_method"))
+        for rec in (b["block"].get("metrics") or {}).values():
+            add(f"prediction ({b['name']})", rec.get("method"))
+    for r in results.get("group_differences_clustered") or []:
+        add("group differences, patients as clusters", r.get("method"))
+    for r in results.get("table1_patients") or []:
+        for k in ("p_age_method", "p_sex_method"):
+            add("Table 1b", r.get(k))
+    boot = results.get("bootstrap") or {}
+    add("cluster bootstrap", boot.get("method"))
+    for b in _prediction_blocks(results):
+        for k in ("auc_clustered", "calibration"):
+            add(f"prediction ({b['name']})", (b["block"].get(k) or {}).get("method"))
+    rev = results.get("revalidation") or {}
+    for m in (rev.get("method"), rev.get("added_method"), (rev.get("pair_changes") or {}).get("method")):
+        add("comparison with the previous validation", m)
+    return [{"method": m, "where": ", ".join(w)} for m, w in seen.items()]
+
+
+def _footnotes(rows, keys):
+    """Letters for the distinct method strings of ``keys`` in ``rows``: ({method: letter}, [(letter, method)])."""
+    letters = {}
+    for r in rows:
+        for k in keys:
+            m = r.get(k)
+            if m and m not in letters:
+                letters[m] = "abcdefghijklmnopqrstuvwxyz"[len(letters) % 26]
+    return letters, [(v, k) for k, v in letters.items()]
+
+
+def _kv(mapping):
+    """A flat list of (key, text) from a nested mapping, for provenance tables."""
+    out = []
+    for k, v in (mapping or {}).items():
+        if isinstance(v, dict):
+            out += [(f"{k}.{k2}", v2) for k2, v2 in _kv(v)]
+        elif isinstance(v, (list, tuple)):
+            out.append((str(k), ", ".join(str(x) for x in v)))
+        else:
+            out.append((str(k), "not recorded" if v is None else str(v)))
+    return out
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    raise TypeError(f"results hold a {type(obj).__name__}, which results.json cannot store")
+
+
+def plain_results(results):
+    """The results as results.json would hold them: plain Python types (numpy values converted)."""
+    try:
+        return json.loads(json.dumps(results, default=_json_default))
+    except (TypeError, ValueError) as exc:
+        raise ReportError(f"the results cannot be reported: {exc}") from exc
+
+
+_ABSOLUTE = re.compile(r"""(?<![\w.])(?:/|~/|[A-Za-z]:[\\/])[^\s'"]*""")
+
+
+def display_path(path):
+    """A path as the report shows it: relative paths as given, absolute ones as their file name.
+
+    The report never shows an absolute local path (it names the author's
+    folders and would differ between machines); the SHA-256 beside every
+    input identifies the file.
+    """
+    text = str(path or "")
+    if not text:
+        return ""
+    if _ABSOLUTE.fullmatch(text):
+        return PurePath(text.replace("\\", "/")).name or text
+    return text
+
+
+def scrub_paths(text):
+    """``text`` with every absolute path replaced by its file name (for the recorded command)."""
+    return _ABSOLUTE.sub(lambda m: display_path(m.group(0)), str(text or ""))
+
+
+def _mw_methods_text(rows):
+    """How the Mann-Whitney p-values were computed, in words, with the number of tests of each kind."""
+    counts = {}
+    for r in rows:
+        m = str(r.get("mw_method") or "").strip()
+        if m:
+            counts[m] = counts.get(m, 0) + 1
+    if not counts:
+        return "as stated in the test's method"
+    words = {"exact": "exactly (the exact distribution of U)",
+             "asymptotic": "by the normal approximation with continuity correction",
+             "normal": "by the normal approximation with continuity correction"}
+    parts = [f"{words.get(m.lower(), m)} for {n} of {len(rows)} tests" if len(counts) > 1 else words.get(m.lower(), m)
+             for m, n in counts.items()]
+    return "; ".join(parts)
+
+
+def _marks(notes):
+    marks = {}
+    for n in notes:
+        if n and n not in marks:
+            marks[n] = str(len(marks) + 1)
+    return marks
+
+
+#: Row names of the prediction measures in the tables.
+METRIC_TITLES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity",
+                 "specificity": "Specificity", "ppv": "Positive predictive value",
+                 "npv": "Negative predictive value", "lr_positive": "Positive likelihood ratio",
+                 "lr_negative": "Negative likelihood ratio", "auc": "AUC"}
+
+#: Excluded pairs (and reasons) listed in the report; tables/exclusions.csv holds them all.
+EXCLUSIONS_SHOWN = 50
+
+#: Figures in the order they appear in the report (numbered in this order when present).
+FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "class_activation_maps",
+                "revalidation_trend")
+
+
+def training_text(results):
+    """:func:`~covreport.report.training.describe_training` of the results' recipe (None without one)."""
+    prov = results.get("provenance") or {}
+    model = prov.get("model") or {}
+    training = model.get("training") if isinstance(model.get("training"), dict) else None
+    data = None
+    demo = prov.get("demo") if isinstance(prov.get("demo"), dict) else None
+    if demo and isinstance(demo.get("phantom"), dict):
+        ph = demo["phantom"]
+        data = (f"The training data were covreport's synthetic phantom in the CheXpert layout: "
+                f"{ph.get('n_train', '?')} training and {ph.get('n_valid', '?')} validation images of "
+                f"{ph.get('image_size', '?')} x {ph.get('image_size', '?')} px, generated with seed "
+                f"{demo.get('seed', '?')}, one source, so no duplicates across sources; training and validation "
+                "images are generated separately.")
+    return describe_training(training, data=data)
+
+
+def running_title(title, limit=80):
+    """The title shortened at a word boundary to fit the running header on one line."""
+    title = " ".join(str(title).split())
+    if len(title) <= limit:
+        return title
+    cut = title[:limit].rsplit(" ", 1)[0]
+    return cut.rstrip(",;:") + "\u2026"
+
+
+def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams_info=None):
+    """Everything the templates see, derived from the results mapping.
+
+    Keys (documented for institutions writing their own templates): ``r`` (the
+    results as given), ``study`` (validated study fields), ``title``,
+    ``synthetic``, ``figures`` (``{stem: {"uri"}}``), ``blocks`` (prediction
+    protocols, headline first), ``limitations``, ``checklist``, ``ai_items``,
+    ``methods`` (recorded method strings), ``references``, ``t1_notes``,
+    ``t2_notes``, ``validation`` (summary), ``groups`` (summary),
+    ``threshold``, ``provenance`` tables, ``cams_note``, ``outcome_defs``,
+    ``reval`` (:func:`revalidation_view`: what moved since the last
+    validation, or None without ``--previous``).
+    """
+    results = plain_results(results)
+    # The text on the activation maps comes from results.json when it holds the record (so that a report
+    # rendered again from results.json alone, e.g. by `covreport verify`, reads the same).
+    cam_record = results.get("class_activation_maps") if isinstance(results.get("class_activation_maps"), dict) else {}
+    cam_pairs = [dict(p, label=cam_record.get("label")) for p in cam_record.get("pairs") or []] or \
+        plain_results(list(cams_info or []))
+    cam_rule = cam_record.get("rule") or next((c.get("rule") for c in cams_info or [] if c.get("rule")), None)
+    prov0 = results.get("provenance") or {}
+    weights_mode = "scores" not in (prov0.get("inputs") or {}) and bool(prov0.get("weights_sha256"))
+    cams_expected = bool(has_cams or (cam_record.get("pairs") and weights_mode))
+    has_cams = cams_expected
+    study = validate_study(results.get("study") or {}, source="results['study']")
+    results["study"] = study
+    prov = results.get("provenance") or {}
+    blocks = _prediction_blocks(results)
+    t1 = results.get("table1") or []
+    t1_letters, t1_notes = _footnotes(t1, ("p_age_method", "p_age_welch_method", "p_sex_method"))
+    metric_recs = [dict((b["block"].get("metrics") or {}), auc=b["block"].get("auc") or {},
+                        auc_clustered=b["block"].get("auc_clustered") or {}) for b in blocks]
+    metric_rows = [{"method": rec.get("method")} for recs in metric_recs for rec in recs.values()]
+    metric_letters, metric_notes = _footnotes(metric_rows, ("method",))
+    note_marks = {}
+    for recs in metric_recs:
+        for rec in recs.values():
+            if rec.get("note") and rec["note"] not in note_marks:
+                note_marks[rec["note"]] = str(len(note_marks) + 1)
+    gd = results.get("group_differences") or []
+    counts = sorted((results.get("flow") or {}).get("exclusion_counts") or [],
+                    key=lambda c: (-(c.get("pairs") or 0), str(c.get("stage")), str(c.get("reason"))))
+    t1p = results.get("table1_patients") or []
+    t1p_letters, t1p_notes = _footnotes(t1p, ("p_age_method", "p_sex_method"))
+    boot = results.get("bootstrap") or {}
+    boot_gd = {(b.get("contrast"), b.get("label"), b.get("quantity")): b for b in boot.get("group_differences") or []}
+    boot_pred = boot.get("prediction") or {}
+    boot_keys = []
+    for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "auc"):
+        if any(name in (boot_pred.get(b["name"]) or {}) for b in blocks):
+            boot_keys.append(name)
+    for recs in boot_pred.values():
+        boot_keys += [k for k in recs if k not in boot_keys]
+    mw_rules = sorted({str(r["mw_rule"]) for r in gd if r.get("mw_rule")})
+    figure_numbers = {}
+    for stem in FIGURE_ORDER:
+        if stem in (figures or {}) or (stem == "class_activation_maps" and cams_expected):
+            figure_numbers[stem] = len(figure_numbers) + 1
+    contrasts = []
+    for r in gd:
+        if r.get("contrast") not in contrasts:
+            contrasts.append(r.get("contrast"))
+    inputs = prov.get("inputs") or {}
+    reviewer_mode = "scores" in inputs or not prov.get("weights_sha256")
+    model = prov.get("model") or {}
+    training = model.get("training") if isinstance(model.get("training"), dict) else None
+    architecture = (training or {}).get("architecture") or "DenseNet121"
+    title = study.get("title") or ("Tracking and predicting COVID-19 radiological trajectory on chest X-rays "
+                                   "with a CheXpert-trained DenseNet121")
+    return {
+        "r": results,
+        "study": study,
+        "study_fields": STUDY_FIELDS,
+        "title": title,
+        "synthetic": bool(prov.get("synthetic")),
+        "labels": results.get("labels") or [],
+        "flow": results.get("flow") or {},
+        "figures": figures or {},
+        "blocks": blocks,
+        "headline": blocks[0] if blocks else None,
+        "threshold": _threshold(blocks[0]["block"]) if blocks else None,
+        "limitations": limitations(results),
+        "checklist": stard_checklist(results),
+        "ai_items": ai_checklist(results, has_cams=has_cams),
+        "methods": _recorded_methods(results),
+        "t1_letters": t1_letters,
+        "t1_notes": t1_notes,
+        "t1_counted_by": sorted({str(row.get("counted_by")) for row in t1 if row.get("counted_by")}),
+        "t1_reference": any("chexpert" in str(row.get("group", "")).lower() or row.get("counted_by") == "CSV row"
+                            for row in t1),
+        "metric_letters": metric_letters,
+        "metric_notes": metric_notes,
+        "note_marks": note_marks,
+        "primary": results.get("primary_analysis") or None,
+        "mw_rule": "; ".join(mw_rules),
+        "mw_methods_text": _mw_methods_text(gd),
+        "t1p_letters": t1p_letters,
+        "t1p_notes": t1p_notes,
+        "boot_gd": boot_gd,
+        "boot_pred": boot_pred,
+        "boot_pred_keys": boot_keys,
+        "metric_names": METRIC_NAMES,
+        "metric_titles": METRIC_TITLES,
+        "clustered_note_marks": _marks(r.get("note") for r in results.get("group_differences_clustered") or []),
+        "any_block_has": lambda key: any(b["block"].get(key) is not None for b in blocks),
+        "any_metric": lambda key: any(key in (b["block"].get("metrics") or {}) for b in blocks),
+        "fig_no": figure_numbers,
+        "running_title": running_title(title),
+        "contrasts": contrasts,
+        "validation": _validation_summary(results),
+        "groups": _group_summary(results),
+        "provenance": prov,
+        "inputs": inputs,
+        "reviewer_mode": reviewer_mode,
+        "architecture": architecture,
+        "training": _kv(training) if training else ([("training", str(model["training"]))]
+                                                     if model.get("training") else []),
+        "preprocessing": _kv(prov.get("preprocessing")) if isinstance(prov.get("preprocessing"), dict) else [],
+        "packages": sorted((prov.get("packages") or {}).items()),
+        "training_text": training_text(results),
+        "cams_note": cams_note,
+        "exclusions_shown": list((results.get("flow") or {}).get("exclusions") or [])[:EXCLUSIONS_SHOWN],
+        "exclusion_counts_shown": counts[:EXCLUSIONS_SHOWN],
+        "exclusion_counts_more": ({"reasons": len(counts) - EXCLUSIONS_SHOWN,
+                                   "pairs": sum(c.get("pairs") or 0 for c in counts[EXCLUSIONS_SHOWN:])}
+                                  if len(counts) > EXCLUSIONS_SHOWN else None),
+        "cams_info": cam_pairs,
+        "cams_rule": cam_rule,
+        "cams_expected": cams_expected,
+        "reval": revalidation_view(results),
+        "outcome_defs": OUTCOME_DEFINITIONS,
+        "outcomes": OUTCOMES,
+        "WORSE": WORSE, "STABLE": STABLE, "IMPROVED": IMPROVED,
+        "thresholds": {"small": SMALL_GROUP, "wide": WIDE_CI, "imbalance": IMBALANCE_RATIO, "alpha": ALPHA},
+    }
+
+

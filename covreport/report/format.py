@@ -1,0 +1,257 @@
+"""Numbers and citations of the report, in one journal style.
+
+Numbers: p-values "<0.001" below 0.001, otherwise two significant digits
+(0.0020, 0.043, 0.24); no negative zero; estimates with their CI as
+``0.94 (0.84\u20130.99)``, the CI level stated once per table by the
+template. ``tables/*.csv`` keep full precision: only the report rounds.
+
+Citations are numbered in the order of first citation (Vancouver style) by
+:class:`Citations`, which also links author-year mentions inside method
+strings of results.json ("Mercaldo et al. 2007") to the reference list, so
+every citation in the text is listed and every listed reference is cited.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+TBC = "to be completed"
+METRIC_NAMES = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
+                "ppv": "PPV", "npv": "NPV", "lr_positive": "LR+", "lr_negative": "LR-",
+                "balanced_accuracy": "balanced accuracy", "auc": "AUC"}
+
+#: Every work the report may cite; only those cited are listed, numbered by first citation.
+REFERENCES = {
+    "stard": "Bossuyt PM, Reitsma JB, Bruns DE, et al. STARD 2015: an updated list of essential items for "
+             "reporting diagnostic accuracy studies. BMJ 2015;351:h5527.",
+    "stard_ee": "Cohen JF, Korevaar DA, Altman DG, et al. STARD 2015 guidelines for reporting diagnostic accuracy "
+                "studies: explanation and elaboration. BMJ Open 2016;6:e012799.",
+    "duchesne": "Duchesne S, Gourdeau D, Archambault P, et al. Tracking and predicting COVID-19 radiological "
+                "trajectory using deep learning on chest X-rays: initial accuracy testing. medRxiv 2020. "
+                "doi:10.1101/2020.05.01.20086207.",
+    "chexpert": "Irvin J, Rajpurkar P, Ko M, et al. CheXpert: a large chest radiograph dataset with uncertainty "
+                "labels and expert comparison. Proc AAAI Conf Artif Intell 2019;33:590-597.",
+    "densenet": "Huang G, Liu Z, van der Maaten L, Weinberger KQ. Densely connected convolutional networks. "
+                "Proc IEEE CVPR 2017:4700-4708.",
+    "delong": "DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two or more correlated receiver "
+              "operating characteristic curves: a nonparametric approach. Biometrics 1988;44:837-845.",
+    "sunxu": "Sun X, Xu W. Fast implementation of DeLong's algorithm for comparing the areas under correlated "
+             "receiver operating characteristic curves. IEEE Signal Process Lett 2014;21:1389-1393.",
+    "mw": "Mann HB, Whitney DR. On a test of whether one of two random variables is stochastically larger than "
+          "the other. Ann Math Stat 1947;18:50-60.",
+    "cohen": "Cohen J. Statistical Power Analysis for the Behavioral Sciences. 2nd ed. Hillsdale, NJ: "
+             "Lawrence Erlbaum; 1988.",
+    "hedges": "Hedges LV, Olkin I. Statistical Methods for Meta-Analysis. Orlando, FL: Academic Press; 1985.",
+    "holm": "Holm S. A simple sequentially rejective multiple test procedure. Scand J Stat 1979;6:65-70.",
+    "bh": "Benjamini Y, Hochberg Y. Controlling the false discovery rate: a practical and powerful approach to "
+          "multiple testing. J R Stat Soc Series B 1995;57:289-300.",
+    "sklearn": "Pedregosa F, Varoquaux G, Gramfort A, et al. Scikit-learn: machine learning in Python. "
+               "J Mach Learn Res 2011;12:2825-2830.",
+    "ambroise": "Ambroise C, McLachlan GJ. Selection bias in gene extraction on the basis of microarray "
+                "gene-expression data. Proc Natl Acad Sci USA 2002;99:6562-6566.",
+    "cp": "Clopper CJ, Pearson ES. The use of confidence or fiducial limits illustrated in the case of the "
+          "binomial. Biometrika 1934;26:404-413.",
+    "mercaldo": "Mercaldo ND, Lau KF, Zhou XH. Confidence intervals for predictive values with an emphasis to "
+                "case-control studies. Stat Med 2007;26:2170-2183.",
+    "simel": "Simel DL, Samsa GP, Matchar DB. Likelihood ratios with confidence: sample size estimation for "
+             "diagnostic test studies. J Clin Epidemiol 1991;44:763-770.",
+    "ojala": "Ojala M, Garriga GC. Permutation tests for studying classifier performance. J Mach Learn Res "
+             "2010;11:1833-1863.",
+    "welch": "Welch BL. The generalization of 'Student's' problem when several different population variances "
+             "are involved. Biometrika 1947;34:28-35.",
+    "cam": "Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A. Learning deep features for discriminative "
+           "localization. Proc IEEE CVPR 2016:2921-2929.",
+    "claim": "Tejani AS, Klontzas ME, Gatti AA, et al. Checklist for Artificial Intelligence in Medical Imaging "
+             "(CLAIM): 2024 update. Radiol Artif Intell 2024;6:e240300.",
+    "stard_ai": "Sounderajah V, Guni A, Liu X, et al. The STARD-AI reporting guideline for diagnostic accuracy "
+                "studies using artificial intelligence. Nat Med 2025.",
+    "altman_bland": "Altman DG, Bland JM. Interaction revisited: the difference between two estimates. "
+                    "BMJ 2003;326:219.",
+    "altman2000": "Altman DG, Machin D, Bryant TN, Gardner MJ, eds. Statistics with Confidence. 2nd ed. London: "
+                  "BMJ Books; 2000.",
+    "kerby": "Kerby DS. The simple difference formula: an approach to teaching nonparametric correlation. "
+             "Compr Psychol 2014;3:11.IT.3.1.",
+    "phipson": "Phipson B, Smyth GK. Permutation P-values should never be zero: calculating exact P-values when "
+               "permutations are randomly drawn. Stat Appl Genet Mol Biol 2010;9:Article39.",
+    "fisher": "Fisher RA. On the interpretation of chi-square from contingency tables, and the calculation of P. "
+              "J R Stat Soc 1922;85:87-94.",
+    "pearson": "Pearson K. On the criterion that a given system of deviations from the probable in the case of a "
+               "correlated system of variables is such that it can be reasonably supposed to have arisen from "
+               "random sampling. Philos Mag 1900;50:157-175.",
+    "student": "Student. The probable error of a mean. Biometrika 1908;6:1-25.",
+    "tukey": "Tukey JW. Exploratory Data Analysis. Reading, MA: Addison-Wesley; 1977.",
+    "obuchowski": "Obuchowski NA. Nonparametric analysis of clustered ROC curve data. Biometrics 1997;53:567-578.",
+    "davison": "Davison AC, Hinkley DV. Bootstrap Methods and their Application. Cambridge: Cambridge University "
+               "Press; 1997.",
+    "brier": "Brier GW. Verification of forecasts expressed in terms of probability. Mon Weather Rev 1950;78:1-3.",
+    "cox": "Cox DR. Two further applications of a model for binary regression. Biometrika 1958;45:562-565.",
+    "cleveland": "Cleveland WS. Robust locally weighted regression and smoothing scatterplots. J Am Stat Assoc "
+                 "1979;74:829-836.",
+    "brodersen": "Brodersen KH, Ong CS, Stephan KE, Buhmann JM. The balanced accuracy and its posterior "
+                 "distribution. Proc 20th Int Conf Pattern Recognit 2010:3121-3124.",
+    "vancalster": "Van Calster B, McLernon DJ, van Smeden M, Wynants L, Steyerberg EW. Calibration: the Achilles heel "
+                  "of predictive analytics. BMC Med 2019;17:230.",
+    "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
+               "diagnostic accuracy studies. Ann Intern Med 2011;155:529-536.",
+}
+
+#: Author-year mentions (in method strings from results.json and in covreport's own text) -> reference key.
+AUTHOR_YEAR = (
+    (r"DeLong", "delong"), (r"Sun (?:&|and) Xu", "sunxu"), (r"Hedges (?:&|and) Olkin", "hedges"),
+    (r"Mercaldo", "mercaldo"), (r"Simel", "simel"), (r"Altman et al\.?,? 2000|Altman,? Machin", "altman2000"),
+    (r"Altman (?:&|and) Bland", "altman_bland"), (r"Clopper", "cp"), (r"Kerby", "kerby"),
+    (r"Phipson", "phipson"), (r"Obuchowski", "obuchowski"), (r"Davison", "davison"), (r"Cox,? \(?1958", "cox"),
+    (r"Brier", "brier"), (r"Welch", "welch"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
+    (r"Mann[- ](?:&|and )?Whitney", "mw"), (r"Fisher", "fisher"), (r"Brodersen", "brodersen"),
+    (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
+    (r"Ambroise", "ambroise"), (r"Van Calster|Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
+    (r"Zhou et al\.? 2016", "cam"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
+    (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
+)
+_AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]
+_MARK = re.compile(r"\[\[cite:([a-z0-9_,]+)\]\]")
+
+
+def cite_mark(*keys):
+    """A citation placeholder for text built before rendering; :meth:`Citations.resolve` numbers it."""
+    return "[[cite:" + ",".join(keys) + "]]"
+
+
+class Citations:
+    """Citation numbers in order of first use; ``order`` from a first rendering pass fixes them.
+
+    The report is rendered twice: the first pass records the order in which
+    works are cited, the second numbers every citation from that order and
+    lists exactly the cited works.
+    """
+
+    def __init__(self, order=None):
+        self.order = list(order or [])
+
+    def number(self, key):
+        if key not in REFERENCES:
+            raise KeyError(f"unknown reference {key!r}")
+        if key not in self.order:
+            self.order.append(key)
+        return self.order.index(key) + 1
+
+    def cite(self, *keys):
+        """Citation marks like ``[6, 7]``."""
+        nums = sorted({self.number(k) for k in keys})
+        return "[" + ", ".join(str(n) for n in nums) + "]"
+
+    def keys_in(self, text):
+        """Reference keys of the author-year mentions found in ``text``."""
+        found = []
+        for pattern, key in _AUTHOR_YEAR:
+            if pattern.search(str(text or "")) and key not in found:
+                found.append(key)
+        return found
+
+    def text(self, text):
+        """``text`` with the numbers of the works it mentions by author appended (and placeholders resolved)."""
+        text = self.resolve(text)
+        keys = self.keys_in(text)
+        if not keys:
+            return text
+        return f"{text.rstrip()} {self.cite(*keys)}"
+
+    def resolve(self, text):
+        """Replace :func:`cite_mark` placeholders by citation numbers."""
+        return _MARK.sub(lambda m: self.cite(*m.group(1).split(",")), str(text or ""))
+
+    def listed(self):
+        """The cited works, in citation order: ``[{"n", "key", "text"}]``."""
+        return [{"n": i + 1, "key": k, "text": REFERENCES[k]} for i, k in enumerate(self.order)]
+
+
+def cite(*keys):
+    """Citation marks like ``[6, 7]`` numbered in :data:`REFERENCES` order (outside a rendering)."""
+    order = list(REFERENCES)
+    return "[" + ", ".join(str(order.index(k) + 1) for k in keys) + "]"
+
+
+# --- number formatting ---------------------------------------------------------
+
+
+def _finite(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fixed(x, nd):
+    """``x`` with ``nd`` decimals and never a negative zero ("-0.000" -> "0.000")."""
+    text = f"{float(x):.{nd}f}"
+    if text.startswith("-") and float(text) == 0:
+        text = text[1:]
+    return text
+
+
+def fmt_num(x, nd=2):
+    """A number with ``nd`` decimals ("n/a" when missing); integers as integers; no negative zero."""
+    if not _finite(x):
+        return "n/a"
+    if isinstance(x, numbers.Integral):
+        return str(int(x))
+    return _fixed(x, nd)
+
+
+def fmt_auc(x):
+    """An AUC or a proportion: 3 decimals."""
+    return fmt_num(x, 3)
+
+
+def fmt_ratio(x):
+    """A ratio (likelihood ratio, effect size): 2 decimals."""
+    return fmt_num(x, 2)
+
+
+def fmt_p(p):
+    """A p-value for a table cell: "<0.001", else two significant digits ("0.0020", "0.043", "0.24")."""
+    if not _finite(p):
+        return "n/a"
+    if p < 0.001:
+        return "<0.001"
+    return f"{min(float(p), 1.0):#.2g}".rstrip(".")
+
+
+def fmt_pp(p):
+    """A p-value in a sentence: "p < 0.001" or "p = 0.043"."""
+    text = fmt_p(p)
+    if text == "n/a":
+        return "p not available"
+    return "p < 0.001" if text.startswith("<") else f"p = {text}"
+
+
+def fmt_ci(lo, hi, nd=3):
+    """A CI "lo\u2013hi" (an en dash), or "lo to hi" when a bound is negative."""
+    if not (_finite(lo) and _finite(hi)):
+        return "n/a"
+    a, b = _fixed(lo, nd), _fixed(hi, nd)
+    sep = " to " if (a.startswith("-") or b.startswith("-")) else "\u2013"
+    return f"{a}{sep}{b}"
+
+
+def fmt_est(rec, nd=3, est="estimate"):
+    """``estimate (lo-hi)`` from a record with ``estimate``/``ci_low``/``ci_high``."""
+    if not rec or not _finite(rec.get(est)):
+        return "n/a"
+    if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
+        return f"{fmt_num(float(rec[est]), nd)} ({fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
+    return fmt_num(float(rec[est]), nd)
+
+
+def fmt_pct(k, n, nd=1):
+    """``k (x.x%)``."""
+    if not _finite(k):
+        return "n/a"
+    if not _finite(n) or n == 0:
+        return str(k)
+    return f"{k} ({100.0 * k / n:.{nd}f}%)"
+
+
+def _ci_width(rec, lo="ci_low", hi="ci_high"):
+    if rec and _finite(rec.get(lo)) and _finite(rec.get(hi)):
+        return rec[hi] - rec[lo]
+    return None

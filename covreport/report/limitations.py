@@ -1,0 +1,162 @@
+"""Limitations of the study derived from the numbers (STARD 2015 item 26)."""
+
+from __future__ import annotations
+
+from covreport.constants import IMPROVED, OUTCOMES, WORSE
+from covreport.report.format import METRIC_NAMES, _ci_width, _finite, cite_mark, fmt_auc, fmt_est, fmt_num, fmt_pp
+from covreport.report.revalidation_view import revalidation_view
+from covreport.report.summaries import (
+    ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _validation_summary,
+)
+
+def limitations(results):
+    """Limitations flagged from the numbers (STARD item 26).
+
+    Returns
+    -------
+    list of dict
+        ``{"kind", "text"}`` for each flag: small groups (fewer than
+        :data:`SMALL_GROUP` pairs), wide 95% CIs (width above :data:`WIDE_CI`),
+        class imbalance, the number of tests, the optimism of the global
+        protocol, correlated pairs, heterogeneous intervals, non-estimable
+        AUCs, exclusions, synthetic data, and the incorporation, spectrum and
+        selection biases of the design where they apply.
+    """
+    out = []
+    flow = results.get("flow") or {}
+    prov = results.get("provenance") or {}
+    if prov.get("synthetic"):
+        out.append({"kind": "Synthetic data", "text": "The data are synthetic (phantom study): no number in this "
+                    "report describes patients."})
+    by = flow.get("by_outcome") or {}
+    small = [(o, by[o]) for o in OUTCOMES if o in by and by[o].get("pairs", 0) < SMALL_GROUP]
+    if small:
+        parts = ", ".join(f"{o}: {g['pairs']} pairs of {g.get('patients', '?')} patients" for o, g in small)
+        out.append({"kind": "Small groups", "text": f"{len(small)} outcome group(s) have fewer than {SMALL_GROUP} "
+                    f"pairs ({parts}); estimates involving them are imprecise and tests have little power."})
+    blocks = _prediction_blocks(results)
+    head = blocks[0] if blocks else None
+    wide = []
+    if head:
+        for name, rec in head["block"].get("metrics", {}).items():
+            if name.startswith("lr_"):
+                continue
+            w = _ci_width(rec)
+            if w is not None and w > WIDE_CI:
+                wide.append(f"{METRIC_NAMES.get(name, name)} {fmt_est(rec)} (width {w:.2f})")
+        w = _ci_width(head["block"].get("auc"))
+        if w is not None and w > WIDE_CI:
+            wide.append(f"AUC {fmt_est(head['block']['auc'], est='auc')} (width {w:.2f})")
+    for r in results.get("validation_auc") or []:
+        w = _ci_width(r)
+        if w is not None and w > WIDE_CI:
+            wide.append(f"validation AUC of {r['label']} {fmt_est(r, est='auc')} (width {w:.2f})")
+    if wide:
+        out.append({"kind": "Wide confidence intervals", "text": f"{len(wide)} 95% CI(s) are wider than "
+                    f"{WIDE_CI:.2f}: " + "; ".join(wide) + "."})
+    if head:
+        b = head["block"]
+        c = b.get("confusion") or {}
+        npos, nneg = c.get("tp", 0) + c.get("fn", 0), c.get("fp", 0) + c.get("tn", 0)
+        if npos and nneg:
+            ratio = max(npos, nneg) / min(npos, nneg)
+            if ratio >= IMBALANCE_RATIO:
+                major = WORSE if npos >= nneg else IMPROVED
+                nir = max(npos, nneg) / (npos + nneg)
+                acc = (b.get("metrics") or {}).get("accuracy", {}).get("estimate")
+                out.append({"kind": "Class imbalance", "text": f"The prediction task has {npos} {WORSE} and {nneg} "
+                            f"{IMPROVED} pairs (ratio {ratio:.1f}:1). Always predicting {major} would be "
+                            f"{fmt_auc(nir)} accurate; the {head['name']} accuracy of {fmt_auc(acc)} must be "
+                            "read against that rate, and sensitivity and specificity together."})
+    g = _group_summary(results)
+    if g["tests"] > 1:
+        n_val = len(results.get("validation_auc") or [])
+        out.append({"kind": "Multiple comparisons", "text": f"{g['tests']} Mann-Whitney U tests were run "
+                    f"(labels x contrasts); at P < {ALPHA} about {g['expected_false']:.1f} would be significant "
+                    f"by chance alone. {g['raw']} had unadjusted p < {ALPHA}, {g['holm']} after Holm and "
+                    f"{g['bh']} after Benjamini-Hochberg adjustment"
+                    + (f"; {n_val} validation AUCs were also estimated." if n_val else ".")})
+    pred = results.get("prediction") or {}
+    if pred.get("nested") and pred.get("global"):
+        an = ((pred["nested"].get("metrics") or {}).get("accuracy") or {}).get("estimate")
+        ag = ((pred["global"].get("metrics") or {}).get("accuracy") or {}).get("estimate")
+        un = (pred["nested"].get("auc") or {}).get("auc")
+        ug = (pred["global"].get("auc") or {}).get("auc")
+        if _finite(an) and _finite(ag):
+            text = (f"Selecting features once on all pairs, as the original study did (global protocol), "
+                    f"gave an accuracy of {fmt_auc(ag)} against {fmt_auc(an)} with selection inside each fold "
+                    f"(nested), an optimism of {ag - an:+.3f}")
+            if _finite(un) and _finite(ug):
+                text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {ug - un:+.3f})"
+            text += ". Only the nested estimate is free of selection leakage " + cite_mark("ambroise") + "."
+            out.append({"kind": "Optimism of the global protocol", "text": text})
+    if head and _finite(head["block"].get("permutation_p")) and head["block"]["permutation_p"] >= ALPHA:
+        out.append({"kind": "Prediction not distinguished from chance", "text": f"The permutation test of the "
+                    f"{head['name']} protocol gave {fmt_pp(head['block']['permutation_p'])} "
+                    f"({head['block'].get('permutations', '?')} permutations)."})
+    pa, na = flow.get("pairs_analysed"), flow.get("patients_analysed")
+    if _finite(pa) and _finite(na) and pa > na:
+        out.append({"kind": "Correlated pairs", "text": f"The {pa} pairs come from {na} patients: pairs of one "
+                    "patient are not independent. Cross-validation leaves all pairs of a patient out together, "
+                    "but the Mann-Whitney tests and the CIs treat pairs as independent, so their precision is "
+                    "overstated."})
+    iv = results.get("interval_days")
+    if iv and _finite(iv.get("min")) and _finite(iv.get("max")) and iv["max"] > iv["min"]:
+        out.append({"kind": "Non-uniform intervals", "text": f"The interval between the two CXRs ranged from "
+                    f"{fmt_num(iv['min'], 0)} to {fmt_num(iv['max'], 0)} days (median {fmt_num(iv['median'], 1)}, "
+                    f"IQR {fmt_num(iv['q1'], 1)}-{fmt_num(iv['q3'], 1)}); change over different intervals is "
+                    "pooled."})
+    vs = _validation_summary(results)
+    if vs and vs["not_estimable"]:
+        labs = ", ".join(f"{r['label']} ({r.get('n_pos', '?')} positive)" for r in vs["not_estimable"])
+        out.append({"kind": "Labels not validated", "text": f"The validation AUC was not estimable for {labs}; "
+                    "changes of these labels rest on an unvalidated output."})
+    pim, pan = flow.get("pairs_in_manifest"), flow.get("pairs_analysed")
+    if _finite(pim) and _finite(pan) and pim > pan:
+        out.append({"kind": "Exclusions", "text": f"{pim - pan} of {pim} pairs ({100 * (pim - pan) / pim:.1f}%) "
+                    "were excluded (see the flow diagram); if exclusion relates to the outcome, the estimates "
+                    "are biased."})
+    study = results.get("study") or {}
+    out.append({"kind": "Incorporation bias", "text": "The reference standard (Worse, Stable, Improved) is a reading "
+                "of the same two CXRs whose pixels the index test scores, so the index test's input is part of the "
+                "reference standard; agreement between them can be inflated compared with an outcome judged "
+                "independently of the images (for example clinical deterioration)."})
+    spectrum = (f"The index test was trained on CheXpert{' (a phantom in its layout here)' if prov.get('synthetic') else ''}, "
+                "a general hospital population; the test pairs come from patients imaged at least twice, who tend "
+                "to be sicker than those imaged once. Accuracy in this spectrum need not carry over to another "
+                "setting")
+    if _finite(pan) and by:
+        shares = ", ".join(f"{o} {100 * by[o].get('pairs', 0) / pan:.0f}%" for o in OUTCOMES if o in by and pan)
+        spectrum += f" or to another mix of outcomes (here {shares})"
+    out.append({"kind": "Spectrum bias", "text": spectrum + "."})
+    series = str(study.get("series") or "").lower()
+    sel = []
+    if _finite(pim) and _finite(pan) and pim > pan:
+        sel.append(f"{pim - pan} of {pim} pairs were excluded")
+    if "convenience" in series:
+        sel.append("the series is a convenience series")
+    elif not series:
+        sel.append("how participants were selected is not stated (study.toml: series)")
+    if _finite(pa) and _finite(na) and pa > na:
+        sel.append(f"patients with more CXRs contribute more pairs ({pa} pairs of {na} patients)")
+    if sel:
+        out.append({"kind": "Selection bias", "text": "The analysed pairs may not represent the eligible population: "
+                    + "; ".join(sel) + "."})
+    rv = revalidation_view(results)
+    if rv and rv["not_comparable"]:
+        texts = []
+        if rv["comparable"] is False:
+            texts.append(f"The most recent previous validation ({rv['latest']['date']}) is not comparable with this "
+                         f"one: {rv['latest']['why']}. The changes in 'What moved since the last validation' mix a "
+                         "change of the index test with the change of data and cannot be read as the effect of "
+                         "the added pairs.")
+        older = [p for p in rv["not_comparable"] if not p["latest"]]
+        if older:
+            texts.append(f"{len(older)} earlier validation(s) ("
+                         + "; ".join(f"{p['date']}: {p['why']}" for p in older)
+                         + ") are not comparable with this one" + (" (open markers in the trend figure)."
+                                                                   if rv["figure"] else "."))
+        out.append({"kind": "Previous validation not comparable", "text": " ".join(texts)})
+    return out
+
+
