@@ -7,8 +7,8 @@ Usage: ``python kill_at.py POINT covreport-arguments...``, POINT one of
 - ``move``: when the finished temporary folder is about to be moved into place;
 - ``swap``: with ``--force`` over an existing output folder, right after the
   old folder was moved aside and before the new one is moved in;
-- ``term``: SIGTERM (not SIGKILL) when the report starts writing (the
-  handler must remove the temporary folder);
+- ``term``: SIGTERM (not SIGKILL) when the tables start being written
+  (the handler must remove the temporary folder);
 - ``none``: no kill (a control run).
 
 SIGKILL runs no cleanup code at all: what is left on disk is what a power
@@ -34,13 +34,13 @@ def main():
     if point == "pdf":
         report.write_pdf = lambda *a, **k: _die()
     elif point == "term":
-        real_render = report.render_report
+        real_tables = pipeline._write_tables
 
-        def render(*a, **k):
+        def tables(*a, **k):  # results.json is already in the temporary folder
             os.kill(os.getpid(), signal.SIGTERM)
-            return real_render(*a, **k)
+            return real_tables(*a, **k)
 
-        report.render_report = render
+        pipeline._write_tables = tables
     elif point == "move":
         pipeline._replace_dir = lambda *a, **k: _die()
     elif point == "swap":
