@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covreport.constants import N_FEATURES
 from covreport.errors import ScoresError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,27 @@ CacheKey.__doc__ = "What identifies one model output: image bytes, weights, prep
 
 CachedScore = namedtuple("CachedScore", ["labels", "probabilities", "features"])
 CachedScore.__doc__ = "A cached output: label names, float32 probabilities, float32 features."
+
+
+def row_problem(value, labels, n_features=N_FEATURES):
+    """Why a cached output cannot be used for a model with ``labels``, or ``None`` when it can.
+
+    A cache file can be damaged or edited: a row is used only when it has
+    the model's labels, one finite probability in ``[0, 1]`` per label and
+    ``n_features`` finite features.
+    """
+    if tuple(value.labels) != tuple(labels):
+        return "other labels"
+    p, f = np.asarray(value.probabilities), np.asarray(value.features)
+    if p.shape != (len(labels),):
+        return f"{p.size} probabilities for {len(labels)} labels"
+    if f.shape != (n_features,):
+        return f"{f.size} features instead of {n_features}"
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(f))):
+        return "non-finite values"
+    if np.any(p < 0) or np.any(p > 1):
+        return "probabilities outside [0, 1]"
+    return None
 
 
 def default_cache_path():
@@ -107,6 +129,8 @@ class ScoreCache:
         self.path = Path(path).expanduser() if path is not None else default_cache_path()
         self._conn = None
         self._pid = os.getpid()
+        #: Rows found but not usable (undecodable blobs), since this object was opened.
+        self.rows_rejected = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -275,6 +299,7 @@ class ScoreCache:
                     for image, labels, probs, feats in rows:
                         value = self._decode(labels, probs, feats)
                         if value is None:
+                            self.rows_rejected += 1
                             log.warning("score cache %s: unreadable row for image %s ignored",
                                         self.path, image)
                             continue
@@ -285,6 +310,8 @@ class ScoreCache:
 
     @staticmethod
     def _decode(labels, probs, feats):
+        if not isinstance(labels, str) or not isinstance(probs, bytes) or not isinstance(feats, bytes):
+            return None
         try:
             names = tuple(json.loads(labels))
             p = np.frombuffer(probs, dtype="<f4").astype(np.float32)

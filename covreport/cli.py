@@ -376,9 +376,10 @@ _SCORE_FAILED_LIMIT = 20
 @click.option("--strict", is_flag=True,
               help="Fail (exit 1, nothing written) if any image is missing or unreadable, instead of "
                    "leaving it out.")
+@click.option("--force", is_flag=True, help="Replace an existing scores file (never an input).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @quiet_option
-def score(manifest, weights, out, cache, no_cache, batch_size, workers, precision, strict, no_progress):
+def score(manifest, weights, out, cache, no_cache, batch_size, workers, precision, strict, force, no_progress):
     """Score every image of MANIFEST once: label probabilities and 1,024 features.
 
     Writes OUT with one row per image: 'image' (the path as the manifest
@@ -391,24 +392,13 @@ def score(manifest, weights, out, cache, no_cache, batch_size, workers, precisio
     Example:
       covreport score manifest.csv --weights model/densenet121.pt --out scores.csv
     """
-    from covreport.errors import ImageError
-    from covreport.manifest import read_manifest
-    from covreport.model import find_weights, load_checkpoint
-    from covreport.scoring import score_manifest, write_scores
+    from covreport.scoring import score_to_file
 
     if cache is not None and no_cache:
         raise click.UsageError("give --cache or --no-cache, not both")
-    spec = find_weights(weights)
-    m = read_manifest(manifest, strict=strict, check_images=strict)
-    loaded = load_checkpoint(spec)
-    res = score_manifest(m, loaded, cache_path=cache, use_cache=not no_cache, batch_size=batch_size,
-                         num_workers=workers, precision=precision, progress=not no_progress)
-    if strict and res.failed:
-        first, reason = next(iter(res.failed.items()))
-        raise ImageError(f"{len(res.failed)} image(s) could not be scored (--strict), "
-                         f"e.g. {first}: {reason}; nothing written")
-    write_scores(res.scores, out, metadata={**res.metadata(), "weights": str(loaded.source),
-                                            "manifest": {"path": str(manifest), "sha256": m.sha256}})
+    res, loaded = score_to_file(manifest, out, weights=weights, cache_path=cache, use_cache=not no_cache,
+                                batch_size=batch_size, num_workers=workers, precision=precision,
+                                strict=strict, force=force, progress=not no_progress)
     n_images = len(res.scores) + len(res.failed)
     click.echo(f"Weights     {loaded.source} (SHA-256 {loaded.sha256})")
     click.echo(f"Images      {n_images} in the manifest, {len(res.scores)} with scores")
@@ -477,8 +467,12 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
     Example (ieee8023 covid-chestxray-dataset, from its folder):
       covreport pairs metadata.csv --preset ieee8023 --filter "finding~COVID-19" --out pairs.csv
     """
+    from covreport._io import check_out_file
+    from covreport.errors import ManifestError
     from covreport.pairs import build_pairs, read_column_map, write_pairs
 
+    # The export and the map are never overwritten (the --update manifest may be: that is its purpose).
+    check_out_file(out, inputs=[images, map_file], force=True, error_class=ManifestError)
     columns = dict(read_column_map(map_file)) if map_file else {}
     for key, value in (("patient_id", patient_col), ("date", date_col), ("offset_days", offset_col),
                        ("view", view_col), ("age", age_col), ("sex", sex_col)):
@@ -604,7 +598,8 @@ def _default_weights_or_explain():
 @click.option("--no-pdf", is_flag=True, help="Write the HTML report only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-out"),
               show_default=True, help="Output folder (written whole, at the end).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder that covreport wrote (it holds a "
+              ".covreport-output file); never a folder holding an input.")
 @click.option("--previous", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="results.json of an earlier validation (repeat, oldest first): the report shows what moved.")
 @quiet_option

@@ -32,9 +32,68 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 #: Images smaller than this on either side are refused ("too small").
 MIN_IMAGE_SIDE = 16
 
+#: Images with more pixels than this are refused before any pixel is decoded
+#: (a chest radiograph has 5-25 million; a 16-bit image at the limit takes
+#: 80 MB decoded plus 160 MB as float32). Pillow's own ``MAX_IMAGE_PIXELS``
+#: applies too when it is lower. A larger JPEG is decoded at 1/2, 1/4 or 1/8
+#: scale (JPEG draft mode, DCT scaling) when that brings it under the limit.
+MAX_IMAGE_PIXELS = 40_000_000
+
+#: Magic bytes of image formats: only PNG, JPEG and DICOM are decoded; the
+#: others are named in the reason they are refused. Pillow is only ever asked
+#: to open PNG or JPEG (its EPS plugin would start Ghostscript).
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"),
+    (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"BM", "BMP"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"8BPS", "PSD"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"), (b"qoif", "QOI"),
+)
+
+
+def sniff_format(data, name=""):
+    """The format of image bytes by their magic bytes: ``"PNG"``, ``"JPEG"``, ``"DICOM"`` or another name.
+
+    DICOM is recognised by ``DICM`` at byte 128, or by a ``.dcm``/``.dicom``
+    suffix when the bytes are no other known format (a raw dataset). Returns
+    ``None`` for bytes of no known format.
+    """
+    head = bytes(data[:132])
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "DICOM"
+    if head[:4] == b"RIFF" and bytes(data[8:12]) == b"WEBP":
+        return "WebP"
+    if head[4:12] in (b"ftypavif", b"ftypheic", b"ftypmif1", b"ftypheix"):
+        return "AVIF/HEIF"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if Path(str(name)).suffix.lower() in DICOM_SUFFIXES:
+        return "DICOM"
+    return None
+
+
+def _pixel_limit():
+    from PIL import Image
+
+    pil = Image.MAX_IMAGE_PIXELS
+    return MAX_IMAGE_PIXELS if pil is None else min(MAX_IMAGE_PIXELS, int(pil))
+
+
+def _not_supported(fmt):
+    if fmt is None:
+        return "not a recognised image format (PNG, JPEG or DICOM expected)"
+    return f"not a recognised image format: the file holds {fmt} data (PNG, JPEG or DICOM expected)"
+
 #: Bumped whenever :func:`load_image` or :func:`to_tensor` change what they
 #: compute, so that old cache entries are not reused.
 PREPROCESSING_VERSION = 1
+
+#: Stated range of the network input side (pixels): a checkpoint asking for
+#: more is refused at load (30,000 px would need 10.8 GB per image).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 2048
+#: Preprocessing means lie within [-MAX_NORM, MAX_NORM], stds within [1/MAX_NORM, MAX_NORM].
+MAX_NORM = 1e6
 
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
 
@@ -90,8 +149,9 @@ class Preprocessing:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
             raise ModelError(f"preprocessing size must be an integer, got {self.size!r}")
         object.__setattr__(self, "size", int(self.size))
-        if self.size < 8:
-            raise ModelError(f"preprocessing size must be at least 8 pixels, got {self.size}")
+        if not MIN_INPUT_SIZE <= self.size <= MAX_INPUT_SIZE:
+            raise ModelError(f"preprocessing size must be {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels, "
+                             f"got {self.size}")
         if self.resize not in RESIZE_METHODS:
             raise ModelError(
                 f"preprocessing resize must be one of {', '.join(RESIZE_METHODS)}, "
@@ -104,10 +164,12 @@ class Preprocessing:
                 f"preprocessing needs one mean and one std per channel ({self.channels}), "
                 f"got {len(mean)} means and {len(std)} stds"
             )
-        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std) \
+                or not all(abs(m) <= MAX_NORM for m in mean) \
+                or not all(1 / MAX_NORM <= s <= MAX_NORM for s in std):
             raise ModelError(
-                f"preprocessing mean must be finite and std positive, got "
-                f"mean={mean}, std={std}"
+                f"preprocessing mean must be finite (within [-{MAX_NORM:g}, {MAX_NORM:g}]) and std positive "
+                f"(within [{1 / MAX_NORM:g}, {MAX_NORM:g}]), got mean={mean}, std={std}"
             )
 
     def to_dict(self):
@@ -167,8 +229,13 @@ def load_image(path):
     Parameters
     ----------
     path : str or path-like
-        The image file. DICOM is recognised by its ``.dcm``/``.dicom`` suffix
-        or by the ``DICM`` magic at byte 128; anything else goes to Pillow.
+        The image file. Its format is decided by its magic bytes
+        (:func:`sniff_format`): PNG and JPEG are decoded by Pillow's PNG or
+        JPEG plugin only, DICOM by pydicom; anything else (GIF, TIFF, WebP,
+        EPS, ... whatever the file's name) is refused, and no external
+        program is ever started. Images over :data:`MAX_IMAGE_PIXELS` are
+        refused before decoding (a JPEG is decoded at a reduced scale when
+        that fits).
 
     Returns
     -------
@@ -225,13 +292,13 @@ def decode_image(data, name="<bytes>"):
     """
     if not data:
         raise _error(name, "empty file")
-    is_dicom = Path(str(name)).suffix.lower() in DICOM_SUFFIXES or (
-        len(data) >= 132 and data[128:132] == b"DICM"
-    )
-    if is_dicom:
+    fmt = sniff_format(data, name)
+    if fmt == "DICOM":
         arr = _decode_dicom(data, name)
+    elif fmt in ("PNG", "JPEG"):
+        arr = _decode_pil(data, name, fmt)
     else:
-        arr = _decode_pil(data, name)
+        raise _error(name, _not_supported(fmt))
     h, w = arr.shape
     if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
         # Constant wording (no per-file sizes), so the flow diagram counts
@@ -242,38 +309,62 @@ def decode_image(data, name="<bytes>"):
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def _too_large(name, limit):
+    return _error(name, f"image too large (possible decompression bomb; over {limit} pixels, "
+                        "covreport.images.MAX_IMAGE_PIXELS)")
+
+
 def _check_pixels(name, w, h, frames=1):
+    limit = _pixel_limit()
+    if w * h * frames > limit:
+        raise _too_large(name, limit)
+
+
+def _open_pil(fp, fmt):
+    """Open with Pillow's ``fmt`` plugin only (PNG or JPEG): no other decoder, no external program."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and w * h * frames > limit:
-        raise _error(
-            name,
-            f"image too large (possible decompression bomb; over {limit} pixels, "
-            f"PIL.Image.MAX_IMAGE_PIXELS)",
-        )
+    if fmt not in ("PNG", "JPEG"):
+        raise ValueError(f"covreport opens only PNG and JPEG with Pillow, not {fmt}")
+    return Image.open(fp, formats=[fmt])
 
 
-def _decode_pil(data, name):
+def _decode_pil(data, name, fmt):
     from PIL import ImageFile
 
     # Another library in the process (WeasyPrint does, at import) may have set
     # Pillow's global LOAD_TRUNCATED_IMAGES; a truncated CXR must stay an error.
     saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        return _decode_pil_strict(data, name)
+        return _decode_pil_strict(data, name, fmt)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _decode_pil_strict(data, name):
+def _jpeg_draft(im, name, limit):
+    """Ask the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that fits the pixel limit."""
+    w, h = im.size
+    for scale in (2, 4, 8):
+        if (w // scale) * (h // scale) <= limit:
+            im.draft(im.mode, (-(-w // scale), -(-h // scale)))
+            if im.size[0] * im.size[1] <= limit:
+                return
+    raise _too_large(name, limit)
+
+
+def _decode_pil_strict(data, name, fmt):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                _check_pixels(name, *im.size)
+            with _open_pil(io.BytesIO(data), fmt) as im:
+                w, h = im.size
+                limit = _pixel_limit()
+                if w * h > limit:
+                    if fmt != "JPEG":
+                        raise _too_large(name, limit)
+                    _jpeg_draft(im, name, limit)
                 im.load()
                 try:
                     im = ImageOps.exif_transpose(im)
@@ -283,13 +374,9 @@ def _decode_pil_strict(data, name):
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _error(
-            name,
-            "image too large (possible decompression bomb; over "
-            f"{Image.MAX_IMAGE_PIXELS} pixels, PIL.Image.MAX_IMAGE_PIXELS)",
-        ) from None
+        raise _too_large(name, _pixel_limit()) from None
     except UnidentifiedImageError:
-        raise _error(name, "not a recognised image format (PNG, JPEG or DICOM expected)") from None
+        raise _error(name, _not_supported(None)) from None
     except MemoryError:
         raise _error(name, "image too large to decode in memory") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, ... on junk
@@ -297,7 +384,8 @@ def _decode_pil_strict(data, name):
         if "truncated" in text or isinstance(exc, EOFError):
             reason = "truncated or corrupt image file"
         else:
-            reason = f"cannot decode image ({type(exc).__name__}: {text})"
+            # Not the decoder's text: it can quote bytes of the file (a PNG chunk name).
+            reason = f"cannot decode image ({type(exc).__name__})"
         raise _error(name, reason) from None
 
 
@@ -372,6 +460,29 @@ def _read_dicom(data, name):
         raise _error(name, "unreadable DICOM file") from None
 
 
+#: DICOM photometric interpretations covreport decodes.
+PHOTOMETRIC_INTERPRETATIONS = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
+                               "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+
+
+def _transfer_syntax_text(tsyntax):
+    """A transfer syntax for a reason: its standard name and UID, or "an unknown transfer syntax".
+
+    Only UIDs of pydicom's dictionary of transfer syntaxes are named; another
+    UID is shown only when well formed (digits and dots), so no text of the
+    file is ever copied into a reason.
+    """
+    from pydicom.uid import UID_dictionary
+
+    uid = str(tsyntax) if tsyntax is not None else ""
+    entry = UID_dictionary.get(uid)
+    if entry is not None and entry[1] == "Transfer Syntax":
+        return f"{entry[0]} ({uid})"
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) and len(uid) <= 64:  # a well-formed UID: digits only
+        return f"a private transfer syntax ({uid})"
+    return "an unknown transfer syntax"
+
+
 def _decode_dicom(data, name):
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -383,7 +494,7 @@ def _decode_dicom(data, name):
     if not has_pixels:
         raise _error(name, "DICOM without pixel data")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    ts_text = f"{tsyntax.name} ({tsyntax})" if tsyntax is not None else "unknown transfer syntax"
+    ts_text = _transfer_syntax_text(tsyntax)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -393,9 +504,10 @@ def _decode_dicom(data, name):
     _check_pixels(name, cols, rows, frames)
     if frames != 1:
         raise _error(name, "multi-frame DICOM is not supported; export a single frame")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422",
-                           "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"):
-        raise _error(name, f"unsupported DICOM photometric interpretation {photometric}")
+    if photometric not in PHOTOMETRIC_INTERPRETATIONS:
+        # The tag's value is not echoed: reasons come from a fixed vocabulary.
+        raise _error(name, "unsupported DICOM photometric interpretation (MONOCHROME1, MONOCHROME2, "
+                           "RGB or YBR expected)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -540,7 +652,14 @@ def probe_image(path):
         return "not a file"
     if path.stat().st_size == 0:
         return "empty file"
-    if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
+    try:
+        with open(path, "rb") as fh:
+            fmt = sniff_format(fh.read(132), path)
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or type(exc).__name__})"
+    if fmt not in ("PNG", "JPEG", "DICOM"):
+        return f"unreadable image ({fmt + ', ' if fmt else ''}not PNG, JPEG or DICOM)"
+    if fmt == "DICOM":
         import pydicom
 
         try:
@@ -559,9 +678,10 @@ def probe_image(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_pil(path, fmt) as im:
                 w, h = im.size
-                if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
+                # A JPEG is decoded at up to 1/8 scale (64 times fewer pixels) when too large.
+                if w * h > _pixel_limit() * (64 if fmt == "JPEG" else 1):
                     return "image too large (possible decompression bomb)"
                 if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
                     return "image too small"
@@ -573,7 +693,3 @@ def probe_image(path):
     return None
 
 
-def _is_dicom(path):
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"

@@ -29,9 +29,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
-import io
 import os
-import re
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +51,15 @@ from covreport.constants import (
 )
 from covreport.errors import ManifestError, ScoresError
 from covreport.images import probe_image
+from covreport.tabular import Problems as _Problems
+from covreport.tabular import first_line as _first_line
+from covreport.tabular import parse_csv as _parse_csv
+from covreport.tabular import parse_plain_csv as _parse_plain_csv
+from covreport.tabular import read_workbook as _read_workbook
+from covreport.tabular import show_name as _name
+from covreport.vocab import (
+    DATE_RANGE, INVISIBLE_CONTROLS_RE, VIEW_CODES, canon, iso_dates, normalise_sex, view_key,
+)
 
 __all__ = ["Manifest", "read_manifest", "MISSING_IMAGE_REASONS"]
 
@@ -75,39 +82,22 @@ _OUTCOME_HINTS = {
     "IMPROVE": IMPROVED, "IMPROVING": IMPROVED, "IMPROVEMENT": IMPROVED, "BETTER": IMPROVED,
     "DECREASED": IMPROVED, "RESOLVED": IMPROVED,
 }
-_SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
-_VIEW_CODES = {
-    "AP": "AP", "AP SUPINE": "AP Supine", "SUPINE AP": "AP Supine",
-    "PA": "PA", "LATERAL": "Lateral", "LAT": "Lateral", "L": "Lateral",
-}
 _DATE_PAIRS = (("first_date", "second_date"), ("first_offset_days", "second_offset_days"))
 _VIEW_COLUMNS = ("first_view", "second_view")
 _TEXT_COLUMNS = ("source", "notes")
 _KNOWN = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
-_MAX_SHOWN_PER_KIND = 20
-_BLANK = " \t\x0b\x0c"  # a row holding only these (and delimiters) is an empty row
 _SNIFF_BYTES = 65536
 _FORMULA = r"^(?:[=@]|[+\-][^\d.]|[+\-]$)"  # RE2-compatible: pyarrow runs it vectorised
-_ISO_DATE = (r"^\d{4}-?\d{2}-?\d{2}(?:[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?"
-             r"(?:Z|[+-]\d{2}(?::?\d{2})?)?)?$")
-_DATE_RANGE = ("1900-01-01", "2199-12-31")
 _MESSY_PATH = r"(?:^|/)\.{1,2}(?:/|$)|//|/$"
 
 
-def _canon(name):
-    """Column name reduced for forgiving comparison: case, spaces, _ - . ignored."""
-    return re.sub(r"[\s_\-.]+", "", name.lower())
+_canon = canon
 
 
 def _n(count, word):
     """``1 pair``, ``2 pairs``."""
     return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-def _name(text):
-    """A column name in a message: line breaks and other unprintable characters escaped."""
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _path_text(path):
@@ -286,50 +276,6 @@ def _plain_records(frame):
 # Problems: collected, then raised together
 
 
-class _Problems:
-    """Every problem found, rendered as ``<file> line <n>, column '<c>': <value> -- <fix>``."""
-
-    def __init__(self, name, unit):
-        self.name, self.unit = name, unit
-        self.items = []  # (line, position, kind, where-less text)
-
-    def add(self, line, column, value, fix, *, position=0, kind=None):
-        where = f"column '{_name(column)}'" if isinstance(column, str) else f"column {column}"
-        self.items.append((int(line), position, kind or (column, fix), f"{where}: {value} -- {fix}"))
-
-    def add_line(self, line, message, *, kind=None):
-        """A problem of a whole row, not of one cell."""
-        self.items.append((int(line), -1, kind or message, message))
-
-    def __len__(self):
-        return len(self.items)
-
-    def _render(self, line, text):
-        sep = ", " if text.startswith("column") else ": "
-        return f"{self.name} {self.unit} {line}{sep}{text}"
-
-    def raise_if_any(self):
-        if not self.items:
-            return
-        items = sorted(self.items, key=lambda it: (it[0], it[1]))
-        shown, hidden, per_kind = [], {}, {}
-        for line, _pos, kind, text in items:
-            per_kind[kind] = per_kind.get(kind, 0) + 1
-            if per_kind[kind] <= _MAX_SHOWN_PER_KIND:
-                shown.append(self._render(line, text))
-            else:
-                hidden.setdefault(kind, [0, text])[0] += 1
-        for count, text in hidden.values():
-            shown.append(f"{self.name}: {count} more like: {text}")
-        if len(items) == 1:
-            message = shown[0]
-        else:
-            message = f"{self.name}: {len(items)} problems; fix them all and validate again:\n" + "\n".join(shown)
-        err = ManifestError(message)
-        err.problems = [self._render(line, text) for line, _pos, _kind, text in items]
-        raise err
-
-
 # --------------------------------------------------------------------------
 # Bytes -> header, records, line numbers
 
@@ -391,14 +337,6 @@ def _decode(raw, name):
     return text
 
 
-def _first_line(text):
-    start = re.search(r"[^\r\n]", text)
-    if start is None:
-        return ""
-    end = re.compile(r"[\r\n]").search(text, start.start())
-    return text[start.start(): end.start() if end else len(text)]
-
-
 def _sniff_delimiter(text):
     """The delimiter that makes the header most like a manifest header."""
     line = _first_line(text)
@@ -415,134 +353,8 @@ def _sniff_delimiter(text):
     return best
 
 
-@dataclass
-class _Grid:
-    """Every record of a file (blank lines included) as text cells, before any meaning."""
-
-    cells: pd.DataFrame     # positional columns 0..w-1, str, padded with ""
-    lengths: np.ndarray     # number of fields each record really had (0: blank line)
-    blank: np.ndarray       # True where every cell is empty or whitespace
-    starts: np.ndarray      # line (or sheet row) each record starts on
-    multiline: bool         # whether a cell may hold a line break
-
-
-def _grid_from_records(records, starts):
-    lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
-    width = int(lengths.max()) if len(records) else 0
-    rows = [r if len(r) == width else r + [""] * (width - len(r)) for r in records]
-    cells = pd.DataFrame(rows, columns=range(width), dtype=str) if rows else pd.DataFrame(dtype=str)
-    blank = np.array([not any(v.strip(_BLANK) for v in r) for r in records], dtype=bool)
-    return _Grid(cells, lengths, blank, np.asarray(starts, dtype=np.int64), True)
-
-
-def _parse_csv(text, delimiter, name):
-    """General CSV reading with the csv module: quotes, line breaks in cells, ragged rows."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records, ends = [], []
-    # The csv module refuses fields over 128 KiB (a guard against unbounded
-    # memory); the whole file is in memory already, so a long quoted cell
-    # (e.g. notes) is no risk: lift the limit to the file's size while reading.
-    limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, len(text) + 1))
-    try:
-        for record in reader:
-            records.append(record)
-            ends.append(reader.line_num)
-    except csv.Error as exc:
-        raise ManifestError(
-            f"{name} line {reader.line_num}: {exc} -- check the quoting on this line"
-        ) from None
-    finally:
-        csv.field_size_limit(limit)
-    starts = np.empty(len(records), dtype=np.int64)
-    if records:
-        starts[0] = 1
-        starts[1:] = np.asarray(ends[:-1], dtype=np.int64) + 1
-    return _grid_from_records(records, starts)
-
-
-def _parse_plain_csv(text, delimiter):
-    """Fast path for a CSV without any double quote: one record per line, vectorised.
-
-    Returns None when the text does not fit the fast path (the caller then
-    uses :func:`_parse_csv`).
-    """
-    if '"' in text or "\r" in text.replace("\r\n", ""):
-        return None
-    text = text.replace("\r\n", "\n")
-    try:
-        cells = pd.read_csv(
-            io.StringIO(text), sep=delimiter, header=None, dtype=str, keep_default_na=False,
-            na_filter=False, skip_blank_lines=False, index_col=False, quoting=csv.QUOTE_NONE,
-            engine="c",
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
-        return None  # e.g. a row longer than the first: the general reader reports it
-    # Per line: number of fields, and whether anything but spaces and delimiters is on it.
-    # (UTF-8 never uses the bytes of newline or delimiter inside a multi-byte character.)
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    newlines = np.flatnonzero(data == 10)
-    n_lines = len(newlines) + (0 if text.endswith("\n") else 1)
-    if len(cells) != n_lines:
-        return None
-    begins = np.concatenate([[0], newlines + 1])[:n_lines]
-    ends = np.append(newlines, len(data))[:n_lines]
-    fields = np.add.reduceat(data == ord(delimiter), begins, dtype=np.int64) + 1
-    lengths = np.where(ends > begins, fields, 0)
-    is_content = np.ones(256, dtype=bool)
-    is_content[list((_BLANK + "\n" + delimiter).encode())] = False
-    blank = np.add.reduceat(is_content[data], begins, dtype=np.int64) == 0
-    cells.columns = range(cells.shape[1])
-    return _Grid(cells, lengths, blank, np.arange(1, n_lines + 1, dtype=np.int64), False)
-
-
 def _is_workbook(path, raw):
     return path.suffix.lower() in (".xlsx", ".xlsm") or raw.startswith(b"PK\x03\x04")
-
-
-def _cell_text(value):
-    """A workbook cell as the text a CSV export would hold."""
-    import datetime as dt
-
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, dt.datetime):
-        if value.time() == dt.time(0, 0):
-            return value.date().isoformat()
-        return value.isoformat()
-    if isinstance(value, (dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _read_workbook(raw, name, warnings):
-    """First sheet of an .xlsx workbook -> records and row numbers."""
-    try:
-        import openpyxl
-    except ImportError:  # pragma: no cover - openpyxl is a dependency
-        raise ManifestError(f"{name} is an Excel workbook and openpyxl is not installed -- export it as CSV (UTF-8)")
-    try:
-        wb = openpyxl.load_workbook(io.BytesIO(raw), read_only=True, data_only=True)
-        try:
-            sheets = wb.sheetnames
-            ws = wb[sheets[0]]
-            records = [[_cell_text(v) for v in row] for row in ws.iter_rows(min_row=1, values_only=True)]
-        finally:
-            wb.close()
-    except Exception as exc:  # openpyxl and zipfile raise many types on junk
-        raise ManifestError(
-            f"{name} cannot be read as an Excel workbook ({type(exc).__name__}) -- "
-            "export the first sheet as CSV (UTF-8) and validate that"
-        ) from None
-    if len(sheets) > 1:
-        warnings.append(f"{name} has {len(sheets)} sheets; read the first one, '{sheets[0]}'")
-    # Trailing empty cells of a row are not data (a CSV export drops them too).
-    records = [r[: max((i + 1 for i, v in enumerate(r) if v.strip()), default=0)] for r in records]
-    return _grid_from_records(records, np.arange(1, len(records) + 1, dtype=np.int64))
 
 
 def _load(path, name, raw, warnings):
@@ -732,11 +544,7 @@ def _numbers(table, column, decimal_comma):
 def _dates(table, column):
     """ISO 8601 dates (optionally with a time and zone) -> naive UTC Timestamps, bad-cell mask."""
     s = _stripped(table, column)
-    iso = s.str.match(_ISO_DATE)
-    values = pd.to_datetime(s.where(iso, ""), format="ISO8601", errors="coerce", utc=True)
-    low, high = (pd.Timestamp(d, tz="UTC") for d in _DATE_RANGE)
-    values = values.where((values >= low) & (values <= high))
-    values = values.dt.tz_convert(None).astype("datetime64[ns]")
+    values = iso_dates(s)
     return s, values, ((s != "") & values.isna()).to_numpy()
 
 
@@ -788,6 +596,13 @@ def _validate(table, problems, warnings, base, strict):
     out = {}
     unit = table.unit
     decimal_comma = table.delimiter == ";"
+
+    # Invisible direction controls and zero-width characters: an id could display as another id.
+    for col in cells.columns:
+        if col in _KNOWN:
+            _flag(table, problems, cells[col].str.contains(INVISIBLE_CONTROLS_RE), col,
+                  "remove the invisible direction-control or zero-width character(s) (shown as \\u....): "
+                  "they can make one id display as another", kind=(col, "invisible"))
 
     # pair_id
     if "pair_id" in cells:
@@ -849,8 +664,8 @@ def _validate(table, problems, warnings, base, strict):
             if col.endswith("_date"):
                 s, values, bad = _dates(table, col)
                 _flag(table, problems, bad, col,
-                      f"write dates in ISO 8601, YYYY-MM-DD (e.g. 2020-03-14), from {_DATE_RANGE[0]} "
-                      f"to {_DATE_RANGE[1]}")
+                      f"write dates in ISO 8601, YYYY-MM-DD (e.g. 2020-03-14), from {DATE_RANGE[0]} "
+                      f"to {DATE_RANGE[1]}")
             else:
                 s, values, bad = _numbers(table, col, decimal_comma)
                 _flag(table, problems, bad, col, "write the day offset as a number of days (e.g. 0, 3, 12.5)")
@@ -886,7 +701,7 @@ def _validate(table, problems, warnings, base, strict):
 
     # sex
     if "sex" in cells:
-        mapped, empty = _codes(table, "sex", lambda v: _SEX_CODES.get(v.upper()))
+        mapped, empty = _codes(table, "sex", normalise_sex)
         _flag(table, problems, ~empty & pd.isna(mapped), "sex",
               "use M, F, Male or Female (any case), or leave it blank")
         out["sex"] = pd.Series(mapped, dtype=object)
@@ -896,7 +711,7 @@ def _validate(table, problems, warnings, base, strict):
     # views
     for col in _VIEW_COLUMNS:
         if col in cells:
-            mapped, empty = _codes(table, col, lambda v: _VIEW_CODES.get(re.sub(r"[\s_\-]+", " ", v.upper())))
+            mapped, empty = _codes(table, col, lambda v: VIEW_CODES.get(view_key(v)))
             _flag(table, problems, ~empty & pd.isna(mapped), col,
                   f"use {', '.join(VIEWS[:-1])} or {VIEWS[-1]} (or leave it blank)")
             out[col] = pd.Series(mapped, dtype=object)

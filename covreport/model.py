@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covreport._io import sha256_file
-from covreport.constants import DEFAULT_LABELS
+from covreport.constants import DEFAULT_LABELS, FEATURE_PREFIX, IMAGE_COLUMN
 from covreport.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,38 @@ class LoadedModel:
 # --- building and running ---------------------------------------------------
 
 
+#: Longest label name accepted.
+MAX_LABEL_LENGTH = 100
+
+
+def check_labels(labels, where="A model"):
+    """The labels as a tuple, or :class:`ModelError` when they cannot name score columns.
+
+    Each label becomes a column of the scores file and of results.json, so a
+    label must be a non-empty string of printable characters (at most
+    :data:`MAX_LABEL_LENGTH`), distinct from the others, and neither the
+    ``image`` column nor a ``feat_*`` feature column.
+    """
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+        raise ModelError(f"{where} has invalid labels {labels!r}; expected a list of names.")
+    labels = tuple(labels)
+    if not labels:
+        raise ModelError(f"{where} has invalid labels []: at least one label is needed.")
+    for lab in labels:
+        if not isinstance(lab, str) or not lab.strip():
+            raise ModelError(f"{where} has invalid labels: {lab!r} is empty or not text; every label needs a name.")
+        if lab.strip().lower() == IMAGE_COLUMN or lab.strip().lower().startswith(FEATURE_PREFIX):
+            raise ModelError(f"{where} has invalid labels: {lab!r} is a reserved column name of scores files "
+                             f"({IMAGE_COLUMN!r}, {FEATURE_PREFIX}*); rename it.")
+        if len(lab) > MAX_LABEL_LENGTH or not lab.isprintable():
+            raise ModelError(f"{where} has invalid labels: {lab[:MAX_LABEL_LENGTH]!r}; labels are printable "
+                             f"names of at most {MAX_LABEL_LENGTH} characters.")
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise ModelError(f"{where} has invalid labels: {dup} duplicated; labels must be distinct.")
+    return labels
+
+
 def build_model(labels=DEFAULT_LABELS):
     """A randomly initialised torchvision DenseNet121 with one logit per label.
 
@@ -112,11 +144,7 @@ def build_model(labels=DEFAULT_LABELS):
     """
     import torchvision
 
-    labels = tuple(labels)
-    if not labels:
-        raise ModelError("A model needs at least one label.")
-    if len(set(labels)) != len(labels):
-        raise ModelError(f"Labels must be distinct; got {list(labels)}.")
+    labels = check_labels(labels)
     model = torchvision.models.densenet121(weights=None)
     model.classifier = nn.Linear(model.classifier.in_features, len(labels))
     return model
@@ -221,26 +249,13 @@ def _preprocessing_dict(preprocessing):
     raise ModelError(f"preprocessing must be a Preprocessing or a dict, not {type(preprocessing).__name__}.")
 
 
-def _temp_beside(path):
-    """A fresh temporary name in ``path``'s folder (created with the user's umask)."""
-    import secrets
-
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def _atomic_torch_save(obj, path):
+    from covreport._io import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "xb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, error_class=ModelError) as fh:
+        torch.save(obj, fh)
     return path
 
 
@@ -345,9 +360,7 @@ def _read_checkpoint(path):
         )
     if payload.get("arch", ARCH) != ARCH:
         raise ModelError(f"Checkpoint {path} holds a {payload['arch']!r} model; covreport builds {ARCH}.")
-    labels = payload["labels"]
-    if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ModelError(f"Checkpoint {path} has invalid labels {labels!r}; expected a list of names.")
+    check_labels(payload["labels"], f"Checkpoint {path}")
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"Checkpoint {path} has an invalid state_dict (not a dict of tensors).")

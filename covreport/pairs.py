@@ -36,9 +36,7 @@ https://github.com/ieee8023/covid-chestxray-dataset) has a preset:
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import os
 import posixpath
 import re
@@ -48,6 +46,8 @@ import numpy as np
 import pandas as pd
 
 from covreport.errors import ManifestError
+from covreport.tabular import read_records
+from covreport.vocab import DATE_RANGE, EXPORT_VIEW_CODES, SEX_CODES, canon, iso_dates, view_key
 
 __all__ = [
     "DEFAULT_VIEWS", "PRESETS", "build_pairs", "normalize_view", "read_column_map",
@@ -95,22 +95,11 @@ PRESETS = {
     },
 }
 
-_VIEW_SPELLINGS = {
-    "AP": "AP", "AP ERECT": "AP", "AP UPRIGHT": "AP", "AP SEMI ERECT": "AP", "ERECT AP": "AP",
-    "AP SUPINE": "AP Supine", "APS": "AP Supine", "SUPINE AP": "AP Supine", "AP SUP": "AP Supine",
-    "PA": "PA", "PA ERECT": "PA",
-    "L": "Lateral", "LL": "Lateral", "LAT": "Lateral", "LATERAL": "Lateral",
-}
-_SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
-_ISO_DATE = re.compile(r"^(?:\d{4}-\d{2}-\d{2}(?:[T ].*)?|\d{8})$")
-#: Dates the manifest accepts (data_manifests/README.md).
-_DATE_RANGE = (pd.Timestamp("1900-01-01"), pd.Timestamp("2199-12-31 23:59:59"))
 _FILTER = re.compile(r"^\s*(?P<col>[^=~!]+?)\s*(?P<op>!=|~|=)\s*(?P<value>.*?)\s*$")
 _MAX_LISTED = 20
 
 
-def _canon(name):
-    return re.sub(r"[\s_\-.]+", "", str(name).lower())
+_canon = canon
 
 
 def _n(count, word):
@@ -131,8 +120,7 @@ def normalize_view(value):
     """
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
-    key = re.sub(r"[\s_\-]+", " ", str(value).strip().upper())
-    return _VIEW_SPELLINGS.get(key)
+    return EXPORT_VIEW_CODES.get(view_key(value))
 
 
 # --------------------------------------------------------------------------
@@ -179,16 +167,9 @@ def _read_table(path, *, delimiter=None, what="table"):
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         counts = {d: first.count(d) for d in (",", ";", "\t")}
         delimiter = max(counts, key=lambda d: (counts[d], d == ","))
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records, starts, prev_end = [], [], 0
-    try:
-        for rec in reader:
-            if any(cell.strip() for cell in rec):
-                records.append(rec)
-                starts.append(prev_end + 1)
-            prev_end = reader.line_num
-    except csv.Error as exc:
-        raise ManifestError(f"{name} line {reader.line_num}: {exc} -- check the quoting on this line") from None
+    all_records, all_starts = read_records(text, delimiter, name)
+    filled = [i for i, rec in enumerate(all_records) if any(cell.strip() for cell in rec)]
+    records, starts = [all_records[i] for i in filled], [int(all_starts[i]) for i in filled]
     if not records:
         raise ManifestError(f"{name} is empty -- export one row per image, with a header line")
     header = [h.strip() for h in records[0]]
@@ -701,13 +682,13 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
             dates = pd.to_datetime(s, format=date_format, errors="coerce")
             fix = f"write the date as --date-format {date_format!r} says, or leave it blank"
         else:
-            iso = s.str.match(_ISO_DATE)
-            dates = pd.to_datetime(s.where(iso, ""), format="ISO8601", errors="coerce", utc=True).dt.tz_convert(None)
+            dates = iso_dates(s)
             fix = ("write full dates in ISO 8601, YYYY-MM-DD (e.g. 2020-03-14), give their format with "
                    "--date-format (e.g. '%d/%m/%Y'), or order by a day offset with --offset-col")
         dates = dates.astype("datetime64[ns]")
-        dates = dates.where((dates >= _DATE_RANGE[0]) & (dates <= _DATE_RANGE[1]))
-        fix += "; dates from 1900-01-01 to 2199-12-31"
+        low, high = pd.Timestamp(DATE_RANGE[0]), pd.Timestamp(DATE_RANGE[1]) + pd.Timedelta("1D") - pd.Timedelta("1s")
+        dates = dates.where((dates >= low) & (dates <= high))  # --date-format dates too
+        fix += f"; dates from {DATE_RANGE[0]} to {DATE_RANGE[1]}"
         bad = alive & (s != "").to_numpy() & dates.isna().to_numpy()
         for i in np.flatnonzero(bad):
             errors.add(int(lines[i]), col, s.iat[i], fix)
@@ -743,7 +724,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
     sex = pd.Series([""] * n, dtype=object)
     if "sex" in mapping:
         s = cells("sex")
-        mapped = s.str.upper().map(_SEX_CODES)
+        mapped = s.str.upper().map(SEX_CODES)
         alive_now = np.array([r is None for r in reason], dtype=bool)
         bad = alive_now & (s != "").to_numpy() & mapped.isna().to_numpy()
         if bad.any():

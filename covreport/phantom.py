@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covreport._io import swap_dir
 from covreport.constants import CHEXPERT_LABELS, IMPROVED, STABLE, WORSE
 from covreport.errors import CovreportError
 
@@ -230,13 +230,7 @@ def make_study(out_dir, *, seed=0, image_size=64, n_train=2400, n_valid=300,
         _write_csv(tmp / "truth.csv", _truth_columns(), truth_rows)
         counts = {**tr, **va, **pc}
         _write_text(tmp / "README.txt", _readme(seed, image_size, counts))
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        swap_dir(tmp, out_dir, force=True, replace_any=True)  # overwrite was checked above
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,9 +13,7 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as _md
 from pathlib import Path
@@ -81,8 +79,7 @@ def run(opts: RunOptions) -> Path:
     from covreport.manifest import read_manifest
 
     out = Path(opts.out)
-    if out.exists() and not opts.force:
-        raise ReportError(f"{out} exists; choose another --out or add --force to replace it")
+    _check_out(opts)
     weights = opts.weights
     if opts.scores is None and weights is None:
         from covreport.model import find_weights
@@ -94,6 +91,7 @@ def run(opts: RunOptions) -> Path:
 
         with progress.stage(f"Reading manifest {opts.manifest}"):
             manifest = read_manifest(opts.manifest, strict=opts.strict, check_images=False)
+        _check_out(opts, _manifest_image_paths(manifest))
         scores = read_scores(opts.scores)
         manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], strict=opts.strict)
     else:
@@ -102,11 +100,13 @@ def run(opts: RunOptions) -> Path:
 
         with progress.stage(f"Reading manifest {opts.manifest}"):
             manifest = read_manifest(opts.manifest, strict=opts.strict)
+        _check_out(opts, _manifest_image_paths(manifest))
         loaded = load_checkpoint(weights)
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache, progress=True)
         scores = res.scores
         # How this run got its scores describes the run, not the study: provenance, not flow.
-        scoring = {"images_computed": int(res.scored), "images_from_cache": int(res.from_cache)}
+        scoring = {"images_computed": int(res.scored), "images_from_cache": int(res.from_cache),
+                   "cache_rows_rejected": int(res.cache_rows_rejected)}
         manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], failed=res.failed, strict=opts.strict)
     labels = label_columns(scores)
     if not labels:
@@ -574,42 +574,53 @@ def _write_tables(results, folder):
         write_csv(pd.DataFrame(block["pairs"]), folder / f"prediction_{name}_pairs.csv")
 
 
-def _write_outputs(results, out, opts, cams):
-    """Write everything into a temporary sibling folder, then move it into place whole."""
-    out = Path(out)
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise ReportError(f"cannot write to {parent}: {exc.strerror}; choose another --out") from exc
-    try:
-        (tmp / "results.json").write_text(results_json(results), encoding="utf-8")
-        _write_tables(results, tmp / "tables")
-        from covreport.report import render_report
+def _check_out(opts, images=()):
+    """Refuse an --out that is the current folder, holds an input, or is not covreport's to replace."""
+    from covreport._io import check_out_dir
 
-        render_report(results, tmp, templates=opts.templates, cams=cams, pdf=opts.pdf)
-        _replace_dir(tmp, out, force=opts.force)
+    paths = [opts.manifest, opts.scores, opts.weights, opts.validation_csv, opts.validation_scores,
+             opts.reference_csv, opts.study, opts.templates, *images]
+    if opts.use_cache and (opts.scores is None or opts.validation_csv is not None):
+        from covreport.cache import default_cache_path
+
+        paths.append(opts.cache if opts.cache is not None else default_cache_path())
+    # --previous results.json may lie in the folder being replaced: it is read before the swap.
+    return check_out_dir(opts.out, inputs=paths, force=opts.force, error_class=ReportError)
+
+
+def _manifest_image_paths(manifest):
+    """The folders of the manifest's images (checking folders is enough: --out is a folder).
+
+    Only the path strings are used: no image file is opened or looked up.
+    """
+    pairs = manifest.pairs
+    cols = [c for c in ("first_path", "second_path") if c in pairs.columns]
+    return sorted({os.path.dirname(str(p)) or "." for c in cols for p in pairs[c]
+                   if isinstance(p, (str, os.PathLike)) and str(p)})
+
+
+def _write_outputs(results, out, opts, cams):
+    """Write everything into a marked temporary folder beside ``out``, then move it into place whole."""
+    from covreport._io import staged_dir
+    from covreport.report import render_report
+
+    target = _check_out(opts)
+    try:
+        with staged_dir(target, force=opts.force, error_class=ReportError,
+                        swap=lambda *a, **k: _replace_dir(*a, **k)) as tmp:
+            (tmp / "results.json").write_text(results_json(results), encoding="utf-8")
+            _write_tables(results, tmp / "tables")
+            render_report(results, tmp, templates=opts.templates, cams=cams, pdf=opts.pdf)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ReportError(f"cannot write the outputs to {out}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _replace_dir(tmp, out, *, force):
-    if out.exists():
-        if not force:
-            raise ReportError(f"{out} exists; choose another --out or add --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    os.chmod(out, 0o755)
+def _replace_dir(tmp, target, *, force):
+    """The folder swap (:func:`covreport._io.swap_dir`); a seam for the fault-injection tests."""
+    from covreport._io import swap_dir
+
+    swap_dir(tmp, target, force=force, error_class=ReportError)
 
 
 def command_line():

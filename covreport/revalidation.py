@@ -36,7 +36,7 @@ from pathlib import Path
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
 from covreport.errors import ReportError
 
-__all__ = ["compare", "load_results", "trend_figure", "PROTOCOLS", "PREDICTION_MEASURES"]
+__all__ = ["check_results", "compare", "load_results", "trend_figure", "PROTOCOLS", "PREDICTION_MEASURES"]
 
 #: Prediction protocols compared, in the report's order.
 PROTOCOLS = ("nested", "global", "reversed")
@@ -52,15 +52,30 @@ PAIR_CHANGES_METHOD = ("pairs matched by patient_id, first_image and second_imag
                        "analysed in the most recent previous result and in the new one")
 
 
+#: Deepest nesting accepted in a previous results.json (covreport writes about 6 levels).
+MAX_DEPTH = 32
+#: Largest magnitude of a number compared (Cohen's d, likelihood ratios); counts are below 1e9.
+MAX_VALUE = 1e6
+_UNIT = (0.0, 1.0)  # probabilities, AUCs, proportions
+
+
 def load_results(path):
-    """Read a ``results.json`` written by ``covreport run``.
+    """Read a ``results.json`` written by ``covreport run`` and check what :func:`compare` reads.
+
+    The parts of ``docs/RESULTS.md`` that the comparison uses are checked
+    (:func:`check_results`): their types, that numbers are finite and in
+    range (p values, AUCs and proportions in [0, 1], counts non-negative
+    integers, other numbers within :data:`MAX_VALUE`), and that the file is
+    nested no deeper than :data:`MAX_DEPTH`.
 
     Raises
     ------
     ReportError
-        When the file is missing, not JSON, or not a covreport results file.
+        When the file is missing, not JSON, not a covreport results file, or
+        fails the check; the message names the offending key.
     """
     path = Path(path)
+    hint = "give --previous the results.json of an earlier run, unedited"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -68,14 +83,133 @@ def load_results(path):
     except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path} cannot be read ({exc}) -- give --previous the results.json of an earlier run") from None
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}) -- give --previous the "
-                          "results.json of an earlier run, unedited") from None
+        raise ReportError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}) -- {hint}") from None
+    except (RecursionError, MemoryError):
+        raise ReportError(f"{path}: nested deeper than {MAX_DEPTH} levels -- {hint}") from None
     if not isinstance(data, dict) or "provenance" not in data:
         raise ReportError(f"{path} is not a covreport results.json (no 'provenance') -- give --previous the "
                           "results.json of an earlier run")
+    problem = check_results(data)
+    if problem:
+        raise ReportError(f"{path}: {problem} -- {hint}")
     data = dict(data)
     data.setdefault("_path", str(path))
     return data
+
+
+def _depth_problem(data):
+    stack = [(data, 1, "")]
+    while stack:
+        obj, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"{where or 'the top'}: nested deeper than {MAX_DEPTH} levels"
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1, f"{where}.{k}" if where else str(k)) for k, v in obj.items())
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(obj))
+    return None
+
+
+class _Bad(Exception):
+    pass
+
+
+def _kind(v):
+    return "null" if v is None else {bool: "true/false", str: "text", list: "a list", dict: "an object"}.get(
+        type(v), type(v).__name__)
+
+
+def _get(obj, key, where, types, *, optional=True):
+    """``obj[key]`` checked to be one of ``types`` (or absent/null when optional)."""
+    v = obj.get(key)
+    if v is None:
+        if optional:
+            return None
+        raise _Bad(f"{where}.{key}: missing")
+    if isinstance(v, bool) and bool not in types:
+        raise _Bad(f"{where}.{key}: {v!r} is {_kind(v)}, not {' or '.join(t.__name__ for t in types)}")
+    if not isinstance(v, types):
+        raise _Bad(f"{where}.{key}: {_kind(v)} instead of {' or '.join(t.__name__ for t in types)}")
+    return v
+
+
+def _number(obj, key, where, limits=(-MAX_VALUE, MAX_VALUE), *, integer=False):
+    v = _get(obj, key, where, (int,) if integer else (int, float))
+    if v is not None and not (math.isfinite(v) and limits[0] <= v <= limits[1]):
+        raise _Bad(f"{where}.{key}: {v!r} is out of range [{limits[0]:g}, {limits[1]:g}]")
+    return v
+
+
+def _records(obj, key, where):
+    v = _get(obj, key, where, (list,))
+    for i, rec in enumerate(v or []):
+        if not isinstance(rec, dict):
+            raise _Bad(f"{where}.{key}[{i}]: {_kind(rec)} instead of an object")
+    return v or []
+
+
+def check_results(data):
+    """The first problem of a results.json dict in what :func:`compare` reads, or ``None``.
+
+    The schema is ``docs/RESULTS.md``; the problem names the key (e.g.
+    ``validation_auc[2].auc: 1e+308 is out of range [0, 1]``).
+    """
+    problem = _depth_problem(data)
+    if problem:
+        return problem
+    try:
+        _check_results(data)
+    except _Bad as exc:
+        return str(exc)
+    return None
+
+
+def _check_results(data):
+    prov = _get(data, "provenance", "results", (dict,), optional=False)
+    _get(prov, "created", "provenance", (str,))
+    _get(prov, "weights_sha256", "provenance", (str,))
+    _get(prov, "preprocessing", "provenance", (dict,))
+    _get(prov, "path", "provenance", (str,))
+    for i, rec in enumerate(_records(data, "validation_auc", "results")):
+        where = f"validation_auc[{i}]"
+        _get(rec, "label", where, (str,))
+        for key in ("auc", "ci_low", "ci_high"):
+            _number(rec, key, where, _UNIT)
+    for i, rec in enumerate(_records(data, "group_differences", "results")):
+        where = f"group_differences[{i}]"
+        for key in ("contrast", "label", "group1", "group2"):
+            _get(rec, key, where, (str,))
+        _number(rec, "p", where, _UNIT)
+        for key in ("cohen_d", "d_ci_low", "d_ci_high"):
+            _number(rec, key, where)
+    pred = _get(data, "prediction", "results", (dict,)) or {}
+    _get(pred, "headline", "prediction", (str,))
+    for protocol in PROTOCOLS:
+        block = _get(pred, protocol, "prediction", (dict,))
+        if block is None:
+            continue
+        where = f"prediction.{protocol}"
+        metrics = _get(block, "metrics", where, (dict,)) or {}
+        for measure in PREDICTION_MEASURES:
+            m = _get(metrics, measure, f"{where}.metrics", (dict,)) or {}
+            for key in ("estimate", "ci_low", "ci_high"):
+                _number(m, key, f"{where}.metrics.{measure}", _UNIT)
+        auc = _get(block, "auc", where, (dict,)) or {}
+        for key in ("auc", "ci_low", "ci_high"):
+            _number(auc, key, f"{where}.auc", _UNIT)
+    flow = _get(data, "flow", "results", (dict,)) or {}
+    for key in ("pairs_analysed", "patients_analysed"):
+        _number(flow, key, "flow", (0, 1e9), integer=True)
+    by_outcome = _get(flow, "by_outcome", "flow", (dict,)) or {}
+    for outcome in OUTCOMES:
+        counts = _get(by_outcome, outcome, "flow.by_outcome", (dict,)) or {}
+        for key in ("pairs", "patients"):
+            _number(counts, key, f"flow.by_outcome.{outcome}", (0, 1e9), integer=True)
+    for i, rec in enumerate(_records(data, "pairs", "results")):
+        where = f"pairs[{i}]"
+        for key in ("patient_id", "first_image", "second_image", "pair_id"):
+            _get(rec, key, where, (str, int, float))
+        _get(rec, "outcome", where, (str,))
 
 
 def _num(x):

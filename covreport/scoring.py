@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import io
 import time
+import logging
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,8 @@ import pandas as pd
 from covreport import progress as _progress
 from covreport.constants import FEATURE_PREFIX, IMAGE_COLUMN, N_FEATURES, feature_columns
 from covreport.errors import ImageError, ModelError, ScoresError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "bf16")
 _PRECISION_ALIASES = {"float32": "float32", "fp32": "float32", "bf16": "bf16", "bfloat16": "bf16"}
@@ -64,6 +67,10 @@ class ScoringResult:
         Distinct images (by content) run through the network in this call.
     from_cache : int
         Distinct images whose output came from the cache.
+    cache_rows_rejected : int
+        Cached rows found for these images but not used (damaged: wrong
+        shape, non-finite, probabilities outside [0, 1], other labels); those
+        images were scored again.
     weights_sha256 : str
     preprocessing : dict
     precision : str
@@ -77,6 +84,7 @@ class ScoringResult:
     weights_sha256: str = ""
     preprocessing: dict = dataclasses.field(default_factory=dict)
     precision: str = "float32"
+    cache_rows_rejected: int = 0
 
     @property
     def images(self):
@@ -95,6 +103,7 @@ class ScoringResult:
             "labels": list(self.labels),
             "images_scored": int(self.scored),
             "images_from_cache": int(self.from_cache),
+            "cache_rows_rejected": int(self.cache_rows_rejected),
             "images_failed": len(self.failed),
             "failed": {str(k): v for k, v in self.failed.items()},
         }
@@ -445,11 +454,22 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
         path_of_sha.setdefault(sha, mapping[key])
 
     outputs = {}  # sha -> (probs float32 (L,), feats float32 (F,))
+    rejected = 0
     if cache is not None and distinct:
+        from covreport.cache import row_problem
+
         keys = [CacheKey(s, loaded.sha256, signature) for s in distinct]
-        for k, v in cache.get_many(keys).items():
-            if tuple(v.labels) == labels:
+        before = cache.rows_rejected
+        found = cache.get_many(keys)
+        rejected = cache.rows_rejected - before
+        for k, v in found.items():
+            problem = row_problem(v, labels, N_FEATURES)
+            if problem is None:
                 outputs[k.image_sha256] = (v.probabilities, v.features)
+            else:  # a damaged or edited row: a miss, scored again (and its row replaced)
+                rejected += 1
+                log.warning("score cache %s: row for image %s not used (%s); scoring it again",
+                            cache.path, k.image_sha256, problem)
     from_cache = len(outputs)
     todo = [s for s in distinct if s not in outputs]
     bad_sha = {}
@@ -504,7 +524,7 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
     scores = _scores_frame(keys, [outputs[sha_of[k]] for k in keys], labels)
     return ScoringResult(
         scores=scores, failed=failed, labels=labels,
-        scored=len(todo) - len(bad_sha), from_cache=from_cache,
+        scored=len(todo) - len(bad_sha), from_cache=from_cache, cache_rows_rejected=rejected,
         weights_sha256=loaded.sha256, preprocessing=prep.to_dict(), precision=precision,
     )
 
@@ -589,6 +609,64 @@ def score_manifest(manifest, weights, *, cache_path=None, use_cache=True, batch_
     finally:
         if cache is not None:
             cache.close()
+
+
+def score_to_file(manifest_path, out, *, weights=None, cache_path=None, use_cache=True, batch_size=16,
+                  num_workers=2, precision="float32", strict=False, force=False, progress=False,
+                  device=None):
+    """``covreport score``: read a manifest, score its images, write the scores file and its sidecar.
+
+    Every check that can fail is made before any image is scored: the
+    output folder exists, ``out`` and ``out.json`` are no input (manifest,
+    weights, cache, images) and exist only with ``force``.
+
+    Parameters
+    ----------
+    manifest_path : path
+        The pair manifest (see :func:`covreport.manifest.read_manifest`).
+    out : path
+        ``.csv`` or ``.parquet`` scores file; provenance goes to ``out.json``.
+    weights : str or path, optional
+        As for :func:`covreport.model.find_weights` (default: the newest
+        checkpoint of the model folder).
+    strict : bool
+        Refuse (nothing written) when any image is missing or unreadable.
+    force : bool
+        Replace an existing output file (never an input).
+    cache_path, use_cache, batch_size, num_workers, precision, progress, device
+        As in :func:`score_manifest`.
+
+    Returns
+    -------
+    (ScoringResult, covreport.model.LoadedModel)
+    """
+    from covreport._io import check_out_file
+    from covreport.cache import default_cache_path
+    from covreport.manifest import read_manifest
+    from covreport.model import find_weights, load_checkpoint
+
+    out = Path(out)
+    _suffix(out)
+    sidecar = Path(f"{out}.json")
+    spec = find_weights(weights)
+    cache_file = (cache_path if cache_path is not None else default_cache_path()) if use_cache else None
+    inputs = [manifest_path, spec, cache_file]
+    check_out_file(out, inputs=inputs, force=force, also=[sidecar], error_class=ScoresError)
+    m = read_manifest(manifest_path, strict=strict, check_images=strict)
+    images = list(manifest_images(m).values())
+    check_out_file(out, inputs=images, force=force, also=[sidecar], error_class=ScoresError)
+    loaded = load_checkpoint(spec)
+    res = score_manifest(m, loaded, cache_path=cache_path, use_cache=use_cache, batch_size=batch_size,
+                         num_workers=num_workers, precision=precision, progress=progress, device=device)
+    if strict and res.failed:
+        first, reason = next(iter(res.failed.items()))
+        raise ImageError(f"{len(res.failed)} image(s) could not be scored (--strict), "
+                         f"e.g. {first}: {reason}; nothing written")
+    # Checked again just before writing: the folder may have changed while scoring.
+    check_out_file(out, inputs=[*inputs, *images], force=force, also=[sidecar], error_class=ScoresError)
+    write_scores(res.scores, out, metadata={**res.metadata(), "weights": str(loaded.source),
+                                            "manifest": {"path": str(manifest_path), "sha256": m.sha256}})
+    return res, loaded
 
 
 def manifest_images(manifest):

@@ -331,7 +331,7 @@ def test_missing_images_and_empty_outcome_are_exclusions(here):
         "Exclusions  3",
         "  pair p2 (patient P01): index test not done: second image: file not found (images/missing.png)",
         "  pair p3 (patient P01): index test not done: second image: unreadable image "
-        "(UnidentifiedImageError) (images/bad.png)",
+        "(not PNG, JPEG or DICOM) (images/bad.png)",
         "  pair p4 (patient P02): reference standard not available: outcome empty",
         "Warnings    2",
         "  1 image file missing and 1 unreadable: 2 pairs excluded (index test not done); "
@@ -359,7 +359,7 @@ def test_strict_turns_exclusions_into_errors(here):
         "m.csv: 3 problems; fix them all and validate again:",
         f"m.csv line 3, column 'second_image': 'images/missing.png' -- file not found: {root}/images/missing.png; "
         "correct the path (relative paths start at the manifest's folder) or remove the pair",
-        f"m.csv line 4, column 'second_image': 'images/bad.png' -- unreadable image (UnidentifiedImageError): "
+        f"m.csv line 4, column 'second_image': 'images/bad.png' -- unreadable image (not PNG, JPEG or DICOM): "
         f"{root}/images/bad.png; replace the file or remove the pair",
         "m.csv line 5, column 'outcome': empty -- fill in Worse, Stable or Improved (without strict mode the pair "
         "is excluded: reference standard not available)",

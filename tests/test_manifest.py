@@ -287,7 +287,7 @@ def test_image_exclusions(scans):
     assert list(ex["stage"]) == [STAGE_INDEX_TEST_NOT_DONE, STAGE_INDEX_TEST_NOT_DONE, STAGE_NO_REFERENCE]
     assert list(ex["reason"]) == [
         "second image: file not found (scans/gone.png)",
-        "first image: unreadable image (UnidentifiedImageError) (scans/junk.png); "
+        "first image: unreadable image (not PNG, JPEG or DICOM) (scans/junk.png); "
         "second image: file not found (scans/gone2.png)",
         "outcome empty",
     ]

@@ -7,6 +7,8 @@ Usage: ``python kill_at.py POINT covreport-arguments...``, POINT one of
 - ``move``: when the finished temporary folder is about to be moved into place;
 - ``swap``: with ``--force`` over an existing output folder, right after the
   old folder was moved aside and before the new one is moved in;
+- ``term``: SIGTERM (not SIGKILL) when the tables start being written
+  (the handler must remove the temporary folder);
 - ``none``: no kill (a control run).
 
 SIGKILL runs no cleanup code at all: what is left on disk is what a power
@@ -31,6 +33,14 @@ def main():
 
     if point == "pdf":
         report.write_pdf = lambda *a, **k: _die()
+    elif point == "term":
+        real_tables = pipeline._write_tables
+
+        def tables(*a, **k):  # results.json is already in the temporary folder
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_tables(*a, **k)
+
+        pipeline._write_tables = tables
     elif point == "move":
         pipeline._replace_dir = lambda *a, **k: _die()
     elif point == "swap":

@@ -165,7 +165,7 @@ def test_labels_that_do_not_match_the_weights_are_refused(tmp_path, tiny_weights
     four = _variant(tmp_path, tiny_weights, "four", labels=list(LABELS) + ["Edema 2"])
     _refused(four, "does not fit a DenseNet121 with 4 labels")
     dup = _variant(tmp_path, tiny_weights, "dup", labels=["Edema", "Edema", "Cardiomegaly"])
-    with pytest.raises(ModelError, match="Labels must be distinct"):
+    with pytest.raises(ModelError, match="invalid labels.*duplicated; labels must be distinct"):
         load_checkpoint(dup)
     _refused(_variant(tmp_path, tiny_weights, "nolabels", labels=[]), "invalid labels")
     _refused(_variant(tmp_path, tiny_weights, "numbers", labels=[1, 2, 3]), "invalid labels")

@@ -69,7 +69,8 @@ def small(tmp_path_factory):
 
 
 def _run_args(manifest, scores, out, *extra):
-    return ["run", str(manifest), "--scores", str(scores), "--out", str(out), "--permutations", "0", *extra]
+    return ["run", str(manifest), "--scores", str(scores), "--out", str(out), "--permutations", "0",
+            "--bootstrap", "0", *extra]
 
 
 def _no_blocked_network(stderr):
@@ -128,7 +129,8 @@ def test_kill_during_scoring_then_resume_gives_same_results(tmp_path, study40, s
     _, ref_err = reference.communicate(timeout=600)
     assert reference.returncode == 0, ref_err[-3000:]
     clean = json.loads((ref / "results.json").read_text(encoding="utf-8"))
-    assert clean["provenance"]["scoring"] == {"images_computed": 40, "images_from_cache": 0}
+    assert clean["provenance"]["scoring"] == {"images_computed": 40, "images_from_cache": 0,
+                                                  "cache_rows_rejected": 0}
     # Everything but the run's own facts (time, command line, cache counts) is byte-identical.
     a = strip_lines((out / "results.json").read_text(encoding="utf-8"), RUN_VARIANT)
     b = strip_lines((ref / "results.json").read_text(encoding="utf-8"), RUN_VARIANT)
