@@ -54,6 +54,11 @@ def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=1000, progress=True):
     t0 = time.perf_counter()
     study_dir = out / "study"
     if not (study_dir / "README.txt").exists():  # the phantom is moved into place whole
+        if study_dir.exists() and (not study_dir.is_dir() or any(study_dir.iterdir())):
+            from covreport.errors import CovreportError
+
+            raise CovreportError(f"{study_dir} exists and is not a phantom study of covreport demo (it has no "
+                                 "README.txt); the demo never replaces it: choose another --out or move it away")
         with _progress.stage(f"Generating the synthetic phantom study in {study_dir} "
                              f"({DEMO_STUDY['n_train']:,} training and {DEMO_STUDY['n_valid']} validation "
                              f"images, pairs of {DEMO_STUDY['n_patients']} patients)"):

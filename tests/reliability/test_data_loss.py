@@ -305,3 +305,21 @@ def test_pairs_never_overwrites_the_export(tmp_path):
     assert CliRunner().invoke(main, ["pairs", str(export), "--out", str(manifest)]).exit_code == 0
     res = CliRunner().invoke(main, ["pairs", str(export), "--update", str(manifest), "--out", str(manifest)])
     assert res.exit_code == 0, res.output
+
+
+def test_demo_never_replaces_a_study_folder_it_did_not_write(tmp_path):
+    """covreport demo --out X keeps a user's X/study (no phantom README.txt): refused, nothing touched."""
+    from click.testing import CliRunner
+
+    from covreport.cli import main
+
+    mine = tmp_path / "study" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("the user's own file")
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (
+        f"Error: {tmp_path / 'study'} exists and is not a phantom study of covreport demo (it has no "
+        "README.txt); the demo never replaces it: choose another --out or move it away")
+    assert mine.read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
