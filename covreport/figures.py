@@ -419,8 +419,11 @@ def calibration_figure(results, *, frac=2 / 3):
                     for p in block.get("pairs") or [] if p.get("probability") is not None]
             if len(rows) >= 3:
                 x, y = np.array(rows).T
-                fit = lowess(y, x, frac=frac, it=0, return_sorted=True)
-                ax.plot(fit[:, 0], fit[:, 1], color="black", linewidth=1.2, label="lowess")
+                with np.errstate(invalid="ignore", divide="ignore"):  # windows of one distinct probability
+                    fit = lowess(y, x, frac=frac, it=0, return_sorted=True)
+                fit = fit[np.isfinite(fit[:, 1])]  # no smoother where a window cannot be fitted
+                if len(fit):
+                    ax.plot(fit[:, 0], fit[:, 1], color="black", linewidth=1.2, label="lowess")
                 ax.plot(x[y == 1], np.full((y == 1).sum(), -0.03), "|", color="black", markersize=4)
                 ax.plot(x[y == 0], np.full((y == 0).sum(), 1.03), "|", color="0.45", markersize=4)
             bins = [b for b in cal.get("bins") or [] if b.get("predicted") is not None and b.get("observed") is not None]

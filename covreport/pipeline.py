@@ -257,6 +257,10 @@ def _order_keys(pairs):
 def _analysed_pairs(manifest, scores, labels):
     """The pairs that are not excluded, joined with their probabilities, and the exclusions."""
     exclusions = manifest.exclusions
+    if len(exclusions):  # in the pairs' canonical order, like every other list: not in row order
+        rank = dict(zip(canonical_pairs(manifest.pairs)["pair_id"], range(len(manifest.pairs))))
+        order = np.argsort(exclusions["pair_id"].map(rank).to_numpy(), kind="stable")
+        exclusions = exclusions.iloc[order].reset_index(drop=True)
     pairs = manifest.analysable_pairs()
     if pairs.empty:
         raise CovreportError("no pair is left to analyse: every pair was excluded "
@@ -555,9 +559,18 @@ def _write_tables(results, folder):
     from covreport._io import write_csv_atomic as write_csv
 
     folder.mkdir()
-    for key in ("table1", "group_differences", "validation_auc", "pairs"):
+    for key in ("table1", "table1_patients", "group_differences", "group_differences_clustered",
+                "validation_auc", "pairs"):
         if results.get(key):
             write_csv(pd.DataFrame(results[key]), folder / f"{key}.csv")
+    boot = results.get("bootstrap")
+    if boot:
+        rows = [{"protocol": protocol, "measure": measure, **ci}
+                for protocol, measures in (boot.get("prediction") or {}).items() for measure, ci in measures.items()]
+        if rows:
+            write_csv(pd.DataFrame(rows), folder / "bootstrap_prediction.csv")
+        if boot.get("group_differences"):
+            write_csv(pd.DataFrame(boot["group_differences"]), folder / "bootstrap_group_differences.csv")
     flow = results["flow"]
     if flow["exclusions"]:
         write_csv(pd.DataFrame(flow["exclusions"]), folder / "exclusions.csv")

@@ -113,11 +113,18 @@ def test_covreport_run_ignores_row_order_and_pair_id_spelling(tmp_path):
     # and the pair-id strings.
     cols = ["pair_id", "patient_id", "first_image", "second_image", "outcome",
             "first_offset_days", "second_offset_days", "age", "sex"]
-    manifest = PAIRS[cols]
+    manifest = PAIRS[cols].copy()
+    # Exclusions too (their list must not follow the row order): one pair without an outcome,
+    # one whose second image has no score.
+    mid = len(manifest) // 2
+    manifest.loc[mid - 1, "outcome"] = ""
+    unscored = manifest.loc[mid, "second_image"]
+    assert unscored not in set(manifest.loc[[0, len(manifest) - 1], ["first_image", "second_image"]].values.ravel())
     scores = tmp_path / "scores.csv"
     rng = np.random.default_rng(1)
     full = pd.DataFrame(rng.gamma(2.0, 0.5, (len(SCORES), 1024)), columns=feature_columns())
-    pd.concat([SCORES[["image", *LABELS]], full], axis=1).to_csv(scores, index=False)
+    table = pd.concat([SCORES[["image", *LABELS]], full], axis=1)
+    table[table["image"] != unscored].to_csv(scores, index=False)
     order = rng.permutation(len(manifest))
     other = manifest.iloc[order].reset_index(drop=True).copy()
     other["pair_id"] = [f"x{v}" for v in rng.permutation(1000)[:len(other)]]
@@ -130,6 +137,7 @@ def test_covreport_run_ignores_row_order_and_pair_id_spelling(tmp_path):
         r = json.loads((out / "results.json").read_text(encoding="utf-8"))
         r.pop("provenance")
         results.append(r)
+    assert len(results[0]["flow"]["exclusions"]) >= 2
     a, b = (_without_pair_ids(r) for r in results)
     assert list(a) == list(b)
     for key in a:
