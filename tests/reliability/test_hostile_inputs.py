@@ -303,7 +303,8 @@ def test_hostile_previous_through_run_is_an_error(tmp_path, good_results):
     bad = _edited(tmp_path, {**good, "validation_auc": [1, 2, "x"]})
     res = CliRunner().invoke(main, ["run", str(manifest), "--scores", str(scores), "--out", str(tmp_path / "o"),
                                     "--permutations", "0", "--bootstrap", "0", "--no-pdf", "--previous", str(bad)])
-    assert res.exit_code == 1 and res.output.startswith("Error: ") and "validation_auc[0]" in res.output
+    last = res.output.strip().splitlines()[-1]  # after the stage messages
+    assert res.exit_code == 1 and last.startswith("Error: ") and "validation_auc[0]" in last
     assert not (tmp_path / "o").exists()
 
 
