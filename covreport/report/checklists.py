@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from covreport.report.training import training_text
+
 
 def _study_status(study, fields):
     have = [f for f in fields if study.get(f)]
@@ -16,8 +18,6 @@ _RECIPE_NOTE = {"10a": "training data and recipe described in words",
 
 
 def _recipe(results):
-    from covreport.report.context import training_text
-
     return training_text(results)
 
 

@@ -12,7 +12,7 @@ from covreport.report.checklists import ai_checklist, stard_checklist
 from covreport.report.format import METRIC_NAMES
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
-from covreport.report.training import describe_training
+from covreport.report.training import training_text
 from covreport.report.summaries import (
     ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _threshold,
     _validation_summary,
@@ -168,23 +168,6 @@ EXCLUSIONS_SHOWN = 50
 #: Figures in the order they appear in the report (numbered in this order when present).
 FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "class_activation_maps",
                 "revalidation_trend")
-
-
-def training_text(results):
-    """:func:`~covreport.report.training.describe_training` of the results' recipe (None without one)."""
-    prov = results.get("provenance") or {}
-    model = prov.get("model") or {}
-    training = model.get("training") if isinstance(model.get("training"), dict) else None
-    data = None
-    demo = prov.get("demo") if isinstance(prov.get("demo"), dict) else None
-    if demo and isinstance(demo.get("phantom"), dict):
-        ph = demo["phantom"]
-        data = (f"The training data were covreport's synthetic phantom in the CheXpert layout: "
-                f"{ph.get('n_train', '?')} training and {ph.get('n_valid', '?')} validation images of "
-                f"{ph.get('image_size', '?')} x {ph.get('image_size', '?')} px, generated with seed "
-                f"{demo.get('seed', '?')}, one source, so no duplicates across sources; training and validation "
-                "images are generated separately.")
-    return describe_training(training, data=data)
 
 
 def running_title(title, limit=80):

@@ -92,3 +92,20 @@ def describe_training(training, *, data=None):
     else:
         parts.append("The recipe is the original study's.")
     return {"text": " ".join(parts), "deviations": dev}
+
+
+def training_text(results):
+    """:func:`describe_training` of the results' recipe (None without one)."""
+    prov = results.get("provenance") or {}
+    model = prov.get("model") or {}
+    training = model.get("training") if isinstance(model.get("training"), dict) else None
+    data = None
+    demo = prov.get("demo") if isinstance(prov.get("demo"), dict) else None
+    if demo and isinstance(demo.get("phantom"), dict):
+        ph = demo["phantom"]
+        data = (f"The training data were covreport's synthetic phantom in the CheXpert layout: "
+                f"{ph.get('n_train', '?')} training and {ph.get('n_valid', '?')} validation images of "
+                f"{ph.get('image_size', '?')} x {ph.get('image_size', '?')} px, generated with seed "
+                f"{demo.get('seed', '?')}, one source, so no duplicates across sources; training and validation "
+                "images are generated separately.")
+    return describe_training(training, data=data)
