@@ -33,12 +33,12 @@ import math
 import numpy as np
 import pandas as pd
 from scipy import stats as _sps
-from statsmodels.stats.multitest import multipletests
 
 from covreport import progress
 from covreport.constants import CONTRASTS
 from covreport.errors import StatsError
 from covreport.stats._util import check_alpha, z_quantile
+from covreport.stats.groups import adjust_within
 
 OBUCHOWSKI_METHOD = (
     "nonparametric AUC (probability of superiority, ties count 1/2) with Obuchowski's clustered "
@@ -276,13 +276,7 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
                     notes.append(res["note"])
             row["note"] = "; ".join(notes) if notes else None
             block.append(row)
-        pvals = np.array([r["p"] for r in block], dtype=float)
-        ok = np.isfinite(pvals)
-        if ok.any():
-            holm = multipletests(pvals[ok], method="holm")[1]
-            bh = multipletests(pvals[ok], method="fdr_bh")[1]
-            for r, ph, pb in zip((r for r, k in zip(block, ok) if k), holm, bh):
-                r["p_holm"], r["p_bh"] = float(ph), float(pb)
+        adjust_within(block)
         rows.extend(block)
     return pd.DataFrame(rows, columns=list(CLUSTERED_COLUMNS))
 

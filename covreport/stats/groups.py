@@ -254,13 +254,21 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
                     notes.append(d_note)
             row["note"] = "; ".join(notes) if notes else None
             block.append(row)
-        pvals = np.array([r["p"] for r in block], dtype=float)
-        ok = np.isfinite(pvals)
-        if ok.any():
-            holm = multipletests(pvals[ok], method="holm")[1]
-            bh = multipletests(pvals[ok], method="fdr_bh")[1]
-            for r, ph, pb in zip((r for r, k in zip(block, ok) if k), holm, bh):
-                r["p_holm"] = float(ph)
-                r["p_bh"] = float(pb)
+        adjust_within(block)
         rows.extend(block)
     return pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
+
+
+def adjust_within(block):
+    """Set ``p_holm`` and ``p_bh`` of each record of one contrast from its ``p`` (missing p left out).
+
+    Holm's step-down and Benjamini-Hochberg's step-up adjustments across the
+    labels of the contrast (``statsmodels.stats.multitest.multipletests``).
+    """
+    pvals = np.array([r["p"] for r in block], dtype=float)
+    ok = np.isfinite(pvals)
+    if ok.any():
+        holm = multipletests(pvals[ok], method="holm")[1]
+        bh = multipletests(pvals[ok], method="fdr_bh")[1]
+        for r, ph, pb in zip((r for r, k in zip(block, ok) if k), holm, bh):
+            r["p_holm"], r["p_bh"] = float(ph), float(pb)

@@ -172,6 +172,20 @@ def _compare(row, group_df, other_df, other_name):
     row["compared_with"] = other_name
 
 
+def _reference_row(reference, analysed, analysed_name, who):
+    """The reference population's row (counted by CSV row), compared with all of ``analysed``."""
+    missing = [c for c in ("age", "sex") if c not in reference.columns]
+    if missing:
+        raise StatsError(f"{who}: reference lacks column(s) {missing}; need 'age' and 'sex'")
+    cols = ["age", "sex"] + (["patient_id"] if "patient_id" in reference.columns else [])
+    ref = reference[cols].reset_index(drop=True).copy()
+    ref["age"] = _normalise_age(ref["age"], f"{who}: reference")
+    ref["sex"] = _normalise_sex(ref["sex"], f"{who}: reference")
+    row = _describe(REFERENCE, ref, "CSV row")
+    _compare(row, analysed, ref, analysed_name)
+    return row
+
+
 def table_one(pairs, reference=None):
     """Table 1: pairs, patients, age and sex per outcome group, with tests.
 
@@ -225,16 +239,7 @@ def table_one(pairs, reference=None):
         _compare(row, df[in_group], df[~in_group], OTHER_PAIRS)
         rows.append(row)
     if reference is not None:
-        missing = [c for c in ("age", "sex") if c not in reference.columns]
-        if missing:
-            raise StatsError(f"table_one: reference lacks column(s) {missing}; need 'age' and 'sex'")
-        cols = ["age", "sex"] + (["patient_id"] if "patient_id" in reference.columns else [])
-        ref = reference[cols].reset_index(drop=True).copy()
-        ref["age"] = _normalise_age(ref["age"], "table_one: reference")
-        ref["sex"] = _normalise_sex(ref["sex"], "table_one: reference")
-        row = _describe(REFERENCE, ref, "CSV row")
-        _compare(row, df, ref, ALL_PAIRS)
-        rows.append(row)
+        rows.append(_reference_row(reference, df, ALL_PAIRS, "table_one"))
     out = pd.DataFrame(rows, columns=list(COLUMNS))
     # Whole numbers stay whole; the reference's pairs (and patients, when
     # unknown) are missing.
@@ -306,16 +311,7 @@ def table_one_patients(pairs, reference=None):
         _compare(row, patients[inside], patients[~inside], OTHER_PATIENTS)
         rows.append(row)
     if reference is not None:
-        missing = [c for c in ("age", "sex") if c not in reference.columns]
-        if missing:
-            raise StatsError(f"table_one_patients: reference lacks column(s) {missing}; need 'age' and 'sex'")
-        cols = ["age", "sex"] + (["patient_id"] if "patient_id" in reference.columns else [])
-        ref = reference[cols].reset_index(drop=True).copy()
-        ref["age"] = _normalise_age(ref["age"], "table_one_patients: reference")
-        ref["sex"] = _normalise_sex(ref["sex"], "table_one_patients: reference")
-        row = _describe(REFERENCE, ref, "CSV row")
-        _compare(row, patients, ref, ALL_PATIENTS)
-        rows.append(row)
+        rows.append(_reference_row(reference, patients, ALL_PATIENTS, "table_one_patients"))
     for r in rows:
         r["unit"] = "patient"
         r["note"] = note if r["group"] in OUTCOMES else None
