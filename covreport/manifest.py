@@ -51,6 +51,7 @@ from covreport.constants import (
 )
 from covreport.errors import ManifestError, ScoresError
 from covreport.images import probe_image
+from covreport import tabular
 from covreport.tabular import Problems as _Problems
 from covreport.tabular import first_line as _first_line
 from covreport.tabular import parse_csv as _parse_csv
@@ -87,7 +88,6 @@ _VIEW_COLUMNS = ("first_view", "second_view")
 _TEXT_COLUMNS = ("source", "notes")
 _KNOWN = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
-_SNIFF_BYTES = 65536
 _FORMULA = r"^(?:[=@]|[+\-][^\d.]|[+\-]$)"  # RE2-compatible: pyarrow runs it vectorised
 _MESSY_PATH = r"(?:^|/)\.{1,2}(?:/|$)|//|/$"
 
@@ -280,63 +280,6 @@ def _plain_records(frame):
 # Bytes -> header, records, line numbers
 
 
-def _read_bytes(path, name):
-    try:
-        if path.is_dir():
-            raise ManifestError(f"{name} is a folder, not a file -- give the path of the manifest CSV")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{name} does not exist -- check the path to the manifest") from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ManifestError(f"{name} cannot be read ({reason}) -- check the path and its permissions") from None
-
-
-def _byte_classes(sample):
-    arr = np.frombuffer(sample, dtype=np.uint8)
-    control = (arr < 0x20) & ~np.isin(arr, (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1A))
-    return control, arr >= 0x80
-
-
-def _binary_error(name, offset):
-    return ManifestError(
-        f"{name} is not a text CSV file (binary data at byte {offset}) -- "
-        "export the manifest as CSV (UTF-8), one row per pair"
-    )
-
-
-def _decode(raw, name):
-    """File bytes -> text, or a one-line error that says how to fix the file."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise ManifestError(f"{name} is UTF-16 text -- re-save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')")
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw_body = raw[3:]
-    else:
-        raw_body = raw
-    if not raw_body.strip():
-        raise ManifestError(
-            f"{name} is empty -- write a header line ({','.join(REQUIRED_COLUMNS)}) and one row per pair"
-        )
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise _binary_error(name, nul)
-    sample = raw[:_SNIFF_BYTES]
-    control, high = _byte_classes(sample)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if control.sum() > 0.01 * len(sample) or high.sum() > 0.3 * len(sample):
-            raise _binary_error(name, int(np.flatnonzero(control | high)[0])) from None
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ManifestError(
-            f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}, line {line}; "
-            "Latin-1 or Windows-1252?) -- re-save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')"
-        ) from None
-    if control.sum() > 0.01 * len(sample):
-        raise _binary_error(name, int(np.flatnonzero(control)[0]))
-    return text
-
-
 def _sniff_delimiter(text):
     """The delimiter that makes the header most like a manifest header."""
     line = _first_line(text)
@@ -373,7 +316,8 @@ def _load(path, name, raw, warnings):
                 f"{name} is empty -- write a header row ({', '.join(REQUIRED_COLUMNS)}) and one row per pair"
             )
         return grid, "row", None
-    text = _decode(raw, name)
+    text = tabular.decode(raw, name, empty_fix=f"write a header line ({','.join(REQUIRED_COLUMNS)}) and one row per pair",
+                          export_fix="export the manifest as CSV (UTF-8), one row per pair")
     delimiter = _sniff_delimiter(text)
     if delimiter != ",":
         warnings.append(
@@ -827,7 +771,7 @@ def read_manifest(path, *, strict=False, check_images=True):
     """
     given = Path(path)
     name = str(path)
-    raw = _read_bytes(given, name)
+    raw = tabular.read_bytes(given, name, "manifest")
     sha256 = hashlib.sha256(raw).hexdigest()
     warnings = []
     grid, unit, delimiter = _load(given, name, raw, warnings)

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from covreport.errors import ManifestError
-from covreport.tabular import read_records
+from covreport.tabular import decode, read_bytes, read_records
 from covreport.vocab import DATE_RANGE, EXPORT_VIEW_CODES, SEX_CODES, canon, iso_dates, view_key
 
 __all__ = [
@@ -127,26 +127,6 @@ def normalize_view(value):
 # Reading the export
 
 
-def _decode(raw, name):
-    if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
-        raise ManifestError(f"{name} is a spreadsheet workbook -- export its first sheet as CSV (UTF-8)")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise ManifestError(f"{name} is UTF-16 text -- re-save it as UTF-8")
-    if b"\x00" in raw:
-        raise ManifestError(f"{name} is not a text CSV file (binary data) -- export it as CSV (UTF-8)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ManifestError(
-            f"{name} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02X}; Latin-1 or Windows-1252?) "
-            "-- re-save it as UTF-8"
-        ) from None
-    if not text.strip():
-        raise ManifestError(f"{name} is empty -- export one row per image, with a header line")
-    return text
-
-
 def _read_table(path, *, delimiter=None, what="table"):
     """A CSV file -> (header, records, start line of each record, delimiter).
 
@@ -154,15 +134,11 @@ def _read_table(path, *, delimiter=None, what="table"):
     padded; a record longer than the header is an error.
     """
     name = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{name} does not exist -- check the path of the {what}") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{name} is a folder -- give the path of the {what} CSV file") from None
-    except OSError as exc:
-        raise ManifestError(f"{name} cannot be read ({exc.strerror or exc}) -- check the path and permissions") from None
-    text = _decode(raw, name)
+    raw = read_bytes(path, name, what)
+    if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+        raise ManifestError(f"{name} is a spreadsheet workbook -- export its first sheet as CSV (UTF-8)")
+    text = decode(raw, name, empty_fix=f"give a {what} with a header line and its rows",
+                  export_fix=f"save the {what} as CSV (UTF-8)")
     if delimiter is None:
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         counts = {d: first.count(d) for d in (",", ";", "\t")}

@@ -26,6 +26,67 @@ MAX_SHOWN_PER_KIND = 20
 BLANK = " \t\x0b\x0c"
 
 
+#: Bytes looked at to tell binary data from text.
+SNIFF_BYTES = 65536
+
+
+def read_bytes(path, name, what):
+    """The bytes of a table file, or a one-line :class:`ManifestError` naming it and the fix."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ManifestError(f"{name} is a folder, not a file -- give the path of the {what} CSV file")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{name} does not exist -- check the path to the {what}") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ManifestError(f"{name} cannot be read ({reason}) -- check the path and its permissions") from None
+
+
+def _byte_classes(sample):
+    arr = np.frombuffer(sample, dtype=np.uint8)
+    control = (arr < 0x20) & ~np.isin(arr, (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1A))
+    return control, arr >= 0x80
+
+
+def decode(raw, name, *, empty_fix, export_fix):
+    """File bytes -> text (UTF-8, with or without BOM), or a one-line error saying how to fix the file.
+
+    Refused: UTF-16, an empty file (``empty_fix`` says what to write), binary
+    data (NUL, or many control bytes; ``export_fix`` says how to export the
+    table), text that is not UTF-8 (its byte, offset and line named).
+    """
+    def binary(offset):
+        return ManifestError(f"{name} is not a text CSV file (binary data at byte {offset}) -- {export_fix}")
+
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError(f"{name} is UTF-16 text -- re-save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')")
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    if not body.strip():
+        raise ManifestError(f"{name} is empty -- {empty_fix}")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise binary(nul)
+    sample = raw[:SNIFF_BYTES]
+    control, high = _byte_classes(sample)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if control.sum() > 0.01 * len(sample) or high.sum() > 0.3 * len(sample):
+            raise binary(int(np.flatnonzero(control | high)[0])) from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}, line {line}; "
+            "Latin-1 or Windows-1252?) -- re-save it as UTF-8 (in Excel: Save As > 'CSV UTF-8')"
+        ) from None
+    if control.sum() > 0.01 * len(sample):
+        raise binary(int(np.flatnonzero(control)[0]))
+    return text
+
+
 def show_name(text):
     """A column name in a message: line breaks and other unprintable characters escaped."""
     return text if text.isprintable() else repr(text)[1:-1]

@@ -447,7 +447,7 @@ def test_cli_errors_exit_1_and_write_nothing(tmp_path, monkeypatch):
         "sex)\n")
     result = CliRunner().invoke(main, ["pairs", "missing.csv", "--out", "pairs.csv"])
     assert result.exit_code == 1
-    assert result.output == "Error: missing.csv does not exist -- check the path of the image export\n"
+    assert result.output == "Error: missing.csv does not exist -- check the path to the image export\n"
 
 
 def test_cli_help_mentions_the_one_liner():
