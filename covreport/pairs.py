@@ -137,7 +137,7 @@ def _read_table(path, *, delimiter=None, what="table"):
     raw = read_bytes(path, name, what)
     if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
         raise ManifestError(f"{name} is a spreadsheet workbook -- export its first sheet as CSV (UTF-8)")
-    text = decode(raw, name, empty_fix=f"give a {what} with a header line and its rows",
+    text = decode(raw, name, empty_fix=f"the {what} needs a header line and its rows",
                   export_fix=f"save the {what} as CSV (UTF-8)")
     if delimiter is None:
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
