@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from covreport import __version__, _threads
+from covreport._io import _on_sigterm
 from covreport.errors import CovreportError
 
 # The command line is the application: before torch (imported lazily by the
@@ -27,11 +28,22 @@ _threads.prepare_environment()
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        import signal
+        import threading
+
+        # SIGTERM ends a command like Ctrl-C does: cleanup (temporary folders, helper
+        # processes) runs on the way out; exit status 128 + 15.
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except CovreportError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(1)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
 
 def _set_quiet(ctx, param, value):

@@ -146,6 +146,21 @@ class _PermutationProcess:
         self.proc = proc
         self.folder = folder
 
+    def close(self):
+        """Stop the process if it still runs and remove its folder (for a parent leaving early)."""
+        import shutil
+
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def result(self):
         """The test's result dict, or None when the process failed (its folder is removed either way)."""
         import shutil
@@ -192,10 +207,25 @@ def start_permutation_process(X, y, groups, **kwargs):
 
 def _permutation_main(folder):
     """Entry point of :func:`start_permutation_process`'s process."""
+    import shutil
+    import threading
+    import time
+
     folder = Path(folder)
     progress.set_quiet(True)
+    parent = os.getppid()
+
+    def orphaned():  # the parent died (even by SIGKILL): stop, and leave no data behind
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                shutil.rmtree(folder, ignore_errors=True)
+                os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     with open(folder / "arguments.pickle", "rb") as fh:
         X, y, groups, kwargs = pickle.load(fh)
+    os.unlink(folder / "arguments.pickle")  # the features stay on disk no longer than needed
     result = permutation_p(X, y, groups, **kwargs)
     tmp = folder / "result.pickle.tmp"
     with open(tmp, "wb") as fh:

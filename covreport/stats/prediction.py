@@ -168,13 +168,23 @@ def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
         if running:
             progress.say(f"Permutation tests of {', '.join(running)} running in {len(running)} other "
                          f"process{'es' if len(running) > 1 else ''}")
-    for key in keys:
-        if key not in running:
-            X, y, groups, protocol = tasks[key]
-            results[key] = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations,
-                                         seed=seed, solver=solver, desc=f"Permutations ({key})")
+    try:
+        for key in keys:
+            if key not in running:
+                X, y, groups, protocol = tasks[key]
+                results[key] = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations,
+                                             seed=seed, solver=solver, desc=f"Permutations ({key})")
+    except BaseException:  # an error, Ctrl-C or SIGTERM here: stop the other processes, remove their files
+        for proc in running.values():
+            proc.close()
+        raise
     for key, proc in running.items():
-        res = proc.result()
+        try:
+            res = proc.result()
+        except BaseException:
+            for other in running.values():
+                other.close()
+            raise
         if res is None:
             progress.say(f"the process of the {key} permutation test failed; running it here")
             X, y, groups, protocol = tasks[key]
