@@ -302,7 +302,8 @@ def _split_labels(values):
               help="Adam's fixed learning rate (betas 0.9/0.999).")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
               help="Use at most N images of each CSV (a seeded random sample), for small runs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, shuffling, sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of initialisation, shuffling, sampling.")
 @click.option("--resume", is_flag=True,
               help="Continue from the last NAME.epochN.pt beside --out, with its optimizer state.")
 @click.option("--keep-epochs", is_flag=True,
@@ -460,8 +461,10 @@ _PAIRS_LIST_LIMIT = 10
                    "case-insensitive, '|' separates alternatives; repeat to require several.")
 @click.option("--source", help="Text for the source column of new pairs [default: the preset or export name].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (exclusions, ties, counts) as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file (not needed when --out is the "
+                                            "--update manifest itself; never the export or the map).")
 def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_format, offset_col, view_col,
-          path_col, age_col, sex_col, views, filters, source, as_json):
+          path_col, age_col, sex_col, views, filters, source, as_json, force):
     """Build the pair manifest from an image-level export (one row per image).
 
     Per patient, the images that pass --filter and show one of --views are
@@ -483,8 +486,12 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
     from covreport.errors import ManifestError
     from covreport.pairs import build_pairs, read_column_map, write_pairs
 
-    # The export and the map are never overwritten (the --update manifest may be: that is its purpose).
-    check_out_file(out, inputs=[images, map_file], force=True, error_class=ManifestError)
+    # The export and the map are never overwritten; the --update manifest may be (that is its
+    # purpose); any other existing file needs --force (it may hold the readers' outcomes).
+    from covreport._io import _file_id
+
+    in_place = previous is not None and _file_id(out) is not None and _file_id(out) == _file_id(previous)
+    check_out_file(out, inputs=[images, map_file], force=force or in_place, error_class=ManifestError)
     columns = dict(read_column_map(map_file)) if map_file else {}
     for key, value in (("patient_id", patient_col), ("date", date_col), ("offset_days", offset_col),
                        ("view", view_col), ("age", age_col), ("sex", sex_col)):
@@ -594,14 +601,14 @@ def _default_weights_or_explain():
               help="Folder of templates overriding the built-in report templates.")
 @click.option("--protocol", type=click.Choice(["nested", "global"]), default="nested", show_default=True,
               help="Headline prediction protocol (feature selection inside each fold, or once on all pairs).")
-@click.option("--permutations", type=click.IntRange(min=0), default=1000, show_default=True,
+@click.option("--permutations", type=click.IntRange(min=0, max=100_000), default=1000, show_default=True,
               help="Permutations for each protocol's permutation p-value of the accuracy (0 to skip).")
-@click.option("--bootstrap", type=click.IntRange(min=0), default=2000, show_default=True,
+@click.option("--bootstrap", type=click.IntRange(min=0, max=100_000), default=2000, show_default=True,
               help="Patient-level cluster bootstrap resamples for percentile CIs (0 to skip).")
 @click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
               help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
                    "logit with the sample prevalence taken as known (MedCalc; the original study).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the permutation tests and the bootstrap.")
 @click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
               help="Score cache (SQLite); default under the user's cache folder.")
@@ -642,7 +649,8 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("covreport-demo"),
               show_default=True, help="Folder for the phantom study, weights, cache and report.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the phantom and the training.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the phantom and the training.")
 @quiet_option
 def demo(out, seed):
     """Run the whole study on a synthetic phantom: generate, train, score, test, report.

@@ -48,3 +48,6 @@ EXCLUSION_STAGES = (STAGE_INDEX_TEST_NOT_DONE, STAGE_NO_REFERENCE)
 
 #: Columns read_manifest adds to the pairs table (a manifest may not use these names).
 MANIFEST_DERIVED_COLUMNS = ("first_path", "second_path", "interval_days", "line")
+
+#: Every manifest column (given or derived): no label may take one of these names.
+MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + MANIFEST_DERIVED_COLUMNS

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covreport._io import sha256_file
-from covreport.constants import DEFAULT_LABELS, FEATURE_PREFIX, IMAGE_COLUMN
+from covreport.constants import DEFAULT_LABELS, FEATURE_PREFIX, IMAGE_COLUMN, MANIFEST_COLUMNS
 from covreport.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def check_labels(labels, where="A model"):
         if lab.strip().lower() == IMAGE_COLUMN or lab.strip().lower().startswith(FEATURE_PREFIX):
             raise ModelError(f"{where} has invalid labels: {lab!r} is a reserved column name of scores files "
                              f"({IMAGE_COLUMN!r}, {FEATURE_PREFIX}*); rename it.")
+        if lab in MANIFEST_COLUMNS:
+            raise ModelError(f"{where} has invalid labels: {lab!r} is a manifest column name; rename it.")
         if len(lab) > MAX_LABEL_LENGTH or not lab.isprintable():
             raise ModelError(f"{where} has invalid labels: {lab[:MAX_LABEL_LENGTH]!r}; labels are printable "
                              f"names of at most {MAX_LABEL_LENGTH} characters.")

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from covreport import progress as _progress
-from covreport.constants import FEATURE_PREFIX, IMAGE_COLUMN, N_FEATURES, feature_columns
+from covreport.constants import FEATURE_PREFIX, IMAGE_COLUMN, MANIFEST_COLUMNS, N_FEATURES, feature_columns
 from covreport.errors import ImageError, ModelError, ScoresError
 
 log = logging.getLogger(__name__)
@@ -837,6 +837,11 @@ def read_scores(path, labels=None, *, require_features=False):
             raise ScoresError(f"scores file {path} has no label columns "
                               f"(columns other than {IMAGE_COLUMN!r} and '{FEATURE_PREFIX}*')")
     labels = [str(v) for v in labels]
+    reserved = [c for c in labels if c in MANIFEST_COLUMNS]
+    if reserved:
+        raise ScoresError(f"scores file {path}: column(s) {', '.join(map(repr, reserved))} would be read as "
+                          "labels but are manifest columns; a scores file holds 'image', one probability "
+                          "column per label and feat_* only: remove or rename them")
     missing = [c for c in labels if c not in df.columns]
     if missing:
         raise ScoresError(f"scores file {path} is missing label column(s): {', '.join(missing)}")

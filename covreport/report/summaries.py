@@ -31,7 +31,7 @@ def _prediction_blocks(results):
     blocks = []
     for name in ("nested", "global", "reversed"):
         b = pred.get(name)
-        if b:
+        if b and b.get("metrics"):  # a protocol that could not run (e.g. one patient) has no metrics
             blocks.append({"name": name, "title": titles[name], "short": short[name], "block": b,
                            "headline": name == headline, "optimistic": name == "global",
                            "majority": b.get("majority_rate") if _finite(b.get("majority_rate"))
