@@ -99,6 +99,7 @@ _VALIDATE_LIST_LIMIT = 20
 @click.option("--scores", type=click.Path(dir_okay=False, path_type=str),
               help="Check the manifest against this scores file (reviewer mode): a pair can be analysed "
                    "when both its images have a row in it. No image file is opened or looked up.")
+@quiet_option
 def validate(manifest, as_json, strict, no_images, scores):
     """Check a pair manifest and summarise it; nothing is written.
 
@@ -681,18 +682,25 @@ _VERIFY_LIST_LIMIT = 50
 @click.option("--scores", type=click.Path(dir_okay=False, path_type=Path),
               help="The scores file of a reviewer-mode run (or one made with the run's weights).")
 @click.option("--weights", help="The weights of a weights-mode run (file or xrv: spec).")
-@click.option("--validation-csv", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--validation-scores", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--reference-csv", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--validation-csv", type=click.Path(dir_okay=False, path_type=Path),
+              help="The CheXpert-layout validation CSV the run was given (validation AUCs).")
+@click.option("--validation-scores", type=click.Path(dir_okay=False, path_type=Path),
+              help="Scores of the validation images (the run's, or made with its weights).")
+@click.option("--reference-csv", type=click.Path(dir_okay=False, path_type=Path),
+              help="The reference population CSV of Table 1 the run was given.")
+@click.option("--study", type=click.Path(dir_okay=False, path_type=Path),
+              help="The study.toml the run was given.")
 @click.option("--previous", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The earlier results.json files the run was given with --previous, in the same order.")
+@click.option("--templates", type=click.Path(file_okay=False, path_type=Path),
+              help="The --templates folder the run used, to check its report's text.")
 @click.option("--ignore-hashes", is_flag=True,
               help="Rerun even when an input's SHA-256 differs from the recorded one (still a failure).")
 @click.option("--no-cache", is_flag=True, help="Score the images again instead of using the score cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification as a JSON record.")
+@quiet_option
 def verify(folder, manifest, scores, weights, validation_csv, validation_scores, reference_csv, study,
-           previous, ignore_hashes, no_cache, as_json):
+           previous, templates, ignore_hashes, no_cache, as_json):
     """Re-derive every number of a submitted results folder (FOLDER holds results.json).
 
     Checks each input against the SHA-256 recorded in the run's provenance,
@@ -713,7 +721,7 @@ def verify(folder, manifest, scores, weights, validation_csv, validation_scores,
     inputs = {"manifest": manifest, "scores": scores, "weights": weights, "validation_csv": validation_csv,
               "validation_scores": validation_scores, "reference_csv": reference_csv, "study": study}
     result = verify_folder(folder, {k: v for k, v in inputs.items() if v is not None}, previous=previous,
-                           ignore_hashes=ignore_hashes, use_cache=not no_cache)
+                           templates=templates, ignore_hashes=ignore_hashes, use_cache=not no_cache)
     if as_json:
         _echo_json(result.to_dict())
     else:
@@ -724,11 +732,17 @@ def verify(folder, manifest, scores, weights, validation_csv, validation_scores,
         if diffs:
             click.echo(f"NOT verified: {len(result.differences)} difference(s) in results.json, "
                        f"{len(result.report_differences)} in the report files ({result.tolerance})")
-            click.echo("path\tsubmitted\tregenerated")
-            for d in diffs[:_VERIFY_LIST_LIMIT]:
-                click.echo(f"{d['path']}\t{d['submitted']}\t{d['regenerated']}")
-            if len(diffs) > _VERIFY_LIST_LIMIT:
-                click.echo(f"... and {len(diffs) - _VERIFY_LIST_LIMIT} more (see --json)")
+            shown = 0
+            for title, rows in (("path\tsubmitted\tregenerated", result.differences),
+                                ("report file\tin the file\tfrom the submitted results.json",
+                                 result.report_differences)):
+                if rows:
+                    click.echo(title)
+                for d in rows[:max(0, _VERIFY_LIST_LIMIT - shown)]:
+                    click.echo(f"{d['path']}\t{d['submitted']}\t{d['regenerated']}")
+                shown += len(rows)
+            if shown > _VERIFY_LIST_LIMIT:
+                click.echo(f"... and {shown - _VERIFY_LIST_LIMIT} more (see --json)")
         elif result.ok:
             click.echo(f"verified: {result.numbers_compared} numbers regenerated exactly ({result.tolerance})")
         click.echo(f"report files checked: {', '.join(result.report_checked) or 'none'}")

@@ -130,6 +130,8 @@ def run(opts: RunOptions) -> Path:
         from covreport.revalidation import load_results
 
         previous = [load_results(p) for p in opts.previous]
+        for data, path in zip(previous, opts.previous):  # shown and stored without local folders
+            data["_path"] = portable_path(path, Path(manifest.path).parent)
 
     with progress.stage(f"Statistics on {len(pairs)} pairs"):
         statistics = compute_statistics(pairs, labels, scores, opts, reference=reference)
@@ -504,6 +506,8 @@ def _provenance(opts, manifest, weights, loaded, scoring):
     }
     if scoring is not None:
         prov["scoring"] = scoring
+    if opts.templates is not None:  # the report's own templates (not a number): verify needs them too
+        prov["templates"] = portable_path(opts.templates, base)
     prov.update(opts.extra_provenance)
     return prov
 

@@ -86,6 +86,8 @@ def load_results(path):
         raise ReportError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}) -- {hint}") from None
     except (RecursionError, MemoryError):
         raise ReportError(f"{path}: nested deeper than {MAX_DEPTH} levels -- {hint}") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python converts
+        raise ReportError(f"{path}: not a results.json covreport wrote ({exc}) -- {hint}") from None
     if not isinstance(data, dict) or "provenance" not in data:
         raise ReportError(f"{path} is not a covreport results.json (no 'provenance') -- give --previous the "
                           "results.json of an earlier run")

@@ -25,6 +25,7 @@ its hash).
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -76,7 +77,7 @@ class Verification:
                 "report_checked": self.report_checked, "report_not_checked": self.report_not_checked}
 
 
-def verify(folder, inputs=None, *, previous=(), ignore_hashes=False, use_cache=True):
+def verify(folder, inputs=None, *, previous=(), templates=None, ignore_hashes=False, use_cache=True):
     """Rerun the analysis of a submitted results folder and compare every number.
 
     Parameters
@@ -90,6 +91,9 @@ def verify(folder, inputs=None, *, previous=(), ignore_hashes=False, use_cache=T
         path, relative to the manifest's folder.
     previous : sequence of path
         The earlier results.json files the run compared with (``--previous``).
+    templates : path, optional
+        The ``--templates`` folder the run used (recorded as ``provenance.templates``);
+        without it the text of such a report is not checked.
     ignore_hashes : bool
         Rerun even when an input's SHA-256 differs from the recorded one (the
         mismatches are still reported and verification fails).
@@ -116,6 +120,7 @@ def verify(folder, inputs=None, *, previous=(), ignore_hashes=False, use_cache=T
     if not isinstance(options, dict):
         raise VerifyError(f"{folder / 'results.json'}: provenance has no 'options' (written by a covreport "
                           "older than 0.2); rerun it with `covreport run` to make it verifiable")
+    _check_options(options, folder / "results.json")
     paths = _resolve_inputs(recorded, dict(inputs or {}), previous)
     mismatches = []
     for role, path in paths.items():
@@ -134,15 +139,37 @@ def verify(folder, inputs=None, *, previous=(), ignore_hashes=False, use_cache=T
     # A scores file standing in for the weights: the rerun cannot know the model.
     stand_in = "weights" in recorded and "scores" in paths
     skip = ("provenance.weights_sha256", "provenance.preprocessing", "provenance.model",
-            "provenance.inputs.weights", "provenance.inputs.scores") if stand_in else ()
+            "provenance.inputs.weights", "provenance.inputs.scores",
+            "provenance.inputs.validation_scores") if stand_in else ()
     differences, n = compare_results(submitted, regenerated, skip=skip)
-    report_diffs, checked, not_checked = check_report(folder, submitted)
+    used = prov.get("templates")
+    report_diffs, checked, not_checked = check_report(
+        folder, submitted, templates=templates if templates is not None else (None if used else ""))
     return Verification(numbers_compared=n, differences=differences, report_differences=report_diffs,
                         report_checked=checked, report_not_checked=not_checked, hash_mismatches=mismatches,
                         inputs={k: str(v) for k, v in paths.items()})
 
 
 # --- inputs ------------------------------------------------------------------
+
+#: What each recorded option may be (the CLI's own ranges): a submitted results.json is untrusted.
+_OPTION_RULES = {
+    "protocol": (lambda v: v in ("nested", "global"), "'nested' or 'global'"),
+    "seed": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "permutations": (lambda v: type(v) is int and 0 <= v <= 100_000, "an integer from 0 to 100,000"),
+    "bootstrap": (lambda v: type(v) is int and 0 <= v <= 100_000, "an integer from 0 to 100,000"),
+    "predictive_ci": (lambda v: v in ("exact", "logit"), "'exact' or 'logit'"),
+    "strict": (lambda v: type(v) is bool, "true or false"),
+}
+
+
+def _check_options(options, path):
+    for key, (ok, want) in _OPTION_RULES.items():
+        if key not in options:
+            raise VerifyError(f"{path}: provenance.options lacks {key!r}; the run cannot be repeated")
+        if not ok(options[key]):
+            raise VerifyError(f"{path}: provenance.options.{key} is {options[key]!r}, not {want}")
+
 
 
 def _load(path):
@@ -165,7 +192,7 @@ def _resolve_inputs(recorded, given, previous):
         raise ValueError(f"unknown input role(s) {unknown}")
     given = {k: Path(v) for k, v in given.items() if v is not None}
     for role in given:
-        if role not in recorded and not (role == "scores" and "weights" in recorded):
+        if role not in recorded and not (role in ("scores", "validation_scores") and "weights" in recorded):
             raise VerifyError(f"--{role.replace('_', '-')} was given but the submitted run read no {role} "
                               f"(it read: {', '.join(sorted(recorded)) or 'nothing recorded'})")
     if "manifest" not in given:
@@ -196,7 +223,7 @@ def _resolve_inputs(recorded, given, previous):
     for role, path in zip(roles_previous, previous):
         paths[role] = Path(path)
     if missing:
-        lines = "\n".join(f"  {_missing_text(role, recorded)}" for role in missing)
+        lines = "\n".join(f"  {_missing_text(role, recorded, base)}" for role in missing)
         raise VerifyError(f"the rerun needs these inputs of the submitted run:\n{lines}")
     return paths
 
@@ -206,7 +233,13 @@ def _recorded_text(recorded, role):
     return f"{rec.get('path', '?')}, SHA-256 {rec.get('sha256', '?')}"
 
 
-def _missing_text(role, recorded):
+def _missing_text(role, recorded, base):
+    rec = (recorded.get(role) or {}).get("path")
+    looked = f" (not found at {base / rec})" if rec and not role.startswith("previous") else ""
+    return _missing_reason(role, recorded) + looked
+
+
+def _missing_reason(role, recorded):
     if role == "weights":
         return (f"--weights: the run scored the images with {_recorded_text(recorded, 'weights')}; give those "
                 "weights, or --scores with a scores file made with them (`covreport score`): the pairs table of "
@@ -271,8 +304,13 @@ def compare_results(submitted, regenerated, *, skip=()):
                       f"provenance.inputs.{role}.sha256", diffs, count)
         elif key not in ("covreport_version", "_path"):
             _walk(submitted.get(key, _ABSENT), regenerated.get(key, _ABSENT), key, diffs, count)
-    diffs = [d for d in diffs if not d["path"].startswith(tuple(skip))] if skip else diffs
+    diffs = [d for d in diffs if not d["path"].startswith(tuple(skip)) and not _RUN_FACT.match(d["path"])]
     return diffs, count[0]
+
+
+#: Copies of run facts inside results: the new run's time in the revalidation series, and the
+#: --previous files' paths (identified by their SHA-256 in provenance.inputs).
+_RUN_FACT = re.compile(r"^revalidation\.(series\[\d+\]\.points\[\d+\]\.created|previous\[\d+\]\.path)$")
 
 
 _ABSENT = object()
@@ -307,8 +345,12 @@ def _walk(a, b, path, diffs, count):
 # --- the report files ---------------------------------------------------------------
 
 
-def check_report(folder, submitted):
+def check_report(folder, submitted, templates=""):
     """Compare ``tables/*.csv`` and the text of ``report.html`` with a rendering of ``submitted``.
+
+    ``templates``: the folder of the run's ``--templates`` ("" for the
+    built-in ones; None when the run used templates that were not given, so
+    report.html cannot be checked).
 
     Returns
     -------
@@ -322,7 +364,11 @@ def check_report(folder, submitted):
     diffs, checked, not_checked = [], [], []
     with tempfile.TemporaryDirectory(prefix="covreport-verify-") as tmp:
         tmp = Path(tmp)
-        _write_tables(submitted, tmp / "tables")
+        try:
+            _write_tables(submitted, tmp / "tables")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            return [], [], [f"tables/ and report.html: the submitted results.json is malformed "
+                            f"({type(exc).__name__}: {exc}), so they cannot be rebuilt from it"]
         sub_tables = folder / "tables"
         names = sorted({p.name for p in (tmp / "tables").glob("*.csv")}
                        | ({p.name for p in sub_tables.glob("*.csv")} if sub_tables.is_dir() else set()))
@@ -338,12 +384,19 @@ def check_report(folder, submitted):
                 diffs += _csv_differences(theirs, mine, f"tables/{name}")
                 checked.append(f"tables/{name}")
         html = folder / "report.html"
-        if html.is_file():
+        if html.is_file() and templates is not None:
             from covreport.report import render_report
 
-            render_report(submitted, tmp / "report", pdf=False)
-            diffs += _html_differences(html, tmp / "report" / "report.html")
-            checked.append("report.html (its text outside figures)")
+            try:
+                render_report(submitted, tmp / "report", pdf=False, templates=templates or None)
+            except (CovreportError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                not_checked.append(f"report.html: cannot be rendered from the submitted results.json ({exc})")
+            else:
+                diffs += _html_differences(html, tmp / "report" / "report.html")
+                checked.append("report.html (its text outside figures)")
+        elif html.is_file():
+            not_checked.append("report.html: the run used its own --templates; give them to verify "
+                               "(--templates) to check the report's text")
         else:
             not_checked.append("report.html: not in the folder")
     if (folder / "report.pdf").is_file():

@@ -170,3 +170,53 @@ def test_weights_mode_run_verifies_with_weights_or_a_scores_file(tmp_path):
     res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv"),
                                "--scores", str(tmp_path / "scores.csv")])
     assert res.exit_code == 0, res.output
+
+
+def test_a_run_with_previous_results_verifies(submitted, tmp_path):
+    # The new run's time inside revalidation.series and the --previous paths are run facts.
+    prev = tmp_path / "earlier.json"
+    shutil.copy(submitted / "out" / "results.json", prev)
+    out = tmp_path / "out2"
+    res = CliRunner().invoke(main, ["-q", "run", str(submitted / "manifest.csv"), "--scores",
+                                    str(submitted / "scores.csv"), "--out", str(out), "--permutations", "30",
+                                    "--seed", "7", "--no-pdf", "--previous", str(prev)])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert str(tmp_path) not in json.dumps(results["revalidation"])  # no absolute local path
+    res = _verify(out, submitted, "--previous", str(prev), "-q")
+    assert res.exit_code == 0, res.output
+    assert "verified: " in res.output
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("permutations", "abc", "provenance.options.permutations is 'abc', not an integer from 0 to 100,000"),
+    ("bootstrap", 10 ** 9, "provenance.options.bootstrap is 1000000000, not an integer from 0 to 100,000"),
+    ("seed", -1, "provenance.options.seed is -1, not an integer >= 0"),
+])
+def test_hostile_recorded_options_are_refused(submitted, tmp_path, key, value, said):
+    out = _copy(submitted, tmp_path)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results["provenance"]["options"][key] = value
+    (out / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    res = _verify(out, submitted)
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == f"Error: {out / 'results.json'}: {said}"
+
+
+def test_a_report_made_with_other_templates_is_not_checked_without_them(submitted, tmp_path):
+    from covreport.report.render import templates_dir
+
+    tpl = tmp_path / "tpl"
+    shutil.copytree(templates_dir(), tpl)
+    page = tpl / "report.html.j2"
+    page.write_text(page.read_text(encoding="utf-8").replace("<h1", "<p>Site banner</p><h1", 1), encoding="utf-8")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["-q", "run", str(submitted / "manifest.csv"), "--scores",
+                                    str(submitted / "scores.csv"), "--out", str(out), "--permutations", "30",
+                                    "--seed", "7", "--no-pdf", "--templates", str(tpl)])
+    assert res.exit_code == 0, res.output
+    res = _verify(out, submitted)
+    assert res.exit_code == 0, res.output
+    assert "not checked: report.html: the run used its own --templates" in res.output
+    res = _verify(out, submitted, "--templates", str(tpl))
+    assert res.exit_code == 0 and "report.html (its text outside figures)" in res.output

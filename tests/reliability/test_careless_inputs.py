@@ -72,3 +72,17 @@ def test_a_negative_seed_is_a_usage_error_before_any_work(tmp_path):
     res = _run(tmp_path, "--seed", "-1")
     assert res.exit_code == 2 and "Invalid value for '--seed'" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_previous_with_a_huge_integer_is_refused(tmp_path):
+    from covreport.errors import ReportError
+    from covreport.revalidation import load_results
+
+    big = tmp_path / "big.json"
+    big.write_text('{"provenance": {}, "x": ' + "1" * 5000 + "}")
+    try:
+        load_results(big)
+    except ReportError as exc:
+        assert str(exc).startswith(f"{big}: not a results.json covreport wrote (")
+    else:
+        raise AssertionError("accepted")
