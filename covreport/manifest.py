@@ -203,7 +203,10 @@ class Manifest:
         """
         failed = failed or {}
         scored = set(scored)
-        already = set(self.exclusions["pair_id"].tolist())
+        # The index test comes before the reference standard (STARD): a pair excluded only for its
+        # empty outcome moves to "index test not done" when an image lacks a score, as in weights mode.
+        stages = dict(zip(self.exclusions["pair_id"], self.exclusions["stage"]))
+        already = {p for p, st in stages.items() if st != STAGE_NO_REFERENCE}
         rows = []
         for rec in self.pairs[["pair_id", "patient_id", "outcome", "first_image", "second_image"]].itertuples(
                 index=False):
@@ -222,7 +225,8 @@ class Manifest:
         if not rows:
             return self
         new = pd.DataFrame(rows, columns=self.exclusions.columns, dtype=object)
-        exclusions = pd.concat([self.exclusions, new], ignore_index=True) if len(self.exclusions) else new
+        kept = self.exclusions[~self.exclusions["pair_id"].isin(new["pair_id"])]
+        exclusions = pd.concat([kept, new], ignore_index=True) if len(kept) else new
         warnings = [*self.warnings, f"{_n(len(rows), 'pair')} without a score for an image: excluded "
                                     f"({STAGE_INDEX_TEST_NOT_DONE})"]
         return dataclasses.replace(self, exclusions=exclusions, warnings=warnings)

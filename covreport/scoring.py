@@ -658,6 +658,10 @@ def score_to_file(manifest_path, out, *, weights=None, cache_path=None, use_cach
     loaded = load_checkpoint(spec)
     res = score_manifest(m, loaded, cache_path=cache_path, use_cache=use_cache, batch_size=batch_size,
                          num_workers=num_workers, precision=precision, progress=progress, device=device)
+    if res.failed and res.scores.empty:
+        first, reason = next(iter(res.failed.items()))
+        raise ImageError(f"none of the {len(res.failed)} image(s) could be scored, e.g. {first}: {reason}; "
+                         "nothing written (relative paths start at the manifest's folder)")
     if strict and res.failed:
         first, reason = next(iter(res.failed.items()))
         raise ImageError(f"{len(res.failed)} image(s) could not be scored (--strict), "

@@ -159,3 +159,18 @@ def test_weights_mode_still_checks_images(tmp_path):
     assert len(m.exclusions) == 6
     assert set(m.exclusions["stage"]) == {"index test not done"}
     assert all("file not found" in r for r in m.exclusions["reason"])
+
+
+def test_unscored_pair_without_outcome_is_at_the_index_test_stage_in_both_modes(tmp_path):
+    """STARD order: the index test before the reference standard, whether images or scores are missing."""
+    from covreport.manifest import read_manifest
+
+    text = ("patient_id,first_image,second_image,outcome\n"
+            "P1,a.png,b.png,\n"          # no outcome, and b.png has neither a file nor a score
+            "P1,b.png,c.png,Worse\n")
+    (tmp_path / "m.csv").write_text(text)
+    weights_mode = read_manifest(tmp_path / "m.csv")  # no image files at all
+    reviewer = read_manifest(tmp_path / "m.csv", check_images=False).exclude_unscored(["a.png", "c.png"])
+    for m in (weights_mode, reviewer):
+        first = m.exclusions[m.exclusions["pair_id"] == m.pairs["pair_id"][0]]
+        assert list(first["stage"]) == ["index test not done"]
