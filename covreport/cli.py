@@ -122,7 +122,7 @@ def validate(manifest, as_json, strict, no_images, scores):
         from covreport.scoring import read_scores
 
         m = read_manifest(manifest, strict=strict, check_images=False)
-        m = m.exclude_unscored(read_scores(scores)["image"], strict=strict)
+        m = m.exclude_unscored(read_scores(scores, require_features=True)["image"], strict=strict)
     else:
         m = read_manifest(manifest, strict=strict, check_images=not no_images)
     summary = m.summary()

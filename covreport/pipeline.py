@@ -92,7 +92,7 @@ def run(opts: RunOptions) -> Path:
         with progress.stage(f"Reading manifest {opts.manifest}"):
             manifest = read_manifest(opts.manifest, strict=opts.strict, check_images=False)
         _check_out(opts, _manifest_image_paths(manifest))
-        scores = read_scores(opts.scores)
+        scores = read_scores(opts.scores, require_features=True)
         manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], strict=opts.strict)
     else:
         from covreport.model import load_checkpoint

@@ -393,3 +393,12 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(weights):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) and v.is_contiguous(), k
     assert model.training is False and n_bn == 1 + 58 * 2 + 3 + 1
+
+
+def test_cli_score_writes_nothing_when_no_image_can_be_scored(tmp_path, weights):
+    (tmp_path / "m.csv").write_text("patient_id,first_image,second_image,outcome\nP1,a.png,b.png,Worse\n")
+    r = CliRunner().invoke(main, ["-q", "score", str(tmp_path / "m.csv"), "--weights", str(weights),
+                                  "--out", str(tmp_path / "s.csv")])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("Error: none of the 2 image(s) could be scored, e.g. ")
+    assert not (tmp_path / "s.csv").exists()
