@@ -174,6 +174,37 @@ def _marker_text():
             "`covreport run --force` may delete and replace it; it replaces no folder without this file.\n")
 
 
+_FILES_HEADER = "Files written:"
+
+
+def record_written_files(folder):
+    """List every file of a finished output folder in its marker, so that ``--force`` can tell
+    files covreport wrote from files a user added later (:func:`foreign_files`)."""
+    folder = Path(folder)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != OUTPUT_MARKER)
+    text = _marker_text() + _FILES_HEADER + "\n" + "".join(f"{n}\n" for n in names)
+    (folder / OUTPUT_MARKER).write_text(text, encoding="utf-8")
+
+
+def foreign_files(folder):
+    """Files of a covreport output folder that its marker does not list (added by someone else).
+
+    A marker without a file list (older covreport) lists nothing, so nothing is foreign.
+    """
+    folder = Path(folder)
+    try:
+        text = (folder / OUTPUT_MARKER).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    if _FILES_HEADER not in text:
+        return []
+    listed = set(text.split(_FILES_HEADER, 1)[1].splitlines())
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != OUTPUT_MARKER
+                  and p.relative_to(folder).as_posix() not in listed)
+
+
 def is_covreport_output(folder):
     """True when ``folder`` is a folder holding covreport's output marker file."""
     folder = Path(folder)
@@ -255,6 +286,12 @@ def check_out_dir(out, *, inputs=(), force=False, error_class=CovreportError):
                 f"{out} was not written by covreport (it has no {OUTPUT_MARKER} file), so --force will not "
                 f"replace it; it holds {_show_entries(target)}. If it is the output of an older covreport, "
                 f"delete it yourself (e.g. rm -r {out}); otherwise choose another --out")
+        added = foreign_files(target) if is_covreport_output(target) else []
+        if added:
+            shown = ", ".join(added[:_SHOW_ENTRIES]) + (f" and {len(added) - _SHOW_ENTRIES} more"
+                                                        if len(added) > _SHOW_ENTRIES else "")
+            raise error_class(f"{out} holds {len(added)} file(s) covreport did not write ({shown}); --force "
+                              "would delete them: move them out of it, or choose another --out")
     return target
 
 
@@ -394,6 +431,7 @@ class staged_dir:
         try:
             if exc_type is None:
                 try:
+                    record_written_files(self.tmp)
                     self.swap(self.tmp, self.target, force=self.force)
                 except OSError as err:
                     raise self.error_class(f"cannot write the outputs to {self.target}: {err}") from None

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -107,7 +109,10 @@ def test_force_replaces_a_marked_output_and_an_empty_folder(study, tmp_path):
     out = tmp_path / "out"
     assert _run(manifest, scores, out).exit_code == 0
     assert (out / OUTPUT_MARKER).is_file()
+    # A file an earlier run wrote (listed in the marker) that this run does not write: replaced.
     (out / "stale.txt").write_text("from an earlier run")
+    with open(out / OUTPUT_MARKER, "a", encoding="utf-8") as fh:
+        fh.write("stale.txt\n")
     res = _run(manifest, scores, out, "--force", "--previous", str(out / "results.json"))
     assert res.exit_code == 0, res.output
     assert not (out / "stale.txt").exists() and (out / OUTPUT_MARKER).is_file()
@@ -323,3 +328,31 @@ def test_demo_never_replaces_a_study_folder_it_did_not_write(tmp_path):
         "README.txt); the demo never replaces it: choose another --out or move it away")
     assert mine.read_text() == "the user's own file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
+
+
+def test_force_never_deletes_files_a_user_added_to_an_output_folder(tmp_path):
+    """A covreport output folder with a user's notes added: --force refuses and names them."""
+    import shutil as _sh
+
+    from covreport.constants import DEFAULT_LABELS, feature_columns
+
+    example = Path(__file__).resolve().parents[2] / "data_manifests" / "example" / "manifest.csv"
+    _sh.copy(example, tmp_path / "manifest.csv")
+    m = pd.read_csv(example)
+    images = sorted(set(m["first_image"]) | set(m["second_image"]))
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame({"image": images, **{lab: rng.random(len(images)) for lab in DEFAULT_LABELS}})
+    feats = pd.DataFrame(rng.random((len(images), 1024)), columns=feature_columns())
+    pd.concat([scores, feats], axis=1).to_csv(tmp_path / "scores.csv", index=False)
+    args = ["-q", "run", str(tmp_path / "manifest.csv"), "--scores", str(tmp_path / "scores.csv"), "--out",
+            str(tmp_path / "out"), "--permutations", "0", "--bootstrap", "0", "--no-pdf", "--force"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert CliRunner().invoke(main, args).exit_code == 0          # its own files: replaced
+    notes = tmp_path / "out" / "tables" / "my-notes.txt"
+    notes.write_text("a reviewer's notes")
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (
+        f"Error: {tmp_path / 'out'} holds 1 file(s) covreport did not write (tables/my-notes.txt); --force "
+        "would delete them: move them out of it, or choose another --out")
+    assert notes.read_text() == "a reviewer's notes"
