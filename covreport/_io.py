@@ -279,9 +279,10 @@ def check_out_dir(out, *, inputs=(), force=False, error_class=CovreportError):
     if os.path.lexists(target):
         if not target.is_dir():
             raise error_class(f"{out} exists and is not a folder; choose another --out")
-        if not force:
+        foreign = not is_covreport_output(target) and any(target.iterdir())
+        if not force and not foreign:
             raise error_class(f"{out} exists; choose another --out or add --force to replace it")
-        if not is_covreport_output(target) and any(target.iterdir()):
+        if foreign:
             raise error_class(
                 f"{out} was not written by covreport (it has no {OUTPUT_MARKER} file), so --force will not "
                 f"replace it; it holds {_show_entries(target)}. If it is the output of an older covreport, "

@@ -335,7 +335,7 @@ def _validation(opts, loaded, labels):
 
         root = Path(opts.validation_csv).resolve().parent.parent
         paths = [str(root / p) for p in truth["Path"]]
-        res = score_images(paths, loaded, cache=_open_cache(opts))
+        res = score_images(paths, loaded, cache=_open_cache(opts), what="validation images")
         vscores = res.scores.copy()
         vscores[IMAGE_COLUMN] = vscores[IMAGE_COLUMN].map(dict(zip(paths, truth["Path"])))
     else:

@@ -392,7 +392,7 @@ def _hash_all(paths):
 
 
 def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
-                 precision="float32", progress=False, device=None):
+                 precision="float32", progress=False, device=None, what="images"):
     """Score images once each, through the cache.
 
     Parameters
@@ -422,6 +422,8 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
         Show a tqdm progress bar on stderr.
     device : str or torch.device, optional
         Where to run; default where the model's parameters are.
+    what : str
+        What the images are, in the stage message ("Scoring 300 validation images ...").
 
     Returns
     -------
@@ -475,7 +477,8 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
     bad_sha = {}
 
     # stage message by hand (not `with progress.stage`) to keep the block below as it is
-    stage = f"Scoring {len(distinct)} image{'' if len(distinct) == 1 else 's'} ({from_cache} from the cache)"
+    noun = what[:-1] if len(distinct) == 1 and what.endswith("s") else what
+    stage = f"Scoring {len(distinct)} {noun} ({from_cache} from the cache)"
     _progress.say(f"{stage} ...")
     started = time.perf_counter()
     if todo:

@@ -86,3 +86,13 @@ def test_previous_with_a_huge_integer_is_refused(tmp_path):
         assert str(exc).startswith(f"{big}: not a results.json covreport wrote (")
     else:
         raise AssertionError("accepted")
+
+
+def test_an_existing_folder_of_the_users_never_suggests_force(tmp_path):
+    _study(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("the user's")
+    res = _run(tmp_path)
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 1 and "was not written by covreport" in last and "add --force" not in last
+    assert (tmp_path / "out" / "mine.txt").read_text() == "the user's"
