@@ -172,6 +172,23 @@ def _compare(row, group_df, other_df, other_name):
     row["compared_with"] = other_name
 
 
+def _checked_pairs(pairs, who):
+    """The pairs' patient, outcome, age and sex, checked and normalised (a copy)."""
+    need = ["patient_id", "outcome", "age", "sex"]
+    missing = [c for c in need if c not in pairs.columns]
+    if missing:
+        raise StatsError(f"{who}: pairs lack column(s) {missing}; need {need}")
+    df = pairs[need].reset_index(drop=True).copy()
+    bad = ~df["outcome"].isin(OUTCOMES)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise StatsError(f"{who}: pairs, row {i}: outcome {show(df['outcome'].iloc[i])} is not one of "
+                         f"{list(OUTCOMES)}")
+    df["age"] = _normalise_age(df["age"], f"{who}: pairs")
+    df["sex"] = _normalise_sex(df["sex"], f"{who}: pairs")
+    return df
+
+
 def _reference_row(reference, analysed, analysed_name, who):
     """The reference population's row (counted by CSV row), compared with all of ``analysed``."""
     missing = [c for c in ("age", "sex") if c not in reference.columns]
@@ -219,18 +236,7 @@ def table_one(pairs, reference=None):
         A missing column, an unknown outcome, a sex other than M/F/blank,
         or a non-numeric or negative age.
     """
-    need = ["patient_id", "outcome", "age", "sex"]
-    missing = [c for c in need if c not in pairs.columns]
-    if missing:
-        raise StatsError(f"table_one: pairs lack column(s) {missing}; need {need}")
-    df = pairs[need].reset_index(drop=True).copy()
-    bad = ~df["outcome"].isin(OUTCOMES)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise StatsError(f"table_one: pairs, row {i}: outcome {show(df['outcome'].iloc[i])} is not one of "
-                         f"{list(OUTCOMES)}")
-    df["age"] = _normalise_age(df["age"], "table_one: pairs")
-    df["sex"] = _normalise_sex(df["sex"], "table_one: pairs")
+    df = _checked_pairs(pairs, "table_one")
 
     rows = [_describe(ALL_PAIRS, df, "pair")]
     for outcome in OUTCOMES:
@@ -280,18 +286,7 @@ def table_one_patients(pairs, reference=None):
     ----------
     As :func:`table_one`.
     """
-    need = ["patient_id", "outcome", "age", "sex"]
-    missing = [c for c in need if c not in pairs.columns]
-    if missing:
-        raise StatsError(f"table_one_patients: pairs lack column(s) {missing}; need {need}")
-    df = pairs[need].reset_index(drop=True).copy()
-    bad = ~df["outcome"].isin(OUTCOMES)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise StatsError(f"table_one_patients: pairs, row {i}: outcome {show(df['outcome'].iloc[i])} is not "
-                         f"one of {list(OUTCOMES)}")
-    df["age"] = _normalise_age(df["age"], "table_one_patients: pairs")
-    df["sex"] = _normalise_sex(df["sex"], "table_one_patients: pairs")
+    df = _checked_pairs(pairs, "table_one_patients")
     df["patient_id"] = df["patient_id"].astype(str)
     first = df.drop_duplicates("patient_id", keep="first").set_index("patient_id")
     groups_of = df.groupby("patient_id", sort=True)["outcome"].agg(lambda s: set(s))
