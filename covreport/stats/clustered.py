@@ -38,7 +38,7 @@ from covreport import progress
 from covreport.constants import CONTRASTS
 from covreport.errors import StatsError
 from covreport.stats._util import check_alpha, z_quantile
-from covreport.stats.groups import adjust_within
+from covreport.stats.groups import adjust_within, check_changes
 
 OBUCHOWSKI_METHOD = (
     "nonparametric AUC (probability of superiority, ties count 1/2) with Obuchowski's clustered "
@@ -237,12 +237,7 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
     Obuchowski 1997; Holm 1979; Benjamini & Hochberg 1995.
     """
     alpha = check_alpha(alpha)
-    if not isinstance(changes, pd.DataFrame):
-        raise StatsError("changes must be a pandas DataFrame with one row per pair")
-    labels = list(labels)
-    missing = [c for c in [outcome_column, *labels] if c not in changes.columns]
-    if missing:
-        raise StatsError(f"the changes table lacks column(s) {missing}")
+    labels = check_changes(changes, labels, outcome_column)
     codes = _codes(clusters, len(changes))
     outcome = changes[outcome_column].to_numpy()
     rows = []

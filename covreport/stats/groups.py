@@ -203,15 +203,7 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
     Holm 1979; Benjamini & Hochberg 1995.
     """
     alpha = check_alpha(alpha)
-    if not isinstance(changes, pd.DataFrame):
-        raise StatsError("changes must be a pandas DataFrame with one row per pair")
-    labels = list(labels)
-    missing = [c for c in [outcome_column, *labels] if c not in changes.columns]
-    if missing:
-        raise StatsError(
-            f"the changes table lacks column(s) {missing}; it needs the outcome column "
-            f"{outcome_column!r} and one column per label (second minus first probability)"
-        )
+    labels = check_changes(changes, labels, outcome_column)
     d_method = _d_method(alpha)
     rows = []
     for group1, group2 in contrasts:
@@ -257,6 +249,20 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
         adjust_within(block)
         rows.extend(block)
     return pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
+
+
+def check_changes(changes, labels, outcome_column):
+    """The labels as a list, or :class:`StatsError` when ``changes`` is not a table holding them."""
+    if not isinstance(changes, pd.DataFrame):
+        raise StatsError("changes must be a pandas DataFrame with one row per pair")
+    labels = list(labels)
+    missing = [c for c in [outcome_column, *labels] if c not in changes.columns]
+    if missing:
+        raise StatsError(
+            f"the changes table lacks column(s) {missing}; it needs the outcome column "
+            f"{outcome_column!r} and one column per label (second minus first probability)"
+        )
+    return labels
 
 
 def adjust_within(block):
