@@ -39,9 +39,8 @@ TOLERANCE_TEXT = f"numbers equal within a relative difference of {RTOL:g} (absol
 
 #: provenance keys whose values must be regenerated; the rest describe the run.
 PROVENANCE_COMPARED = ("options", "weights_sha256", "preprocessing", "model")
-#: roles of provenance.inputs, and the RunOptions field each fills.
-ROLES = {"manifest": "manifest", "scores": "scores", "weights": "weights", "validation_csv": "validation_csv",
-         "validation_scores": "validation_scores", "reference_csv": "reference_csv", "study": "study"}
+#: roles of provenance.inputs that are RunOptions fields of the same name.
+ROLES = ("manifest", "scores", "weights", "validation_csv", "validation_scores", "reference_csv", "study")
 
 
 class VerifyError(CovreportError):
@@ -263,13 +262,14 @@ def _weights_sha(path):
 def _rerun(paths, options, prov, use_cache):
     import json
 
-    from covreport.pipeline import RunOptions, run
+    from covreport.pipeline import NUMBER_OPTIONS, RunOptions, run
     from covreport.progress import stage
 
-    fields = {k: options[k] for k in ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "strict")
-              if k in options}
-    kwargs = {ROLES[r]: (str(p) if r == "weights" else p) for r, p in paths.items() if r in ROLES}
-    previous = tuple(p for r, p in sorted(paths.items()) if r.startswith("previous_"))
+    fields = {k: options[k] for k in NUMBER_OPTIONS}  # all present and in range (_check_options)
+    kwargs = {r: (str(p) if r == "weights" else p) for r, p in paths.items() if r in ROLES}
+    # previous_1, previous_2, ... were put in numeric order by _resolve_inputs (not sorted as text:
+    # previous_10 comes after previous_9)
+    previous = tuple(p for r, p in paths.items() if r.startswith("previous_"))
     with tempfile.TemporaryDirectory(prefix="covreport-verify-") as tmp:
         opts = RunOptions(out=Path(tmp) / "rerun", pdf=False, use_cache=use_cache, previous=previous,
                           synthetic=bool(prov.get("synthetic")), **kwargs, **fields)

@@ -220,3 +220,11 @@ def test_a_report_made_with_other_templates_is_not_checked_without_them(submitte
     assert "not checked: report.html: the run used its own --templates" in res.output
     res = _verify(out, submitted, "--templates", str(tpl))
     assert res.exit_code == 0 and "report.html (its text outside figures)" in res.output
+
+
+def test_every_recorded_option_has_a_range_check():
+    # verify reruns with exactly the options `covreport run` records, each checked first.
+    from covreport.pipeline import NUMBER_OPTIONS
+    from covreport.verify import _OPTION_RULES
+
+    assert set(_OPTION_RULES) == set(NUMBER_OPTIONS)
