@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from covreport.errors import CovreportError
+from covreport.inputs import safe_text
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP
 #: "CSV injection": = + - @, and tab / carriage return).
@@ -187,22 +188,100 @@ def record_written_files(folder):
     (folder / OUTPUT_MARKER).write_text(text, encoding="utf-8")
 
 
-def foreign_files(folder):
-    """Files of a covreport output folder that its marker does not list (added by someone else).
+#: Largest marker file read (a marker is a few KB; a forged one may be anything).
+_MARKER_LIMIT = 16 << 20
 
-    A marker without a file list (older covreport) lists nothing, so nothing is foreign.
+
+def written_files(folder):
+    """The files covreport's marker in ``folder`` says it wrote, or ``None`` when it cannot tell.
+
+    ``None`` (nothing may be deleted as covreport's) when the marker is
+    missing, a symbolic link or not a regular file, too large, not covreport's
+    text, has no file list (an older covreport, or one line anyone can type),
+    or lists a name that is absolute or climbs with ``..``.
+    """
+    import stat
+
+    marker = Path(folder) / OUTPUT_MARKER
+    try:
+        st = os.lstat(marker)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MARKER_LIMIT:
+            return None
+        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read(_MARKER_LIMIT + 1).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("This folder was written by covreport") or _FILES_HEADER not in lines:
+        return None
+    names = set(lines[lines.index(_FILES_HEADER) + 1:])
+    names.discard("")
+    for name in names:
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            return None
+    return names
+
+
+def foreign_files(folder):
+    """Entries of an output folder that covreport did not write (relative posix paths, sorted).
+
+    Everything its marker does not list is foreign: files, links, other
+    entries, and folders that hold no listed file. A marker without a file
+    list (older covreport, or a forged one) makes every entry foreign.
     """
     folder = Path(folder)
-    try:
-        text = (folder / OUTPUT_MARKER).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    if _FILES_HEADER not in text:
-        return []
-    listed = set(text.split(_FILES_HEADER, 1)[1].splitlines())
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p.name != OUTPUT_MARKER
-                  and p.relative_to(folder).as_posix() not in listed)
+    listed = written_files(folder)
+    if listed is None:
+        listed = set()
+    implied = {"/".join(n.split("/")[:i]) for n in listed for i in range(1, n.count("/") + 1)}
+    foreign = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder).as_posix()
+        for name in dirs + files:
+            path = name if rel == "." else f"{rel}/{name}"
+            if path == OUTPUT_MARKER:
+                continue
+            full = Path(root) / name
+            if name in dirs and not full.is_symlink():
+                if path not in implied:
+                    foreign.append(path)
+                    dirs.remove(name)  # its content is foreign with it
+            elif path not in listed or not full.is_file() or full.is_symlink():
+                foreign.append(path)
+    return sorted(foreign)
+
+
+def remove_written(folder):
+    """Delete what covreport wrote in ``folder`` (the files its marker lists), never anything else.
+
+    The marker and the folders left empty go too; a folder that still holds
+    anything not on the list is kept. Returns the foreign entries left
+    (empty when the whole folder is gone).
+    """
+    folder = Path(folder)
+    listed = written_files(folder) or set()
+    for name in listed:
+        path = folder / name
+        try:
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        except OSError:
+            pass
+    for root, dirs, _files in os.walk(folder, topdown=False):
+        for name in dirs:
+            try:
+                (Path(root) / name).rmdir()  # only when empty
+            except OSError:
+                pass
+    left = foreign_files(folder)
+    if not left:
+        with contextlib.suppress(OSError):
+            (folder / OUTPUT_MARKER).unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return left
 
 
 def is_covreport_output(folder):
@@ -234,6 +313,28 @@ def resolve_out_dir(out, *, error_class=CovreportError):
     if not target.name:
         raise error_class(f"{out} is the root of the file system; choose a new folder as --out")
     return target
+
+
+def _foreign_message(target, out):
+    """Why ``--force`` will not replace ``target`` (``None`` when it may)."""
+    added = foreign_files(target)
+    if not added:
+        return None
+    shown = ", ".join(safe_text(a) for a in added[:_SHOW_ENTRIES]) + (
+        f" and {len(added) - _SHOW_ENTRIES} more" if len(added) > _SHOW_ENTRIES else "")
+    if written_files(target) is None:
+        return (f"{out} has a {OUTPUT_MARKER} file that lists no files covreport wrote (an older covreport's, "
+                f"or not covreport's), so all {len(added)} entr{'y' if len(added) == 1 else 'ies'} in it "
+                f"({shown}) count as yours and --force will not delete them: delete the folder yourself "
+                f"(e.g. rm -r {out}) if it is an old output, or choose another --out")
+    return (f"{out} holds {len(added)} file(s) covreport did not write ({shown}); --force "
+            "would delete them: move them out of it, or choose another --out")
+
+
+def _refuse_foreign(target, out, error_class):
+    message = _foreign_message(target, out)
+    if message:
+        raise error_class(message)
 
 
 def _inside(child, parent):
@@ -287,12 +388,7 @@ def check_out_dir(out, *, inputs=(), force=False, error_class=CovreportError):
                 f"{out} was not written by covreport (it has no {OUTPUT_MARKER} file), so --force will not "
                 f"replace it; it holds {_show_entries(target)}. If it is the output of an older covreport, "
                 f"delete it yourself (e.g. rm -r {out}); otherwise choose another --out")
-        added = foreign_files(target) if is_covreport_output(target) else []
-        if added:
-            shown = ", ".join(added[:_SHOW_ENTRIES]) + (f" and {len(added) - _SHOW_ENTRIES} more"
-                                                        if len(added) > _SHOW_ENTRIES else "")
-            raise error_class(f"{out} holds {len(added)} file(s) covreport did not write ({shown}); --force "
-                              "would delete them: move them out of it, or choose another --out")
+        _refuse_foreign(target, out, error_class)
     return target
 
 
@@ -334,7 +430,11 @@ def remove_leftovers(target, kinds=("tmp", "old")):
             continue
         if _pid_alive(int(m["tmp"] or m["old"])):
             continue
-        shutil.rmtree(entry, ignore_errors=True)
+        if m["old"]:
+            if not remove_written(entry):  # a previous output: only what its marker lists
+                removed.append(entry)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)  # a dead run's own staging folder
         removed.append(entry)
     return removed
 
@@ -378,14 +478,54 @@ def swap_dir(tmp, target, *, force=False, replace_any=False, error_class=Covrepo
                 not replace_any and not is_covreport_output(target) and any(target.iterdir())):
             raise error_class(f"{target} was not written by covreport (no {OUTPUT_MARKER} file); "
                               "--force will not replace it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        if replace_any:
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            _swap_checked(tmp, target, error_class)
     else:
         os.replace(tmp, target)
     os.chmod(target, 0o755)
     return target
+
+
+def _keep_new(tmp, target):
+    """Move the finished new outputs to a visible ``NAME.new-PID`` beside ``target``; return its path."""
+    kept = target.with_name(f"{target.name}.new-{os.getpid()}")
+    os.replace(tmp, kept)
+    return kept
+
+
+def _swap_checked(tmp, target, error_class):
+    """Replace the marked output ``target`` by ``tmp``, checking for foreign files at the moment of the swap.
+
+    A file a user added while the run was writing makes the swap stop: the
+    old folder stays where it was, the new outputs are kept beside it, and
+    the error says where. The old folder is then moved aside and checked
+    again (a file may arrive between the check and the move); it is deleted
+    only through :func:`remove_written`, which removes nothing it does not list.
+    """
+    message = _foreign_message(target, target)
+    if message:
+        kept = _keep_new(tmp, target)
+        raise error_class(f"{message}. Nothing was replaced: the new outputs are in {kept}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    if foreign_files(old):
+        os.replace(old, target)  # put it back as it was
+        kept = _keep_new(tmp, target)
+        raise error_class(f"{_foreign_message(target, target)}. Nothing was replaced: the new outputs are "
+                          f"in {kept}")
+    os.replace(tmp, target)
+    left = remove_written(old)
+    if left:
+        kept = old.with_name(f"{target.name}.previous-{os.getpid()}")
+        os.replace(old, kept)
+        raise error_class(f"the new outputs are in {target}, but files covreport did not write appeared in the "
+                          f"previous output while it was replaced ({', '.join(map(safe_text, left[:5]))}); "
+                          f"they were not deleted: they are in {kept}")
 
 
 class _Terminated(SystemExit):

@@ -16,6 +16,7 @@ import click
 from covreport import __version__, _threads
 from covreport._io import _on_sigterm
 from covreport.errors import CovreportError
+from covreport.inputs import safe_text
 
 # The command line is the application: before torch (imported lazily by the
 # commands) starts its threads, OpenMP threads are made to sleep instead of
@@ -39,11 +40,30 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CovreportError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {safe_text(str(exc), limit=20000)}", err=True)
+            ctx.exit(1)
+        except (MemoryError, RecursionError, OverflowError, ZeroDivisionError) as exc:
+            # Reachable from a hostile input (a huge or deeply nested file, an absurd number): an
+            # error with its true name, never a traceback (issue 18.6).
+            click.echo(f"Error: {_resource_message(exc, ctx)}", err=True)
             ctx.exit(1)
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
+
+
+def _resource_message(exc, ctx):
+    command = ctx.invoked_subcommand or "covreport"
+    if isinstance(exc, MemoryError):
+        what = "ran out of memory"
+        fix = "an input is larger than this machine can hold, or malformed: check the files given"
+    elif isinstance(exc, RecursionError):
+        what = "met data nested too deeply to process"
+        fix = "an input (JSON, TOML or template) is nested too deeply: check the files given"
+    else:
+        what = f"met a number it cannot compute with ({type(exc).__name__}: {safe_text(str(exc))})"
+        fix = "an input holds a value out of any sensible range: check the files and options given"
+    return f"covreport {command} {what} -- {fix}"
 
 
 def _set_quiet(ctx, param, value):

@@ -212,16 +212,24 @@ def test_leftovers_of_dead_runs_are_removed_and_only_those(study, tmp_path):
         f".out.tmp-{os.getppid()}-xyz": False,                             # a live process: kept
         f".other.tmp-{dead}-abc": False,                                   # another destination: kept
     }
+    from covreport._io import record_written_files
+
     for name in leftovers:
         (tmp_path / name).mkdir()
         (tmp_path / name / OUTPUT_MARKER).write_text("x")
         (tmp_path / name / "results.json").write_text("{}")
+    record_written_files(tmp_path / f".out.old-{dead}")  # a previous output: its marker lists its files
+    forged = tmp_path / f".out.old-{_dead_pid()}"  # a one-line marker lists nothing: its files are kept
+    forged.mkdir()
+    (forged / OUTPUT_MARKER).write_text("This folder was written by covreport\n")
+    (forged / "thesis.docx").write_text("a thesis")
     unmarked = tmp_path / f".out.tmp-{dead}-user"  # no marker: not covreport's, kept
     unmarked.mkdir()
     assert _run(manifest, scores, out).exit_code == 0
     for name, removed in leftovers.items():
         assert (tmp_path / name).exists() != removed, name
     assert unmarked.is_dir()
+    assert (forged / "thesis.docx").read_text() == "a thesis"
 
 
 def test_a_previous_output_moved_aside_survives_a_failed_run(study, tmp_path):
