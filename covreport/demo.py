@@ -22,12 +22,20 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = "covreport-demo"
 
 
-def weights_path(out=DEFAULT_OUT):
+def weights_path(out=DEFAULT_OUT, *, quick=False):
     """Where the demo keeps (or will keep) its trained phantom weights under ``out``."""
-    return Path(out) / "model" / "densenet121-phantom.pt"
+    return Path(out) / "model" / f"densenet121-phantom{'-quick' if quick else ''}.pt"
 
 #: The demo's study.toml: the phantom study described honestly (STARD items that do not apply say why).
 DEMO_STUDY_TOML = Path(__file__).with_name("demo_study.toml")
+
+
+#: ``covreport demo --quick``: a first look in about a minute on 2 cores. A smaller phantom
+#: (640 training images), one epoch of batches of 16, 200 permutations and 500 bootstrap
+#: resamples; kept apart from the full demo (``study-quick``, ``report-quick``, its own weights).
+QUICK = {"study": {"image_size": 64, "n_train": 640, "n_valid": 150, "n_patients": 40},
+         "training": {"image_size": 64, "epochs": 1, "batch_size": 16, "lr": 1e-3, "init": "none"},
+         "permutations": 200, "bootstrap": 500}
 
 
 @dataclass
@@ -38,21 +46,27 @@ class DemoResult:
     seconds: dict
 
 
-def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=1000, progress=True):
+def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=None, progress=True, quick=False):
     """Generate, train, score, test and report the phantom study under ``out``.
 
     Layout: ``out/study`` (phantom data), ``out/model/densenet121-phantom.pt``
     (weights), ``out/cache.sqlite`` (score cache), ``out/report`` (the report
-    of ``covreport run``, replaced at each demo run).
+    of ``covreport run``, replaced at each demo run). ``quick`` (:data:`QUICK`)
+    uses ``study-quick``, ``densenet121-phantom-quick.pt`` and ``report-quick``
+    instead: a smaller phantom, one epoch, fewer permutations and resamples.
     """
     from covreport.phantom import CHEXPERT_DIRNAME, DEMO_STUDY, DEMO_TRAINING, PAIRS_DIRNAME, make_study
     from covreport.pipeline import RunOptions, run
     from covreport.train import TrainConfig, train
 
+    study_cfg, train_cfg = (QUICK["study"], QUICK["training"]) if quick else (DEMO_STUDY, DEMO_TRAINING)
+    suffix = "-quick" if quick else ""
+    permutations = (QUICK["permutations"] if quick else 1000) if permutations is None else permutations
+    bootstrap = QUICK["bootstrap"] if quick else 2000
     out = Path(out)
     seconds = {}
     t0 = time.perf_counter()
-    study_dir = out / "study"
+    study_dir = out / f"study{suffix}"
     if not (study_dir / "README.txt").exists():  # the phantom is moved into place whole
         if study_dir.exists() and (not study_dir.is_dir() or any(study_dir.iterdir())):
             from covreport.errors import CovreportError
@@ -60,9 +74,9 @@ def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=1000, progress=True):
             raise CovreportError(f"{study_dir} exists and is not a phantom study of covreport demo (it has no "
                                  "README.txt); the demo never replaces it: choose another --out or move it away")
         with _progress.stage(f"Generating the synthetic phantom study in {study_dir} "
-                             f"({DEMO_STUDY['n_train']:,} training and {DEMO_STUDY['n_valid']} validation "
-                             f"images, pairs of {DEMO_STUDY['n_patients']} patients)"):
-            make_study(study_dir, seed=seed, overwrite=True, **DEMO_STUDY)
+                             f"({study_cfg['n_train']:,} training and {study_cfg['n_valid']} validation "
+                             f"images, pairs of {study_cfg['n_patients']} patients)"):
+            make_study(study_dir, seed=seed, overwrite=True, **study_cfg)
     else:
         _progress.say(f"Reusing the phantom study in {study_dir}")
     chex = study_dir / CHEXPERT_DIRNAME
@@ -70,31 +84,34 @@ def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=1000, progress=True):
     seconds["phantom"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    weights = weights_path(out)
-    config = TrainConfig(**DEMO_TRAINING, seed=seed, device="cpu")
+    weights = weights_path(out, quick=quick)
+    config = TrainConfig(**train_cfg, seed=seed, device="cpu")
     trained = not weights.exists()
     if trained:
         weights.parent.mkdir(parents=True, exist_ok=True)
-        with _progress.stage(f"Training the DenseNet121 on the phantom ({DEMO_STUDY['n_train']:,} images of "
-                             f"{config.image_size} px, {config.epochs} epochs; about 1.5 minutes on 2 idle "
-                             f"CPU cores) into {weights}"):
+        with _progress.stage(f"Training the DenseNet121 on the phantom ({study_cfg['n_train']:,} images of "
+                             f"{config.image_size} px, {config.epochs} epoch(s); the time left is said once "
+                             f"the first batches are measured) into {weights}"):
             train(chex, weights, config, progress=progress)
     else:
         _progress.say(f"Reusing the trained weights {weights}")
     seconds["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    report = out / "report"
+    report = out / f"report{suffix}"
     cache = out / "cache.sqlite"
     args = ["covreport", "run", str(manifest), "--weights", str(weights), "--validation-csv", str(valid_csv),
             "--reference-csv", str(train_csv), "--cache", str(cache),
-            "--study", str(DEMO_STUDY_TOML), "--permutations", str(permutations), "--seed", str(seed),
+            "--study", str(DEMO_STUDY_TOML), "--permutations", str(permutations),
+            "--bootstrap", str(bootstrap), "--seed", str(seed),
             "--out", str(report), "--force"]
     command = shlex.join(args)
     opts = RunOptions(manifest=manifest, out=report, weights=str(weights), validation_csv=valid_csv,
-                      reference_csv=train_csv, cache=cache, permutations=permutations, study=DEMO_STUDY_TOML,
+                      reference_csv=train_csv, cache=cache, permutations=permutations, bootstrap=bootstrap,
+                      study=DEMO_STUDY_TOML,
                       seed=seed, force=True, synthetic=True, command=command,
-                      extra_provenance={"demo": {"seed": seed, "phantom": DEMO_STUDY, "training": config.to_dict()}})
+                      extra_provenance={"demo": {"seed": seed, "quick": quick, "phantom": study_cfg,
+                                                 "training": config.to_dict()}})
     _progress.say(f"Running the study: {command}")
     run(opts)
     seconds["run"] = time.perf_counter() - t0

@@ -517,6 +517,55 @@ def _evaluate(model, loader, pos_weight, device, use_cuda, n_labels):
     return total / max(count, 1.0), probs
 
 
+class TrainingEta:
+    """The time training still needs, estimated from its measured speed (said on stderr).
+
+    After the first :attr:`MEASURE` batches of this run (the first batch,
+    which warms up, is not counted) and after each epoch, says the measured
+    seconds per batch and the time left, so that the estimate holds on a
+    busy machine as on an idle one.
+    """
+
+    MEASURE = 5
+
+    def __init__(self, batches_per_epoch, start_epoch, epochs, valid_fraction, *, enabled=True):
+        self.per_epoch, self.start, self.epochs = batches_per_epoch, start_epoch, epochs
+        self.valid_fraction, self.enabled = valid_fraction, enabled
+        self.done = 0
+        self.t_first = self.t_epoch = None
+        self.epoch_seconds = []
+
+    def epoch_start(self, epoch):
+        self.t_epoch = time.perf_counter()
+
+    def _left(self, seconds_per_batch, batches_left, epochs_left):
+        # validation: a forward pass over the validation set, about a third of a training step per image
+        return seconds_per_batch * (batches_left + epochs_left * self.per_epoch * self.valid_fraction / 3)
+
+    def batch_done(self):
+        self.done += 1
+        if self.done == 1:
+            self.t_first = time.perf_counter()
+        elif self.done == self.MEASURE + 1 and self.enabled:
+            per = (time.perf_counter() - self.t_first) / self.MEASURE
+            total = self.per_epoch * (self.epochs - self.start)
+            left = self._left(per, total - self.done, self.epochs - self.start)
+            _progress.say(f"Training speed: {per:.2f} s per batch over batches 2-{self.MEASURE + 1}; about "
+                          f"{_words(left)} left ({total:,} batches in {self.epochs - self.start} epoch(s))")
+
+    def epoch_done(self, epoch):
+        self.epoch_seconds.append(time.perf_counter() - self.t_epoch)
+        left_epochs = self.epochs - epoch - 1
+        if self.enabled and left_epochs > 0:
+            per_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds)
+            _progress.say(f"Epoch {epoch + 1} of {self.epochs} took {_words(self.epoch_seconds[-1])}; about "
+                          f"{_words(per_epoch * left_epochs)} left")
+
+
+def _words(seconds):
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} minutes"
+
+
 def train(chexpert_root, out, config=None, *, progress=True, resume=False, keep_epochs=False):
     """Train a DenseNet121 on a CheXpert-layout folder; return the kept checkpoint's path.
 
@@ -637,6 +686,8 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False, keep_
         loader_kw = {"num_workers": workers, "pin_memory": use_cuda, "persistent_workers": False}
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, shuffle=False, **loader_kw)
         pw_device = pos_weight.to(device)
+        eta = TrainingEta(len(train_set) // (config.batch_size * d.world) + 1, start_epoch, config.epochs,
+                          len(valid_set) / max(len(train_set), 1), enabled=d.main)
         meta_base = {
             "training": config.to_dict(),
             "recipe": "Duchesne, Gourdeau et al. 2020 (CheXpert DenseNet121)",
@@ -671,6 +722,7 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False, keep_
                        disable=not (progress and d.main) or _progress.is_quiet(), leave=True,
                        dynamic_ncols=True)
             t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0.0
+            eta.epoch_start(epoch)
             for x, y, m, _ in bar:
                 x = x.to(device, non_blocking=True)
                 if use_cuda:
@@ -688,6 +740,7 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False, keep_
                 loss_n += count
                 rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}", img_s=f"{rate:.1f}")
+                eta.batch_done()
             bar.close()
             loss_sum, loss_n = _all_sum(d, [loss_sum, loss_n], device)
             train_loss = loss_sum / max(loss_n, 1.0)
@@ -717,6 +770,7 @@ def train(chexpert_root, out, config=None, *, progress=True, resume=False, keep_
                             val_loss, " (kept)" if improved else "")
             _barrier(d)
             model.train()
+            eta.epoch_done(epoch)
 
         if d.main and best["epoch"]:
             # the kept checkpoint gets the whole run's history (and is restored if a
