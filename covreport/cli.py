@@ -631,6 +631,8 @@ def _default_weights_or_explain():
                    "logit with the sample prevalence taken as known (MedCalc; the original study).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the permutation tests and the bootstrap.")
+@click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
+              "standardised differences (journals ask for SMDs instead; the p-values are in results.json).")
 @click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
               help="Score cache (SQLite); default under the user's cache folder.")
 @click.option("--no-cache", is_flag=True, help="Score every image afresh and store nothing.")
@@ -645,7 +647,7 @@ def _default_weights_or_explain():
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
         protocol, permutations, bootstrap, predictive_ci, seed, cache, no_cache, strict, no_pdf, out, force,
-        previous):
+        previous, table1_tests):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -661,6 +663,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
+                      table1_tests=table1_tests,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())
     written = run_study(opts)

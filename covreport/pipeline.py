@@ -58,6 +58,7 @@ class RunOptions:
     synthetic: bool = False
     bootstrap: int = 2000
     predictive_ci: str = "exact"
+    table1_tests: bool = False
     previous: tuple = ()
     command: str = ""
     extra_provenance: dict = field(default_factory=dict)
@@ -503,6 +504,8 @@ def _provenance(opts, manifest, weights, loaded, scoring):
         "command": _portable_command(opts.command, base),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "synthetic": bool(opts.synthetic) or _is_phantom(manifest),
+        # What the report shows, not a number: Table 1's baseline p-values beside the SMDs.
+        "report_options": {"table1_tests": bool(opts.table1_tests)},
     }
     if scoring is not None:
         prov["scoring"] = scoring

@@ -56,7 +56,7 @@ def test_layout_and_counts():
     assert list(t.columns) == [
         "group", "pairs", "patients", "age_n", "age_mean", "age_sd", "male", "female", "sex_unknown",
         "p_age", "p_age_method", "p_age_welch", "p_age_welch_method", "p_sex", "p_sex_method",
-        "compared_with", "counted_by"]
+        "smd_age", "smd_sex", "smd_method", "compared_with", "counted_by"]
     assert list(t["group"]) == ["All pairs", "Worse", "Stable", "Improved", "Reference (CheXpert)"]
     rows = t.set_index("group")
     # Reference: pandas counts and moments computed here.
@@ -71,8 +71,10 @@ def test_layout_and_counts():
             (sub.sex == "M").sum(), (sub.sex == "F").sum(), sub.sex.isna().sum())
         assert r.counted_by == "pair"
     r = rows.loc["Reference (CheXpert)"]
-    assert pd.isna(r.pairs) and r.patients == 1000 and r.counted_by == "CSV row"
-    assert (r.male + r.female + r.sex_unknown) == 3000
+    assert pd.isna(r.pairs) and r.patients == 1000 and r.counted_by == "patient"
+    assert (r.male + r.female + r.sex_unknown) == 1000  # each patient once (its first row)
+    by_row = table_one(pairs, ref.drop(columns="patient_id")).set_index("group").loc["Reference (CheXpert)"]
+    assert by_row.counted_by == "CSV row" and (by_row.male + by_row.female + by_row.sex_unknown) == 3000
     assert rows.loc["All pairs", "p_age_method"] == "" and math.isnan(rows.loc["All pairs", "p_age"])
 
 
@@ -103,6 +105,8 @@ def test_group_p_values_against_scipy():
 def test_reference_row_compares_all_pairs_with_reference():
     pairs, ref = _pairs(seed=4), _reference(seed=5)
     r = table_one(pairs, ref).set_index("group").loc["Reference (CheXpert)"]
+    ref = ref.drop_duplicates("patient_id")  # counted by patient: each patient's first row
+    assert r.counted_by == "patient" and r.patients == len(ref) == 1000
     a, b = pairs.age.dropna(), ref.age.dropna()
     # Reference: scipy.stats.ttest_ind and chi2_contingency (Yates) on the M/F table.
     assert r.p_age == pytest.approx(sps.ttest_ind(a, b).pvalue, rel=1e-10)
@@ -232,6 +236,38 @@ def test_real_chexpert_train_csv():
     assert ref["age"].mean() == pytest.approx(raw["Age"].mean(), rel=1e-12)
     assert ref["patient_id"].nunique() == raw["Path"].str.split("/").str[2].nunique()
     row = table_one(_pairs(), ref).set_index("group").loc["Reference (CheXpert)"]
-    assert row.age_mean == pytest.approx(raw["Age"].mean(), rel=1e-12)
-    assert row.age_sd == pytest.approx(raw["Age"].std(), rel=1e-12)
-    assert (row.male, row.female, row.sex_unknown) == (counts["Male"], counts["Female"], counts["Unknown"])
+    # Counted by patient: each patient's first row in the file (its first study), by pandas.
+    first = raw.assign(pid=raw["Path"].str.split("/").str[2]).drop_duplicates("pid")
+    assert row.counted_by == "patient" and row.patients == len(first) == row.age_n
+    assert row.age_mean == pytest.approx(first["Age"].mean(), rel=1e-12)
+    assert row.age_sd == pytest.approx(first["Age"].std(), rel=1e-12)
+    sexes = first["Sex"].value_counts(dropna=False)
+    assert (row.male, row.female, row.sex_unknown) == (sexes["Male"], sexes["Female"], sexes.get("Unknown", 0))
+
+
+@pytest.mark.filterwarnings("ignore::Warning")  # tableone's own pandas deprecation warnings
+def test_standardised_differences_match_tableone():
+    # Reference: tableone's SMD columns (smd=True) for two groups, which implement Austin 2009's
+    # formulas (continuous: pooled SD of the two groups; binary: the pooled Bernoulli SD).
+    from tableone import TableOne
+
+    from covreport.stats.table1 import standardized_differences
+
+    pairs = _pairs(seed=11, n_patients=80)
+    worse = pairs.outcome == "Worse"
+    data = pairs.assign(group=np.where(worse, "a", "b")).dropna(subset=["sex"])
+    t1 = TableOne(data, columns=["age", "sex"], categorical=["sex"], groupby="group", smd=True,
+                  pval=False, decimals=6)
+    smd = t1.smd_table.iloc[:, 0]  # SMD (a,b)
+    g, o = data[data.group == "a"], data[data.group == "b"]
+    age, sex = standardized_differences(g.age, o.age, (g.sex == "M").sum(), len(g), (o.sex == "M").sum(), len(o))
+    assert abs(age) == pytest.approx(abs(smd["age"]), rel=1e-9)
+    assert abs(sex) == pytest.approx(abs(smd["sex"]), rel=1e-9)
+    # Sign: positive when the first group is older.
+    assert np.sign(age) == np.sign(g.age.mean() - o.age.mean())
+    row = table_one(pairs).set_index("group").loc["Worse"]  # our table: Worse vs the other pairs
+    rest = pairs[~worse]
+    exp_age, exp_sex = standardized_differences(
+        pairs[worse].age, rest.age, (pairs[worse].sex == "M").sum(), pairs[worse].sex.notna().sum(),
+        (rest.sex == "M").sum(), rest.sex.notna().sum())
+    assert (row.smd_age, row.smd_sex) == (pytest.approx(exp_age), pytest.approx(exp_sex))

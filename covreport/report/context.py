@@ -42,7 +42,7 @@ def _recorded_methods(results):
         for k in ("mw_method", "d_method", "method"):
             add("group differences", r.get(k))
     for r in results.get("table1") or []:
-        for k in ("p_age_method", "p_age_welch_method", "p_sex_method"):
+        for k in ("smd_method", "p_age_method", "p_age_welch_method", "p_sex_method"):
             add("Table 1", r.get(k))
     iv = results.get("interval_days") or {}
     add("interval between CXRs", iv.get("method"))
@@ -208,7 +208,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     prov = results.get("provenance") or {}
     blocks = _prediction_blocks(results)
     t1 = results.get("table1") or []
-    t1_letters, t1_notes = _footnotes(t1, ("p_age_method", "p_age_welch_method", "p_sex_method"))
+    t1_tests = bool((prov.get("report_options") or {}).get("table1_tests"))
+    t1_letters, t1_notes = _footnotes(t1, ("p_age_welch_method", "p_sex_method") if t1_tests else ())
     metric_recs = [dict((b["block"].get("metrics") or {}), auc=b["block"].get("auc") or {},
                         auc_clustered=b["block"].get("auc_clustered") or {}) for b in blocks]
     metric_rows = [{"method": rec.get("method")} for recs in metric_recs for rec in recs.values()]
@@ -222,7 +223,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     counts = sorted((results.get("flow") or {}).get("exclusion_counts") or [],
                     key=lambda c: (-(c.get("pairs") or 0), str(c.get("stage")), str(c.get("reason"))))
     t1p = results.get("table1_patients") or []
-    t1p_letters, t1p_notes = _footnotes(t1p, ("p_age_method", "p_sex_method"))
+    t1p_letters, t1p_notes = _footnotes(t1p, ("p_age_welch_method", "p_sex_method") if t1_tests else ())
     boot = results.get("bootstrap") or {}
     boot_gd = {(b.get("contrast"), b.get("label"), b.get("quantity")): b for b in boot.get("group_differences") or []}
     boot_pred = boot.get("prediction") or {}
@@ -265,6 +266,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "ai_items": ai_checklist(results, has_cams=has_cams),
         "methods": _recorded_methods(results),
         "t1_letters": t1_letters,
+        "t1_tests": t1_tests,
         "t1_notes": t1_notes,
         "t1_counted_by": sorted({str(row.get("counted_by")) for row in t1 if row.get("counted_by")}),
         "t1_reference": any("chexpert" in str(row.get("group", "")).lower() or row.get("counted_by") == "CSV row"

@@ -81,6 +81,8 @@ REFERENCES = {
                "correlated system of variables is such that it can be reasonably supposed to have arisen from "
                "random sampling. Philos Mag 1900;50:157-175.",
     "student": "Student. The probable error of a mean. Biometrika 1908;6:1-25.",
+    "austin_smd": "Austin PC. Balance diagnostics for comparing the distribution of baseline covariates between "
+                  "treatment groups in propensity-score matched samples. Stat Med 2009;28:3083-3107.",
     "tukey": "Tukey JW. Exploratory Data Analysis. Reading, MA: Addison-Wesley; 1977.",
     "obuchowski": "Obuchowski NA. Nonparametric analysis of clustered ROC curve data. Biometrics 1997;53:567-578.",
     "davison": "Davison AC, Hinkley DV. Bootstrap Methods and their Application. Cambridge: Cambridge University "
@@ -108,7 +110,7 @@ AUTHOR_YEAR = (
     (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
     (r"Ambroise", "ambroise"), (r"Van Calster|Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
     (r"Zhou et al\.? 2016", "cam"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
-    (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
+    (r"Austin 2009", "austin_smd"), (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]
 _MARK = re.compile(r"\[\[cite:([a-z0-9_,]+)\]\]")
@@ -193,7 +195,7 @@ def fmt_num(x, nd=2):
     if not _finite(x):
         return "n/a"
     if isinstance(x, numbers.Integral):
-        return str(int(x))
+        return f"{int(x):,}"  # thousands separated, as everywhere in the report
     return _fixed(x, nd)
 
 
@@ -242,13 +244,15 @@ def fmt_est(rec, nd=3, est="estimate"):
     return fmt_num(float(rec[est]), nd)
 
 
-def fmt_pct(k, n, nd=1):
-    """``k (x.x%)``."""
+def fmt_pct(k, n, nd=None):
+    """``k (x%)``: whole percentages below a denominator of 100, one decimal from 100 on (AMA style)."""
     if not _finite(k):
         return "n/a"
     if not _finite(n) or n == 0:
-        return str(k)
-    return f"{k} ({100.0 * k / n:.{nd}f}%)"
+        return f"{int(k):,}" if isinstance(k, numbers.Integral) else str(k)
+    nd = (0 if n < 100 else 1) if nd is None else nd
+    return f"{int(k):,} ({100.0 * k / n:.{nd}f}%)" if isinstance(k, numbers.Integral) else \
+        f"{k} ({100.0 * k / n:.{nd}f}%)"
 
 
 def _ci_width(rec, lo="ci_low", hi="ci_high"):

@@ -2,8 +2,13 @@
 
 The COVID-19 cohort is counted by pair, as the study did (a patient with k
 pairs contributes k rows), with the number of distinct patients beside. An
-optional reference cohort (CheXpert's ``train.csv``) is counted by CSV row,
-i.e. by image.
+optional reference cohort (CheXpert's ``train.csv``) is counted by patient
+(the age and sex of each patient's first study) when its ``Path`` column
+names the patients, else by CSV row (image).
+
+Beside each test, the standardised mean difference (SMD) of age and of sex
+(Austin 2009), which journals ask for instead of baseline p-values: it does
+not depend on the sample size.
 
 Tests (every p names its test in the ``*_method`` column beside it):
 
@@ -24,6 +29,9 @@ population variances are involved. Biometrika 1947;34:28-35.
 Yates F. Contingency tables involving small numbers and the chi-square test.
 Suppl J R Stat Soc 1934;1:217-235.
 Fisher RA. Statistical Methods for Research Workers, 1925.
+Austin PC. Balance diagnostics for comparing the distribution of baseline
+covariates between treatment groups in propensity-score matched samples.
+Stat Med 2009;28:3083-3107.
 """
 
 import math
@@ -45,12 +53,14 @@ OTHER_PAIRS = "other pairs"
 
 COLUMNS = ("group", "pairs", "patients", "age_n", "age_mean", "age_sd", "male", "female",
            "sex_unknown", "p_age", "p_age_method", "p_age_welch", "p_age_welch_method",
-           "p_sex", "p_sex_method", "compared_with", "counted_by")
+           "p_sex", "p_sex_method", "smd_age", "smd_sex", "smd_method", "compared_with", "counted_by")
 
 STUDENT = "Student's two-sample t-test (equal variances)"
 WELCH = "Welch's two-sample t-test (unequal variances)"
 YATES = "chi-square test of independence with Yates' continuity correction (2x2, sex M/F)"
 FISHER = "Fisher's exact test, two-sided (2x2, sex M/F; an expected count < 5)"
+SMD = ("standardised mean difference (Austin 2009): age (mean1 - mean2) / sqrt((SD1^2 + SD2^2) / 2); "
+       "sex (p1 - p2) / sqrt((p1(1 - p1) + p2(1 - p2)) / 2), p the proportion male of known sex")
 
 _SEX_CODES = {"M": "M", "F": "F"}
 _REFERENCE_SEX = {"Male": "M", "Female": "F", "Unknown": None}
@@ -97,9 +107,47 @@ def _describe(group, df, counted_by):
         "female": int((sex == "F").sum()),
         "sex_unknown": int(sex.isna().sum()),
         "p_age": math.nan, "p_age_method": "", "p_age_welch": math.nan, "p_age_welch_method": "",
-        "p_sex": math.nan, "p_sex_method": "", "compared_with": "",
-        "counted_by": counted_by,
+        "p_sex": math.nan, "p_sex_method": "", "smd_age": math.nan, "smd_sex": math.nan, "smd_method": "",
+        "compared_with": "", "counted_by": counted_by,
     }
+
+
+def standardized_differences(age_a, age_b, male_a, known_a, male_b, known_b):
+    """Standardised mean differences of age and of the proportion male between two groups.
+
+    Parameters
+    ----------
+    age_a, age_b : array-like
+        Ages of the two groups (NaN left out).
+    male_a, known_a, male_b, known_b : int
+        Number male and number of known sex in each group.
+
+    Returns
+    -------
+    tuple of float
+        ``(smd_age, smd_sex)``; NaN where a group is empty or both SDs are 0.
+        Signed: positive when group ``a`` is older or more often male.
+
+    References
+    ----------
+    Austin PC. Balance diagnostics for comparing the distribution of baseline
+    covariates between treatment groups in propensity-score matched samples.
+    Stat Med 2009;28:3083-3107 (eq. 1 and 2); the formulas of ``tableone``.
+    """
+    a = np.asarray(age_a, dtype=float)
+    b = np.asarray(age_b, dtype=float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    smd_age = math.nan
+    if len(a) > 1 and len(b) > 1:
+        pooled = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+        if pooled > 0:
+            smd_age = float((a.mean() - b.mean()) / pooled)
+    smd_sex = math.nan
+    if known_a and known_b:
+        p, q = male_a / known_a, male_b / known_b
+        pooled = math.sqrt((p * (1 - p) + q * (1 - q)) / 2)
+        smd_sex = float((p - q) / pooled) if pooled > 0 else (0.0 if p == q else math.nan)
+    return smd_age, smd_sex
 
 
 def age_tests(a, b):
@@ -169,6 +217,11 @@ def _compare(row, group_df, other_df, other_name):
     p, method = sex_test((group_df["sex"] == "M").sum(), (group_df["sex"] == "F").sum(),
                          (other_df["sex"] == "M").sum(), (other_df["sex"] == "F").sum())
     row["p_sex"], row["p_sex_method"] = p, method
+    male_a, female_a = int((group_df["sex"] == "M").sum()), int((group_df["sex"] == "F").sum())
+    male_b, female_b = int((other_df["sex"] == "M").sum()), int((other_df["sex"] == "F").sum())
+    row["smd_age"], row["smd_sex"] = standardized_differences(
+        group_df["age"], other_df["age"], male_a, male_a + female_a, male_b, male_b + female_b)
+    row["smd_method"] = SMD
     row["compared_with"] = other_name
 
 
@@ -190,7 +243,12 @@ def _checked_pairs(pairs, who):
 
 
 def _reference_row(reference, analysed, analysed_name, who):
-    """The reference population's row (counted by CSV row), compared with all of ``analysed``."""
+    """The reference population's row, compared with all of ``analysed``.
+
+    Counted by patient when the reference names its patients (CheXpert's
+    ``Path``): each patient once, with the age and sex of its first row (its
+    first study); otherwise by CSV row (image).
+    """
     missing = [c for c in ("age", "sex") if c not in reference.columns]
     if missing:
         raise StatsError(f"{who}: reference lacks column(s) {missing}; need 'age' and 'sex'")
@@ -198,7 +256,10 @@ def _reference_row(reference, analysed, analysed_name, who):
     ref = reference[cols].reset_index(drop=True).copy()
     ref["age"] = _normalise_age(ref["age"], f"{who}: reference")
     ref["sex"] = _normalise_sex(ref["sex"], f"{who}: reference")
-    row = _describe(REFERENCE, ref, "CSV row")
+    by_patient = "patient_id" in ref.columns and ref["patient_id"].notna().all()
+    if by_patient:
+        ref = ref.drop_duplicates("patient_id", keep="first")
+    row = _describe(REFERENCE, ref, "patient" if by_patient else "CSV row")
     _compare(row, analysed, ref, analysed_name)
     return row
 
@@ -310,7 +371,7 @@ def table_one_patients(pairs, reference=None):
     for r in rows:
         r["unit"] = "patient"
         r["note"] = note if r["group"] in OUTCOMES else None
-    rows[0]["note"] = "all patients: no comparison, so no p"
+    rows[0]["note"] = "All patients: no comparison"
     out = pd.DataFrame(rows, columns=list(PATIENT_COLUMNS))
     for col in ("pairs", "patients"):
         out[col] = out[col].astype("Int64")
