@@ -813,7 +813,8 @@ def read_scores(path, labels=None, *, require_features=False):
     try:
         if suffix == ".csv":
             df = pd.read_csv(path, dtype={IMAGE_COLUMN: str}, keep_default_na=False,
-                             na_values=["", "NA", "NaN", "nan"], encoding="utf-8-sig")
+                             na_values=["", "NA", "NaN", "nan"], encoding="utf-8-sig",
+                             float_precision="round_trip")  # exact: the default parser is off by 1 ulp
         else:
             df = pd.read_parquet(path)
     except ImportError:
