@@ -71,7 +71,7 @@ def _open_fd(path, what, limit, error_class):
         raise error_class(f"{name} cannot be read ({reason}) -- check the path and its permissions") from None
     if not stat.S_ISREG(st.st_mode):
         raise error_class(f"{name} is {_kind(st.st_mode)}, not a regular file -- give the path of the "
-                          f"{what} file itself")
+                          f"{_file_word(what)} itself")
     try:
         # O_NONBLOCK: a path swapped for a FIFO after the stat cannot block the open.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -82,12 +82,17 @@ def _open_fd(path, what, limit, error_class):
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise error_class(f"{name} is {_kind(st.st_mode)}, not a regular file -- give the path of the "
-                          f"{what} file itself")
+                          f"{_file_word(what)} itself")
     if limit is not None and st.st_size > limit:
         os.close(fd)
         raise error_class(f"{name} is {limit_text(st.st_size)}, larger than the {limit_text(limit)} a "
                           f"{what} may be -- check that it is the right file")
     return fd
+
+
+def _file_word(what):
+    """``what`` as a file: "manifest file", but "scores file", not "scores file file"."""
+    return what if what.endswith("file") else f"{what} file"
 
 
 def limit_of(what):
@@ -118,7 +123,10 @@ def read_bytes(path, what, *, limit=None, error_class=CovreportError):
     """The whole content of a checked regular file, never more than ``limit`` bytes."""
     limit = limit_of(what) if limit is None else limit
     with open_binary(path, what, limit=limit, error_class=error_class) as fh:
-        data = fh.read(limit + 1)
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(size + 1)  # not read(limit + 1), which sets aside the whole limit at once
+        if len(data) > size:  # grew after the check: read on, within the limit
+            data += fh.read(limit + 1 - len(data))
     if len(data) > limit:  # grew after the check
         raise error_class(f"{safe_text(str(path))} grew past the {limit_text(limit)} a {what} may be "
                           "while it was read -- give a finished file")
