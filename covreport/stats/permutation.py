@@ -194,8 +194,9 @@ def start_permutation_process(X, y, groups, **kwargs):
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = "import sys; from covreport.stats.permutation import _permutation_main; _permutation_main(sys.argv[1])"
-        proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.DEVNULL,
+        code = ("import sys; from covreport.stats.permutation import _permutation_main; "
+                "_permutation_main(sys.argv[1], int(sys.argv[2]))")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(os.getpid())], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     except BaseException:
         import shutil
@@ -205,22 +206,26 @@ def start_permutation_process(X, y, groups, **kwargs):
     return _PermutationProcess(proc, folder)
 
 
-def _permutation_main(folder):
-    """Entry point of :func:`start_permutation_process`'s process."""
+def _permutation_main(folder, parent):
+    """Entry point of :func:`start_permutation_process`'s process; ``parent`` is the starting process's pid.
+
+    The parent's pid comes from the parent itself: a child that reads
+    ``os.getppid()`` only after its imports would record its new parent when
+    the real one was killed during those imports, and never notice (issue 23).
+    """
     import shutil
     import threading
     import time
 
     folder = Path(folder)
     progress.set_quiet(True)
-    parent = os.getppid()
 
     def orphaned():  # the parent died (even by SIGKILL): stop, and leave no data behind
         while True:
-            time.sleep(0.5)
             if os.getppid() != parent:
                 shutil.rmtree(folder, ignore_errors=True)
                 os._exit(1)
+            time.sleep(0.5)
 
     threading.Thread(target=orphaned, daemon=True).start()
     with open(folder / "arguments.pickle", "rb") as fh:
