@@ -149,10 +149,26 @@ def write_csv_atomic(df, path, *, index=False, error_class=CovreportError, **to_
 write_csv = write_csv_atomic
 
 
-def sha256_file(path, chunk=1 << 20):
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+def sha256_file(path, chunk=1 << 20, *, what=None, error_class=CovreportError):
+    """Hex SHA-256 of a file's bytes, read in chunks.
+
+    ``path`` may be an open binary file (hashed from its current position).
+    With ``what`` (a kind of :data:`covreport.inputs.LIMITS`) the file is
+    opened through :func:`covreport.inputs.open_binary`: a regular file no
+    larger than that kind's limit, else ``error_class``.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    if hasattr(path, "read"):
+        for block in iter(lambda: path.read(chunk), b""):
+            digest.update(block)
+        return digest.hexdigest()
+    if what is not None:
+        from covreport.inputs import open_binary
+
+        opened = open_binary(path, what, error_class=error_class)
+    else:
+        opened = open(path, "rb")
+    with opened as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()

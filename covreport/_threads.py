@@ -55,6 +55,20 @@ def prepare_environment(environ=None) -> None:
     environ.setdefault("OMP_NUM_THREADS", str(available_cpus()))
 
 
+def thread_cap(environ=None):
+    """``OMP_NUM_THREADS`` as a whole number >= 1 (the user's, or :func:`prepare_environment`'s), else None.
+
+    A user (or a test runner sharing the cores between processes) who sets
+    ``OMP_NUM_THREADS=1`` gets one thread, not the process's share of the cores.
+    """
+    value = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def cpu_workers(requested=None) -> int:
     """DataLoader worker processes for CPU work: ``requested``, else 0 up to 4 cores, then cores // 4 (at most 4).
 
@@ -73,7 +87,8 @@ def configure_torch(workers=0, processes=1) -> int:
     """Give torch's intra-op pool the available cores left over by ``workers``; return that count.
 
     ``processes`` is the number of such processes sharing the cores (torchrun's
-    ``LOCAL_WORLD_SIZE``): each gets its share.
+    ``LOCAL_WORLD_SIZE``): each gets its share, and never more than
+    ``OMP_NUM_THREADS`` (:func:`thread_cap`).
 
     Also asks for one inter-op thread (possible only before torch runs any
     parallel work; silently kept otherwise) and limits BLAS/OpenMP pools
@@ -83,6 +98,9 @@ def configure_torch(workers=0, processes=1) -> int:
     import torch
 
     threads = max(1, (available_cpus() - int(workers)) // max(1, int(processes)))
+    cap = thread_cap()
+    if cap is not None:
+        threads = min(threads, cap)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -97,4 +115,4 @@ def configure_torch(workers=0, processes=1) -> int:
     return threads
 
 
-__all__ = ["PASSIVE_ENV", "available_cpus", "prepare_environment", "cpu_workers", "configure_torch"]
+__all__ = ["PASSIVE_ENV", "available_cpus", "prepare_environment", "thread_cap", "cpu_workers", "configure_torch"]

@@ -7,21 +7,26 @@
 - a group comparison (Mann-Whitney U, Cohen's d) of a contrast needs at least
   :data:`MIN_GROUP_SIZE` pairs in each of its two groups
   (:func:`covreport.stats.compare_groups` reports it "not computed" otherwise);
-- the prediction of Worse against Improved (leave-one-patient-out) needs at
-  least one Worse and one Improved pair, from at least two patients
-  (:func:`covreport.stats.predict_outcome`).
+- the prediction of Worse against Improved (leave-one-patient-out) needs
+  every training fold to hold both classes: Worse pairs from at least two
+  patients and Improved pairs from at least two patients. Leaving out the
+  only patient with an Improved pair trains that fold on Worse pairs alone;
+  :func:`covreport.stats.predict_outcome` then predicts that class for it,
+  and the report's specificity, AUC and their standard errors describe a
+  fold that learnt nothing.
 
 Examples
 --------
 >>> import pandas as pd
 >>> pairs = pd.DataFrame({"patient_id": ["P1", "P1", "P2"], "outcome": ["Worse", "Improved", "Worse"]})
->>> [a["analysis"] for a in analyses(pairs) if not a["can_run"]]
-['Worse vs Improved', 'Worse vs Stable', 'Stable vs Improved']
+>>> [a["reason"] for a in analyses(pairs) if a["analysis"] == PREDICTION]
+['leaving out patient P1, the only patient with an Improved pair (1 pair), trains on Worse pairs alone; leave-one-patient-out needs Worse and Improved pairs from at least 2 patients each']
 """
 
 from __future__ import annotations
 
 from covreport.constants import CONTRASTS, IMPROVED, WORSE
+from covreport.inputs import safe_text
 
 #: Fewest pairs per group for a group comparison; equals covreport.stats.groups.MIN_GROUP_SIZE
 #: (kept here so that ``covreport validate`` does not import scipy; a test checks they agree).
@@ -32,6 +37,25 @@ PREDICTION = "Prediction of Worse vs Improved (leave-one-patient-out)"
 
 def _pairs_word(n):
     return f"{n} pair" + ("" if n == 1 else "s")
+
+
+def _one_class_fold(binary):
+    """Why a leave-one-patient-out training fold would hold one class, or None.
+
+    The fold that leaves out patient P trains on the other patients' pairs; it
+    holds one class exactly when P is the only patient with pairs of the
+    other class.
+    """
+    reasons = []
+    for cls, other in ((IMPROVED, WORSE), (WORSE, IMPROVED)):
+        owners = binary.loc[binary["outcome"] == cls, "patient_id"]
+        if owners.nunique() == 1:
+            reasons.append(f"leaving out patient {safe_text(str(owners.iloc[0]), limit=60)}, the only patient with "
+                           f"{'an' if cls == IMPROVED else 'a'} {cls} pair ({_pairs_word(len(owners))}), trains on "
+                           f"{other} pairs alone")
+    if not reasons:
+        return None
+    return "; ".join(reasons) + "; leave-one-patient-out needs Worse and Improved pairs from at least 2 patients each"
 
 
 def analyses(pairs):
@@ -69,7 +93,7 @@ def analyses(pairs):
         reason = (f"the {_pairs_word(len(binary))} Worse or Improved come from 1 patient; "
                   "leave-one-patient-out needs at least 2 patients")
     else:
-        reason = None
+        reason = _one_class_fold(binary)
     out.append({"analysis": PREDICTION, "can_run": reason is None, "reason": reason})
     return out
 

@@ -331,7 +331,8 @@ class ScoreCache:
             ``key`` a :class:`CacheKey` (or 3-tuple); ``labels`` the label
             names; ``probabilities`` ``(L,)`` and ``features`` ``(1024,)``
             array-likes, stored as little-endian float32. An existing row with
-            the same key is replaced.
+            the same key is replaced. Every value must be finite (ValueError
+            otherwise: such an output is an exclusion, not a score to keep).
 
         Returns
         -------
@@ -347,6 +348,9 @@ class ScoreCache:
             f = np.ascontiguousarray(feats, dtype="<f4").ravel()
             if len(p) != len(labels):
                 raise ValueError(f"{len(p)} probabilities for {len(labels)} labels")
+            if not (np.all(np.isfinite(p)) and np.all(np.isfinite(f))):
+                # A row no reader would use: never stored (scoring excludes such an image).
+                raise ValueError(f"output for image {key.image_sha256} is not finite (NaN or infinity)")
             params.append((key.image_sha256, key.weights_sha256, key.preprocessing,
                            json.dumps(labels), p.tobytes(), f.tobytes(), now))
         if not params:

@@ -209,15 +209,29 @@ def _nothing_to_analyse(summary):
 # --- diagnostic (stats) ----------------------------------------------------
 
 
+class _FloatRange(click.FloatRange):
+    """click.FloatRange that refuses NaN too (click's lets it through every bound)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv != rv:
+            self.fail(f"{value!r} is not a number in the range {self._describe_range()}.", param, ctx)
+        return rv
+
+
+#: A number strictly between 0 and 1 (a prevalence, an alpha).
+_OPEN_UNIT = _FloatRange(0, 1, min_open=True, max_open=True)
+
+
 @main.command()
-@click.option("--tp", type=int, required=True, help="True positives: disease present, test positive.")
-@click.option("--fp", type=int, required=True, help="False positives: disease absent, test positive.")
-@click.option("--fn", type=int, required=True, help="False negatives: disease present, test negative.")
-@click.option("--tn", type=int, required=True, help="True negatives: disease absent, test negative.")
-@click.option("--prevalence", type=float, default=None,
+@click.option("--tp", type=click.IntRange(min=0), required=True, help="True positives: disease present, test positive.")
+@click.option("--fp", type=click.IntRange(min=0), required=True, help="False positives: disease absent, test positive.")
+@click.option("--fn", type=click.IntRange(min=0), required=True, help="False negatives: disease present, test negative.")
+@click.option("--tn", type=click.IntRange(min=0), required=True, help="True negatives: disease absent, test negative.")
+@click.option("--prevalence", type=_OPEN_UNIT, default=None,
               help="Disease prevalence in the target population, 0 < P < 1. Recomputes PPV, NPV "
                    "and accuracy by Bayes' rule (default: the table's own prevalence).")
-@click.option("--alpha", type=float, default=0.05, show_default=True,
+@click.option("--alpha", type=_OPEN_UNIT, default=0.05, show_default=True,
               help="1 - confidence level of the intervals, 0 < A < 1.")
 @click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
               help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
@@ -319,7 +333,7 @@ def _split_labels(values):
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per step (per process under torchrun).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--lr", type=_FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Adam's fixed learning rate (betas 0.9/0.999).")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
               help="Use at most N images of each CSV (a seeded random sample), for small runs.")
@@ -366,6 +380,10 @@ def train(chexpert_root, out, labels, uncertainty, init, image_size, epochs, bat
     kwargs = {}
     if labels:
         kwargs["labels"] = _split_labels(labels)
+        repeated = sorted({lab for lab in kwargs["labels"] if kwargs["labels"].count(lab) > 1})
+        if repeated:
+            raise click.BadParameter(f"{', '.join(map(repr, repeated))} given more than once -- name each label "
+                                     "once", param_hint="--labels")
     if workers is not None:
         kwargs["num_workers"] = workers
     config = TrainConfig(uncertainty=uncertainty, image_size=image_size, epochs=epochs, batch_size=batch_size,
@@ -523,6 +541,19 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
     view_list = None if views.strip().lower() == "all" else [v.strip() for v in views.split(",") if v.strip()]
     if view_list is not None and not view_list:
         raise click.BadParameter("give at least one view, or 'all'", param_hint="--views")
+    from covreport.inputs import safe_text
+    from covreport.pairs import normalize_view, parse_filter
+
+    for v in view_list or ():
+        if normalize_view(v) is None:
+            raise click.BadParameter(f"{safe_text(repr(v))} is not a view -- use AP, AP Supine, PA or Lateral "
+                                     "(any case), comma-separated, or 'all'", param_hint="--views")
+    for f in filters:
+        try:
+            parse_filter(f)
+        except ManifestError as exc:
+            raise click.BadParameter(f"{safe_text(repr(f))}: " + str(exc).split(": ", 1)[-1],
+                                     param_hint="--filter") from None
     table, report = build_pairs(images, columns=columns, views=view_list, previous=previous, filters=filters,
                                 preset=preset, date_format=date_format, source=source,
                                 out_dir=out.parent if str(out.parent) else Path("."))
@@ -580,6 +611,32 @@ def pairs(images, out, previous, preset, map_file, patient_col, date_col, date_f
 # --- run / demo (pipeline) -------------------------------------------------
 
 
+def _echo_summary(folder):
+    """The headline of a results folder on stdout (covreport/summary.py)."""
+    from covreport.summary import format_summary, summarise
+
+    click.echo(format_summary(summarise(folder)), nl=False)
+
+
+def _run_params(command):
+    return {p.name: p for p in command.params if p.name not in ("config", "quiet", "help")}
+
+
+def _read_run_config(ctx, param, value):
+    """--config of `covreport run`: the file's values become the defaults the command line overrides."""
+    if value is None:
+        return None
+    from covreport.summary import read_run_config
+
+    try:
+        values = read_run_config(value, _run_params(ctx.command))
+    except click.BadParameter as exc:
+        exc.ctx, exc.param = ctx, param
+        raise
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
 def _default_weights_or_explain():
     """The newest checkpoint in the model folder, or a ModelError saying every way to get one."""
     from covreport import demo
@@ -620,15 +677,24 @@ def _default_weights_or_explain():
               help="study.toml with the author's fields of the report (see docs/study.example.toml).")
 @click.option("--templates", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of templates overriding the built-in report templates.")
-@click.option("--protocol", type=click.Choice(["nested", "global"]), default="nested", show_default=True,
-              help="Headline prediction protocol (feature selection inside each fold, or once on all pairs).")
+@click.option("--protocol", type=click.Choice(["penalised", "nested", "global"]), default="penalised",
+              show_default=True,
+              help="Headline prediction protocol: penalised (primary: standardised L2 logistic regression, "
+                   "penalty tuned by nested patient-grouped CV; its permutation tests run at most 200 "
+                   "permutations), or the original study's chi-square recipe, replicated: nested (selection "
+                   "inside each fold) or global (once on all pairs).")
 @click.option("--permutations", type=click.IntRange(min=0, max=100_000), default=1000, show_default=True,
               help="Permutations for each protocol's permutation p-value of the accuracy (0 to skip).")
 @click.option("--bootstrap", type=click.IntRange(min=0, max=100_000), default=2000, show_default=True,
-              help="Patient-level cluster bootstrap resamples for percentile CIs (0 to skip).")
+              help="Patient-level cluster bootstrap resamples for percentile CIs (0 to skip); the "
+                   "cross-validated prediction measures use min(this, 200) resamples that refit each protocol.")
 @click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
               help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
                    "logit with the sample prevalence taken as known (MedCalc; the original study).")
+@click.option("--threshold", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.5,
+              show_default=True,
+              help="Classification threshold: a pair is predicted Worse when its out-of-fold probability is at "
+                   "least this (prespecified; the decision curve shows every threshold from 0.05 to 0.95).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the permutation tests and the bootstrap.")
 @click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
@@ -644,9 +710,15 @@ def _default_weights_or_explain():
               ".covreport-output file); never a folder holding an input.")
 @click.option("--previous", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="results.json of an earlier validation (repeat, oldest first): the report shows what moved.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), is_eager=True, expose_value=False,
+              callback=_read_run_config,
+              help="TOML run config: option = value lines, named as the options (manifest = \"m.csv\", "
+                   "permutations = 2000); options on the command line override it. `covreport summary DIR "
+                   "--config` writes one from a results folder.")
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
-        protocol, permutations, bootstrap, predictive_ci, seed, cache, no_cache, strict, no_pdf, out, force,
+        protocol, permutations, bootstrap, predictive_ci, threshold, seed, cache, no_cache, strict, no_pdf, out,
+        force,
         previous, table1_tests):
     """Run the whole study on MANIFEST and write the STARD report.
 
@@ -663,11 +735,12 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
+                      threshold=threshold,
                       table1_tests=table1_tests,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())
     written = run_study(opts)
-    click.echo(f"Report: {written / 'report.html'}")
+    _echo_summary(written)
 
 
 @main.command()
@@ -690,9 +763,49 @@ def demo(out, seed, quick):
 
     result = run_demo(out, seed=seed, quick=quick)
     took = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
-    click.echo(f"Report: {result.report / 'report.html'} (and report.pdf, results.json)")
+    _echo_summary(result.report)
     click.echo(f"Time: {took}" + ("" if result.trained else " (weights reused)"))
     click.echo(f"Regenerate with:\n  {result.command}")
+    click.echo(f"Verify with:\n  {result.verify_command}")
+
+
+# --- summary (results) ------------------------------------------------------
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (counts, per contrast the significant labels, the prediction, "
+                   "the file paths).")
+@click.option("--config", "as_config", is_flag=True,
+              help="Print the run options results.json records as a TOML run config for "
+                   "`covreport run --config` (redirect it to a file beside the manifest).")
+def summary(folder, as_json, as_config):
+    """Print the headline of a results folder written by `covreport run` or `demo`.
+
+    FOLDER holds results.json (or is that file). Prints the pairs and
+    patients analysed; per contrast, the labels whose change differs after
+    Holm adjustment across labels (p < 0.05), with the effect (the clustered
+    theta when the patient is the primary unit, else Cohen's d), its 95% CI
+    and p; the headline protocol's accuracy and AUC with their 95% intervals;
+    and the paths of report.html, report.pdf and results.json. Nothing is
+    written.
+
+    \b
+    Example:
+      covreport summary covreport-demo/report
+      covreport summary covreport-out --config > run.toml
+    """
+    from covreport.summary import format_summary, run_config, summarise
+
+    if as_json and as_config:
+        raise click.UsageError("give --json or --config, not both")
+    if as_config:
+        click.echo(run_config(folder, set(_run_params(run))), nl=False)
+    elif as_json:
+        _echo_json(summarise(folder))
+    else:
+        click.echo(format_summary(summarise(folder)), nl=False)
 
 
 # --- verify (reviewer) ---------------------------------------------------------
@@ -702,8 +815,8 @@ _VERIFY_LIST_LIMIT = 50
 
 @main.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The manifest the submitted run read.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="The manifest the run read (default: found from results.json).")
 @click.option("--scores", type=click.Path(dir_okay=False, path_type=Path),
               help="The scores file of a reviewer-mode run (or one made with the run's weights).")
 @click.option("--weights", help="The weights of a weights-mode run (file or xrv: spec).")
@@ -721,24 +834,33 @@ _VERIFY_LIST_LIMIT = 50
               help="The --templates folder the run used, to check its report's text.")
 @click.option("--ignore-hashes", is_flag=True,
               help="Rerun even when an input's SHA-256 differs from the recorded one (still a failure).")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Score cache (SQLite) for weights-mode scoring; default the one `covreport run` uses "
+                   "without --cache. Never one named by the submission.")
 @click.option("--no-cache", is_flag=True, help="Score the images again instead of using the score cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification as a JSON record.")
 @quiet_option
 def verify(folder, manifest, scores, weights, validation_csv, validation_scores, reference_csv, study,
-           previous, templates, ignore_hashes, no_cache, as_json):
-    """Re-derive every number of a submitted results folder (FOLDER holds results.json).
+           previous, templates, ignore_hashes, cache, no_cache, as_json):
+    """Re-derive every number of a results folder (FOLDER holds results.json).
 
     Checks each input against the SHA-256 recorded in the run's provenance,
     reruns the analysis with the recorded options (protocol, seed,
     permutations, bootstrap resamples, predictive-value interval, strict)
     into a temporary folder and compares every number of the new
     results.json with the submitted one; then checks that tables/*.csv and
-    the text of report.html carry the submitted values. Inputs not given are
-    looked for at their recorded paths, relative to the manifest's folder.
-    Exit 0: every number regenerated; exit 1: the differences are listed.
+    the text of report.html carry the submitted values. Exit 0: every number
+    regenerated; exit 1: the differences are listed.
+
+    Inputs not given as options are taken from results.json: at their path
+    relative to FOLDER, then relative to the manifest's folder. A recorded
+    path is used only if it stays inside the folder holding FOLDER (resp.
+    the manifest's folder), passes no symbolic link, names a regular file,
+    and has the recorded SHA-256; absolute paths are never looked at.
 
     \b
-    Example (a reviewer holding the folder, the manifest and the scores):
+    Examples:
+      covreport verify covreport-demo/report --cache covreport-demo/cache.sqlite
       covreport verify submitted/ --manifest manifest.csv --scores scores.csv
     """
     from covreport.verify import verify as verify_folder
@@ -746,12 +868,14 @@ def verify(folder, manifest, scores, weights, validation_csv, validation_scores,
     inputs = {"manifest": manifest, "scores": scores, "weights": weights, "validation_csv": validation_csv,
               "validation_scores": validation_scores, "reference_csv": reference_csv, "study": study}
     result = verify_folder(folder, {k: v for k, v in inputs.items() if v is not None}, previous=previous,
-                           templates=templates, ignore_hashes=ignore_hashes, use_cache=not no_cache)
+                           templates=templates, ignore_hashes=ignore_hashes, use_cache=not no_cache, cache=cache)
     if as_json:
         _echo_json(result.to_dict())
     else:
+        for role in result.found:
+            click.echo(f"input {role}: {safe_text(result.inputs[role])} (found from results.json)")
         for m in result.hash_mismatches:
-            click.echo(f"input changed: {m['input']} {m['path']}: SHA-256 {m['sha256']}, "
+            click.echo(f"input changed: {m['input']} {safe_text(m['path'])}: SHA-256 {m['sha256']}, "
                        f"recorded {m['recorded_sha256']}")
         diffs = result.differences + result.report_differences
         if diffs:
@@ -764,7 +888,7 @@ def verify(folder, manifest, scores, weights, validation_csv, validation_scores,
                 if rows:
                     click.echo(title)
                 for d in rows[:max(0, _VERIFY_LIST_LIMIT - shown)]:
-                    click.echo(f"{d['path']}\t{d['submitted']}\t{d['regenerated']}")
+                    click.echo("\t".join(safe_text(d[k], limit=2000) for k in ("path", "submitted", "regenerated")))
                 shown += len(rows)
             if shown > _VERIFY_LIST_LIMIT:
                 click.echo(f"... and {shown - _VERIFY_LIST_LIMIT} more (see --json)")
@@ -772,7 +896,7 @@ def verify(folder, manifest, scores, weights, validation_csv, validation_scores,
             click.echo(f"verified: {result.numbers_compared} numbers regenerated exactly ({result.tolerance})")
         click.echo(f"report files checked: {', '.join(result.report_checked) or 'none'}")
         for text in result.report_not_checked:
-            click.echo(f"not checked: {text}")
+            click.echo(f"not checked: {safe_text(text)}")
     if not result.ok:
         sys.exit(1)
 

@@ -9,6 +9,7 @@ run reuses the study, the weights and the score cache.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -44,6 +45,30 @@ class DemoResult:
     command: str
     trained: bool
     seconds: dict
+    verify_command: str = ""
+
+
+def shown_path(path):
+    """``path`` relative to the current folder when it lies below it (as a command shows it), else absolute."""
+    p = Path(os.path.abspath(path))
+    return Path(os.path.relpath(p)) if p.is_relative_to(Path.cwd()) else p
+
+
+def verify_command(report, cache):
+    """The ``covreport verify`` command that re-derives the demo's results: its folder and its score cache."""
+    return shlex.join(["covreport", "verify", str(shown_path(report)), "--cache", str(shown_path(cache))])
+
+
+def _study_toml(out):
+    """The demo's study.toml inside ``out`` (copied there once, so that the run and its provenance name it
+    there rather than inside the installed package); the package's own file if ``out`` holds another one."""
+    path = out / "study.toml"
+    text = DEMO_STUDY_TOML.read_bytes()
+    if not path.exists():
+        from covreport._io import atomic_write_bytes
+
+        atomic_write_bytes(path, text)
+    return path if path.is_file() and path.read_bytes() == text else DEMO_STUDY_TOML
 
 
 def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=None, progress=True, quick=False):
@@ -100,19 +125,21 @@ def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=None, progress=True, quick
     t0 = time.perf_counter()
     report = out / f"report{suffix}"
     cache = out / "cache.sqlite"
-    args = ["covreport", "run", str(manifest), "--weights", str(weights), "--validation-csv", str(valid_csv),
-            "--reference-csv", str(train_csv), "--cache", str(cache),
-            "--study", str(DEMO_STUDY_TOML), "--permutations", str(permutations),
-            "--bootstrap", str(bootstrap), "--seed", str(seed),
-            "--out", str(report), "--force"]
+    study_toml = _study_toml(out)
+    args = ["covreport", "run", str(shown_path(manifest)), "--weights", str(shown_path(weights)),
+            "--validation-csv", str(shown_path(valid_csv)), "--reference-csv", str(shown_path(train_csv)),
+            "--cache", str(shown_path(cache)), "--study", str(shown_path(study_toml)),
+            "--permutations", str(permutations), "--bootstrap", str(bootstrap), "--seed", str(seed),
+            "--out", str(shown_path(report)), "--force"]
     command = shlex.join(args)
     opts = RunOptions(manifest=manifest, out=report, weights=str(weights), validation_csv=valid_csv,
                       reference_csv=train_csv, cache=cache, permutations=permutations, bootstrap=bootstrap,
-                      study=DEMO_STUDY_TOML,
+                      study=study_toml,
                       seed=seed, force=True, synthetic=True, command=command,
                       extra_provenance={"demo": {"seed": seed, "quick": quick, "phantom": study_cfg,
                                                  "training": config.to_dict()}})
     _progress.say(f"Running the study: {command}")
     run(opts)
     seconds["run"] = time.perf_counter() - t0
-    return DemoResult(report=report, command=command, trained=trained, seconds=seconds)
+    return DemoResult(report=report, command=command, trained=trained, seconds=seconds,
+                      verify_command=verify_command(report, cache))

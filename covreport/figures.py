@@ -367,24 +367,51 @@ def change_boxplots(results, ncols=5):
 # --- calibration of the prediction --------------------------------------------
 
 
-def calibration_figure(results, *, frac=2 / 3):
-    """Calibration plots of the out-of-fold probability of Worse, one panel per protocol.
+#: Panel titles of the known protocols (others are shown by their name).
+PROTOCOL_TITLES = {"penalised": "Penalised (primary)", "nested": "Nested (replication)",
+                   "global": "Global (replication, OPTIMISTIC)", "reversed": "Reversed order (control)"}
 
-    Each panel shows the observed proportion of Worse pairs against the mean
-    predicted probability in the bins of ``prediction[protocol].calibration.bins``
-    (marker area proportional to the pairs in the bin), a lowess smoother of
-    the pairs' outcomes on their probabilities (Cleveland 1979, statsmodels'
-    ``lowess`` with ``frac``), the diagonal of perfect calibration, and a rug
-    of the pairs (Worse at the bottom, Improved at the top). Black and gray
-    only, so it reads in grayscale.
+
+def _protocol_panels(results, want):
+    """(name, block) of every prediction protocol holding ``want`` (a callable on the block), headline first."""
+    pred = results.get("prediction") or {}
+    head = pred.get("headline")
+    names = [n for n, b in pred.items() if isinstance(b, dict) and want(b)]
+    return sorted(names, key=lambda n: n != head), head
+
+
+def calibration_drawable(block):
+    """Whether a protocol block gets a calibration panel (records without ``drawable``: a finite slope).
+
+    A block marked not informative (``informative`` False: one predicted
+    class, or an AUC below chance) gets none: its calibration is not evidence.
+    """
+    cal = (block or {}).get("calibration") if isinstance(block, dict) else None
+    if not isinstance(cal, dict) or block.get("informative") is False:
+        return False
+    if "drawable" in cal:
+        return bool(cal["drawable"])
+    return isinstance(cal.get("slope"), (int, float)) and math.isfinite(cal["slope"])
+
+
+def calibration_figure(results):
+    """Flexible calibration curves of the out-of-fold probability of Worse, one panel per protocol.
+
+    Each panel shows the lowess calibration curve stored in
+    ``prediction[protocol].calibration.curve`` with its patient-bootstrap
+    band (Austin & Steyerberg 2019), the observed proportion of Worse pairs
+    against the mean predicted probability in bins (marker area proportional
+    to the pairs), the diagonal of perfect calibration, and a rug of the
+    pairs (Worse at the bottom, Improved at the top). Protocols whose
+    calibration is degenerate (``drawable`` False: the model predicts one
+    class, or the slope is not estimable) get no panel; the report says why.
+    Black and gray only, so it reads in grayscale.
 
     Parameters
     ----------
     results : dict
-        results.json content; uses ``prediction[protocol]["pairs"]`` (``probability``,
-        ``outcome``) and ``prediction[protocol]["calibration"]``.
-    frac : float
-        Fraction of the pairs in each lowess window.
+        results.json content; uses ``prediction[protocol]["pairs"]`` and
+        ``prediction[protocol]["calibration"]``.
 
     Returns
     -------
@@ -393,40 +420,46 @@ def calibration_figure(results, *, frac=2 / 3):
     Raises
     ------
     ReportError
-        When no protocol carries a calibration record.
+        When no protocol has a drawable calibration record.
 
     References
     ----------
-    Cleveland WS. Robust locally weighted regression and smoothing
-    scatterplots. J Am Stat Assoc 1979;74:829-836.
+    Austin PC, Steyerberg EW. Stat Med 2019;38:4051-4065. Cleveland WS.
+    J Am Stat Assoc 1979;74:829-836.
     """
-    from statsmodels.nonparametric.smoothers_lowess import lowess
-
-    pred = results.get("prediction") or {}
-    head = pred.get("headline", "nested")
-    names = [head] + [n for n in ("nested", "global", "reversed") if n != head]
-    panels = [(n, pred[n]) for n in names if isinstance(pred.get(n), dict) and pred[n].get("calibration")]
-    if not panels:
-        raise ReportError("nothing to plot: no prediction protocol has a calibration record")
-    titles = {"nested": "Nested", "global": "Global (OPTIMISTIC)", "reversed": "Reversed order"}
+    names, head = _protocol_panels(results, calibration_drawable)
+    if not names:
+        raise ReportError("nothing to plot: no prediction protocol has a drawable calibration record")
+    pred = results["prediction"]
+    nrows, ncols = _grid(len(names), ncols=2)
     with matplotlib.rc_context(_RC):
-        fig = _figure(2.4 * len(panels) + 0.3, 2.7)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (name, block) in zip(axes, panels):
+        fig = _figure(max(2.6 * ncols + 0.4, 5.2), 2.6 * nrows + 0.6)
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        axes = grid.ravel()
+        for ax in axes[len(names):]:
+            ax.set_visible(False)
+        for ax, name in zip(axes, names):
+            block = pred[name]
             cal = block["calibration"]
             ax.plot([0, 1], [0, 1], linestyle=":", color="0.5", linewidth=0.8, label="perfect calibration")
+            curve = cal.get("curve") or {}
+            x = np.array([np.nan if v is None else v for v in curve.get("probability") or []], dtype=float)
+            if len(x):
+                obs, lo, hi = (np.array([np.nan if v is None else v for v in curve.get(k) or [None] * len(x)],
+                                        dtype=float) for k in ("observed", "lower", "upper"))
+                band = np.isfinite(lo) & np.isfinite(hi)
+                if band.any():
+                    ax.fill_between(x[band], lo[band], hi[band], color="0.85", linewidth=0,
+                                    label="95% bootstrap band")
+                ax.plot(x, obs, color="black", linewidth=1.2, label="lowess curve")
             rows = [(float(p["probability"]), 1.0 if p.get("outcome") == WORSE else 0.0)
                     for p in block.get("pairs") or [] if p.get("probability") is not None]
-            if len(rows) >= 3:
-                x, y = np.array(rows).T
-                with np.errstate(invalid="ignore", divide="ignore"):  # windows of one distinct probability
-                    fit = lowess(y, x, frac=frac, it=0, return_sorted=True)
-                fit = fit[np.isfinite(fit[:, 1])]  # no smoother where a window cannot be fitted
-                if len(fit):
-                    ax.plot(fit[:, 0], fit[:, 1], color="black", linewidth=1.2, label="lowess")
-                ax.plot(x[y == 1], np.full((y == 1).sum(), -0.03), "|", color="black", markersize=4)
-                ax.plot(x[y == 0], np.full((y == 0).sum(), 1.03), "|", color="0.45", markersize=4)
-            bins = [b for b in cal.get("bins") or [] if b.get("predicted") is not None and b.get("observed") is not None]
+            if rows:
+                px, py = np.array(rows).T
+                ax.plot(px[py == 1], np.full((py == 1).sum(), -0.03), "|", color="black", markersize=4)
+                ax.plot(px[py == 0], np.full((py == 0).sum(), 1.03), "|", color="0.45", markersize=4)
+            bins = [b for b in cal.get("bins") or []
+                    if b.get("predicted") is not None and b.get("observed") is not None]
             if bins:
                 ax.scatter([b["predicted"] for b in bins], [b["observed"] for b in bins],
                            s=[8 + 4 * (b.get("n") or 1) for b in bins], facecolor="white", edgecolor="black",
@@ -434,20 +467,89 @@ def calibration_figure(results, *, frac=2 / 3):
             ax.set_xlim(-0.02, 1.02)
             ax.set_ylim(-0.06, 1.06)
             ax.set_aspect("equal")
-            ax.set_title(titles.get(name, name) + (" [headline]" if name == head else ""), fontsize=7.5)
+            ax.set_title(PROTOCOL_TITLES.get(name, name) + (" [headline]" if name == head else ""), fontsize=7.5)
             ax.set_xlabel(f"predicted probability of {WORSE}")
             ax.tick_params(length=2, labelsize=6)
-            brier = cal.get("brier")
-            txt = [f"Brier {_fmt(brier)}" if brier is not None else None,
-                   f"intercept {_fmt(cal.get('intercept'), 2)}" if cal.get("intercept") is not None else None,
-                   f"slope {_fmt(cal.get('slope'), 2)}" if cal.get("slope") is not None else None]
-            ax.text(0.03, 0.97, "\n".join(t for t in txt if t), ha="left", va="top", fontsize=5.5,
+            txt = [f"{label} {_fmt(cal.get(key), nd)}" for key, label, nd in
+                   (("brier", "Brier", 3), ("intercept", "intercept", 2), ("slope", "slope", 2), ("ici", "ICI", 3),
+                    ("e90", "E90", 3)) if cal.get(key) is not None]
+            ax.text(0.97, 0.07, "\n".join(txt), ha="right", va="bottom", fontsize=5.5,
                     transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5,
                                                   "pad": 1.5})
-        axes[0].set_ylabel(f"observed proportion {WORSE}")
+        for ax in grid[:, 0]:
+            ax.set_ylabel(f"observed proportion {WORSE}")
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=6.5)
-        fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.3, wspace=0.3)
+        fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=6.5)
+        fig.subplots_adjust(left=0.1, right=0.98, top=1 - 0.25 / (2.6 * nrows + 0.6),
+                            bottom=0.75 / (2.6 * nrows + 0.6), wspace=0.3, hspace=0.45)
+    return fig
+
+
+# --- decision curves ---------------------------------------------------------------
+
+
+def decision_curve_figure(results):
+    """Decision curves: net benefit of each protocol against threshold probability, one panel per protocol.
+
+    Each panel shows the protocol's net benefit (solid, black) with its
+    patient-bootstrap band (gray), treat all (dashed) and treat none (dotted
+    at 0), from ``results["decision_curve"]["rows"]``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ReportError
+        When results.json holds no decision curve.
+
+    References
+    ----------
+    Vickers AJ, Elkin EB. Med Decis Making 2006;26:565-574.
+    """
+    rows = (results.get("decision_curve") or {}).get("rows") or []
+    by = {}
+    for r in rows:
+        by.setdefault(r["protocol"], []).append(r)
+    if not by:
+        raise ReportError("nothing to plot: results.json holds no decision curve")
+    head = (results.get("prediction") or {}).get("headline")
+    names = sorted(by, key=lambda n: n != head)
+
+    def col(rs, key):
+        return np.array([np.nan if r.get(key) is None else r[key] for r in rs], dtype=float)
+
+    nrows, ncols = _grid(len(names), ncols=2)
+    height = 2.3 * nrows + 0.6
+    with matplotlib.rc_context(_RC):
+        fig = _figure(max(3.1 * ncols + 0.4, 5.2), height)
+        grid = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        axes = grid.ravel()
+        for ax in axes[len(names):]:
+            ax.set_visible(False)
+        top = max(float(np.nanmax(col(rs, "prevalence"))) for rs in by.values())
+        for ax, name in zip(axes, names):
+            rs = sorted(by[name], key=lambda r: r["threshold"])
+            t = col(rs, "threshold")
+            lo, hi = col(rs, "lower"), col(rs, "upper")
+            band = np.isfinite(lo) & np.isfinite(hi)
+            if band.any():
+                ax.fill_between(t[band], lo[band], hi[band], color="0.85", linewidth=0, label="95% bootstrap band")
+            ax.plot(t, col(rs, "treat_all"), linestyle="--", color="0.35", linewidth=0.9, label="treat all")
+            ax.plot(t, np.zeros(len(t)), linestyle=":", color="0.35", linewidth=0.9, label="treat none")
+            ax.plot(t, col(rs, "net_benefit"), color="black", linewidth=1.2, label="model")
+            ax.set_xlim(float(t.min()), float(t.max()))
+            ax.set_ylim(-0.1, top + 0.05)
+            ax.set_title(PROTOCOL_TITLES.get(name, name) + (" [headline]" if name == head else ""), fontsize=7.5)
+            ax.set_xlabel("threshold probability")
+            ax.tick_params(length=2, labelsize=6)
+        for ax in grid[:, 0]:
+            ax.set_ylabel("net benefit")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=6.5)
+        fig.subplots_adjust(left=0.1, right=0.98, top=1 - 0.25 / height, bottom=0.75 / height, wspace=0.12,
+                            hspace=0.55)
     return fig
 
 

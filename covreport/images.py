@@ -39,6 +39,21 @@ MIN_IMAGE_SIDE = 16
 #: scale (JPEG draft mode, DCT scaling) when that brings it under the limit.
 MAX_IMAGE_PIXELS = 40_000_000
 
+#: DICOM pixel data are refused when decoding them would take more bytes than
+#: a 16-bit greyscale image at :data:`MAX_IMAGE_PIXELS` (80 MB): the limit
+#: counts rows x columns x samples per pixel x bytes per sample x frames, so a
+#: 6000 x 6000 RGB image (108 MB) is refused as a 9000 x 9000 greyscale one is.
+#: It follows :data:`MAX_IMAGE_PIXELS` (and Pillow's limit when lower).
+PIXEL_BYTES_PER_PIXEL = 2
+
+#: A dataset in the Deflated transfer syntax is inflated by covreport itself,
+#: never to more than this many bytes beyond the pixel-data limit (pydicom
+#: would inflate it whole, however large: 950 KB can hold a 1 GB element).
+DEFLATE_HEADER_ROOM = 16 << 20
+
+#: DICOM Deflated Explicit VR Little Endian transfer syntax (PS3.5 A.5).
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+
 #: Magic bytes of image formats: only PNG, JPEG and DICOM are decoded; the
 #: others are named in the reason they are refused. Pillow is only ever asked
 #: to open PNG or JPEG (its EPS plugin would start Ghostscript).
@@ -217,8 +232,10 @@ class Preprocessing:
 def _error(name, reason):
     # No memory addresses in reasons: they go into results.json, which must
     # be identical between runs.
+    from covreport.inputs import safe_text
+
     reason = re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
-    exc = ImageError(f"{name}: {reason}")
+    exc = ImageError(f"{safe_text(str(name))}: {reason}")  # a path from a manifest: escaped for the terminal
     exc.reason = reason
     return exc
 
@@ -266,23 +283,90 @@ def load_image(path):
     return decode_image(data, name=str(path))
 
 
-def read_image_bytes(path):
-    """Read the whole file, turning OS errors into :class:`ImageError`."""
+def _open_image(path):
+    """``(file, format, size)``: ``path`` opened after the checks every image read starts with.
+
+    In this order, before anything is hashed or decoded: the path names a
+    regular file (not a folder, FIFO, device or socket), not empty, no larger
+    than the ``"image"`` limit of :data:`covreport.inputs.LIMITS` (checked on
+    the opened descriptor, through :func:`covreport.inputs.open_binary`), and
+    its magic bytes are those of PNG, JPEG or DICOM (:func:`sniff_format`).
+    Raises :class:`ImageError` with a short reason otherwise.
+    """
+    import os
+    import stat
+
+    from covreport.inputs import LIMITS, limit_text, open_binary
+
     p = Path(path)
+    limit = LIMITS["image"]
     try:
-        if p.is_symlink() and not p.exists():
-            raise _error(path, "broken symbolic link")
-        if not p.exists():
-            raise _error(path, "file not found")
-        if not p.is_file():
-            raise _error(path, "not a file")
-        with open(p, "rb") as fh:
-            data = fh.read()
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise _error(path, "broken symbolic link" if p.is_symlink() else "file not found") from None
+    except (OSError, ValueError) as exc:
+        raise _error(path, f"cannot read file ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _error(path, "not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _error(path, "not a regular file (a named pipe, device or socket)")
+    if st.st_size == 0:
+        raise _error(path, "empty file")
+    if st.st_size > limit:
+        raise _error(path, f"file too large (over {limit_text(limit)}, the largest image covreport reads)")
+    try:
+        fh = open_binary(p, "image", limit=limit, error_class=ImageError)
+    except ImageError:  # replaced or grown between the two checks
+        raise _error(path, "file changed while it was opened (not a regular file of at most "
+                           f"{limit_text(limit)})") from None
+    try:
+        head = fh.read(132)
+        fmt = sniff_format(head, path)
+        if fmt not in ("PNG", "JPEG", "DICOM"):
+            raise _error(path, _not_supported(fmt) if head else "empty file")
+        fh.seek(0)
+        size = os.fstat(fh.fileno()).st_size
+    except BaseException:
+        fh.close()
+        raise
+    return fh, fmt, size
+
+
+def read_image_bytes(path):
+    """The bytes of an image file, after :func:`_open_image`'s checks (magic bytes first).
+
+    Raises :class:`ImageError` (missing, not a regular file, empty, over the
+    size limit, not PNG/JPEG/DICOM by its magic bytes, unreadable).
+    """
+    try:
+        fh, _, size = _open_image(path)
+        with fh:
+            data = fh.read(size + 1)  # the size checked against the limit; one byte more shows growth
     except OSError as exc:
         raise _error(path, f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+    except MemoryError:
+        raise _error(path, "image too large to read in memory") from None
+    if len(data) > size:
+        raise _error(path, "file changed while it was read (it grew)")
     if not data:
         raise _error(path, "empty file")
     return data
+
+
+def image_sha256(path):
+    """Hex SHA-256 of an image file's bytes, read in chunks after :func:`_open_image`'s checks.
+
+    A file that is not PNG, JPEG or DICOM by its magic bytes, or larger than
+    the image limit, is refused before a byte of it is hashed.
+    """
+    from covreport._io import sha256_file
+
+    try:
+        fh, _, _ = _open_image(path)
+        with fh:
+            return sha256_file(fh)
+    except OSError as exc:
+        raise _error(path, f"cannot read file ({exc.strerror or type(exc).__name__})") from None
 
 
 def decode_image(data, name="<bytes>"):
@@ -293,12 +377,15 @@ def decode_image(data, name="<bytes>"):
     if not data:
         raise _error(name, "empty file")
     fmt = sniff_format(data, name)
-    if fmt == "DICOM":
-        arr = _decode_dicom(data, name)
-    elif fmt in ("PNG", "JPEG"):
-        arr = _decode_pil(data, name, fmt)
-    else:
-        raise _error(name, _not_supported(fmt))
+    try:
+        if fmt == "DICOM":
+            arr = _decode_dicom(data, name)
+        elif fmt in ("PNG", "JPEG"):
+            arr = _decode_pil(data, name, fmt)
+        else:
+            raise _error(name, _not_supported(fmt))
+    except MemoryError:  # never described as something else
+        raise _error(name, "image too large to decode in memory") from None
     h, w = arr.shape
     if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
         # Constant wording (no per-file sizes), so the flow diagram counts
@@ -318,6 +405,101 @@ def _check_pixels(name, w, h, frames=1):
     limit = _pixel_limit()
     if w * h * frames > limit:
         raise _too_large(name, limit)
+
+
+def _pixel_byte_limit():
+    return PIXEL_BYTES_PER_PIXEL * _pixel_limit()
+
+
+def _dicom_pixel_bytes(ds):
+    """Bytes the decoded pixel data of ``ds`` take: rows x columns x samples x bytes per sample x frames.
+
+    Raises ValueError (or another error of pydicom) when an attribute is
+    missing, malformed or not positive.
+    """
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if min(rows, cols, frames, samples, bits) < 1:
+        raise ValueError("DICOM pixel description not positive")
+    return rows * cols * frames * samples * (-(-bits // 8))
+
+
+def _check_dicom_size(ds, name):
+    """Refuse (before any pixel is decoded) a dataset whose pixels would exceed either limit."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        nbytes = _dicom_pixel_bytes(ds)
+    except Exception:  # missing or malformed attributes
+        raise _error(name, "DICOM pixel description (Rows, Columns) missing or invalid") from None
+    _check_pixels(name, cols, rows, frames)
+    limit = _pixel_byte_limit()
+    if nbytes > limit:
+        raise _error(name, f"image too large (possible decompression bomb; decoded pixel data over "
+                           f"{limit:,} bytes: rows x columns x samples x bytes per sample, "
+                           "covreport.images.MAX_IMAGE_PIXELS)")
+    return rows, cols, frames
+
+
+def _dicom_source(fp, name):
+    """``(file, transfer syntax)``: what to give pydicom for the DICOM file open in ``fp``.
+
+    For every transfer syntax but Deflated this is ``fp`` itself (rewound).
+    A Deflated dataset is inflated here with a byte cap (pixel-data limit
+    plus :data:`DEFLATE_HEADER_ROOM`, checked as it inflates: ``zlib``'s
+    ``max_length``) and handed on as an Explicit VR Little Endian file in
+    memory; over the cap it is refused.
+    """
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    start = fp.tell()
+    head = fp.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        fp.seek(start)
+        return fp, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                            stop_when=lambda tag, vr, length: tag >> 16 != 2)
+        tsyntax = meta.get("TransferSyntaxUID")
+    if str(tsyntax or "") != DEFLATED_TRANSFER_SYNTAX:
+        fp.seek(start)
+        return fp, tsyntax
+    cap = _pixel_byte_limit() + DEFLATE_HEADER_ROOM
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            while chunk and len(out) <= cap:
+                # At most cap + 1 bytes in all (more means too large), 4 MiB per step.
+                out += inflater.decompress(chunk, min(cap + 1 - len(out), 4 << 20))
+                chunk = inflater.unconsumed_tail
+            if len(out) > cap:
+                break
+        if len(out) <= cap:
+            out += inflater.flush()
+    except zlib.error:
+        raise _error(name, "unreadable DICOM file (corrupt Deflated dataset)") from None
+    if len(out) > cap:
+        raise _error(name, f"image too large (possible decompression bomb; the Deflated DICOM dataset "
+                           f"inflates to over {cap:,} bytes)")
+    meta = FileMetaDataset(meta)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = DicomBytesIO()
+    buf.write(head)
+    write_file_meta_info(buf, meta, enforce_standard=False)
+    buf.write(out)
+    del out
+    buf.seek(0)
+    return buf, tsyntax
 
 
 def _open_pil(fp, fmt):
@@ -445,7 +627,11 @@ def _read_dicom(data, name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about odd values; we judge the pixels
             try:
-                return pydicom.dcmread(io.BytesIO(data), specific_tags=list(DICOM_PIXEL_TAGS))
+                source, tsyntax = _dicom_source(io.BytesIO(data), name)
+                ds = pydicom.dcmread(source, specific_tags=list(DICOM_PIXEL_TAGS))
+                if tsyntax is not None and str(tsyntax) == DEFLATED_TRANSFER_SYNTAX:
+                    ds.file_meta.TransferSyntaxUID = tsyntax  # inflated here; named as in the file
+                return ds
             except InvalidDicomError:
                 # No preamble/"DICM": may still be a raw dataset; keep it only if it
                 # parses to something that describes an image.
@@ -454,7 +640,7 @@ def _read_dicom(data, name):
                 if "Rows" not in ds and "PixelData" not in ds and "SOPClassUID" not in ds:
                     raise _error(name, "not a DICOM file") from None
                 return ds
-    except ImageError:
+    except (ImageError, MemoryError):
         raise
     except Exception:  # pydicom raises many types on a damaged file
         raise _error(name, "unreadable DICOM file") from None
@@ -495,13 +681,11 @@ def _decode_dicom(data, name):
         raise _error(name, "DICOM without pixel data")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_text = _transfer_syntax_text(tsyntax)
+    rows, cols, frames = _check_dicom_size(ds, name)
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    except Exception:  # missing or malformed attributes
+    except Exception:  # malformed attribute
         raise _error(name, "DICOM pixel description (Rows, Columns) missing or invalid") from None
-    _check_pixels(name, cols, rows, frames)
     if frames != 1:
         raise _error(name, "multi-frame DICOM is not supported; export a single frame")
     if photometric not in PHOTOMETRIC_INTERPRETATIONS:
@@ -540,9 +724,11 @@ def _decode_dicom(data, name):
     if photometric.startswith(("RGB", "YBR")):
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise _error(name, f"DICOM {photometric} pixel data has shape {arr.shape}")
-        # pydicom converts YBR to RGB by default; ITU-R 601 luma.
-        rgb = arr.astype(np.float64)
-        gray = rgb @ np.array([0.299, 0.587, 0.114])
+        # pydicom converts YBR to RGB by default; ITU-R 601 luma, one channel at a
+        # time (a float64 copy of the whole RGB array would take 8 bytes per sample).
+        gray = np.zeros(arr.shape[:2], dtype=np.float64)
+        for k, weight in enumerate((0.299, 0.587, 0.114)):
+            gray += weight * arr[..., k]
         bits = int(ds.get("BitsStored", 8) or 8)
         return np.clip(gray / (2 ** bits - 1), 0, 1).astype(np.float32)
     if arr.ndim != 2:
@@ -553,6 +739,8 @@ def _decode_dicom(data, name):
         lo_hi = _voi_output_range(ds, arr)
         if lo_hi is not None:
             arr = apply_voi_lut(arr, ds)
+    except MemoryError:
+        raise
     except Exception as exc:  # inconsistent LUT/window attributes
         raise _error(name, f"invalid DICOM modality or VOI LUT attributes ({type(exc).__name__})") from None
     arr = np.asarray(arr, dtype=np.float64)
@@ -643,42 +831,60 @@ def probe_image(path):
     """Cheaply check that ``path`` is a readable image; return ``None`` or the reason.
 
     Reads the header only (no pixel decoding), so validating a manifest
-    stays fast. The reason is a short phrase for the flow diagram.
+    stays fast: the file checks of :func:`read_image_bytes` (regular file,
+    size limit, magic bytes), then the image's size from its header (for
+    DICOM the pixel-data bytes too, with a Deflated dataset inflated under a
+    byte cap). The reason is a short phrase for the flow diagram.
     """
-    path = Path(path)
-    if not path.exists():
-        return "file not found" if not path.is_symlink() else "broken symbolic link"
-    if not path.is_file():
-        return "not a file"
-    if path.stat().st_size == 0:
-        return "empty file"
     try:
-        with open(path, "rb") as fh:
-            fmt = sniff_format(fh.read(132), path)
-    except OSError as exc:
-        return f"cannot read file ({exc.strerror or type(exc).__name__})"
-    if fmt not in ("PNG", "JPEG", "DICOM"):
-        return f"unreadable image ({fmt + ', ' if fmt else ''}not PNG, JPEG or DICOM)"
-    if fmt == "DICOM":
-        import pydicom
-
+        fh, fmt, _ = _open_image(path)
+    except ImageError as exc:
+        reason = exc.reason
+        if reason.startswith("not a recognised image format"):
+            found = reason.split("holds ", 1)[1].split(" data", 1)[0] + ", " if "holds " in reason else ""
+            return f"unreadable image ({found}not PNG, JPEG or DICOM)"
+        return reason
+    with fh:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # Only the pixel-description tags; large values (the pixels)
-                # are deferred, not read.
-                ds = pydicom.dcmread(path, specific_tags=list(DICOM_PIXEL_TAGS), defer_size=1024)
-        except Exception as exc:  # pydicom raises many types on junk
-            return f"unreadable DICOM ({type(exc).__name__})"
-        if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            return "DICOM without pixel data"
-        return None
+            return _probe_dicom(fh, path) if fmt == "DICOM" else _probe_pil(fh, fmt)
+        except MemoryError:
+            return "image too large to read in memory"
+        except OSError as exc:
+            return f"cannot read file ({exc.strerror or type(exc).__name__})"
+
+
+def _probe_dicom(fh, path):
+    import pydicom
+
+    try:
+        source, _ = _dicom_source(fh, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Only the pixel-description tags; large values (the pixels)
+            # are deferred, not read.
+            ds = pydicom.dcmread(source, specific_tags=list(DICOM_PIXEL_TAGS), defer_size=1024)
+    except ImageError as exc:
+        return exc.reason
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom raises many types on junk
+        return f"unreadable DICOM ({type(exc).__name__})"
+    if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return "DICOM without pixel data"
+    try:
+        _check_dicom_size(ds, path)
+    except ImageError as exc:
+        return "image too large (possible decompression bomb)" if "too large" in exc.reason else exc.reason
+    return None
+
+
+def _probe_pil(fh, fmt):
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open_pil(path, fmt) as im:
+            with _open_pil(fh, fmt) as im:
                 w, h = im.size
                 # A JPEG is decoded at up to 1/8 scale (64 times fewer pixels) when too large.
                 if w * h > _pixel_limit() * (64 if fmt == "JPEG" else 1):
@@ -688,8 +894,8 @@ def probe_image(path):
                 im.verify()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "image too large (possible decompression bomb)"
+    except MemoryError:
+        raise
     except Exception as exc:  # PIL raises many types on junk
         return f"unreadable image ({type(exc).__name__})"
     return None
-
-

@@ -91,7 +91,6 @@ def _open_fd(path, what, limit, error_class):
 
 
 def _file_word(what):
-    """``what`` as a file: "manifest file", but "scores file", not "scores file file"."""
     return what if what.endswith("file") else f"{what} file"
 
 
@@ -124,7 +123,7 @@ def read_bytes(path, what, *, limit=None, error_class=CovreportError):
     limit = limit_of(what) if limit is None else limit
     with open_binary(path, what, limit=limit, error_class=error_class) as fh:
         size = os.fstat(fh.fileno()).st_size
-        data = fh.read(size + 1)  # not read(limit + 1), which sets aside the whole limit at once
+        data = fh.read(size + 1)
         if len(data) > size:  # grew after the check: read on, within the limit
             data += fh.read(limit + 1 - len(data))
     if len(data) > limit:  # grew after the check
@@ -256,3 +255,29 @@ def confusable_pairs(values):
         if first != v and (first, v) not in pairs:
             pairs.append((first, v))
     return pairs
+
+
+def text_problem(value):
+    """Why ``value`` cannot be free text from an input (``None`` when it can).
+
+    Like :func:`identifier_problem`, but for prose (study fields, notes,
+    strings of a results file): line breaks and tabs are allowed, and so are
+    variation selectors (emoji) and private-use or unassigned code points;
+    control characters, bidirectional and other format (Cf) characters and
+    the other default-ignorable code points are refused.
+    """
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return None
+    for i, ch in enumerate(text):
+        if ch in "\n\r\t":
+            continue
+        cp = ord(ch)
+        if 0xFE00 <= cp <= 0xFE0F or 0xE0100 <= cp <= 0xE01EF:
+            continue
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cf", "Zl", "Zp") or is_default_ignorable(ch):
+            name = unicodedata.name(ch, "unnamed")
+            return (f"holds the invisible or control character U+{cp:04X} ({name}) at position {i + 1}; "
+                    "delete it (retype the text)")
+    return None

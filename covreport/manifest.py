@@ -58,9 +58,8 @@ from covreport.tabular import parse_csv as _parse_csv
 from covreport.tabular import parse_plain_csv as _parse_plain_csv
 from covreport.tabular import read_workbook as _read_workbook
 from covreport.tabular import show_name as _name
-from covreport.vocab import (
-    DATE_RANGE, INVISIBLE_CONTROLS_RE, VIEW_CODES, canon, iso_dates, normalise_sex, view_key,
-)
+from covreport.inputs import safe_text
+from covreport.vocab import DATE_RANGE, VIEW_CODES, canon, iso_dates, normalise_sex, view_key
 
 __all__ = ["Manifest", "read_manifest", "MISSING_IMAGE_REASONS"]
 
@@ -86,6 +85,8 @@ _OUTCOME_HINTS = {
 _DATE_PAIRS = (("first_date", "second_date"), ("first_offset_days", "second_offset_days"))
 _VIEW_COLUMNS = ("first_view", "second_view")
 _TEXT_COLUMNS = ("source", "notes")
+#: Columns that name a pair, a patient or a file: no invisible character, no two values that look alike.
+_ID_COLUMNS = ("pair_id", "patient_id", "first_image", "second_image")
 _KNOWN = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 _FORMULA = r"^(?:[=@]|[+\-][^\d.]|[+\-]$)"  # RE2-compatible: pyarrow runs it vectorised
@@ -102,17 +103,10 @@ def _n(count, word):
 
 def _path_text(path):
     """A path in a message: as it is, or quoted when it holds a line break or another unprintable character."""
-    return path if path.isprintable() else repr(path)
+    return safe_text(path) if path.isprintable() else safe_text(repr(path))
 
 
-def _show(value, limit=60):
-    """A cell value as it appears in a message: quoted, shortened, or ``empty``."""
-    if value == "":
-        return "empty"
-    text = repr(value)
-    if len(text) > limit:
-        text = text[: limit - 4] + "...'"
-    return text
+_show = tabular.show_value
 
 
 # --------------------------------------------------------------------------
@@ -379,7 +373,8 @@ def _build_table(grid, unit, delimiter, name, problems, warnings):
     spaces = rest[grid.blank[rest] & (lengths[rest] > 0)]
     if len(spaces):
         warnings.append(f"skipped {_n(len(spaces), 'empty row')} (first: {unit} {starts[spaces[0]]})")
-    body = rest[(lengths[rest] <= width) & ~grid.blank[rest]]
+    # A row with too many fields still gets every other check, on its first `width` fields (issue 21.5).
+    body = rest[~grid.blank[rest]]
     named_width = max((i + 1 for i, h in enumerate(header) if h), default=0)
     short = body[lengths[body] < named_width]
     if len(short) and unit == "line":  # a workbook row simply ends at its last filled cell
@@ -545,12 +540,15 @@ def _validate(table, problems, warnings, base, strict):
     unit = table.unit
     decimal_comma = table.delimiter == ";"
 
-    # Invisible direction controls and zero-width characters: an id could display as another id.
+    # Invisible characters (direction controls, zero-width, tags, other format characters): an id could
+    # display as another id. Identifier and path columns refuse every one, the other columns all but tabs.
     for col in cells.columns:
         if col in _KNOWN:
-            _flag(table, problems, cells[col].str.contains(INVISIBLE_CONTROLS_RE), col,
-                  "remove the invisible direction-control or zero-width character(s) (shown as \\u....): "
-                  "they can make one id display as another", kind=(col, "invisible"))
+            for i, problem in tabular.invisible_cells(cells[col], identifier=col in _ID_COLUMNS):
+                problems.add(table.lines[i], col, _show(cells[col].iat[i]),
+                             f"{problem}: an invisible direction-control, zero-width or other format character "
+                             "can make one value display as another", position=table.positions.get(col, 0),
+                             kind=(col, "invisible"))
 
     # pair_id
     if "pair_id" in cells:
@@ -689,6 +687,8 @@ def _validate(table, problems, warnings, base, strict):
     if "patient_id" in cells and ("first_image" in cells or "second_image" in cells):
         _check_image_patients(table, problems, out, first_path, second_path)
 
+    _check_look_alikes(table, problems, out)
+
     # Cells that a spreadsheet would take for a formula are kept as text.
     formula_cells, first_formula = 0, None
     for col in cells.columns:
@@ -701,9 +701,43 @@ def _validate(table, problems, warnings, base, strict):
     if formula_cells:
         warnings.append(
             f"{_n(formula_cells, 'cell')} starting with =, +, - or @ (first: {unit} {first_formula[0]}, column "
-            f"'{first_formula[1]}'): read as plain text and never evaluated"
+            f"'{_name(first_formula[1])}'): read as plain text and never evaluated"
         )
     return out
+
+
+_LOOK_ALIKE_FIX = {
+    "patient_id": "write the same id the same way (if they are two patients, give ids that do not look alike)",
+    "pair_id": "give the pairs ids that do not look alike",
+    "first_image": "a reader cannot tell these two paths apart: correct the path, or rename the file",
+}
+
+
+def _check_look_alikes(table, problems, out):
+    """Two different ids (or paths) in one file that look the same (equal Unicode TR39 skeletons)."""
+    unit = table.unit
+    for col in ("patient_id", "pair_id"):
+        if col not in table.cells:
+            continue
+        values = out[col].to_numpy(dtype=object)
+        for i, j, why in tabular.look_alikes(values):
+            problems.add(table.lines[i], col,
+                         f"{_show(values[i])} looks the same as {_show(values[j])} on {unit} {table.lines[j]} ({why})",
+                         _LOOK_ALIKE_FIX[col], position=table.positions.get(col, 0), kind=(col, "look-alike"))
+    cols = [c for c in ("first_image", "second_image") if c in table.cells]
+    if not cols:
+        return
+    n = len(table.cells)
+    # Paths of both columns in file order (row by row, first before second).
+    values = np.empty(n * len(cols), dtype=object)
+    for k, col in enumerate(cols):
+        values[k::len(cols)] = out[col].to_numpy(dtype=object)
+    for i, j, why in tabular.look_alikes(values, other_script_only=True):
+        col, row = cols[i % len(cols)], i // len(cols)
+        problems.add(table.lines[row], col,
+                     f"{_show(values[i])} looks the same as {_show(values[j])} ({cols[j % len(cols)]}, "
+                     f"{unit} {table.lines[j // len(cols)]}; {why})",
+                     _LOOK_ALIKE_FIX["first_image"], position=table.positions.get(col, 0), kind=(col, "look-alike"))
 
 
 def _check_image_patients(table, problems, out, first_path, second_path):
@@ -748,6 +782,14 @@ def _probe(path):
 
 
 def read_manifest(path, *, strict=False, check_images=True):
+    try:
+        return _read_manifest(path, strict=strict, check_images=check_images)
+    except MemoryError:
+        raise ManifestError(f"{safe_text(str(path))} is too large to validate in the memory available -- "
+                            "split the manifest, or validate it on a machine with more memory") from None
+
+
+def _read_manifest(path, *, strict=False, check_images=True):
     """Read, validate and normalise a pair manifest.
 
     Parameters
@@ -784,8 +826,8 @@ def read_manifest(path, *, strict=False, check_images=True):
     _check_header(table, header_line, problems, warnings)
     base = os.path.abspath(given.parent)
     out = _validate(table, problems, warnings, base, strict)
-    if not strict:
-        problems.raise_if_any()
+    if not strict and len(problems):
+        _raise_with_the_rest(table, problems, out, warnings, check_images)
 
     n = len(table.cells)
     status = {}
@@ -818,6 +860,52 @@ def read_manifest(path, *, strict=False, check_images=True):
         image_status=status, warnings=warnings, delimiter=delimiter,
         extra_columns=[c for c in table.header if c not in _KNOWN], images_checked=bool(check_images),
     )
+
+
+#: Most exclusions listed beside the problems of a manifest that fails (the rest are counted).
+_REST_LIMIT = 20
+
+
+def _raise_with_the_rest(table, problems, out, warnings, check_images):
+    """Raise the problems together with what validate would say once they are fixed (issue 21.5).
+
+    The exclusions (missing or unreadable images, empty outcomes) and the
+    warnings (a near-miss column name such as ``Age``, ...) of the same
+    manifest are listed in the same message, so that one round of fixes is
+    enough.
+    """
+    unit, rest = table.unit, []
+    if check_images:
+        status = {}
+        for col, which, written in (("first_path", "first", "first_image"), ("second_path", "second", "second_image")):
+            for i, path in enumerate(out[col]):
+                if path and path not in status:
+                    status[path] = _probe(path)
+                if path and status[path] is not None:
+                    rest.append((int(table.lines[i]), f"{unit} {table.lines[i]}: {which} image: {status[path]} "
+                                 f"({_path_text(str(out[written].iloc[i]))})"))
+    if "outcome" in table.cells:
+        for i in np.flatnonzero((table.cells["outcome"].str.strip() == "").to_numpy()):
+            rest.append((int(table.lines[i]), f"{unit} {table.lines[i]}: outcome empty"))
+    try:
+        problems.raise_if_any()
+    except ManifestError as err:
+        lines = [str(err)]
+        if len(problems) == 1 and (warnings or rest):
+            lines.insert(0, f"{table.name}: 1 problem; fix it and validate again:")
+        lines += [f"{table.name}: warning (not an error): {w}" for w in warnings]
+        if rest:
+            rest.sort(key=lambda r: r[0])
+            lines.append(f"{table.name}: once these problems are fixed, {_n(len({r[0] for r in rest}), 'pair')} "
+                         "would be excluded (left out of the analysis; errors only in strict mode):")
+            lines += [f"{table.name} {text}" for _line, text in rest[:_REST_LIMIT]]
+            if len(rest) > _REST_LIMIT:
+                lines.append(f"{table.name}: ... and {len(rest) - _REST_LIMIT} more exclusions")
+        err.args = ("\n".join(lines),)
+        raise
+
+
+read_manifest.__doc__ = _read_manifest.__doc__
 
 
 def _assemble(table, out):

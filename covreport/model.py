@@ -322,52 +322,212 @@ def _load_failure_reason(exc):
     return reason if len(reason) <= 300 else reason[:300] + "..."
 
 
+#: Largest total of tensor bytes a checkpoint may hold: its storages as the
+#: archive states them before loading, and its state dict's ``numel *
+#: element_size`` after. A DenseNet121 takes 31 MB in float32, about 94 MB with
+#: Adam's training state, 190 MB in float64 with that state.
+MAX_TENSOR_BYTES = 256 << 20
+#: Largest archive member that is not tensor storage (the pickle of the
+#: dictionary: labels, preprocessing, metadata), as unpacked.
+MAX_PICKLE_BYTES = 16 << 20
+#: Largest central directory of a checkpoint archive (DenseNet121's has about
+#: a thousand entries of ~100 bytes): bounds what is parsed to list the members.
+MAX_DIRECTORY_BYTES = 4 << 20
+_MB = 1 << 20
+
+
+def _zip_directory_size(fh, size):
+    """Size in bytes of a zip archive's central directory, read from its end record (zip64 too), or None."""
+    import struct
+
+    tail_len = min(size, 22 + 0xFFFF)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    cd_size = struct.unpack_from("<I", tail, at + 12)[0]
+    if cd_size == 0xFFFFFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":
+        offset = struct.unpack_from("<Q", tail, at - 12)[0]
+        if offset + 56 > size:
+            return None
+        fh.seek(offset)
+        record = fh.read(56)
+        if record[:4] != b"PK\x06\x06":
+            return None
+        cd_size = struct.unpack_from("<Q", record, 40)[0]
+    return cd_size
+
+
+def _check_archive(fh, path):
+    """Refuse, before ``torch.load``, a checkpoint file that would unpack to too much.
+
+    ``fh`` is the checkpoint opened by :func:`_safe_torch_load` (a regular
+    file within the ``"checkpoint"`` limit of :data:`covreport.inputs.LIMITS`);
+    the checks run on the descriptor ``torch.load`` then reads. A zip checkpoint (torch's format) is
+    judged by the sizes its central directory states: the storages
+    (``*/data/*`` members) at most :data:`MAX_TENSOR_BYTES` in all, every
+    other member at most :data:`MAX_PICKLE_BYTES` (torch allocates what the
+    directory states; a re-deflated 1.2 MB file can state 1.2 GB). A legacy
+    (non-zip) file holds its tensors as they are, so its size bounds them.
+    """
+    import zipfile
+
+    from covreport.inputs import safe_text
+
+    name = safe_text(str(path))
+    size = os.fstat(fh.fileno()).st_size
+    if not zipfile.is_zipfile(fh):
+        if size > MAX_TENSOR_BYTES + MAX_PICKLE_BYTES:
+            raise ModelError(f"Checkpoint {name} is {size / _MB:.0f} MB, more than the "
+                             f"{(MAX_TENSOR_BYTES + MAX_PICKLE_BYTES) / _MB:.0f} MB a covreport "
+                             "checkpoint may take; check that it is the right file.")
+        return
+    directory = _zip_directory_size(fh, size)
+    if directory is not None and directory > MAX_DIRECTORY_BYTES:
+        raise ModelError(f"Checkpoint {name} lists {directory / _MB:.0f} MB of archive entries, more than "
+                         f"the {MAX_DIRECTORY_BYTES / _MB:.0f} MB a covreport checkpoint may; it is not "
+                         "a checkpoint covreport wrote.")
+    try:
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # torch.load reports the damage
+    tensors = 0
+    for info in members:
+        parts = info.filename.split("/")
+        if len(parts) >= 3 and parts[-2] == "data" and not info.is_dir():
+            tensors += info.file_size
+        elif info.file_size > MAX_PICKLE_BYTES:
+            raise ModelError(
+                f"Checkpoint {name}: its entry {safe_text(info.filename, limit=80)!r} unpacks to "
+                f"{info.file_size / _MB:,.0f} MB, more than the {MAX_PICKLE_BYTES / _MB:.0f} MB the labels, "
+                "preprocessing and metadata of a checkpoint may take; it is not a checkpoint covreport "
+                "wrote.")
+    if tensors > MAX_TENSOR_BYTES:
+        raise ModelError(
+            f"Checkpoint {name} holds {tensors / _MB:,.0f} MB of tensors when unpacked (the file is "
+            f"{size / _MB:,.1f} MB), more than the {MAX_TENSOR_BYTES / _MB:.0f} MB a DenseNet121 "
+            "checkpoint may take; it is not a checkpoint covreport wrote.")
+
+
 def _safe_torch_load(path):
-    with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load(weights_only=True)`` of ``path`` opened through :func:`covreport.inputs.open_binary`
+    (a regular file within the ``"checkpoint"`` limit) and passed by :func:`_check_archive`."""
+    from covreport.inputs import open_binary
+
+    with open_binary(path, "checkpoint", error_class=ModelError) as fh:
+        _check_archive(fh, path)
+        fh.seek(0)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(fh, map_location="cpu", weights_only=True)
+
+
+#: Deepest nesting of lists and mappings accepted in a checkpoint's metadata.
+MAX_METADATA_DEPTH = 32
+
+
+def _metadata_problem(value, where="metadata", depth=0):
+    """Why a checkpoint's metadata cannot be trusted (a tensor in it, or nesting too deep), or None."""
+    if isinstance(value, torch.Tensor):
+        return f"holds a tensor in {where}"
+    if not isinstance(value, (dict, list, tuple)):
+        return None
+    if depth >= MAX_METADATA_DEPTH:
+        return f"has metadata nested deeper than {MAX_METADATA_DEPTH} levels (at {where})"
+    for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+        found = _metadata_problem(v, f"{where}[{k!r}]", depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def check_state_dict(state, where):
+    """Refuse a state dict whose tensors are too large in all or not finite.
+
+    The total ``numel * element_size`` (and the storages behind the tensors)
+    must stay within :data:`MAX_TENSOR_BYTES`, and every floating-point
+    tensor must be finite: one NaN bias makes every output NaN. Raises
+    :class:`ModelError` naming the first bad tensor.
+    """
+    from covreport.inputs import safe_text
+
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    storages = {}
+    for t in state.values():
+        st = t.untyped_storage()
+        storages[st.data_ptr(), st.nbytes()] = st.nbytes()
+    if max(total, sum(storages.values())) > MAX_TENSOR_BYTES:
+        raise ModelError(f"{where} has {max(total, sum(storages.values())) / _MB:,.0f} MB of weights, more "
+                         f"than the {MAX_TENSOR_BYTES / _MB:.0f} MB a DenseNet121 may take.")
+    for key, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            flat = t.reshape(-1)
+            first = int(torch.nonzero(~torch.isfinite(flat))[0])
+            value = flat[first].item()
+            raise ModelError(
+                f"{where}: tensor {safe_text(key, limit=120)!r} holds a non-finite value ({value} at flat index "
+                f"{first}); the weights are damaged (a diverged training run?) and every score from them "
+                "would be NaN -- retrain, or use another checkpoint.")
 
 
 def _read_checkpoint(path):
     """The raw checkpoint dictionary, loaded safely and validated."""
+    from covreport.inputs import safe_text
+
     path = Path(path)
+    shown = safe_text(str(path))
     if path.is_dir():
-        raise ModelError(f"Weights {path} is a folder, not a checkpoint file.")
-    if not path.is_file():
-        raise ModelError(f"Weights file {path} does not exist. {_where_hint()}")
+        raise ModelError(f"Weights {shown} is a folder, not a checkpoint file.")
+    if not path.exists():
+        raise ModelError(f"Weights file {shown} does not exist. {_where_hint()}")
     try:
-        payload = _safe_torch_load(path)
+        payload = _safe_torch_load(path)  # a FIFO or device is refused there, before a byte is read
+    except ModelError:
+        raise
+    except MemoryError:
+        raise ModelError(f"Checkpoint {shown} is too large to load in the memory available; "
+                         "it is not a covreport checkpoint of a DenseNet121.") from None
     except Exception as exc:  # torch raises many types on junk, truncation, unsafe pickles
         reason = _load_failure_reason(exc)
         raise ModelError(
-            f"{path} is not a covreport checkpoint: it cannot be loaded safely "
+            f"{shown} is not a covreport checkpoint: it cannot be loaded safely "
             f"(torch.load with weights_only=True failed: {type(exc).__name__}: {reason}). "
             "covreport never unpickles arbitrary objects; the file may be truncated, "
             "of another program, or contain code."
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(
-            f"{path} is not a covreport checkpoint (no 'format': '{CHECKPOINT_FORMAT}' "
+            f"{shown} is not a covreport checkpoint (no 'format': '{CHECKPOINT_FORMAT}' "
             f"marker; found a {type(payload).__name__}). Train one with `{TRAIN_HINT}`, or "
             f"use {XRV_PREFIX}densenet121-res224-chex for a torchxrayvision model."
         )
     missing = [k for k in _REQUIRED_KEYS if k not in payload]
     if missing:
-        raise ModelError(f"Checkpoint {path} lacks the key(s) {missing}; the file is incomplete or damaged.")
+        raise ModelError(f"Checkpoint {shown} lacks the key(s) {missing}; the file is incomplete or damaged.")
     version = payload["version"]
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise ModelError(
-            f"Checkpoint {path} has format version {version!r}; this covreport reads "
+            f"Checkpoint {shown} has format version {safe_text(repr(version), limit=80)}; this covreport reads "
             f"versions up to {CHECKPOINT_VERSION}. Upgrade covreport."
         )
     if payload.get("arch", ARCH) != ARCH:
-        raise ModelError(f"Checkpoint {path} holds a {payload['arch']!r} model; covreport builds {ARCH}.")
-    check_labels(payload["labels"], f"Checkpoint {path}")
+        arch = safe_text(repr(payload["arch"]), limit=80)
+        raise ModelError(f"Checkpoint {shown} holds a {arch} model; covreport builds {ARCH}.")
+    check_labels(payload["labels"], f"Checkpoint {shown}")
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"Checkpoint {path} has an invalid state_dict (not a dict of tensors).")
+        raise ModelError(f"Checkpoint {shown} has an invalid state_dict (not a dict of tensors).")
+    check_state_dict(state, f"Checkpoint {shown}")
+    problem = _metadata_problem(payload.get("metadata"))
+    if problem is not None:
+        raise ModelError(f"Checkpoint {shown} {safe_text(problem, limit=200)}; metadata may hold plain values "
+                         "only (numbers, text, lists, mappings): it is not a checkpoint covreport wrote.")
     if not isinstance(payload["preprocessing"], dict):
-        raise ModelError(f"Checkpoint {path} has invalid preprocessing {payload['preprocessing']!r}.")
+        prep = safe_text(repr(payload["preprocessing"]), limit=200)
+        raise ModelError(f"Checkpoint {shown} has invalid preprocessing {prep}.")
     return payload
 
 
@@ -416,7 +576,7 @@ def load_checkpoint(spec=None):
         model=model,
         labels=labels,
         preprocessing=preprocessing,
-        sha256=sha256_file(path),
+        sha256=sha256_file(path, what="checkpoint", error_class=ModelError),
         metadata=dict(payload.get("metadata") or {}),
         source=str(path),
     )
@@ -484,7 +644,7 @@ def find_weights(spec=None):
     path = Path(spec).expanduser()
     if path.is_dir():
         raise ModelError(f"Weights {path} is a folder, not a checkpoint file.")
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device exists: load_checkpoint says what it is instead
         raise ModelError(f"Weights file {path} does not exist. {_where_hint()}")
     return path
 
@@ -585,6 +745,11 @@ def _load_xrv(spec):
     try:
         with torch.serialization.safe_globals(_xrv_safe_globals()):
             obj = _safe_torch_load(path)
+    except ModelError:
+        raise
+    except MemoryError:
+        raise ModelError(f"{path} is too large to load in the memory available as torchxrayvision "
+                         "weights.") from None
     except Exception as exc:
         reason = _load_failure_reason(exc)
         raise ModelError(
@@ -597,6 +762,7 @@ def _load_xrv(spec):
         state = {k: v for k, v in obj.items() if k != "op_threshs"}
     else:
         raise ModelError(f"{path} holds a {type(obj).__name__}, not a torchxrayvision DenseNet or its state dict.")
+    check_state_dict(state, f"torchxrayvision weights {path}")
     raw_labels = list(info["labels"])
     base = xrv.models.DenseNet(weights=None, num_classes=len(raw_labels))
     try:
@@ -614,7 +780,7 @@ def _load_xrv(spec):
         model=model,
         labels=labels,
         preprocessing=xrv_preprocessing(size),
-        sha256=sha256_file(path),
+        sha256=sha256_file(path, what="checkpoint", error_class=ModelError),
         metadata={
             "source": "torchxrayvision",
             "weights": name,

@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 
 from covreport.errors import ManifestError
-from covreport.tabular import decode, read_bytes, read_records
+from covreport import inputs
+from covreport.tabular import decode, invisible_cells, look_alikes, read_bytes, read_records, show_name, show_value
 from covreport.vocab import DATE_RANGE, EXPORT_VIEW_CODES, SEX_CODES, canon, iso_dates, view_key
 
 __all__ = [
@@ -97,6 +98,13 @@ PRESETS = {
 
 _FILTER = re.compile(r"^\s*(?P<col>[^=~!]+?)\s*(?P<op>!=|~|=)\s*(?P<value>.*?)\s*$")
 _MAX_LISTED = 20
+#: Largest --map file (a handful of lines).
+_MAP_LIMIT = 1 << 20
+
+
+def _listed(header, n=15):
+    """The first ``n`` column names of a header, for a message (escaped)."""
+    return ", ".join(show_name(h) for h in header[:n]) + (", ..." if len(header) > n else "")
 
 
 _canon = canon
@@ -133,8 +141,16 @@ def _read_table(path, *, delimiter=None, what="table"):
     Every cell is text; all-blank records are skipped; short records are
     padded; a record longer than the header is an error.
     """
+    try:
+        return _read_table_unguarded(path, delimiter=delimiter, what=what)
+    except MemoryError:
+        raise ManifestError(f"{inputs.safe_text(str(path))} is too large to read in the memory available -- "
+                            f"split the {what}, or run on a machine with more memory") from None
+
+
+def _read_table_unguarded(path, *, delimiter=None, what="table"):
     name = str(path)
-    raw = read_bytes(path, name, what)
+    raw = read_bytes(path, name, what, limit=_MAP_LIMIT if what == "--map file" else None)
     if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
         raise ManifestError(f"{name} is a spreadsheet workbook -- export its first sheet as CSV (UTF-8)")
     text = decode(raw, name, empty_fix=f"the {what} needs a header line and its rows",
@@ -252,7 +268,7 @@ def _normalise_key(key, where):
         if canon == _canon(alias):
             return real
     raise ManifestError(
-        f"{where}: {k!r} is not a manifest column to map -- use one of {', '.join(COLUMN_KEYS)}"
+        f"{where}: {show_value(k)} is not a manifest column to map -- use one of {', '.join(COLUMN_KEYS)}"
     )
 
 
@@ -290,14 +306,14 @@ def read_column_map(path):
             except ImportError:
                 raise ManifestError(f"{name}: reading TOML needs Python 3.11 or the tomli package -- "
                                     "install tomli, or write the mapping as CSV (manifest_column,export_column)") from None
+        text = inputs.read_text(path, "--map file", limit=_MAP_LIMIT, error_class=ManifestError)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-        except FileNotFoundError:
-            raise ManifestError(f"{name} does not exist -- check the path of the --map file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{name} cannot be read ({exc}) -- save it as UTF-8 text") from None
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ManifestError(f"{name}: not valid TOML ({exc}) -- write lines like patient_id = \"patientid\"") from None
+        except RecursionError:  # arrays nested thousands deep
+            raise ManifestError(f"{name}: nested too deeply to be a column mapping -- write lines like "
+                                "patient_id = \"patientid\"") from None
         table = data.get("columns", data)
         if not isinstance(table, dict):
             raise ManifestError(f"{name}: [columns] must be a table of manifest_column = \"export column\"")
@@ -308,13 +324,13 @@ def read_column_map(path):
             elif real == "image" and isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
                 out[real] = tuple(v.strip() for v in value)
             else:
-                raise ManifestError(f"{name}: {key} = {value!r} -- give the export column's name as a string"
+                raise ManifestError(f"{name}: {show_name(str(key))} = {show_value(value)} -- give the export column's name as a string"
                                     + (" (or a list of names for image)" if real == "image" else ""))
         return out
     header, body, lines, _d, header_line = _read_table(path, what="--map file")
     canon = [_canon(h) for h in header]
     if canon[:2] != ["manifestcolumn", "exportcolumn"]:
-        raise ManifestError(f"{name} line {header_line}: header {','.join(header)!r} -- the mapping CSV's header "
+        raise ManifestError(f"{name} line {header_line}: header {show_value(','.join(header))} -- the mapping CSV's header "
                             "must be manifest_column,export_column (or give a .toml file)")
     for rec, line in zip(body, lines):
         key, col = rec[0].strip(), rec[1].strip()
@@ -324,7 +340,7 @@ def read_column_map(path):
         if real == "image":
             out[real] = tuple(out.get(real, ())) + (col,)
         elif real in out:
-            raise ManifestError(f"{name} line {line}, column 'manifest_column': {key!r} mapped twice -- keep one row")
+            raise ManifestError(f"{name} line {line}, column 'manifest_column': {show_value(key)} mapped twice -- keep one row")
         else:
             out[real] = col
     return out
@@ -343,7 +359,7 @@ def parse_filter(text):
         return str(col), str(op), tuple(v.strip() for v in values)
     m = _FILTER.match(str(text))
     if not m or not m.group("col"):
-        raise ManifestError(f"--filter {text!r}: not understood -- write COLUMN=VALUE, COLUMN!=VALUE or "
+        raise ManifestError(f"--filter {show_value(str(text))}: not understood -- write COLUMN=VALUE, COLUMN!=VALUE or "
                             "COLUMN~TEXT (e.g. finding~COVID-19, modality=X-ray)")
     return m.group("col"), m.group("op"), tuple(v.strip() for v in m.group("value").split("|"))
 
@@ -363,10 +379,10 @@ def _filter_mask(cells, op, values):
 def _missing_column(name, header_line, header, col, key, fix_option):
     close = difflib.get_close_matches(col, header, n=1, cutoff=0.6) or [
         h for h in header if _canon(h) == _canon(col)][:1]
-    listed = ", ".join(header[:15]) + (", ..." if len(header) > 15 else "")
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    listed = _listed(header)
+    hint = f"did you mean '{show_name(close[0])}'? " if close else ""
     return ManifestError(
-        f"{name} line {header_line}, column '{col}': missing ({key}) -- {hint}map the right column with "
+        f"{name} line {header_line}, column '{show_name(col)}': missing ({key}) -- {hint}map the right column with "
         f"{fix_option} or a --map file (the header has: {listed})"
     )
 
@@ -400,14 +416,14 @@ def _resolve_columns(header, columns, name, header_line):
         if key not in mapping:
             desc, option = COLUMN_KEYS[key]
             close = difflib.get_close_matches(key, header, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            listed = ", ".join(header[:15]) + (", ..." if len(header) > 15 else "")
+            hint = f"did you mean '{show_name(close[0])}'? " if close else ""
+            listed = _listed(header)
             raise ManifestError(
                 f"{name} line {header_line}: no column for {desc} -- {hint}name it with {option} or a --map "
                 f"file (the header has: {listed})"
             )
     if "date" not in mapping and "offset_days" not in mapping:
-        listed = ", ".join(header[:15]) + (", ..." if len(header) > 15 else "")
+        listed = _listed(header)
         raise ManifestError(
             f"{name} line {header_line}: no column to order the images by -- name the date column with "
             f"--date-col or the day-offset column with --offset-col (the header has: {listed})"
@@ -424,8 +440,11 @@ class _Errors:
         self.name, self.items = name, []
 
     def add(self, line, column, value, fix):
-        shown = "empty" if value == "" else repr(value)
-        self.items.append((line, f"{self.name} line {line}, column '{column}': {shown} -- {fix}"))
+        self.add_text(line, column, show_value(value), fix)
+
+    def add_text(self, line, column, text, fix):
+        """A problem whose value part is already written (escaped) as ``text``."""
+        self.items.append((line, f"{self.name} line {line}, column '{show_name(column)}': {text} -- {fix}"))
 
     def raise_if_any(self):
         if not self.items:
@@ -438,6 +457,83 @@ class _Errors:
         err = ManifestError(f"{self.name}: {len(items)} problems:\n" + "\n".join(shown + more))
         err.problems = items
         raise err
+
+
+def _dates_problem(name, col, s, lines, rows, fix, date_format):
+    """One problem for every date of ``rows`` that could not be read: the count, the lines, the format's hint."""
+    shown = ", ".join(str(int(lines[i])) for i in rows[:_MAX_LISTED])
+    more = f" and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else ""
+    hint = ""
+    parts = [re.fullmatch(r"(\d{1,2})([/.-])(\d{1,2})\2(\d{4})", s.iat[i].strip()) for i in rows]
+    if date_format is None and parts and all(parts):
+        sep = parts[0].group(2)
+        day_first = any(int(m.group(1)) > 12 for m in parts)
+        month_first = any(int(m.group(3)) > 12 for m in parts)
+        if not (day_first and month_first):
+            fmt, words = ((f"%m{sep}%d{sep}%Y", "MM/DD/YYYY") if month_first else
+                          (f"%d{sep}%m{sep}%Y", "DD/MM/YYYY"))
+            words = words.replace("/", sep)
+            ambiguous = "" if day_first or month_first else " (or month first: --date-format '%m{0}%d{0}%Y')".format(sep)
+            hint = f"they look like {words}: add --date-format '{fmt}'{ambiguous}; otherwise "
+    return (f"{name} column '{show_name(col)}': {len(rows)} dates not read (lines {shown}{more}; first: {show_value(s.iat[rows[0]])}) "
+            f"-- {hint}{fix}")
+
+
+def _gap_notes(patient, lines, image_raw, reason, work, nxt, has_next, what):
+    """Pair index -> notes of the images left out for want of a date (or offset) that may lie between them.
+
+    Such an image cannot be placed in time, so a pair may bridge it (issue
+    21.5): it is noted on the patient's pairs whose export lines enclose its
+    line, or on every pair of the patient when none does.
+    """
+    undated = [i for i in range(len(reason)) if reason[i] in ("no date", "no day offset")]
+    if not undated:
+        return {}
+    pairs_of = {}
+    for i in np.flatnonzero(has_next):
+        pairs_of.setdefault(work["patient"].iat[i], []).append(i)
+    line_a, line_b = work["line"].to_numpy(dtype=float), nxt["line"].to_numpy(dtype=float)
+    notes = {}
+    for j in undated:
+        idx = pairs_of.get(patient.iat[j], [])
+        ln = int(lines[j])
+        inside = [i for i in idx if min(line_a[i], line_b[i]) < ln < max(line_a[i], line_b[i])]
+        for i in inside or idx:
+            notes.setdefault(i, []).append(f"gap: {image_raw.iat[j]} (line {ln}) of this patient has no {what} "
+                                           "and was left out; it may lie between these CXRs")
+    return notes
+
+
+def _check_ids(table, mapping, patient, image_raw, reason, lines, name):
+    """Refuse patient ids and image paths (of the rows the filters keep) that could pass for others.
+
+    No invisible character (direction controls, zero-width, tags, any other
+    format character) in a patient id or path cell, and no two patient ids
+    (or paths, by letters of another script) with equal Unicode TR39
+    confusable skeletons: either would make one patient count as two.
+    """
+    errors = _Errors(name)
+    alive = np.array([r is None for r in reason], dtype=bool)
+    for col in mapping["patient_id"] + tuple(mapping["image"]):
+        values = table[col].str.strip()
+        for i, problem in invisible_cells(values):
+            if alive[i]:
+                errors.add(int(lines[i]), col, values.iat[i],
+                           f"{problem}: an invisible direction-control, zero-width or other format character can "
+                           "make one value display as another")
+    rows = np.flatnonzero(alive)
+    checks = (
+        (mapping["patient_id"][0], patient, False,
+         "write the same id the same way (if they are two patients, give ids that do not look alike)"),
+        ("/".join(mapping["image"]), image_raw, True,
+         "a reader cannot tell these two paths apart: correct the path, or rename the file"),
+    )
+    for col, series, other_script_only, fix in checks:
+        values = series.to_numpy(dtype=object)[rows]
+        for i, j, why in look_alikes(values, other_script_only=other_script_only):
+            errors.add_text(int(lines[rows[i]]), col, f"{show_value(values[i])} looks the same as "
+                            f"{show_value(values[j])} on line {int(lines[rows[j]])} ({why})", fix)
+    errors.raise_if_any()
 
 
 def _fmt_number(x):
@@ -556,7 +652,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
     mapping_in = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ManifestError(f"unknown preset {preset!r} -- use one of {', '.join(PRESETS)}")
+            raise ManifestError(f"unknown preset {show_value(str(preset))} -- use one of {', '.join(PRESETS)}")
         spec = PRESETS[preset]
         mapping_in.update(spec["columns"])
         filters = list(spec["filters"]) + filters
@@ -596,7 +692,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         for v in views:
             nv = normalize_view(v)
             if nv is None:
-                raise ManifestError(f"--views: {v!r} is not a view -- use AP, AP Supine, PA or Lateral")
+                raise ManifestError(f"--views: {show_value(str(v))} is not a view -- use AP, AP Supine, PA or Lateral")
             if nv not in kept_views:
                 kept_views.append(nv)
 
@@ -614,9 +710,9 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         col, op, values = parse_filter(f)
         if col not in header:
             close = difflib.get_close_matches(col, header, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            listed = ", ".join(header[:15]) + (", ..." if len(header) > 15 else "")
-            raise ManifestError(f"{name} line {header_line}, column '{col}': missing (named by --filter "
+            hint = f"did you mean '{show_name(close[0])}'? " if close else ""
+            listed = _listed(header)
+            raise ManifestError(f"{name} line {header_line}, column '{show_name(col)}': missing (named by --filter "
                                 f"{f if isinstance(f, str) else col!r}) -- {hint}filter on a column of the export "
                                 f"(the header has: {listed})")
         parsed_filters.append((col, op, values))
@@ -633,6 +729,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         if len(mapping["image"]) > 1 else cells("image")
     exclude(patient == "", "no patient id")
     exclude(image_raw == "", "no image path")
+    _check_ids(table, mapping, patient, image_raw, reason, lines, name)
 
     # 2. views
     if "view" in mapping:
@@ -640,7 +737,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         view = view_raw.map(normalize_view)
         if kept_views is not None:
             off = ~view.isin(kept_views).to_numpy()
-            why = np.array(["no view" if v == "" else f"view {v!r} not kept" for v in view_raw], dtype=object)
+            why = np.array(["no view" if v == "" else f"view {show_value(v)} not kept" for v in view_raw], dtype=object)
             exclude(off, why)
     else:
         view = pd.Series([None] * n, dtype=object)
@@ -666,8 +763,11 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         dates = dates.where((dates >= low) & (dates <= high))  # --date-format dates too
         fix += f"; dates from {DATE_RANGE[0]} to {DATE_RANGE[1]}"
         bad = alive & (s != "").to_numpy() & dates.isna().to_numpy()
-        for i in np.flatnonzero(bad):
-            errors.add(int(lines[i]), col, s.iat[i], fix)
+        rows = np.flatnonzero(bad)
+        if len(rows) == 1:
+            errors.add(int(lines[rows[0]]), col, s.iat[rows[0]], fix)
+        elif len(rows):  # one message for them all (issue 21.5), with the format they seem to follow
+            errors.items.append((int(lines[rows[0]]), _dates_problem(name, col, s, lines, rows, fix, date_format)))
     if "offset_days" in mapping:
         col = mapping["offset_days"][0]
         s = cells("offset_days")
@@ -695,7 +795,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             warnings.append(f"{_n(int(bad.sum()), 'age')} not a number from 0 to 120 (first: {name} line {lines[i]}, "
-                            f"{s.iat[i]!r}): left blank in the manifest")
+                            f"{show_value(s.iat[i])}): left blank in the manifest")
         age_text = pd.Series([_fmt_number(a) if k else "" for a, k in zip(age, ok)], dtype=object)
     sex = pd.Series([""] * n, dtype=object)
     if "sex" in mapping:
@@ -706,7 +806,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             warnings.append(f"{_n(int(bad.sum()), 'sex code')} not M, F, Male or Female (first: {name} line {lines[i]}, "
-                            f"{s.iat[i]!r}): left blank in the manifest")
+                            f"{show_value(s.iat[i])}): left blank in the manifest")
         sex = mapped.where(mapped.notna(), "").astype(object)
 
     # 5. images: one patient each, no repeats
@@ -728,14 +828,14 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
     # An image listed under two patients cannot be paired honestly: all its rows are left out, with a warning.
     clashes = {key: first_of for key, first_of in owners.items() if len(first_of) > 1}
     for key, first_of in clashes.items():
-        listed = ", ".join(f"{p!r} (line {lines[i]})" for p, i in first_of.items())
+        listed = ", ".join(f"{show_value(p)} (line {lines[i]})" for p, i in first_of.items())
         for i in rows_of[key]:
             drop_why[i] = f"image listed under two patients: {listed}"
     if clashes:
         first = min(min(first_of.values()) for first_of in clashes.values())
         warnings.append(
             f"{_n(len(clashes), 'image')} listed under two or more patients (first: {name} line {lines[first]}, "
-            f"{image_raw.iat[first]!r}): left out; an image belongs to one patient, so correct the export")
+            f"{show_value(image_raw.iat[first])}): left out; an image belongs to one patient, so correct the export")
     exclude(np.array([w is not None for w in drop_why], dtype=bool), drop_why)
 
     excluded = [
@@ -776,7 +876,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
     n_sexes = known_sex.groupby("patient", sort=False)["sex"].nunique()
     for pid in sorted(n_sexes.index[n_sexes > 1], key=_natural_key):
         values = sorted(set(known_sex.loc[known_sex["patient"] == pid, "sex"]))
-        warnings.append(f"patient {pid!r}: sex differs between images ({', '.join(values)}); "
+        warnings.append(f"patient {show_value(pid)}: sex differs between images ({', '.join(values)}); "
                         "the first image's is used")
 
     nxt = work.shift(-1)
@@ -786,6 +886,7 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
     tie_note = f"tie: images with the same {what} put in the order of their paths"
     tied_next = np.append(tied[1:], False)
     new_rows = []
+    gaps = _gap_notes(patient, lines, image_raw, reason, work, nxt, has_next, what)
     stamps = pd.to_datetime(work["date"])
     midnight = (stamps == stamps.dt.normalize()).to_numpy()
     work["date"] = np.where(midnight, stamps.dt.strftime("%Y-%m-%d").fillna("").to_numpy(dtype=object),
@@ -811,7 +912,11 @@ def build_pairs(images, *, columns=None, views=DEFAULT_VIEWS, previous=None, fil
         if "view" in mapping:
             row["first_view"], row["second_view"] = cols_a["view"][i] or "", cols_b["view"][i] or ""
         row["source"] = source or ""
-        row["notes"] = tie_note if (tied[i] or tied_next[i]) else ""
+        notes = [tie_note] if (tied[i] or tied_next[i]) else []
+        if "view" in mapping and cols_a["view"][i] and cols_b["view"][i] and cols_a["view"][i] != cols_b["view"][i]:
+            notes.append(f"projection changes: {cols_a['view'][i]} to {cols_b['view'][i]}")
+        notes += gaps.get(i, [])
+        row["notes"] = "; ".join(notes)
         row["_key"] = (pid, cols_a["absolute"][i], cols_b["absolute"][i])
         new_rows.append(row)
     patients_with_pairs = len({r["patient_id"] for r in new_rows})

@@ -47,7 +47,7 @@ class RunOptions:
     reference_csv: Path | None = None
     study: Path | None = None
     templates: Path | None = None
-    protocol: str = "nested"
+    protocol: str = "penalised"
     permutations: int = 1000
     seed: int = 0
     force: bool = False
@@ -58,6 +58,7 @@ class RunOptions:
     synthetic: bool = False
     bootstrap: int = 2000
     predictive_ci: str = "exact"
+    threshold: float = 0.5
     table1_tests: bool = False
     previous: tuple = ()
     command: str = ""
@@ -185,6 +186,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     """
     from covreport.stats import compare_groups, predict_outcome, table_one
     from covreport.stats.clustered import cluster_bootstrap, group_differences_clustered, primary_analysis
+    from covreport.stats.decision_curve import decision_curves
     from covreport.stats.table1 import table_one_patients
 
     pairs = canonical_pairs(pairs)
@@ -196,7 +198,8 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     for lab in labels:
         changes[lab] = pairs[f"{lab} change"]
     groups = compare_groups(changes, labels)
-    clustered = group_differences_clustered(changes, labels, changes["patient_id"])
+    clustered = group_differences_clustered(changes, labels, changes["patient_id"], seed=opts.seed)
+    sensitivity = _sensitivity(pairs, changes, labels, opts.seed)
     feats = [c for c in scores.columns if str(c).startswith(FEATURE_PREFIX)]
     if not feats:
         raise ScoresError("the scores have no feature columns feat_0000 ... feat_1023; "
@@ -209,12 +212,13 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
         pairs["outcome"].to_numpy(), pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
         order_keys=_order_keys(pairs).drop(columns=["patient_id"]),
         headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
-        predictive_ci=opts.predictive_ci,
+        predictive_ci=opts.predictive_ci, n_bootstrap=opts.bootstrap, threshold=opts.threshold,
     )
+    decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     bootstrap = None
     if opts.bootstrap:
         predicted = {}
-        for key in ("nested", "global", "reversed"):
+        for key in ("penalised", "nested", "global", "reversed"):
             block = prediction.get(key) or {}
             rows = [r for r in block.get("pairs", []) if r["predicted"] is not None]
             if rows:
@@ -230,9 +234,24 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
         "table1_patients": _records(t1_patients),
         "group_differences": _records(groups),
         "group_differences_clustered": _records(clustered),
+        **sensitivity,
         "prediction": prediction,
+        "decision_curve": decision,
         "bootstrap": bootstrap,
     }
+
+
+def _sensitivity(pairs, changes, labels, seed):
+    """Mixed models (interval, projection), the trend test and the projection counts (issue 20, section 4)."""
+    from covreport.stats.mixed import jonckheere_terpstra, mixed_model_contrasts, projection_changes
+
+    extra = changes.copy()
+    for col in ("interval_days", "first_view", "second_view"):
+        if col in pairs.columns:
+            extra[col] = pairs[col].to_numpy()
+    return {"mixed_model": _records(mixed_model_contrasts(extra, labels)),
+            "trend_test": _records(jonckheere_terpstra(changes, labels, changes["patient_id"], seed=seed)),
+            "projection_changes": _records(projection_changes(extra))}
 
 
 #: Columns that order pairs canonically by content (those present are used, in this order).
@@ -443,7 +462,7 @@ def _is_phantom(manifest):
 
 #: RunOptions fields that change a number of results.json: recorded in
 #: ``provenance.options`` so that a rerun (``covreport verify``) can repeat them.
-NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "strict")
+NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "threshold", "strict")
 
 
 def portable_path(path, base):
@@ -467,22 +486,24 @@ def _portable_command(command, base):
 def _provenance(opts, manifest, weights, loaded, scoring):
     """Where the results came from, built from what the loaders read; paths relative to the manifest."""
     base = Path(manifest.path).parent
-    inputs = {"manifest": {"path": portable_path(manifest.path, base), "sha256": manifest.sha256}}
+    inputs = {"manifest": {"path": portable_path(manifest.path, base), "sha256": manifest.sha256,
+                           **from_results(manifest.path, opts.out)}}
     if opts.scores is not None:
-        inputs["scores"] = _input(opts.scores, base)
+        inputs["scores"] = _input(opts.scores, base, opts.out)
     shown = None
     if loaded is not None:
         shown = portable_path(weights, base) if Path(str(weights)).exists() else str(weights)
-        inputs["weights"] = {"path": shown, "sha256": loaded.sha256}
+        inputs["weights"] = {"path": shown, "sha256": loaded.sha256,
+                             **(from_results(weights, opts.out) if Path(str(weights)).exists() else {})}
     if opts.validation_csv is not None:
-        inputs["validation_csv"] = _input(opts.validation_csv, base)
+        inputs["validation_csv"] = _input(opts.validation_csv, base, opts.out)
         if opts.validation_scores is not None:
-            inputs["validation_scores"] = _input(opts.validation_scores, base)
+            inputs["validation_scores"] = _input(opts.validation_scores, base, opts.out)
     for key in ("reference_csv", "study"):
         if getattr(opts, key) is not None:
-            inputs[key] = _input(getattr(opts, key), base)
+            inputs[key] = _input(getattr(opts, key), base, opts.out)
     for i, path in enumerate(opts.previous, 1):
-        inputs[f"previous_{i}"] = _input(path, base)
+        inputs[f"previous_{i}"] = _input(path, base, opts.out)
     versions = {}
     for name in PACKAGES:
         try:
@@ -515,8 +536,23 @@ def _provenance(opts, manifest, weights, loaded, scoring):
     return prov
 
 
-def _input(path, base):
-    return {"path": portable_path(path, base), "sha256": sha256_file(path)}
+def _input(path, base, out):
+    return {"path": portable_path(path, base), "sha256": sha256_file(path), **from_results(path, out)}
+
+
+def from_results(path, out):
+    """``{"from_results": "../study/manifest.csv"}``: ``path`` relative to the results folder ``out``.
+
+    Recorded only when ``path`` lies inside the folder that holds ``out``
+    (so the path climbs at most that one level and names no local folder
+    above it); ``{}`` otherwise. ``covreport verify DIR`` looks for the input
+    there first (docs/RESULTS.md).
+    """
+    p, out = os.path.abspath(path), os.path.abspath(out)
+    root = os.path.dirname(out)
+    if os.path.commonpath([p, root]) != root or p == root:
+        return {}
+    return {"from_results": Path(os.path.relpath(p, out)).as_posix()}
 
 
 def _model_summary(loaded, source):
@@ -567,7 +603,7 @@ def _write_tables(results, folder):
 
     folder.mkdir()
     for key in ("table1", "table1_patients", "group_differences", "group_differences_clustered",
-                "validation_auc", "pairs"):
+                "mixed_model", "trend_test", "projection_changes", "validation_auc", "pairs"):
         if results.get(key):
             write_csv(pd.DataFrame(results[key]), folder / f"{key}.csv")
     boot = results.get("bootstrap")
@@ -585,13 +621,47 @@ def _write_tables(results, folder):
     if reval:
         write_csv(pd.DataFrame(reval["headline"]), folder / "revalidation_headline.csv")
     pred = results["prediction"]
-    for name in ("nested", "global", "reversed"):
+    _write_prediction_tables(results, folder, write_csv)
+    for name in ("penalised", "nested", "global", "reversed"):
         block = pred.get(name)
         if not block:
             continue
         metrics = pd.DataFrame([{"measure": m, **v} for m, v in block["metrics"].items()])
         write_csv(metrics, folder / f"prediction_{name}_metrics.csv")
         write_csv(pd.DataFrame(block["pairs"]), folder / f"prediction_{name}_pairs.csv")
+        if block.get("cv_intervals"):
+            write_csv(pd.DataFrame([{"measure": m, **{k: v for k, v in rec.items() if k != "bootstrap_percentile"}}
+                                    for m, rec in block["cv_intervals"].items()]),
+                      folder / f"prediction_{name}_cv_intervals.csv")
+        if (block.get("final_model") or {}).get("coefficients"):
+            write_csv(pd.DataFrame(block["final_model"]["coefficients"]), folder / f"prediction_{name}_model.csv")
+
+
+def _prediction_blocks(prediction):
+    """(name, block) of every protocol block of the prediction record, in its order (protocol-agnostic)."""
+    return [(name, block) for name, block in (prediction or {}).items()
+            if isinstance(block, dict) and isinstance(block.get("pairs"), list)]
+
+
+def _write_prediction_tables(results, folder, write_csv):
+    """tables/predictions.csv, decision_curve.csv and calibration.csv (the issue 19 output contract)."""
+    from covreport.stats.calibration import calibration_rows
+    from covreport.stats.decision_curve import COLUMNS
+
+    blocks = _prediction_blocks(results.get("prediction"))
+    rows = [{"pair_id": r["pair_id"], "patient_id": r["patient_id"], "protocol": name,
+             "outcome": int(r["outcome"] == WORSE), "probability": r["probability"], "fold": r.get("fold"),
+             "one_class_fold": r.get("one_class_fold")}
+            for name, block in blocks for r in block["pairs"] if r.get("probability") is not None]
+    if rows:
+        write_csv(pd.DataFrame(rows), folder / "predictions.csv")
+    dca = (results.get("decision_curve") or {}).get("rows")
+    if dca:
+        write_csv(pd.DataFrame(dca, columns=list(COLUMNS)), folder / "decision_curve.csv")
+    cal = [row for name, block in blocks if block.get("calibration") and block.get("confusion")
+           for row in calibration_rows(name, block["calibration"])]
+    if cal:
+        write_csv(pd.DataFrame(cal), folder / "calibration.csv")
 
 
 def _check_out(opts, images=()):

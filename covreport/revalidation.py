@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+from covreport import inputs
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
 from covreport.errors import ReportError
 
 __all__ = ["check_results", "compare", "load_results", "trend_figure", "PROTOCOLS", "PREDICTION_MEASURES"]
 
 #: Prediction protocols compared, in the report's order.
-PROTOCOLS = ("nested", "global", "reversed")
+PROTOCOLS = ("penalised", "nested", "global", "reversed")
 #: Measures of ``prediction.<protocol>.metrics`` compared (plus its ``auc``).
 PREDICTION_MEASURES = ("accuracy", "sensitivity", "specificity")
 
@@ -57,6 +59,12 @@ MAX_DEPTH = 32
 #: Largest magnitude of a number compared (Cohen's d, likelihood ratios); counts are below 1e9.
 MAX_VALUE = 1e6
 _UNIT = (0.0, 1.0)  # probabilities, AUCs, proportions
+#: Largest previous results.json read (covreport writes about 600 bytes per pair), and most objects
+#: and lists, values (commas) and strings (quote pairs) in it: these bound the memory parsing takes.
+MAX_RESULTS_BYTES = 128 << 20
+MAX_CONTAINERS = 2_000_000
+MAX_VALUES = 10_000_000
+MAX_STRINGS = 10_000_000
 
 
 def load_results(path):
@@ -75,40 +83,65 @@ def load_results(path):
         fails the check; the message names the offending key.
     """
     path = Path(path)
+    shown = inputs.safe_text(str(path))
     hint = "give --previous the results.json of an earlier run, unedited"
+    if not os.path.lexists(path):
+        raise ReportError(f"{shown} does not exist -- give --previous the results.json of an earlier run")
+    # A regular file (not a FIFO or a device such as /dev/zero) of bounded size, checked before reading.
+    raw = inputs.read_bytes(path, "results", limit=MAX_RESULTS_BYTES, error_class=ReportError)
+    counts = ((raw.count(b"[") + raw.count(b"{"), MAX_CONTAINERS, "objects and lists"),
+              (raw.count(b","), MAX_VALUES, "values"), (raw.count(b'"') // 2, MAX_STRINGS, "strings"))
+    for count, most, what in counts:
+        if count > most:
+            raise ReportError(f"{shown}: holds {count:,} {what}, more than the {most:,} a results.json covreport "
+                              f"writes may hold -- {hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path} does not exist -- give --previous the results.json of an earlier run") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path} cannot be read ({exc}) -- give --previous the results.json of an earlier run") from None
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{shown} is not UTF-8 text (byte offset {exc.start}) -- {hint}") from None
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}) -- {hint}") from None
-    except (RecursionError, MemoryError):
-        raise ReportError(f"{path}: nested deeper than {MAX_DEPTH} levels -- {hint}") from None
+        raise ReportError(f"{shown} line {exc.lineno}: not valid JSON ({exc.msg}) -- {hint}") from None
+    except RecursionError:  # the parser recursed once per level: far deeper than MAX_DEPTH
+        raise ReportError(f"{shown}: nested deeper than {MAX_DEPTH} levels -- {hint}") from None
+    except MemoryError:
+        raise ReportError(f"{shown}: too large to read into memory -- {hint}") from None
     except ValueError as exc:  # e.g. an integer literal longer than Python converts
-        raise ReportError(f"{path}: not a results.json covreport wrote ({exc}) -- {hint}") from None
+        raise ReportError(f"{shown}: not a results.json covreport wrote ({inputs.safe_text(exc)}) -- {hint}") from None
     if not isinstance(data, dict) or "provenance" not in data:
-        raise ReportError(f"{path} is not a covreport results.json (no 'provenance') -- give --previous the "
+        raise ReportError(f"{shown} is not a covreport results.json (no 'provenance') -- give --previous the "
                           "results.json of an earlier run")
     problem = check_results(data)
     if problem:
-        raise ReportError(f"{path}: {problem} -- {hint}")
+        raise ReportError(f"{shown}: {problem} -- {hint}")
     data = dict(data)
     data.setdefault("_path", str(path))
     return data
 
 
 def _depth_problem(data):
+    """Nesting deeper than :data:`MAX_DEPTH`, or a string (or key) holding an invisible or control character.
+
+    A results file's strings reach the report and the terminal: a bidi
+    control, ESC sequence or other format character is refused, naming the key.
+    """
     stack = [(data, 1, "")]
     while stack:
         obj, depth, where = stack.pop()
         if depth > MAX_DEPTH:
             return f"{where or 'the top'}: nested deeper than {MAX_DEPTH} levels"
         if isinstance(obj, dict):
-            stack.extend((v, depth + 1, f"{where}.{k}" if where else str(k)) for k, v in obj.items())
+            for k, v in obj.items():
+                key = f"{where}.{inputs.safe_text(k, limit=80)}" if where else inputs.safe_text(k, limit=80)
+                problem = inputs.text_problem(k)
+                if problem:
+                    return f"{key}: the key {problem}"
+                stack.append((v, depth + 1, key))
         elif isinstance(obj, list):
             stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(obj))
+        elif isinstance(obj, str):
+            problem = inputs.text_problem(obj)
+            if problem:
+                return f"{where or 'the top'}: {problem}"
     return None
 
 

@@ -369,10 +369,12 @@ def _as_mapping(images):
 
 
 def _hash(path):
-    from covreport.images import read_image_bytes
+    """SHA-256 of an image file, or the ImageError: magic bytes and size checked first, then hashed
+    in chunks (:func:`covreport.images.image_sha256`), never read whole."""
+    from covreport.images import image_sha256
 
     try:
-        return hashlib.sha256(read_image_bytes(path)).hexdigest()
+        return image_sha256(path)
     except ImageError as exc:
         return exc
 
@@ -507,10 +509,14 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
                 if indices:
                     rows = []
                     for j, i in enumerate(indices):
+                        problem = output_problem(probs[j], feats[j])
+                        if problem is not None:  # an exclusion with its reason, never an empty score
+                            bad_sha[todo[i]] = problem
+                            continue
                         outputs[todo[i]] = (probs[j], feats[j])
                         rows.append((CacheKey(todo[i], loaded.sha256, signature),
                                      labels, probs[j], feats[j]))
-                    if cache is not None:
+                    if cache is not None and rows:
                         cache.put_many(rows)
                 if bar is not None:
                     bar.update(len(indices) + len(bad))
@@ -530,6 +536,23 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
         scored=len(todo) - len(bad_sha), from_cache=from_cache, cache_rows_rejected=rejected,
         weights_sha256=loaded.sha256, preprocessing=prep.to_dict(), precision=precision,
     )
+
+
+def output_problem(probs, feats):
+    """Why one image's network output cannot be a score (a short reason), or ``None``.
+
+    Every probability must be finite and in ``[0, 1]`` and every pooled
+    feature finite: weights that overflow (or an input that makes them)
+    give NaN or infinity, which must become an exclusion with this reason,
+    never an empty probability.
+    """
+    p, f = np.asarray(probs, dtype=np.float64), np.asarray(feats, dtype=np.float64)
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(f))):
+        return ("network output not finite (NaN or infinity) for this image: the weights overflow on it; "
+                "check or retrain the checkpoint")
+    if np.any(p < 0) or np.any(p > 1):
+        return "network output outside [0, 1] for this image: check the checkpoint"
+    return None
 
 
 def _forward(model, x, device, precision):
@@ -773,12 +796,86 @@ def write_scores(df, path, *, metadata=None):
 
 
 def _show(value):
-    """A cell for an error message: text quoted, numbers plain."""
+    """A cell for an error message: text quoted (control characters escaped), numbers plain."""
+    from covreport.inputs import safe_text
+
     if isinstance(value, str):
-        return repr(value)
+        return "'" + safe_text(value, limit=80) + "'"
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "an empty cell"
-    return str(value.item() if hasattr(value, "item") else value)
+    return safe_text(value.item() if hasattr(value, "item") else value, limit=80)
+
+
+#: Largest magnitude a feature may have: features are kept as float32.
+FEATURE_MAX = float(np.finfo(np.float32).max)
+
+
+def _csv_header(fh):
+    """``(names, line)``: the header row of a CSV as written (not de-duplicated by pandas), and its line.
+
+    Blank lines before the header are skipped, as pandas skips them.
+    """
+    import csv
+
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
+    try:
+        reader = csv.reader(text)
+        for row in reader:
+            if row:
+                return row, reader.line_num
+        return None, reader.line_num
+    finally:
+        text.detach()
+
+
+def _csv_line_of(fh, record):
+    """The line of a CSV file on which data record ``record`` (0-based, after the header) starts.
+
+    Counts what pandas counts: blank lines are skipped, a quoted cell may
+    hold line breaks. Only called to word an error message.
+    """
+    import csv
+
+    fh.seek(0)
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="", errors="replace")
+    try:
+        reader = csv.reader(text)
+        seen = -1  # the header is record -1
+        start = 1
+        for row in reader:
+            if row:
+                if seen == record:
+                    return start
+                seen += 1
+            start = reader.line_num + 1
+        return None
+    finally:
+        text.detach()
+
+
+def _numeric_block(df, columns):
+    """``df[columns]`` as a float64 array; cells that are not numbers (text, booleans) become NaN.
+
+    Columns pandas already parsed as numbers are converted in one step (no
+    per-column work, so thousands of columns stay fast).
+    """
+    n = len(df)
+    out = np.empty((n, len(columns)), dtype=np.float64)
+    dtypes = df.dtypes
+    numeric = [i for i, c in enumerate(columns)
+               if pd.api.types.is_numeric_dtype(dtypes[c]) and not pd.api.types.is_bool_dtype(dtypes[c])]
+    if numeric:
+        out[:, numeric] = df[[columns[i] for i in numeric]].to_numpy(dtype=np.float64)
+    done = set(numeric)
+    for i, c in enumerate(columns):
+        if i not in done:
+            s = df[c]
+            if pd.api.types.is_bool_dtype(s.dtype):
+                out[:, i] = np.nan
+            else:
+                s = s.map(lambda v: np.nan if isinstance(v, bool) else v) if s.dtype == object else s
+                out[:, i] = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64)
+    return out
 
 
 def read_scores(path, labels=None, *, require_features=False):
@@ -802,97 +899,158 @@ def read_scores(path, labels=None, *, require_features=False):
     Raises
     ------
     ScoresError
-        Naming the file and the problem: missing file, no ``image`` column,
-        missing label or feature columns, duplicated images, non-numeric,
-        missing or out-of-range probabilities (with the row and column).
+        Naming the file and the problem: missing file (or not a regular file,
+        or larger than the limit of :data:`covreport.inputs.LIMITS`), no
+        ``image`` column, a column name written twice or empty, missing label
+        or feature columns, duplicated images, non-numeric, missing or
+        out-of-range probabilities, features that are not finite float32
+        numbers. Rows are named by the file's line (the header is line 1 of
+        a CSV; rows of a Parquet file count from 1).
+
+    Notes
+    -----
+    The header is read as written: pandas would rename a second ``Edema``
+    column to ``Edema.1`` and make it a label. The work is linear in the
+    number of columns (20,000 extra columns read in seconds; see
+    ``benchmarks/bench_scores_wide.py``).
     """
+    from covreport.inputs import open_binary, safe_text
+
     path = Path(path)
     suffix = _suffix(path)
-    if not path.is_file():
-        raise ScoresError(f"scores file {path} does not exist")
-    try:
-        if suffix == ".csv":
-            df = pd.read_csv(path, dtype={IMAGE_COLUMN: str}, keep_default_na=False,
-                             na_values=["", "NA", "NaN", "nan"], encoding="utf-8-sig",
-                             float_precision="round_trip")  # exact: the default parser is off by 1 ulp
-        else:
-            df = pd.read_parquet(path)
-    except ImportError:
-        raise ScoresError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError,
-            pd.errors.EmptyDataError) as exc:
-        raise ScoresError(f"cannot read scores file {path}: {exc}") from None
-    except Exception as exc:  # pyarrow raises its own types on a damaged file
-        raise ScoresError(f"cannot read scores file {path}: {type(exc).__name__}: {exc}") from None
-    first_row = 2 if suffix == ".csv" else 1  # data rows start on line 2 of a CSV
-    if suffix == ".csv":
-        from covreport._io import unescape_csv_cell
+    name = safe_text(str(path))
+    csv_file = suffix == ".csv"
+    with open_binary(path, "scores file", error_class=ScoresError) as fh:
+        try:
+            if csv_file:
+                header, header_line = _csv_header(fh)
+                if header is None:
+                    raise ScoresError(f"scores file {name} is empty -- write a header line "
+                                      f"({IMAGE_COLUMN!r}, one column per label, feat_*) and one row per image")
+                fh.seek(0)
+                df = pd.read_csv(fh, dtype={IMAGE_COLUMN: str}, keep_default_na=False, index_col=False,
+                                 float_precision="round_trip",  # exact: pandas' default parser is off by 1 ulp
+                                 na_values=["", "NA", "NaN", "nan"], encoding="utf-8-sig")
+            else:
+                df = pd.read_parquet(fh)
+                header, header_line = [str(c) for c in df.columns], None
+        except ScoresError:
+            raise
+        except ImportError:
+            raise ScoresError(f"{name}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        except MemoryError:
+            raise ScoresError(f"scores file {name} is too large to read in the memory available -- "
+                              "score fewer images per file, or keep only the columns covreport reads") from None
+        except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError,
+                pd.errors.EmptyDataError) as exc:
+            raise ScoresError(f"cannot read scores file {name}: {safe_text(exc)}") from None
+        except Exception as exc:  # pyarrow and csv raise their own types on a damaged file
+            raise ScoresError(f"cannot read scores file {name}: {type(exc).__name__}: {safe_text(exc)}") from None
+        if csv_file:
+            from covreport._io import unescape_csv_cell
 
-        df.columns = [unescape_csv_cell(str(c)) for c in df.columns]
-        if IMAGE_COLUMN in df.columns:
-            df[IMAGE_COLUMN] = df[IMAGE_COLUMN].map(unescape_csv_cell)
-    df.columns = [str(c) for c in df.columns]
-    if IMAGE_COLUMN not in df.columns:
-        raise ScoresError(f"scores file {path} has no {IMAGE_COLUMN!r} column")
-    dup_cols = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
-    if dup_cols:
-        raise ScoresError(f"scores file {path} has duplicated columns: {', '.join(dup_cols)}")
-    feats = [c for c in df.columns if c.startswith(FEATURE_PREFIX)]
-    present = [c for c in df.columns if c != IMAGE_COLUMN and not c.startswith(FEATURE_PREFIX)]
+            header = [unescape_csv_cell(c) for c in header]
+            if len(header) != len(df.columns):
+                raise ScoresError(f"scores file {name}: the header (line {header_line}) names {len(header)} "
+                                  f"columns but the rows hold {len(df.columns)} -- give every column one name")
+            df.columns = header
+            if IMAGE_COLUMN in df.columns:
+                df[IMAGE_COLUMN] = df[IMAGE_COLUMN].map(unescape_csv_cell)
+
+        def where(r):
+            """Where data record ``r`` (0-based) is: ``line N`` of a CSV, ``row N`` of a Parquet file."""
+            if not csv_file:
+                return f"row {r + 1}"
+            line = _csv_line_of(fh, r)
+            return f"line {line}" if line is not None else f"data row {r + 1}"
+
+        return _validate_scores(df, name, header, header_line, labels, require_features, where)
+
+
+def _validate_scores(df, name, header, header_line, labels, require_features, where):
+    """The checks of :func:`read_scores` on the frame as read (columns named as written)."""
+    from collections import Counter
+
+    from covreport.inputs import identifier_problem
+
+    on = f" (line {header_line})" if header_line is not None else ""
+    counts = Counter(header)
+    for i, col in enumerate(header):
+        if not col.strip():
+            raise ScoresError(f"scores file {name}: column {i + 1} of the header{on} has no name -- name it "
+                              "or delete the column (an index written by pandas' to_csv(index=True)?)")
+    dup = [c for c in header if counts[c] > 1]
+    if dup:
+        first = dup[0]
+        cols = [str(i + 1) for i, c in enumerate(header) if c == first]
+        raise ScoresError(f"scores file {name}: columns {' and '.join(cols)} of the header{on} are both named "
+                          f"{_show(first)} -- each column needs its own name; delete or rename the copy")
+    if IMAGE_COLUMN not in counts:
+        raise ScoresError(f"scores file {name} has no {IMAGE_COLUMN!r} column")
+    feats = [c for c in header if c.startswith(FEATURE_PREFIX)]
+    present = [c for c in header if c != IMAGE_COLUMN and not c.startswith(FEATURE_PREFIX)]
     if labels is None:
         labels = present
         if not labels:
-            raise ScoresError(f"scores file {path} has no label columns "
+            raise ScoresError(f"scores file {name} has no label columns "
                               f"(columns other than {IMAGE_COLUMN!r} and '{FEATURE_PREFIX}*')")
     labels = [str(v) for v in labels]
+    for lab in labels:
+        problem = identifier_problem(lab)
+        if problem is not None and lab in counts:
+            raise ScoresError(f"scores file {name}: label column {_show(lab)}{on} {problem}")
     reserved = [c for c in labels if c in MANIFEST_COLUMNS]
     if reserved:
-        raise ScoresError(f"scores file {path}: column(s) {', '.join(map(repr, reserved))} would be read as "
+        raise ScoresError(f"scores file {name}: column(s) {', '.join(map(repr, reserved))} would be read as "
                           "labels but are manifest columns; a scores file holds 'image', one probability "
                           "column per label and feat_* only: remove or rename them")
-    missing = [c for c in labels if c not in df.columns]
+    missing = [c for c in labels if c not in counts]
     if missing:
-        raise ScoresError(f"scores file {path} is missing label column(s): {', '.join(missing)}")
+        shown = ", ".join(_show(c)[1:-1] for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ScoresError(f"scores file {name} is missing label column(s): {shown}")
     expected_feats = feature_columns()
     if feats or require_features:
-        missing_f = [c for c in expected_feats if c not in df.columns]
+        missing_f = [c for c in expected_feats if c not in counts]
         if missing_f:
             shown = ", ".join(missing_f[:3]) + (", ..." if len(missing_f) > 3 else "")
             raise ScoresError(
-                f"scores file {path} is missing {len(missing_f)} feature column(s): {shown} "
+                f"scores file {name} is missing {len(missing_f)} feature column(s): {shown} "
                 f"(expected {expected_feats[0]} ... {expected_feats[-1]})"
             )
         extra = sorted(set(feats) - set(expected_feats))
         if extra:
-            raise ScoresError(f"scores file {path} has unexpected feature column(s): {', '.join(extra[:3])}")
+            shown = ", ".join(_show(c) for c in extra[:3])
+            raise ScoresError(f"scores file {name} has unexpected feature column(s): {shown}")
     images = df[IMAGE_COLUMN]
     blank = images.isna() | (images.astype(str).str.strip() == "")
     if blank.any():
-        row = int(np.flatnonzero(blank.to_numpy())[0]) + first_row
-        raise ScoresError(f"scores file {path}, row {row}: empty {IMAGE_COLUMN!r}")
+        r = int(np.flatnonzero(blank.to_numpy())[0])
+        raise ScoresError(f"scores file {name}, {where(r)}: empty {IMAGE_COLUMN!r} -- every row needs "
+                          "the image it scores")
     images = images.astype(str)
-    dups = images[images.duplicated()]
-    if len(dups):
-        raise ScoresError(f"scores file {path}: image {dups.iloc[0]!r} appears more than once")
-    out = pd.DataFrame({IMAGE_COLUMN: pd.Series(images.tolist(), dtype=str)})
-    for lab in labels:
-        values = pd.to_numeric(df[lab], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values) | (values < 0) | (values > 1)
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            raise ScoresError(
-                f"scores file {path}, row {r + first_row}, column {lab!r}: {_show(df[lab].iloc[r])} is not a "
-                f"probability in [0, 1]"
-            )
-        out[lab] = values
+    dups = images.duplicated()
+    if dups.any():
+        r = int(np.flatnonzero(dups.to_numpy())[0])
+        raise ScoresError(f"scores file {name}, {where(r)}: image {_show(images.iloc[r])} appears more than once")
+    probs = _numeric_block(df, labels)
+    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+    if bad.any():
+        r, c = (int(v[0]) for v in np.nonzero(bad))
+        raise ScoresError(
+            f"scores file {name}, {where(r)}, column {_show(labels[c])}: {_show(df[labels[c]].iloc[r])} is not "
+            "a probability in [0, 1]"
+        )
+    parts = [pd.DataFrame({IMAGE_COLUMN: pd.Series(images.tolist(), dtype=str)}),
+             pd.DataFrame(probs, columns=labels)]
     if feats:
-        block = df[expected_feats].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(block)
+        block = _numeric_block(df, expected_feats)
+        bad = ~(np.abs(block) <= FEATURE_MAX)  # NaN, inf and what float32 cannot hold
         if bad.any():
             r, c = (int(v[0]) for v in np.nonzero(bad))
             raise ScoresError(
-                f"scores file {path}, row {r + first_row}, column {expected_feats[c]!r}: "
-                f"{_show(df[expected_feats[c]].iloc[r])} is not a finite number"
+                f"scores file {name}, {where(r)}, column {expected_feats[c]!r}: "
+                f"{_show(df[expected_feats[c]].iloc[r])} is not a finite number a float32 feature can hold "
+                f"(|value| <= {FEATURE_MAX:.6g}) -- re-score that image"
             )
-        out = pd.concat([out, pd.DataFrame(block.astype(np.float32), columns=expected_feats)], axis=1)
-    return out
+        parts.append(pd.DataFrame(block.astype(np.float32), columns=expected_feats))
+    return pd.concat(parts, axis=1)

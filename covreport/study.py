@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import os
 import tomllib
 from pathlib import Path
 
+from covreport import inputs
 from covreport.errors import ReportError
 
-#: Documented fields of study.toml: name -> (STARD 2015 / CLAIM item, what to write).
+#: Documented fields of study.toml: name -> (STARD 2015 / TRIPOD+AI / CLAIM item, what to write).
 #: The order is the order in which the example file documents them.
 STUDY_FIELDS = {
     "title": ("1", "Title of the report; covreport adds that it is a diagnostic accuracy study."),
@@ -54,6 +56,17 @@ STUDY_FIELDS = {
     "registration": ("28", "Registration number and name of registry."),
     "protocol": ("29", "Where the full study protocol can be accessed."),
     "funding": ("30", "Sources of funding and other support; role of funders."),
+    "health_inequalities": ("TRIPOD+AI 3c", "Known health inequalities between sociodemographic groups in the "
+                                            "target population."),
+    "heterogeneity": ("TRIPOD+AI 12d, 23b", "How heterogeneity across centres or other clusters was handled, and "
+                                            "its results (or that it was not examined, and why)."),
+    "fairness": ("TRIPOD+AI 14", "Approaches to model fairness and their rationale (or that none was used)."),
+    "ethics": ("TRIPOD+AI 17", "The ethics committee that approved the study, and consent or its waiver."),
+    "conflicts_of_interest": ("TRIPOD+AI 18b", "The authors' conflicts of interest and financial disclosures."),
+    "patient_involvement": ("TRIPOD+AI 19", "Patient and public involvement, or that there was none."),
+    "input_data_handling": ("TRIPOD+AI 27a", "How poor-quality or missing input images should be recognised and "
+                                             "handled when the model is used."),
+    "users": ("TRIPOD+AI 27b", "Who would use the model, how they interact with it, and the expertise needed."),
     "acquisition": ("CLAIM", "Acquisition devices and protocols of the test-set CXRs."),
     "data_availability": ("CLAIM", "Where the data can be obtained."),
     "code_availability": ("CLAIM", "Where the code and the model weights can be obtained."),
@@ -63,6 +76,10 @@ STUDY_FIELDS = {
 def _as_text(value, key, path):
     """A TOML value as report text: strings as is, lists joined, dates in ISO 8601."""
     if isinstance(value, str):
+        problem = inputs.text_problem(value)
+        if problem:
+            raise ReportError(f"{path}: field '{key}' {problem} -- an invisible direction-control or format "
+                              "character can make the text read differently from what it says")
         return value.strip()
     if isinstance(value, bool):
         raise ReportError(f"{path}: field '{key}' is a boolean; write it as text, e.g. {key} = \"yes\"")
@@ -103,7 +120,7 @@ def validate_study(mapping, *, source="study.toml"):
             close = difflib.get_close_matches(str(key), STUDY_FIELDS, n=3, cutoff=0.6)
             hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
                     else "documented fields are listed in docs/study.example.toml")
-            raise ReportError(f"{source}: unknown field '{key}'; {hint}")
+            raise ReportError(f"{source}: unknown field '{inputs.safe_text(key, limit=80)}'; {hint}")
     for key in STUDY_FIELDS:
         if key in mapping and mapping[key] is not None:
             text = _as_text(mapping[key], key, source)
@@ -121,18 +138,23 @@ def read_study(path):
         If the file cannot be read, is not valid TOML, or holds an unknown field.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ReportError(f"{path}: cannot read the study file ({exc.strerror}); "
-                          "check the --study path") from exc
+    shown = inputs.safe_text(str(path))
+    if not os.path.lexists(path):
+        raise ReportError(f"{shown}: cannot read the study file (No such file or directory); check the --study path")
+    # A regular file of at most 1 MiB: a FIFO, a device or a huge file is refused before a byte is read.
+    raw = inputs.read_bytes(path, "study file", error_class=ReportError)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise ReportError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+        raise ReportError(f"{shown}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ReportError(f"{path}: not valid TOML: {exc}; see docs/study.example.toml") from exc
-    return validate_study(data, source=str(path))
+        raise ReportError(f"{shown}: not valid TOML: {exc}; see docs/study.example.toml") from None
+    except ValueError:  # e.g. an integer longer than Python converts
+        raise ReportError(f"{shown}: holds a number too long to read; write it as text, in quotes") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ReportError(f"{shown}: nested too deeply to be a study file; write each field as text or a list "
+                          "of text (see docs/study.example.toml)") from None
+    return validate_study(data, source=shown)
 
 
 def missing_fields(study):

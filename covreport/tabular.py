@@ -5,20 +5,27 @@ record as text cells, how many fields it really had, whether it is blank, and
 the line (or sheet row) it starts on, so that every problem can name its
 line. :class:`Problems` collects problems of cells and rows and raises them
 all at once as one :class:`~covreport.errors.ManifestError`, one line each.
+Files are read through :mod:`covreport.inputs` (regular files of bounded
+size); a workbook's every cell is read, whatever its ``<dimension>`` says,
+within stated bounds (:func:`read_workbook`); :func:`invisible_cells` and
+:func:`look_alikes` find ids that hide a character or look like another id.
 :mod:`covreport.manifest` and :mod:`covreport.pairs` read through here; what
 the cells mean (column names, codes, dates) is theirs and
 :mod:`covreport.vocab`'s.
 """
 
 import csv
+import functools
 import io
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from covreport.errors import ManifestError
+from covreport.inputs import identifier_problem, safe_text, skeleton, text_problem
 
 #: Problems of one kind shown before "N more like: ...".
 MAX_SHOWN_PER_KIND = 20
@@ -30,20 +37,18 @@ BLANK = " \t\x0b\x0c"
 SNIFF_BYTES = 65536
 
 
-def read_bytes(path, name, what):
-    """The bytes of a table file, or a one-line :class:`ManifestError` naming it and the fix."""
-    from pathlib import Path
+def read_bytes(path, name, what, *, limit=None):
+    """The bytes of a table file, or a one-line :class:`ManifestError` naming it and the fix.
 
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise ManifestError(f"{name} is a folder, not a file -- give the path of the {what} CSV file")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{name} does not exist -- check the path to the {what}") from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ManifestError(f"{name} cannot be read ({reason}) -- check the path and its permissions") from None
+    Read through :func:`covreport.inputs.read_bytes`: the path must name a
+    regular file (not a folder, FIFO or device) of at most ``limit`` bytes
+    (default: :data:`covreport.inputs.LIMITS` of a manifest or an export).
+    """
+    from covreport import inputs
+
+    if limit is None:
+        limit = inputs.limit_of("manifest" if what == "manifest" else "pairs export")
+    return inputs.read_bytes(path, what, limit=limit, error_class=ManifestError)
 
 
 def _byte_classes(sample):
@@ -88,8 +93,102 @@ def decode(raw, name, *, empty_fix, export_fix):
 
 
 def show_name(text):
-    """A column name in a message: line breaks and other unprintable characters escaped."""
-    return text if text.isprintable() else repr(text)[1:-1]
+    """A column name in a message: line breaks, control and invisible characters escaped."""
+    return safe_text(text if text.isprintable() else repr(text)[1:-1])
+
+
+def show_value(value, limit=60):
+    """A cell value in a message: quoted (as ``repr`` does), shortened, or ``empty``.
+
+    Control, bidirectional, format and other invisible characters are
+    escaped (``\\u202e``), so a value cannot act on a terminal or pass for
+    another value.
+    """
+    if value == "":
+        return "empty"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 4] + "...'"
+    return safe_text(text, limit=limit + 10)
+
+_NOT_PLAIN = r"[^\x20-\x7e]"  # anything but printable ASCII: looked at one by one
+_NOT_PLAIN_RE = re.compile(_NOT_PLAIN)
+
+
+def invisible_cells(values, *, identifier=True):
+    """``(index, problem)`` of each cell of ``values`` (a str Series) holding an invisible character.
+
+    Identifier and path cells refuse every control, format (Cf) and
+    default-ignorable code point (:func:`covreport.inputs.identifier_problem`);
+    free-text cells refuse the same but for tabs and variation selectors
+    (:func:`covreport.inputs.text_problem`). Line breaks are left to the
+    caller (an unmatched quote is the likelier cause). Only cells that are
+    not plain printable ASCII are looked at one by one.
+    """
+    check = identifier_problem if identifier else text_problem
+    cells = values.to_numpy(dtype=object)
+    if not _NOT_PLAIN_RE.search("".join(cells)):  # one scan of the whole column: the usual case
+        return []
+    odd = np.flatnonzero(values.str.contains(_NOT_PLAIN, regex=True).to_numpy(dtype=bool))
+    found = []
+    for i in odd:
+        problem = check(str(values.iat[i]).replace("\r", "").replace("\n", ""))
+        if problem:
+            found.append((int(i), problem))
+    return found
+
+
+def _scripts(value):
+    return {"LATIN" if c.isascii() else unicodedata.name(c, "?").split(" ")[0] for c in value if c.isalpha()}
+
+
+@functools.lru_cache(maxsize=1)
+def _ascii_skeleton_table():
+    """``str.translate`` table giving the skeleton of an ASCII text (NFD leaves ASCII as it is)."""
+    table = {}
+    for cp in range(128):
+        proto = skeleton(chr(cp))
+        if proto != chr(cp):
+            table[cp] = proto
+    return table
+
+
+def look_alikes(values, *, other_script_only=False):
+    """Distinct values that look the same: equal Unicode TR39 confusable skeletons.
+
+    Parameters
+    ----------
+    values : sequence of str
+        Stripped cells, in file order ("" is skipped).
+    other_script_only : bool
+        Report only pairs that differ by letters of another script (for
+        paths, where ``0``/``O`` and ``1``/``l`` are ordinary).
+
+    Returns
+    -------
+    list of (index, first_index, why)
+        ``index`` is the first cell of a value that looks like the value
+        first written at ``first_index`` (an earlier cell); ``why`` is
+        "characters from another script" or "look-alike characters".
+    """
+    firsts = pd.Series(list(values), dtype=object).drop_duplicates()
+    firsts = firsts[firsts != ""]
+    table = _ascii_skeleton_table()
+    keys = pd.Series([v.translate(table) if v.isascii() else skeleton(v) for v in firsts.to_numpy()],
+                     index=firsts.index, dtype=object)
+    clash = keys[keys.duplicated(keep=False)]  # only these are looked at one by one
+    seen, out = {}, []
+    for i, key in clash.items():
+        j = seen.setdefault(key, i)
+        if j == i:
+            continue
+        value, other = firsts.at[i], firsts.at[j]
+        mixed = _scripts(value) != _scripts(other)
+        if other_script_only and not mixed:
+            continue
+        out.append((int(i), int(j), "characters from another script" if mixed else "look-alike characters"))
+    return out
+
 
 class Problems:
     """Every problem found, rendered as ``<file> line <n>, column '<c>': <value> -- <fix>``."""
@@ -249,27 +348,157 @@ def cell_text(value):
     return str(value)
 
 
+#: Bounds on what a workbook may make covreport read (stated in RELIABILITY.md).
+#: Largest workbook file: its parts unpack to far more than a CSV of the same size.
+MAX_WORKBOOK_BYTES = 64 << 20
+#: Largest unpacked size of a worksheet part, and of any other part (the shared
+#: string table, styles ...), read from the zip directory before anything is unpacked.
+MAX_SHEET_PART_BYTES = 128 << 20
+MAX_OTHER_PART_BYTES = 64 << 20
+#: Most parts a workbook may hold (Excel writes a few dozen).
+MAX_WORKBOOK_PARTS = 10_000
+#: Last row and widest filled column read from the first sheet (Excel's last row; 1,024 columns),
+#: and most cells (rows x columns) of the table it makes.
+MAX_SHEET_ROWS = 1_048_576
+MAX_SHEET_COLUMNS = 1_024
+MAX_SHEET_CELLS = 5_000_000
+
+
+def _workbook_fix():
+    return "export the first sheet as CSV (UTF-8) and validate that"
+
+
+def _check_parts(raw, name):
+    """Refuse a workbook whose zip directory declares parts too large to unpack, before any is read.
+
+    ``zipfile`` never unpacks more than a part's declared size (a part that
+    unpacks to more fails its CRC check), so the declared sizes bound what
+    openpyxl can read.
+    """
+    import posixpath
+    import zipfile
+    from xml.etree import ElementTree
+
+    from covreport.inputs import limit_text
+
+    if len(raw) > MAX_WORKBOOK_BYTES:
+        raise ManifestError(f"{name} is a workbook of {limit_text(len(raw))}, larger than the "
+                            f"{limit_text(MAX_WORKBOOK_BYTES)} covreport reads -- {_workbook_fix()}")
+    if raw.count(b"PK\x01\x02") > MAX_WORKBOOK_PARTS:
+        raise ManifestError(f"{name} holds more than {MAX_WORKBOOK_PARTS:,} parts, not a workbook a spreadsheet "
+                            f"program writes -- {_workbook_fix()}")
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        infos = zf.infolist()
+        # The shared string table is wherever [Content_Types].xml says, whatever its name.
+        strings = {"xl/sharedstrings.xml"}
+        types = next((i for i in infos if i.filename == "[Content_Types].xml"), None)
+        if types is not None and types.file_size <= (1 << 20):
+            try:
+                root = ElementTree.fromstring(zf.read(types))
+            except ElementTree.ParseError:
+                root = None
+            for el in root.iter() if root is not None else ():
+                if str(el.get("ContentType", "")).endswith("sharedStrings+xml"):
+                    strings.add(str(el.get("PartName", "")).lstrip("/").lower())
+    for info in infos:
+        part = info.filename.lower()
+        sheet = (posixpath.dirname(part) == "xl/worksheets" and part.endswith(".xml") and part not in strings)
+        cap = MAX_SHEET_PART_BYTES if sheet else MAX_OTHER_PART_BYTES
+        if info.file_size > cap:
+            what = "its shared string table" if part in strings else f"its part {safe_text(info.filename)}"
+            raise ManifestError(
+                f"{name}: {what} unpacks to {limit_text(info.file_size)}, more than the {limit_text(cap)} covreport "
+                f"reads from a workbook part -- {_workbook_fix()} (a text of that size is no manifest cell)")
+
+
+def _sheet_cells(ws, name):
+    """Every cell of a read-only sheet as ``{row: {column: value}}``, read from the sheet itself.
+
+    openpyxl's own row iteration trusts the sheet's ``<dimension>`` (which
+    some writers record wrongly), pads every row to the widest one, and
+    drops rows and cells that come out of order; the sheet parser yields
+    exactly the cells the file holds, so every one is read, and empty space
+    costs nothing however far a stray cell lies.
+    """
+    from openpyxl.utils import get_column_letter
+    from openpyxl.worksheet._reader import WorkSheetParser
+
+    wb = ws.parent
+    rows, filled = {}, 0
+    with ws._get_source() as src:
+        parser = WorkSheetParser(src, ws._shared_strings, data_only=wb.data_only, epoch=wb.epoch,
+                                 date_formats=wb._date_formats, timedelta_formats=wb._timedelta_formats)
+        for number, cells in parser.parse():
+            for cell in cells:
+                value = cell["value"]
+                if value is None or isinstance(value, str) and not value.strip(BLANK):
+                    continue
+                row, col = int(cell["row"]), int(cell["column"])
+                where = f"{get_column_letter(col) if 0 < col <= 18278 else col}{row}"
+                if row > MAX_SHEET_ROWS:
+                    raise ManifestError(f"{name}: cell {where} lies below row {MAX_SHEET_ROWS:,}, the last row of a "
+                                        f"sheet -- delete it, or {_workbook_fix()}")
+                if col > MAX_SHEET_COLUMNS:
+                    raise ManifestError(f"{name}: cell {where} lies right of column {MAX_SHEET_COLUMNS:,}, the widest "
+                                        f"a manifest sheet may be -- delete that stray cell (or {_workbook_fix()})")
+                line = rows.setdefault(row, {})
+                if col in line:
+                    raise ManifestError(f"{name}: cell {where} is written twice in the sheet -- open the workbook in a "
+                                        f"spreadsheet program and save it again, or {_workbook_fix()}")
+                line[col] = value
+                filled += 1
+                if filled > MAX_SHEET_CELLS:
+                    raise ManifestError(f"{name}: the first sheet holds more than {MAX_SHEET_CELLS:,} filled cells, "
+                                        f"more than covreport reads from a workbook -- {_workbook_fix()}")
+    return rows
+
+
 def read_workbook(raw, name, warnings):
-    """First sheet of an .xlsx workbook -> records and row numbers."""
+    """First sheet of an .xlsx workbook -> a :class:`Grid` of text cells, one record per sheet row.
+
+    Every cell the sheet holds is read, whatever its ``<dimension>`` says;
+    what is read is bounded before and while reading (:data:`MAX_WORKBOOK_BYTES`,
+    :data:`MAX_SHEET_PART_BYTES`, :data:`MAX_OTHER_PART_BYTES`,
+    :data:`MAX_SHEET_ROWS`, :data:`MAX_SHEET_COLUMNS`, :data:`MAX_SHEET_CELLS`).
+    """
     try:
         import openpyxl
     except ImportError:  # pragma: no cover - openpyxl is a dependency
         raise ManifestError(f"{name} is an Excel workbook and openpyxl is not installed -- export it as CSV (UTF-8)")
     try:
+        _check_parts(raw, name)
         wb = openpyxl.load_workbook(io.BytesIO(raw), read_only=True, data_only=True)
         try:
             sheets = wb.sheetnames
-            ws = wb[sheets[0]]
-            records = [[cell_text(v) for v in row] for row in ws.iter_rows(min_row=1, values_only=True)]
+            rows = _sheet_cells(wb[sheets[0]], name)
         finally:
             wb.close()
+    except ManifestError:
+        raise
+    except MemoryError:
+        raise ManifestError(f"{name}: the workbook does not fit in memory -- {_workbook_fix()}") from None
     except Exception as exc:  # openpyxl and zipfile raise many types on junk
         raise ManifestError(
-            f"{name} cannot be read as an Excel workbook ({type(exc).__name__}) -- "
-            "export the first sheet as CSV (UTF-8) and validate that"
+            f"{name} cannot be read as an Excel workbook ({type(exc).__name__}) -- {_workbook_fix()}"
         ) from None
     if len(sheets) > 1:
-        warnings.append(f"{name} has {len(sheets)} sheets; read the first one, '{sheets[0]}'")
-    # Trailing empty cells of a row are not data (a CSV export drops them too).
-    records = [r[: max((i + 1 for i, v in enumerate(r) if v.strip()), default=0)] for r in records]
-    return grid_from_records(records, np.arange(1, len(records) + 1, dtype=np.int64))
+        warnings.append(f"{name} has {len(sheets)} sheets; read the first one, '{safe_text(sheets[0])}'")
+    numbers = sorted(rows)
+    width = max((max(rows[r]) for r in numbers), default=0)
+    if len(numbers) * width > MAX_SHEET_CELLS:
+        from openpyxl.utils import get_column_letter
+
+        far = next(r for r in numbers if max(rows[r]) == width)
+        raise ManifestError(
+            f"{name}: the first sheet's {len(numbers):,} rows reach column {get_column_letter(width)} (cell "
+            f"{get_column_letter(width)}{far}), {len(numbers) * width:,} cells, more than the {MAX_SHEET_CELLS:,} "
+            f"covreport reads from a workbook -- delete stray cells far to the right, or {_workbook_fix()}")
+    # A row ends at its last filled cell (a CSV export drops trailing empty cells too).
+    records = []
+    for r in numbers:
+        line = rows[r]
+        record = [""] * max(line)
+        for col, value in line.items():
+            record[col - 1] = cell_text(value)
+        records.append(record)
+    return grid_from_records(records, np.asarray(numbers, dtype=np.int64))

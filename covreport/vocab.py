@@ -11,15 +11,24 @@ import re
 #: Unicode bidirectional embeddings, overrides and isolates (U+202A-U+202E,
 #: U+2066-U+2069), the direction marks (U+200E, U+200F, U+061C), and the
 #: zero-width characters (U+200B-U+200D, U+2060, U+FEFF). In an id they can
-#: make one id display as another ("Trojan Source", CVE-2021-42574), so
-#: covreport refuses them in every manifest column it reads.
+#: make one id display as another ("Trojan Source", CVE-2021-42574). They are
+#: a subset of what covreport refuses: manifests and exports refuse every
+#: format (Cf) and default-ignorable code point in id and path columns
+#: (:func:`covreport.inputs.identifier_problem`) and the same but tabs in the
+#: other columns (:func:`covreport.inputs.text_problem`), through
+#: :func:`covreport.tabular.invisible_cells`.
 INVISIBLE_CONTROLS = "\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u200b-\u200d\u2060\ufeff"
 INVISIBLE_CONTROLS_RE = re.compile(f"[{INVISIBLE_CONTROLS}]")
 
 
 def has_invisible_controls(text):
-    """True when ``text`` holds a character of :data:`INVISIBLE_CONTROLS`."""
-    return isinstance(text, str) and INVISIBLE_CONTROLS_RE.search(text) is not None
+    """True when ``text`` holds a character covreport refuses in free text (bidi, Cf, controls ...).
+
+    See :func:`covreport.inputs.text_problem`; :data:`INVISIBLE_CONTROLS` is a subset.
+    """
+    from covreport.inputs import text_problem
+
+    return isinstance(text, str) and text_problem(text) is not None
 
 
 def canon(name):

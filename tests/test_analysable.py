@@ -49,12 +49,46 @@ def test_prediction_needs_worse_and_improved_pairs_of_two_patients():
         assert rec["can_run"] == (rec["reason"] is None)
         return rec["reason"]
 
-    assert reason(["Worse", "Improved"]) is None
+    assert reason(["Worse", "Worse", "Improved", "Improved"]) is None
     assert reason(["Worse", "Worse", "Stable"]) == \
         "no Improved pair; it needs at least one Worse and one Improved pair"
     assert reason(["Stable"]) == "no Worse and Improved pair; it needs at least one Worse and one Improved pair"
     assert reason(["Worse", "Improved", "Stable"], ["P1", "P1", "P2"]) == \
         "the 2 pairs Worse or Improved come from 1 patient; leave-one-patient-out needs at least 2 patients"
+
+
+def test_prediction_cannot_run_when_a_training_fold_holds_one_class():
+    # Issue 21.5: Improved was one pair of one patient; leaving that patient out trained on Worse alone.
+    def reason(outcomes, patients):
+        (rec,) = [a for a in analyses(_pairs(outcomes, patients)) if a["analysis"] == PREDICTION]
+        assert rec["can_run"] == (rec["reason"] is None)
+        return rec["reason"]
+
+    assert reason(["Worse", "Worse", "Worse", "Improved"], ["P1", "P2", "P3", "P4"]) == (
+        "leaving out patient P4, the only patient with an Improved pair (1 pair), trains on Worse pairs alone; "
+        "leave-one-patient-out needs Worse and Improved pairs from at least 2 patients each")
+    assert reason(["Worse", "Improved", "Improved", "Worse"], ["P1", "P2", "P3", "P1"]) == (
+        "leaving out patient P1, the only patient with a Worse pair (2 pairs), trains on Improved pairs alone; "
+        "leave-one-patient-out needs Worse and Improved pairs from at least 2 patients each")
+    assert reason(["Worse", "Improved"], ["P1", "P2"]).count("leaving out patient") == 2
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_prediction_can_run_exactly_when_no_training_fold_holds_one_class(seed):
+    # Oracle: covreport.stats.predict_outcome itself, which counts the folds that trained on one class.
+    from covreport.stats import predict_outcome
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 9))
+    outcomes = list(rng.choice(["Worse", "Improved"], size=n))
+    patients = list(rng.choice([f"P{i}" for i in range(int(rng.integers(2, 5)))], size=n))
+    if len(set(patients)) < 2 or len(set(outcomes)) < 2:
+        pytest.skip("the other reasons are tested above")
+    feats = rng.random((n, 8))
+    block = predict_outcome(feats, feats + 0.1, outcomes, patients, [f"p{i}" for i in range(n)],
+                            n_permutations=0)["nested"]
+    (rec,) = [a for a in analyses(_pairs(outcomes, patients)) if a["analysis"] == PREDICTION]
+    assert rec["can_run"] == (block["one_class_folds"] == 0), (outcomes, patients, rec, block["one_class_folds"])
 
 
 def test_reasons_give_the_counts():

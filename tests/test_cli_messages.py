@@ -82,7 +82,8 @@ def _example_with_scores(tmp_path):
 
 def _run_args(tmp_path, name):
     manifest, scores = _example_with_scores(tmp_path)
-    return ["run", manifest, "--scores", scores, "--permutations", "20", "--no-pdf", "--out", str(tmp_path / name)]
+    return ["run", manifest, "--scores", scores, "--permutations", "20", "--bootstrap", "0", "--no-pdf",
+            "--out", str(tmp_path / name)]  # (no refitted bootstrap: the messages are the point, not its minutes)
 
 
 def test_run_says_each_stage_on_stderr_and_only_the_result_on_stdout(tmp_path):
@@ -90,7 +91,13 @@ def test_run_says_each_stage_on_stderr_and_only_the_result_on_stdout(tmp_path):
 
     result = CliRunner().invoke(main, _run_args(tmp_path, "out"))
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"Report: {tmp_path / 'out' / 'report.html'}\n"
+    # stdout: the headline of the folder (covreport/summary.py), ending with the paths of the outputs
+    from covreport.summary import format_summary, summarise
+
+    assert result.stdout == format_summary(summarise(tmp_path / "out"))
+    assert result.stdout.splitlines()[-3:] == [f"Report      {tmp_path / 'out' / 'report.html'}",
+                                               "PDF         none in the folder (the run had --no-pdf?)",
+                                               f"Results     {tmp_path / 'out' / 'results.json'}"]
     err = result.stderr.splitlines()
     for stage in (r"Reading manifest \S+manifest\.csv", "Statistics on 6 pairs",
                   f"Writing report to {re.escape(str(tmp_path / 'out'))}"):
@@ -106,7 +113,7 @@ def test_quiet_silences_progress_as_group_or_command_option(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         assert result.stderr == "", (i, result.stderr)
-        assert result.stdout.startswith("Report: ")
+        assert result.stdout.startswith("Analysed    6 pairs of 3 patients")
     # the next command without --quiet speaks again
     result = CliRunner().invoke(main, _run_args(tmp_path, "loud"))
     assert "Statistics on 6 pairs ..." in result.stderr

@@ -379,3 +379,56 @@ def test_help_describes_options():
     assert result.exit_code == 0
     for option in ("--json", "--strict", "--no-images", "data_manifests/README.md"):
         assert option in result.output
+
+
+# --- issue 21.5: every problem of every row in one round -----------------------------
+
+
+def test_mixed_problems_exclusions_and_near_misses_in_one_round(here):
+    # Before: round 1 listed the bad outcome only; the too-long row's age, the 'Age' near miss and the
+    # missing image and empty outcome appeared only after each fix.
+    shutil.copytree(EXAMPLE.parent / "images", here / "images")
+    write("m.csv", csv_text(
+        "p1,P01,images/P01_1.png,images/P01_2.png,Better,54",
+        "p2,P01,images/P01_2.png,images/P01_3.png,W,241,extra",
+        "p3,P02,images/P02_1.png,images/missing.png,I,30",
+        "p4,P02,images/P02_2.png,images/P02_3.png,,30",
+        header=HEADER + ",age"))
+    (here / "n.csv").write_text((here / "m.csv").read_text().replace(",age\n", ",age,Sex\n", 1))
+    assert_error(validate("m.csv"), "\n".join([
+        "m.csv: 3 problems; fix them all and validate again:",
+        "m.csv line 2, column 'outcome': 'Better' -- use Worse, Stable or Improved (or W, S, I; any case); "
+        "did you mean 'Improved'?",
+        "m.csv line 3: 7 fields but the header has 6 -- quote values that contain the delimiter (e.g. \"a, b\") "
+        "or remove the extra delimiter",
+        "m.csv line 3, column 'age': '241' -- give the age in years, a number from 0 to 120 (or leave it blank)",
+        "m.csv: once these problems are fixed, 2 pairs would be excluded (left out of the analysis; errors only "
+        "in strict mode):",
+        "m.csv line 4: second image: file not found (images/missing.png)",
+        "m.csv line 5: outcome empty",
+    ]))
+    result = validate("n.csv", "--no-images")
+    assert result.exit_code == 1
+    assert ("n.csv: warning (not an error): column 'Sex' is not a manifest column and is carried through "
+            "untouched; rename it to 'sex' if that is what it holds") in result.stderr.splitlines()
+
+
+def test_one_problem_with_exclusions_keeps_a_header(here):
+    write("m.csv", csv_text("p1,P1,a.png,b.png,Better", "p2,P1,b.png,c.png,"))
+    lines = validate("m.csv", "--no-images").stderr.splitlines()
+    assert lines[:2] == ["Error: m.csv: 1 problem; fix it and validate again:",
+                         "m.csv line 2, column 'outcome': 'Better' -- use Worse, Stable or Improved (or W, S, I; "
+                         "any case); did you mean 'Improved'?"]
+    assert lines[-1] == "m.csv line 3: outcome empty"
+
+
+def test_prediction_cannot_run_when_a_fold_trains_on_one_class(here):
+    # Improved is one pair of one patient: leaving P3 out trains on Worse alone (the report then printed
+    # specificity 0.000 and AUC 0.25).
+    write("m.csv", csv_text("p1,P1,a.png,b.png,W", "p2,P1,b.png,c.png,W", "p3,P2,d.png,e.png,W",
+                            "p4,P3,f.png,g.png,I"))
+    result = validate("m.csv", "--no-images")
+    assert result.exit_code == 0, result.output
+    assert ("  cannot run: Prediction of Worse vs Improved (leave-one-patient-out): leaving out patient P3, the only "
+            "patient with an Improved pair (1 pair), trains on Worse pairs alone; leave-one-patient-out needs Worse "
+            "and Improved pairs from at least 2 patients each") in result.stdout.splitlines()

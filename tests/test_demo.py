@@ -69,3 +69,50 @@ def test_demo_keeps_only_the_best_checkpoint(demo):
     assert sorted(p.name for p in model.iterdir()) == [
         "densenet121-phantom.pt", "densenet121-phantom.validation_auc.csv",
         "densenet121-phantom.validation_scores.csv"]
+
+
+def test_demo_commands_name_its_own_folder(demo):
+    """Regenerate and verify commands: the demo's folder, never a file inside the installed package (issue 21.3)."""
+    import shlex
+
+    from covreport.demo import DEMO_STUDY_TOML
+    from covreport.phantom import PAIRS_DIRNAME
+
+    result, results = demo
+    args = shlex.split(result.command)
+    assert str(DEMO_STUDY_TOML) not in result.command
+    assert args[args.index("--study") + 1] == str(result.report.parent / "study.toml")
+    assert result.verify_command == shlex.join(["covreport", "verify", str(result.report), "--cache",
+                                                str(result.report.parent / "cache.sqlite")])
+    inputs = results["provenance"]["inputs"]
+    assert inputs["study"]["from_results"] == "../study.toml"
+    assert inputs["manifest"]["from_results"] == f"../study/{PAIRS_DIRNAME}/manifest.csv"
+    assert inputs["weights"]["from_results"] == "../model/densenet121-phantom.pt"
+
+
+def test_the_demo_verifies_from_its_folder_alone(demo):
+    """The printed verify command re-derives every number from the folder and the demo's score cache."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from covreport.cli import main
+
+    result, _ = demo
+    res = CliRunner().invoke(main, shlex.split(result.verify_command)[1:] + ["-q"])
+    assert res.exit_code == 0, res.output
+    assert "\nverified: " in res.output and "input weights: " in res.output
+
+
+def test_verify_command_is_relative_to_the_current_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from covreport.demo import shown_path, verify_command
+
+    monkeypatch.chdir(tmp_path)
+    assert verify_command(tmp_path / "covreport-demo" / "report", Path("covreport-demo/cache.sqlite")) == (
+        "covreport verify covreport-demo/report --cache covreport-demo/cache.sqlite")
+    assert verify_command(tmp_path / "my demo" / "report", tmp_path / "my demo" / "cache.sqlite") == (
+        "covreport verify 'my demo/report' --cache 'my demo/cache.sqlite'")
+    # Outside the current folder a path stays absolute (a relative one would climb with ..).
+    assert shown_path(tmp_path.parent / "x") == tmp_path.parent / "x"

@@ -268,7 +268,7 @@ def test_read_scores_errors_name_file_and_columns(tmp_path):
     bad = df.copy()
     bad.loc[1, "Edema"] = 1.5
     write_scores(bad, p)
-    with pytest.raises(ScoresError, match=r"row 3, column 'Edema': 1.5 is not a probability"):
+    with pytest.raises(ScoresError, match=r"line 3, column 'Edema': 1.5 is not a probability"):
         read_scores(p)
     dup = df.copy()
     dup.loc[2, "image"] = dup.loc[0, "image"]
@@ -353,15 +353,19 @@ def test_hashing_many_files_in_threads(tmp_path):
     from covreport.scoring import _hash_all
 
     paths = []
+    signature = b"\x89PNG\r\n\x1a\n"  # files are hashed only after their magic bytes are checked
     for i in range(70):  # above the threading threshold
         p = tmp_path / f"f{i}.png"
-        p.write_bytes(bytes([i]) * (i + 1))
+        p.write_bytes(signature + bytes([i]) * (i + 1))
         paths.append(p)
     paths.append(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_bytes(b"not an image")
+    paths.append(tmp_path / "text.png")
     got = _hash_all(paths)
     # Reference: hashlib on the bytes written, in order.
-    assert got[:70] == [hashlib.sha256(bytes([i]) * (i + 1)).hexdigest() for i in range(70)]
+    assert got[:70] == [hashlib.sha256(signature + bytes([i]) * (i + 1)).hexdigest() for i in range(70)]
     assert got[70].reason == "file not found"
+    assert got[71].reason == "not a recognised image format (PNG, JPEG or DICOM expected)"
 
 
 def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(weights):

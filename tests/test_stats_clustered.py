@@ -89,7 +89,11 @@ def test_obuchowski_matches_formulas_written_out(seed, ties):
     z = (theta - 0.5) / math.sqrt(var)
     assert res["z"] == pytest.approx(z, rel=1e-10)
     assert res["p"] == pytest.approx(2 * sps.norm.sf(abs(z)), rel=1e-9)
-    assert res["ci_low"] == pytest.approx(max(0, theta - 1.959963984540054 * math.sqrt(var)), rel=1e-10)
+    # logit-transformed interval, t on (patients - 2) df, written out (reference: scipy's t quantile)
+    half = sps.t.ppf(0.975, df.patient.nunique() - 2) * math.sqrt(var) / (theta * (1 - theta))
+    logit = math.log(theta / (1 - theta))
+    assert res["ci_low"] == pytest.approx(1 / (1 + math.exp(half - logit)), rel=1e-10)
+    assert res["ci_high"] == pytest.approx(1 / (1 + math.exp(-half - logit)), rel=1e-10)
     assert res["clusters"] == df.patient.nunique() and res["unit"] == "patient"
     assert "Obuchowski" in res["method"]
 
@@ -147,7 +151,9 @@ def test_group_differences_clustered_against_written_out_formulas():
                                        y[r.label].tolist(), y.patient_id.tolist())
         assert r.theta == pytest.approx(theta, rel=1e-12)
         assert r.se == pytest.approx(math.sqrt(var), rel=1e-10)
-        assert r.p == pytest.approx(2 * sps.norm.sf(abs(theta - 0.5) / math.sqrt(var)), rel=1e-9)
+        assert r.p_wald == pytest.approx(2 * sps.norm.sf(abs(theta - 0.5) / math.sqrt(var)), rel=1e-9)
+        assert 0 < r.ci_low < theta < r.ci_high < 1 and r.df == r.clusters - 2
+        assert 1 / 10000 <= r.p <= 1 and r.p_method.startswith("cluster permutation")
         assert (r.n1, r.n2) == (len(x), len(y))
         assert r.clusters1 == x.patient_id.nunique() and r.clusters2 == y.patient_id.nunique()
         assert r.clusters == pd.concat([x, y]).patient_id.nunique()
@@ -300,3 +306,135 @@ def test_primary_analysis():
     assert primary_analysis(["a", "b", "c"])["unit"] == "pair"
     res = primary_analysis(["a", "a", "b"])
     assert res["unit"] == "patient" and "1 of 2 patients" in res["reason"]
+
+
+# --------------------------------------------------------------------------- issue 20: small samples, edge cases
+
+
+def _brute_cluster_p(values, in1, patients):
+    """Exact cluster permutation p by enumeration (reference for the Monte Carlo p).
+
+    Every assignment of the patients' label multisets to patients of the same size,
+    each in every order within the patient, equally likely.
+    """
+    from itertools import permutations, product
+
+    values = np.asarray(values, float)
+    in1 = np.asarray(in1, bool)
+    patients = np.asarray(patients)
+    ranks = sps.rankdata(values)
+    n1, n2 = in1.sum(), (~in1).sum()
+
+    def stat(lab):
+        return abs(ranks[lab].sum() - n1 * (n1 + 1) / 2 - n1 * n2 / 2)
+
+    ids = sorted(set(patients))
+    units = {p: np.flatnonzero(patients == p) for p in ids}
+    by_size = {}
+    for p in ids:
+        by_size.setdefault(len(units[p]), []).append(p)
+    options = []   # per size: every (assignment of label vectors, within orders)
+    for k, members in by_size.items():
+        per = []
+        for perm in permutations(members):
+            vecs = [in1[units[q]] for q in perm]
+            for orders in product(*[list(permutations(range(k)))] * len(members)):
+                lab = {}
+                for p, v, o in zip(members, vecs, orders):
+                    lab[p] = v[list(o)]
+                per.append(lab)
+        options.append(per)
+    obs = stat(in1)
+    hits = total = 0
+    for combo in product(*options):
+        lab = np.zeros(len(values), bool)
+        for part in combo:
+            for p, v in part.items():
+                lab[units[p]] = v
+        total += 1
+        hits += stat(lab) >= obs - 1e-9
+    return hits / total
+
+
+def test_cluster_permutations_keep_the_design_and_match_enumeration():
+    from covreport.stats.clustered import cluster_permutations, clustered_mw_permutation_p
+
+    patients = np.array(["a", "a", "b", "b", "c", "d", "e", "e"])
+    codes = pd.factorize(patients, sort=True)[0]
+    in1 = np.array([1, 0, 1, 1, 0, 1, 0, 0], bool)
+    values = np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.3, 0.05])
+    perms = cluster_permutations(codes, in1, 500, np.random.default_rng(0))
+    for row in perms:
+        assert row.sum() == in1.sum()
+        # the multiset of patient compositions (pairs in group 1 per patient, by size) is kept
+        comp = sorted((int((codes == c).sum()), int(row[codes == c].sum())) for c in range(5))
+        assert comp == sorted((int((codes == c).sum()), int(in1[codes == c].sum())) for c in range(5))
+    exact = _brute_cluster_p(values, in1, patients)
+    mc = clustered_mw_permutation_p(values, in1, codes, 20000, np.random.default_rng(1))
+    # Monte Carlo p of 20,000 draws within 4 binomial SEs of the enumerated p
+    assert abs(mc - exact) < 4 * math.sqrt(exact * (1 - exact) / 20000) + 1e-4
+
+
+def _edge_changes():
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(12):
+        for j in range(1 + i % 2):
+            outcome = WORSE if i < 6 else IMPROVED
+            rows.append({"patient_id": f"P{i:02d}", "outcome": outcome,
+                         "const": 0.25,                                              # same change everywhere
+                         "sep": (0.5 if outcome == WORSE else -0.5) + rng.normal(0, 0.05),   # separated
+                         "A": rng.normal(0, 0.2), "B": rng.normal(0.1 * (outcome == WORSE), 0.2)})
+    return pd.DataFrame(rows)
+
+
+def test_constant_label_is_not_tested_and_separation_stays_in_the_family():
+    from covreport.stats.groups import compare_groups
+
+    df = _edge_changes()
+    labels = ["const", "sep", "A", "B"]
+    contrasts = [(WORSE, IMPROVED)]
+    pair = compare_groups(df, labels, contrasts=contrasts).set_index("label")
+    clus = group_differences_clustered(df, labels, df["patient_id"], contrasts=contrasts,
+                                       n_permutations=4999, seed=3).set_index("label")
+    for out in (pair, clus):
+        c = out.loc["const"]
+        assert c.status == "not tested: constant" and math.isnan(c.p) and math.isnan(c.p_holm)
+        assert "not tested: constant" in c.note
+        s = out.loc["sep"]
+        assert s.status == "tested" and 0 < s.p < 0.01 and np.isfinite(s.p_holm)
+        # the family is the three tested labels (reference: statsmodels multipletests)
+        tested = out.loc[["sep", "A", "B"]]
+        assert np.allclose(tested.p_holm, multipletests(tested.p, method="holm")[1], rtol=1e-14)
+        assert np.allclose(tested.p_bh, multipletests(tested.p, method="fdr_bh")[1], rtol=1e-14)
+    # pair level, separation: the exact Mann-Whitney p (reference: scipy exact)
+    x, y = df.loc[df.outcome == WORSE, "sep"], df.loc[df.outcome == IMPROVED, "sep"]
+    assert pair.loc["sep", "p"] == pytest.approx(sps.mannwhitneyu(x, y, method="exact").pvalue, rel=1e-12)
+    # clustered, separation: SE 0, no interval, no Wald p, but the permutation p (>= 1/(B+1))
+    s = clus.loc["sep"]
+    assert s.theta == 1.0 and s.se == 0 and math.isnan(s.ci_low) and math.isnan(s.p_wald)
+    assert s.p >= 1 / 5000 and "stays in the family" in s.note
+    assert clus.loc["sep", "analysis"].startswith("primary")
+
+
+def test_clustered_permutation_p_is_reproducible_and_seeded():
+    df = _changes(4)
+    a = group_differences_clustered(df, ["A", "B"], df["patient_id"], n_permutations=999, seed=7)
+    b = group_differences_clustered(df, ["A", "B"], df["patient_id"], n_permutations=999, seed=7)
+    c = group_differences_clustered(df, ["A", "B"], df["patient_id"], n_permutations=999, seed=8)
+    assert a.p.tolist() == b.p.tolist() and a.p.tolist() != c.p.tolist()
+    assert (a.permutations == 999).all() and a.method.str.contains("999").all()
+    with pytest.raises(StatsError, match="at least 1 permutation"):
+        group_differences_clustered(df, ["A"], df["patient_id"], n_permutations=0)
+
+
+def test_interval_is_not_clipped_near_zero():
+    # the issue's case: theta near 0.16 with 15 patients; the old Wald interval was clipped at 0
+    rng = np.random.default_rng(11)
+    rows = [{"patient_id": f"P{i:02d}", "outcome": STABLE if i < 8 else IMPROVED,
+             "A": rng.normal(-0.6 if i < 8 else 0.0, 0.4)} for i in range(15)]
+    rows.append({"patient_id": "P00", "outcome": STABLE, "A": -0.5})
+    df = pd.DataFrame(rows)
+    r = group_differences_clustered(df, ["A"], df["patient_id"], contrasts=[(STABLE, IMPROVED)]).iloc[0]
+    assert r.theta < 0.3 and 0 < r.ci_low < r.theta < r.ci_high < 1
+    assert r.theta - 1.959963984540054 * r.se < 0 < r.ci_low     # where a clipped Wald interval would sit at 0

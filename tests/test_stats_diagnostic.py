@@ -329,19 +329,20 @@ def test_cli_predictive_ci_option():
 
 @pytest.mark.parametrize("args,message", [
     (["--tp", "-1", "--fp", "5", "--fn", "1", "--tn", "3"],
-     "Error: tp must be a non-negative whole number, got -1\n"),
+     "Error: Invalid value for '--tp': -1 is not in the range x>=0.\n"),
     (["--tp", "1", "--fp", "5", "--fn", "1", "--tn", "3", "--prevalence", "1.2"],
-     "Error: prevalence must be between 0 and 1 (exclusive), got 1.2\n"),
+     "Error: Invalid value for '--prevalence': 1.2 is not in the range 0<x<1.\n"),
     (["--tp", "1", "--fp", "5", "--fn", "1", "--tn", "3", "--alpha", "0"],
-     "Error: alpha must be between 0 and 1 (exclusive), got 0.0\n"),
+     "Error: Invalid value for '--alpha': 0.0 is not in the range 0<x<1.\n"),
 ])
-def test_cli_bad_input_exit_1(args, message):
+def test_cli_out_of_range_is_a_usage_error_exit_2(args, message):
+    # issue 21: every range check of every command is a usage error (exit 2), as `run --permutations -1`
     res = CliRunner().invoke(main, ["diagnostic", *args])
-    assert res.exit_code == 1
-    assert res.stderr == message
+    assert res.exit_code == 2
+    assert res.stderr.endswith(message) and res.stderr.startswith("Usage: main diagnostic")
 
 
 def test_cli_non_integer_is_usage_error():
     res = CliRunner().invoke(main, ["diagnostic", "--tp", "1.5", "--fp", "5", "--fn", "1", "--tn", "3"])
     assert res.exit_code == 2
-    assert "Invalid value for '--tp': '1.5' is not a valid integer." in res.output
+    assert "Invalid value for '--tp': '1.5' is not a valid integer range." in res.output

@@ -183,8 +183,9 @@ def test_zero_pooled_sd_and_missing_values():
                        "y": [0.1, np.nan, 0.3, 0.0, 0.2, -0.1]})
     out = compare_groups(df, ["x", "y"], contrasts=[(WORSE, IMPROVED)])
     x = out.iloc[0]
-    assert math.isnan(x.cohen_d) and "pooled SD is 0" in x.note
-    assert x.p == pytest.approx(sps.mannwhitneyu([0.1] * 3, [0.1] * 3).pvalue)
+    # a constant label is not tested (R's wilcox.test gives NaN; scipy used to give p = 1 here)
+    assert math.isnan(x.cohen_d) and math.isnan(x.p) and math.isnan(x.p_holm)
+    assert x.status == "not tested: constant" and "not tested: constant" in x.note
     y = out.iloc[1]
     assert (y.n1, y.n2) == (2, 3)
     assert "1 missing change(s) left out" in y.note
@@ -213,5 +214,29 @@ def test_row_order_does_not_matter(seed):
     a = compare_groups(df, LABELS)
     b = compare_groups(df.sample(frac=1.0, random_state=seed).reset_index(drop=True), LABELS)
     num = [c for c in GROUP_COLUMNS if c not in ("contrast", "label", "group1", "group2",
-                                                  "mw_method", "mw_rule", "unit", "d_method", "method", "note")]
+                                                  "mw_method", "mw_rule", "unit", "d_method", "method", "note",
+                                                  "status", "analysis", "hl_ci_method", "hl_method", "rb_method",
+                                                  "g_method")]
     assert np.allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+def test_effect_sizes_beside_each_test_match_r_and_pingouin():
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "r_effect_sizes.json").read_text(encoding="utf-8"))
+    case = ref["wilcox_test_conf_int"][0]   # R's ?wilcox.test example (Hollander & Wolfe 1973, p. 69f.)
+    df = pd.DataFrame({"outcome": [WORSE] * len(case["x"]) + [IMPROVED] * len(case["y"]),
+                       "A": case["x"] + case["y"]})
+    row = compare_groups(df, ["A"], contrasts=[(WORSE, IMPROVED)]).iloc[0]
+    # reference: R wilcox.test(x, y, conf.int = TRUE)
+    assert row.hl_shift == pytest.approx(case["estimate"], abs=1e-12)
+    assert (row.hl_ci_low, row.hl_ci_high) == pytest.approx((case["ci_low"], case["ci_high"]), abs=1e-12)
+    assert row.hl_ci_method == "exact" and "Bauer 1972" in row.hl_method
+    # reference: pingouin's Hedges' g; R's noncentral-t interval (uniroot on pt)
+    assert row.hedges_g == pytest.approx(pg.compute_effsize(case["x"], case["y"], eftype="hedges"), rel=1e-12)
+    assert (row.g_ci_low, row.g_ci_high) == pytest.approx((case["g_ci_low"], case["g_ci_high"]), abs=1e-8)
+    # the old keys still hold Cohen's d and the rank-biserial r; its CI brackets it
+    assert row.cohen_d == pytest.approx(_numpy_d(case["x"], case["y"]), rel=1e-12)
+    assert row.rb_ci_low < row.rank_biserial < row.rb_ci_high
+    assert row.status == "tested" and row.analysis.startswith("secondary")

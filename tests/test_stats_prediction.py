@@ -352,10 +352,12 @@ def test_predict_outcome_block():
     second = pd.DataFrame(rng.gamma(2.0, 0.5, X.shape), columns=first.columns)
     pair_ids = [f"{g}-{i}" for i, g in enumerate(groups)]
     out = predict_outcome(first, second, outcome, groups, pair_ids, n_permutations=5, seed=1)
-    assert (out["headline"], out["positive_class"], out["negative_class"]) == ("nested", WORSE, IMPROVED)
+    # the default headline is the primary penalised protocol (issue 19)
+    assert (out["headline"], out["positive_class"], out["negative_class"]) == ("penalised", WORSE, IMPROVED)
+    assert out["primary"] == "penalised"
     keep = outcome != STABLE
-    for key, protocol, source in (("nested", "nested", "first"), ("global", "global", "first"),
-                                  ("reversed", "nested", "second")):
+    for key, protocol, source in (("penalised", "penalised", "first"), ("nested", "nested", "first"),
+                                  ("global", "global", "first"), ("reversed", "penalised", "second")):
         block = out[key]
         assert (block["protocol"], block["features_from"]) == (protocol, source)
         assert block["n_pairs"] == keep.sum() and block["n_patients"] == len(set(groups[keep]))
@@ -388,6 +390,8 @@ def test_predict_outcome_block():
         assert sum(per_fold) == sum(r["folds_selected"] for r in feats)
         assert block["unit"] == "pair" and block["auc_clustered"]["unit"] == "patient"
         assert block["solver"] in block["method"] or "Newton" in block["method"]
+        assert block["role"] == {"penalised": "primary", "reversed": "control"}.get(key, "replication")
+        assert block["label"] and block["reference"] and block["cv_intervals"] is None
     # AUC agrees with scikit-learn's roc_auc_score (reference)
     from sklearn.metrics import roc_auc_score
     probs = [p["probability"] for p in out["nested"]["pairs"]]

@@ -41,9 +41,14 @@ def test_configure_torch_never_asks_for_more_threads_than_cores(monkeypatch, cpu
 
     before = torch.get_num_threads()
     monkeypatch.setattr(_threads, "available_cpus", lambda: cpus)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cpus))          # as prepare_environment sets it
     try:
         assert _threads.configure_torch(workers, processes=processes) == threads
         assert torch.get_num_threads() == threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")            # the user's (or a test runner's) limit holds
+        assert _threads.configure_torch(workers, processes=processes) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "junk")         # not a count: ignored
+        assert _threads.configure_torch(workers, processes=processes) == threads
     finally:
         torch.set_num_threads(before)
 

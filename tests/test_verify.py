@@ -118,13 +118,49 @@ def test_changed_manifest_is_a_hash_mismatch(submitted, tmp_path):
 
 
 def test_missing_input_is_named(submitted, tmp_path):
-    # The manifest alone: the scores file is neither given nor at its recorded path.
+    # The manifest alone, the folder moved: the scores file is neither given nor at a recorded path.
     shutil.copy(submitted / "manifest.csv", tmp_path / "manifest.csv")
+    moved = tmp_path / "moved" / "out"
+    shutil.copytree(submitted / "out", moved)
     with pytest.raises(VerifyError, match=r"the rerun needs these inputs of the submitted run:\n"
-                                          r"  --scores: scores.csv, SHA-256 [0-9a-f]{64}"):
-        verify(submitted / "out", {"manifest": tmp_path / "manifest.csv"})
-    # Beside the manifest at its recorded path, it is found without being named.
-    assert verify(submitted / "out", {"manifest": submitted / "manifest.csv"}).ok
+                                          r"  --scores: scores.csv, SHA-256 [0-9a-f]{64} \(not found at "):
+        verify(moved, {"manifest": tmp_path / "manifest.csv"})
+
+
+def test_folder_alone_verifies_from_the_recorded_paths(submitted):
+    """`covreport verify DIR`: every input is found from results.json (issue 21.3)."""
+    results = json.loads((submitted / "out" / "results.json").read_text(encoding="utf-8"))
+    inputs = results["provenance"]["inputs"]
+    # New keys: relative to the results folder; the old manifest-relative ones are kept.
+    assert inputs["manifest"]["from_results"] == "../manifest.csv"
+    assert inputs["scores"]["from_results"] == "../scores.csv" and inputs["scores"]["path"] == "scores.csv"
+    res = CliRunner().invoke(main, ["verify", str(submitted / "out")])
+    assert res.exit_code == 0, res.output
+    assert f"input manifest: {submitted / 'manifest.csv'} (found from results.json)" in res.output
+    assert f"input scores: {submitted / 'scores.csv'} (found from results.json)" in res.output
+    assert "\nverified: " in res.output
+
+
+def test_options_override_the_recorded_paths(submitted, tmp_path):
+    # An explicit --manifest is used as given, not the recorded one (here: a changed copy, so its hash differs).
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text((submitted / "manifest.csv").read_text(encoding="utf-8").replace("Stable", "Worse"),
+                        encoding="utf-8")
+    res = CliRunner().invoke(main, ["verify", str(submitted / "out"), "--manifest", str(manifest)])
+    assert res.exit_code == 1
+    assert res.output.startswith(f"Error: 1 input(s) differ from those of the submitted run:\n  manifest {manifest}:")
+
+
+def test_a_recorded_file_whose_hash_differs_is_not_read(submitted, tmp_path):
+    # Found through results.json but changed since: refused, even with --ignore-hashes.
+    shutil.copy(submitted / "scores.csv", tmp_path / "scores.csv")
+    (tmp_path / "manifest.csv").write_text(
+        (submitted / "manifest.csv").read_text(encoding="utf-8").replace("Stable", "Worse"), encoding="utf-8")
+    out = _copy(submitted, tmp_path)
+    res = CliRunner().invoke(main, ["verify", str(out), "--ignore-hashes"])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: 1 input(s) at the paths results.json records are not the files the run "
+                                 f"read:\n  manifest {tmp_path / 'manifest.csv'} (found from results.json): SHA-256 ")
 
 
 def test_compare_results_tolerance_and_shape():
@@ -157,7 +193,30 @@ def test_weights_mode_run_verifies_with_weights_or_a_scores_file(tmp_path):
     res = runner.invoke(main, ["run", str(study / "manifest.csv"), "--weights", str(weights), "--cache", cache,
                                "--out", str(tmp_path / "out"), "--permutations", "20", "--no-pdf"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv")])
+    # The folder alone (weights and manifest found from results.json) with the run's cache: every image
+    # score comes from that cache (a spy on the scoring records which cache the rerun used).
+    import covreport.scoring as scoring
+
+    seen, real = [], scoring.score_manifest
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        seen.append((kwargs.get("cache_path"), res.scored, res.from_cache))
+        return res
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(scoring, "score_manifest", spy)
+    try:
+        res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--cache", cache])
+    finally:
+        mp.undo()
+    assert res.exit_code == 0, res.output
+    assert "input weights: " in res.output and "\nverified: " in res.output
+    assert [(str(c), n) for c, n, _ in seen] == [(cache, 0)] and seen[0][2] > 0
+    # Moved away from its inputs, the folder names what it needs.
+    shutil.copytree(tmp_path / "out", tmp_path / "elsewhere" / "out")
+    res = runner.invoke(main, ["verify", str(tmp_path / "elsewhere" / "out"), "--manifest",
+                               str(study / "manifest.csv")])
     assert res.exit_code == 1
     assert "--weights: the run scored the images with tiny.pt, SHA-256" in res.output
     res = runner.invoke(main, ["verify", str(tmp_path / "out"), "--manifest", str(study / "manifest.csv"),

@@ -24,6 +24,8 @@ The package has one module per job:
 - :mod:`~covreport.report.limitations`: limitations derived from the numbers;
 - :mod:`~covreport.report.revalidation_view`: what moved since the last validation;
 - :mod:`~covreport.report.render`: the sandboxed Jinja environment, HTML, PDF, figures.
+- :mod:`~covreport.report.sandbox`: what a template may do (child process with limits, a loader
+  confined to its folder) and what may reach ``report.html`` (the allow-list sanitiser, the CSP).
 
 Templates live in the top-level ``templates/`` folder (shipped in the wheel as
 ``covreport/templates``). ``templates=DIR`` puts DIR in front of the built-in
@@ -39,7 +41,7 @@ Bossuyt PM et al. STARD 2015: an updated list of essential items for reporting
 diagnostic accuracy studies. BMJ 2015;351:h5527.
 """
 
-from covreport.report.checklists import ai_checklist, stard_checklist
+from covreport.report.checklists import ai_checklist, stard_checklist, tripod_checklist
 from covreport.report.context import build_context, plain_results
 from covreport.report.format import REFERENCES, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pp
 from covreport.report.limitations import limitations
@@ -49,5 +51,5 @@ from covreport.report.render import (
 from covreport.report.revalidation_view import revalidation_view
 
 __all__ = ["render_report", "render_html", "write_pdf", "make_environment", "templates_dir", "build_context",
-           "plain_results", "stard_checklist", "ai_checklist", "limitations", "revalidation_view",
+           "plain_results", "stard_checklist", "tripod_checklist", "ai_checklist", "limitations", "revalidation_view",
            "external_references", "fmt_p", "fmt_pp", "Citations", "fmt_auc", "fmt_num", "fmt_ci", "fmt_est", "cite", "REFERENCES"]

@@ -221,3 +221,64 @@ def ai_checklist(results, *, has_cams=False):
     return rows
 
 
+
+
+#: What a TRIPOD+AI item's ``needs`` names: the results.json part that must be present (and why not).
+TRIPOD_NEEDS = {
+    "prediction": (lambda r: bool(r.get("prediction")), "no prediction results"),
+    "flow": (lambda r: bool(r.get("flow")), "no participant flow"),
+    "table1": (lambda r: bool(r.get("table1")), "no age or sex in the manifest"),
+    "reference": (lambda r: any("chexpert" in str(row.get("group", "")).lower() or row.get("counted_by") == "CSV row"
+                                for row in (r.get("table1") or []) if isinstance(row, dict)),
+                  "no reference population in Table 1 (covreport run --reference-csv)"),
+    "final_model": (lambda r: any(isinstance(b, dict) and b.get("final_model")
+                                  for b in (r.get("prediction") or {}).values()),
+                    "no model refitted on all pairs (the primary protocol was not run)"),
+}
+
+TRIPOD_REFERENCE = ("Collins GS, Moons KGM, Dhiman P, et al. TRIPOD+AI statement: updated guidance for reporting "
+                    "clinical prediction models that use regression or machine learning methods. BMJ "
+                    "2024;385:e078378")
+
+
+def tripod_items():
+    """The TRIPOD+AI sub-items, read from the data file ``tripod_ai.toml`` beside this module."""
+    import tomllib
+    from importlib import resources
+
+    text = resources.files("covreport.report").joinpath("tripod_ai.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["item"]
+
+
+def tripod_checklist(results):
+    """The TRIPOD+AI 2024 checklist (52 sub-items), filled from the results and ``results["study"]``.
+
+    Returns
+    -------
+    list of dict
+        One row per sub-item, in checklist order, shaped as
+        :func:`stard_checklist`'s rows plus ``text`` and ``applies``; a
+        sub-item that does not apply has status ``"not applicable"`` and its
+        reason in ``filled``.
+    """
+    study = results.get("study") or {}
+    rows = []
+    for it in tripod_items():
+        fields = tuple(it.get("study", ()))
+        row = {"item": it["id"], "title": it["topic"], "text": it["text"], "applies": it["applies"],
+               "section": it["where"], "section_name": it["where_name"]}
+        if it.get("not_applicable"):
+            rows.append({**row, "status": "not applicable", "filled": it["not_applicable"], "todo": ""})
+            continue
+        auto = it.get("covreport")
+        gap = None
+        if auto and it.get("needs"):
+            present, why = TRIPOD_NEEDS[it["needs"]]
+            gap = None if present(results) else why
+        auto_ok = bool(auto) and gap is None
+        have, miss = _study_status(study, fields)
+        filled = ([auto] if auto_ok else []) + (["study.toml: " + ", ".join(have)] if have else [])
+        todo = [f"study.toml: {f}" for f in miss] + ([gap] if gap else [])
+        rows.append({**row, "status": item_status(auto_ok, fields, have, miss), "filled": "; ".join(filled),
+                     "todo": "; ".join(todo)})
+    return rows

@@ -8,7 +8,7 @@ from pathlib import PurePath
 
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
 from covreport.errors import ReportError
-from covreport.report.checklists import ai_checklist, stard_checklist
+from covreport.report.checklists import ai_checklist, stard_checklist, tripod_checklist
 from covreport.report.format import METRIC_NAMES
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
@@ -50,6 +50,15 @@ def _recorded_methods(results):
         add(f"prediction ({b['name']})", b["block"].get("method"))
         add(f"prediction ({b['name']})", (b["block"].get("auc") or {}).get("method"))
         add(f"prediction ({b['name']}), permutation test", b["block"].get("permutation_method"))
+        for rec in (b["block"].get("cv_intervals") or {}).values():
+            add(f"prediction ({b['name']}), intervals refitting the protocol", rec.get("method"))
+        for k in ("tuning", "events_per_candidate_predictor", "final_model"):
+            add(f"prediction ({b['name']}), {k.replace('_', ' ')}", (b["block"].get(k) or {}).get("method"))
+        if b["block"].get("informative") is False:
+            add(f"prediction ({b['name']}), not informative", b["block"].get("informative_method"))
+        add(f"prediction ({b['name']}), permutation test",
+            (b["block"].get("permutation_monte_carlo") or {}).get("method"))
+        add(f"prediction ({b['name']}), classification threshold", (b["block"].get("threshold") or {}).get("method"))
         for rec in (b["block"].get("metrics") or {}).values():
             add(f"prediction ({b['name']})", rec.get("method"))
     for r in results.get("group_differences_clustered") or []:
@@ -62,6 +71,7 @@ def _recorded_methods(results):
     for b in _prediction_blocks(results):
         for k in ("auc_clustered", "calibration"):
             add(f"prediction ({b['name']})", (b["block"].get(k) or {}).get("method"))
+    add("decision curve", (results.get("decision_curve") or {}).get("method"))
     rev = results.get("revalidation") or {}
     for m in (rev.get("method"), rev.get("added_method"), (rev.get("pair_changes") or {}).get("method")):
         add("comparison with the previous validation", m)
@@ -166,8 +176,40 @@ METRIC_TITLES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy
 EXCLUSIONS_SHOWN = 50
 
 #: Figures in the order they appear in the report (numbered in this order when present).
-FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "class_activation_maps",
+FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "decision_curve",
+                "class_activation_maps",
                 "revalidation_trend")
+
+
+#: Thresholds of the decision-curve table (with the classification threshold added).
+DCA_SHOWN = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def decision_view(results, blocks, threshold=None):
+    """What the decision-curve section shows: per protocol (report order) its rows at :data:`DCA_SHOWN`.
+
+    Returns None without a ``decision_curve`` record; else ``{"method", "resamples", "seed", "level",
+    "protocols": [{"name", "short", "headline", "prevalence", "useful", "rows"}], "thresholds"}``.
+    """
+    rec = results.get("decision_curve")
+    if not isinstance(rec, dict) or not rec.get("rows"):
+        return None
+    shown = sorted(set(DCA_SHOWN) | ({round(float(threshold), 2)} if threshold is not None else set()))
+    short = {b["name"]: b["short"] for b in blocks}
+    order = [b["name"] for b in blocks] + [n for n in (rec.get("protocols") or {}) if n not in short]
+    protocols = []
+    for name in order:
+        rows = {round(float(r["threshold"]), 2): r for r in rec["rows"] if r.get("protocol") == name}
+        if not rows:
+            continue
+        summary = (rec.get("protocols") or {}).get(name) or {}
+        protocols.append({"name": name, "short": short.get(name, name),
+                          "headline": bool(blocks) and name == blocks[0]["name"],
+                          "prevalence": summary.get("prevalence"), "useful": summary.get("useful") or [],
+                          "n_useful": summary.get("n_useful"),
+                          "rows": [rows[t] for t in shown if t in rows]})
+    return {"method": rec.get("method"), "resamples": rec.get("resamples"), "seed": rec.get("seed"),
+            "level": rec.get("level"), "protocols": protocols, "thresholds": shown}
 
 
 def running_title(title, limit=80):
@@ -185,7 +227,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     Keys (documented for institutions writing their own templates): ``r`` (the
     results as given), ``study`` (validated study fields), ``title``,
     ``synthetic``, ``figures`` (``{stem: {"uri"}}``), ``blocks`` (prediction
-    protocols, headline first), ``limitations``, ``checklist``, ``ai_items``,
+    protocols, headline first), ``limitations``, ``checklist``, ``tripod`` (TRIPOD+AI rows, [] without prediction), ``ai_items``,
     ``methods`` (recorded method strings), ``references``, ``t1_notes``,
     ``t2_notes``, ``validation`` (summary), ``groups`` (summary),
     ``threshold``, ``provenance`` tables, ``cams_note``, ``outcome_defs``,
@@ -260,10 +302,15 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "figures": figures or {},
         "blocks": blocks,
         "headline": blocks[0] if blocks else None,
-        "threshold": _threshold(blocks[0]["block"]) if blocks else None,
+        "threshold": (((blocks[0]["block"].get("threshold") or {}).get("value") or _threshold(blocks[0]["block"]))
+                      if blocks else None),
+        "threshold_record": (blocks[0]["block"].get("threshold") or None) if blocks else None,
+        "dca": decision_view(results, blocks, ((blocks[0]["block"].get("threshold") or {}).get("value")
+                                               if blocks else None)),
         "limitations": limitations(results),
         "checklist": stard_checklist(results),
         "ai_items": ai_checklist(results, has_cams=has_cams),
+        "tripod": tripod_checklist(results) if results.get("prediction") else [],
         "methods": _recorded_methods(results),
         "t1_letters": t1_letters,
         "t1_tests": t1_tests,

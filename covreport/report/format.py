@@ -65,6 +65,9 @@ REFERENCES = {
            "localization. Proc IEEE CVPR 2016:2921-2929.",
     "claim": "Tejani AS, Klontzas ME, Gatti AA, et al. Checklist for Artificial Intelligence in Medical Imaging "
              "(CLAIM): 2024 update. Radiol Artif Intell 2024;6:e240300.",
+    "tripod_ai": "Collins GS, Moons KGM, Dhiman P, et al. TRIPOD+AI statement: updated guidance for reporting "
+                 "clinical prediction models that use regression or machine learning methods. BMJ "
+                 "2024;385:e078378.",
     "stard_ai": "Sounderajah V, Guni A, Liu X, et al. The STARD-AI reporting guideline for diagnostic accuracy "
                 "studies using artificial intelligence. Nat Med 2025.",
     "altman_bland": "Altman DG, Bland JM. Interaction revisited: the difference between two estimates. "
@@ -95,6 +98,12 @@ REFERENCES = {
                  "distribution. Proc 20th Int Conf Pattern Recognit 2010:3121-3124.",
     "vancalster": "Van Calster B, McLernon DJ, van Smeden M, Wynants L, Steyerberg EW. Calibration: the Achilles heel "
                   "of predictive analytics. BMC Med 2019;17:230.",
+    "austin_ici": "Austin PC, Steyerberg EW. The Integrated Calibration Index (ICI) and related metrics for "
+                  "quantifying the calibration of logistic regression models. Stat Med 2019;38:4051-4065.",
+    "vickers": "Vickers AJ, Elkin EB. Decision curve analysis: a novel method for evaluating prediction models. "
+               "Med Decis Making 2006;26:565-574.",
+    "vickers2016": "Vickers AJ, Van Calster B, Steyerberg EW. Net benefit approaches to the evaluation of "
+                   "prediction models, molecular markers, and diagnostic tests. BMJ 2016;352:i6.",
     "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
                "diagnostic accuracy studies. Ann Intern Med 2011;155:529-536.",
 }
@@ -110,7 +119,9 @@ AUTHOR_YEAR = (
     (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
     (r"Ambroise", "ambroise"), (r"Van Calster|Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
     (r"Zhou et al\.? 2016", "cam"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
-    (r"Austin 2009", "austin_smd"), (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
+    (r"Austin 2009", "austin_smd"), (r"Austin (?:&|and) Steyerberg", "austin_ici"),
+    (r"Vickers (?:&|and) Elkin", "vickers"), (r"Vickers,? (?:AJ, )?Van Calster", "vickers2016"),
+    (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]
 _MARK = re.compile(r"\[\[cite:([a-z0-9_,]+)\]\]")

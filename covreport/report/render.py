@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import jinja2
-import jinja2.sandbox
 
 import covreport
 from covreport._io import atomic_write_bytes, atomic_write_text
@@ -17,6 +16,7 @@ from covreport.report.context import build_context, display_path, plain_results,
 from covreport.report.format import (
     TBC, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pct, fmt_pp, fmt_ratio,
 )
+from covreport.report import sandbox
 from covreport.report.revalidation_view import REVALIDATION_FIGURE
 
 log = logging.getLogger(__name__)
@@ -43,26 +43,29 @@ def make_environment(templates=None):
     """The one Jinja environment of covreport: sandboxed, autoescaping always on.
 
     Every template, built-in or from ``--templates``, runs in Jinja's
-    :class:`~jinja2.sandbox.SandboxedEnvironment`: attributes starting with
-    an underscore (``__init__``, ``__globals__``, ...) and unsafe methods
-    are refused, so a template cannot reach Python objects beyond the values
-    it is given, let alone run a program.
+    :class:`~jinja2.sandbox.SandboxedEnvironment` (with ``*`` and ``**``
+    bounded, :class:`~covreport.report.sandbox.BoundedSandbox`): attributes
+    starting with an underscore (``__init__``, ``__globals__``, ...) and
+    unsafe methods are refused, so a template cannot reach Python objects
+    beyond the values it is given, let alone run a program. Templates are read by
+    :class:`~covreport.report.sandbox.FolderLoader`: regular files inside
+    their folder, never through a symbolic link.
 
     Parameters
     ----------
     templates : path, optional
         A folder whose templates take precedence over the built-in ones.
     """
-    loaders = []
+    folders = []
     if templates is not None:
         tdir = Path(templates)
         if not tdir.is_dir():
             raise ReportError(f"--templates {tdir}: not a folder; give a folder holding report.html.j2 "
                               "and/or report.css to override")
-        loaders.append(jinja2.FileSystemLoader(str(tdir)))
-    loaders.append(jinja2.FileSystemLoader(str(templates_dir())))
-    env = jinja2.sandbox.SandboxedEnvironment(
-        loader=jinja2.ChoiceLoader(loaders),
+        folders.append(tdir)
+    folders.append(templates_dir())
+    env = sandbox.BoundedSandbox(
+        loader=sandbox.FolderLoader(folders),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -94,8 +97,10 @@ def _make_figures(results, cams, folder):
     if results.get("pairs") and results.get("labels"):
         todo.append(("change_boxplots", lambda: figures.change_boxplots(results), "png"))
     pred = results.get("prediction") or {}
-    if any(isinstance(b, dict) and b.get("calibration") for b in pred.values()):
+    if any(figures.calibration_drawable(b) for b in pred.values()):
         todo.append(("calibration", lambda: figures.calibration_figure(results), "png"))
+    if (results.get("decision_curve") or {}).get("rows"):
+        todo.append(("decision_curve", lambda: figures.decision_curve_figure(results), "png"))
     if cams:
         todo.append(("class_activation_maps", lambda: figures.cam_figure(cams), "png"))
     rev = results.get("revalidation")
@@ -140,41 +145,62 @@ def external_references(html):
     return bad
 
 
+def render_template(env, ctx):
+    """``report.html.j2`` of ``env`` rendered with ``ctx``, citations numbered in order of first use.
+
+    Two passes: the first records the order of first citation, the second
+    numbers every citation in that order and lists exactly the cited works
+    (Vancouver style). Exceptions propagate (see
+    :func:`covreport.report.sandbox.template_error`).
+    """
+    template = env.get_template("report.html.j2")
+    first = Citations()
+    template.render(**ctx, cite=first.cite, cite_text=first.text, references=[])
+    second = Citations(first.order)
+    html = template.render(**ctx, cite=second.cite, cite_text=second.text, references=first.listed())
+    if second.order != first.order:
+        raise ReportError("a template cites a work only on its second rendering; cite works unconditionally")
+    return html
+
+
 def render_html(results, *, templates=None, figures=None, cams_note=None, has_cams=False, cams_info=None):
     """Render ``report.html.j2`` to a string (see :func:`build_context` for what templates see).
+
+    The built-in templates are rendered in this process; ``templates`` in a
+    child process with bounded time and memory
+    (:func:`covreport.report.sandbox.render_in_child`). Either page then
+    passes through :func:`covreport.report.sandbox.sanitize_html`: no
+    script, event handler, navigation or reference out of the page
+    survives, and covreport's Content-Security-Policy comes first in
+    ``<head>``. What the sanitiser removed is logged as a warning.
 
     Raises
     ------
     ReportError
-        If a template is missing or fails, or the page would refer to an
-        external resource.
+        ``template <name> line N: <what> -- <fix>`` if a template is
+        missing, refused or fails.
     """
-    env = make_environment(templates)
+    if templates is not None and not Path(templates).is_dir():
+        raise ReportError(f"--templates {templates}: not a folder; give a folder holding report.html.j2 "
+                          "and/or report.css to override")
     ctx = build_context(results, figures=figures, cams_note=cams_note, has_cams=has_cams, cams_info=cams_info)
-    try:
-        template = env.get_template("report.html.j2")
-        # Two passes: the first records the order of first citation, the second numbers every citation
-        # in that order and lists exactly the cited works (Vancouver style).
-        first = Citations()
-        template.render(**ctx, cite=first.cite, cite_text=first.text, references=[])
-        second = Citations(first.order)
-        html = template.render(**ctx, cite=second.cite, cite_text=second.text, references=first.listed())
-        if second.order != first.order:
-            raise ReportError("a template cites a work only on its second rendering; cite works unconditionally")
-    except jinja2.sandbox.SecurityError as exc:
-        raise ReportError(f"a template tried an unsafe operation and was stopped ({exc}); templates run in "
-                          "Jinja's sandbox: use only the values of the report context, never attributes "
-                          "starting with '_'") from exc
-    except jinja2.TemplateNotFound as exc:
-        raise ReportError(f"template {exc.name!r} not found in {templates or templates_dir()} "
-                          f"or the built-in templates") from exc
-    except jinja2.TemplateError as exc:
-        where = f"{getattr(exc, 'filename', None) or getattr(exc, 'name', None) or 'template'}:{getattr(exc, 'lineno', '?')}"
-        raise ReportError(f"template error in {where}: {exc.message}") from exc
-    bad = external_references(html)
-    if bad:
-        raise ReportError(f"the report would load {len(bad)} external resource(s), e.g. {bad[0]!r}; "
-                          "templates must inline everything (data: URIs) so that no request leaves the page")
+    if templates is not None:
+        raw = sandbox.render_in_child(templates, ctx)
+    else:
+        env = make_environment()
+        try:
+            raw = render_template(env, ctx)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes "template <name> line N: ..."
+            err = sandbox.template_error(exc, env.loader.names)
+            if err is exc:
+                raise
+            raise err from exc
+    html, removed = sandbox.sanitize_html(raw)
+    if removed:
+        shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
+        log.warning("covreport removed %d item(s) from report.html that would run a script, navigate or load "
+                    "something outside the page: %s; a report is self-contained (data: images, #links only)",
+                    len(removed), shown)
     return html
 
 

@@ -15,7 +15,7 @@ REVALIDATION_FIGURE = "revalidation_trend"
 #: Characters of a SHA-256 shown in the report (the full value is in results.json).
 SHA_SHOWN = 12
 
-_PROTOCOL_TITLES = {"nested": "nested protocol", "global": "global protocol (original study; OPTIMISTIC)",
+_PROTOCOL_TITLES = {"penalised": "penalised protocol (primary)", "nested": "nested protocol", "global": "global protocol (original study; OPTIMISTIC)",
                     "reversed": "reversed-order control (second CXR)"}
 _PREDICTION_ORDER = ("accuracy", "sensitivity", "specificity", "AUC")
 _WVI_D = f"{WORSE} vs {IMPROVED} Cohen's d"
@@ -76,7 +76,7 @@ def _reval_groups(rev, results):
     """
     labels = list(results.get("labels") or [])
     head = rev.get("headline_protocol") or (results.get("prediction") or {}).get("headline") or "nested"
-    protocols = [head] + [p for p in ("nested", "global", "reversed") if p != head]
+    protocols = [head] + [p for p in ("penalised", "nested", "global", "reversed") if p != head]
     prefix = None
     previous = rev.get("previous") or []
     if previous and previous[-1].get("comparable") is False:

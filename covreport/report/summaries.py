@@ -24,19 +24,21 @@ def _majority_rate(confusion):
 def _prediction_blocks(results):
     pred = results.get("prediction") or {}
     headline = pred.get("headline", "nested")
-    titles = {"nested": "Nested (feature selection inside each fold)",
-              "global": "Global selection (original study; OPTIMISTIC)",
+    titles = {"penalised": "Primary: penalised logistic regression (standardised, penalty tuned by nested CV)",
+              "nested": "Replication: nested (feature selection inside each fold)",
+              "global": "Replication: global selection (original study; OPTIMISTIC)",
               "reversed": "Reversed-order control (second CXR)"}
-    short = {"nested": "Nested", "global": "Global (OPTIMISTIC)", "reversed": "Reversed order (control)"}
+    short = {"penalised": "Penalised (primary)", "nested": "Nested", "global": "Global (OPTIMISTIC)",
+             "reversed": "Reversed order (control)"}
     blocks = []
-    for name in ("nested", "global", "reversed"):
+    for name in ("penalised", "nested", "global", "reversed"):
         b = pred.get(name)
         if b and b.get("metrics"):  # a protocol that could not run (e.g. one patient) has no metrics
             blocks.append({"name": name, "title": titles[name], "short": short[name], "block": b,
                            "headline": name == headline, "optimistic": name == "global",
                            "majority": b.get("majority_rate") if _finite(b.get("majority_rate"))
                            else _majority_rate(b.get("confusion"))})
-    blocks.sort(key=lambda d: (not d["headline"], ("nested", "global", "reversed").index(d["name"])))
+    blocks.sort(key=lambda d: (not d["headline"], ("penalised", "nested", "global", "reversed").index(d["name"])))
     return blocks
 
 

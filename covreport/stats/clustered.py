@@ -4,11 +4,15 @@ A patient contributes several pairs, which are not independent. The
 pair-level results (which replicate the original study) stay; beside them:
 
 - :func:`obuchowski_auc`: the nonparametric AUC (probability of superiority)
-  with Obuchowski's (1997) clustered variance, a Wald interval and the z test
-  against 1/2 (a clustered Mann-Whitney test);
-- :func:`group_differences_clustered`: that test for each label and contrast
-  of the change in probability, adjusted by Holm and Benjamini-Hochberg
-  within each contrast;
+  with Obuchowski's (1997) clustered variance, a logit-transformed interval
+  with a t reference on (patients - 2) df (never clipped) and the z test
+  against 1/2;
+- :func:`group_differences_clustered`: for each label and contrast of the
+  change in probability, theta with that interval and a cluster permutation
+  p (:func:`cluster_permutations`: each patient's outcome vector moves whole
+  to another patient with as many pairs), adjusted by Holm and
+  Benjamini-Hochberg within each contrast; the z test is kept as ``p_wald``
+  (anti-conservative with few patients: ``benchmarks/bench_clustered_null.py``);
 - :func:`cluster_bootstrap`: patients drawn with replacement, each with all
   its pairs; percentile intervals of the prediction metrics (the out-of-fold
   predictions resampled, not refitted), Cohen's d and the difference in
@@ -35,28 +39,52 @@ import pandas as pd
 from scipy import stats as _sps
 
 from covreport import progress
-from covreport.constants import CONTRASTS
+from covreport.constants import CONTRASTS, IMPROVED, WORSE
 from covreport.errors import StatsError
-from covreport.stats._util import check_alpha, z_quantile
-from covreport.stats.groups import adjust_within, check_changes
+from covreport.stats._util import check_alpha
+from covreport.stats.effect_sizes import logit_interval
+from covreport.stats.groups import NOT_TESTED_CONSTANT, TESTED, adjust_within, check_changes, is_constant
 
 OBUCHOWSKI_METHOD = (
     "nonparametric AUC (probability of superiority, ties count 1/2) with Obuchowski's clustered "
     "variance (Obuchowski 1997, Biometrics 53:567-578), the patient as the cluster; "
-    "95% Wald interval clipped to [0, 1]"
+    "95% logit-transformed interval expit(logit(AUC) +/- t(patients - 2) SE/(AUC(1-AUC))), not clipped "
+    "(Qin & Hotilovac 2008); z = (AUC - 1/2)/SE"
+)
+
+#: Cluster permutations of :func:`group_differences_clustered` (Monte Carlo, p = (1 + b)/(1 + B)).
+N_CLUSTER_PERMUTATIONS = 9999
+
+CLUSTER_PERMUTATION_DESIGN = (
+    "cluster permutation: the pairs of the two groups keep their changes; each patient's outcomes (its "
+    "pairs of the contrast) move together to another patient with the same number of pairs in the contrast "
+    "and are shuffled among that patient's pairs (uniformly, numpy default_rng seeded per contrast from "
+    "SeedSequence(seed), the same permutations for every label); valid when, under the null, a patient's "
+    "outcomes are independent of "
+    "its changes given its number of pairs and the pairs of a patient are exchangeable (a patient may have "
+    "pairs in both groups: each patient keeps its mix of outcomes)"
 )
 
 CLUSTERED_MW_METHOD = (
     "clustered Mann-Whitney test: theta = U/(n1 n2) = P(change in group 1 > change in group 2) + "
     "P(tie)/2 with Obuchowski's clustered variance (Obuchowski 1997), the patient as the cluster; "
-    "95% Wald interval clipped to [0, 1]; two-sided p of z = (theta - 1/2)/SE; p adjusted across "
-    "labels within the contrast by Holm and by Benjamini-Hochberg (statsmodels multipletests)"
+    "95% logit-transformed interval expit(logit(theta) +/- t(patients - 2) SE/(theta(1-theta))), not clipped "
+    "(none when theta is 0 or 1); two-sided p = (1 + #{|theta* - 1/2| >= |theta - 1/2|})/(1 + B) over B = "
+    "{B} " + CLUSTER_PERMUTATION_DESIGN + "; p_wald: the z test (theta - 1/2)/SE, for reference only; "
+    "p adjusted across labels within the contrast by Holm and by Benjamini-Hochberg (statsmodels "
+    "multipletests); a label whose change is the same in every pair of the contrast is not tested and not "
+    "in the family"
 )
 
 CLUSTERED_COLUMNS = (
     "contrast", "label", "group1", "group2", "n1", "n2", "clusters1", "clusters2", "clusters",
     "theta", "se", "ci_low", "ci_high", "z", "p", "p_holm", "p_bh", "unit", "method", "note",
+    "df", "p_wald", "p_method", "permutations", "status", "analysis",
 )
+
+#: ``analysis`` values of the clustered records: the primary contrast and the others.
+PRIMARY = "primary: the change of each label, Worse vs Improved, patients as clusters"
+SECONDARY = "secondary: other contrasts, patients as clusters"
 
 #: Prediction metrics of :func:`cluster_bootstrap`, in order.
 BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
@@ -146,8 +174,8 @@ def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
     Returns
     -------
     dict
-        ``auc``, ``se``, ``ci_low``, ``ci_high`` (Wald, clipped to [0, 1]),
-        ``z`` and ``p`` (two-sided, of AUC = 1/2), ``n_pos``, ``n_neg``,
+        ``auc``, ``se``, ``ci_low``, ``ci_high`` (logit-transformed, t on
+        patients - 2 df, not clipped), ``z`` and ``p`` (two-sided Wald, of AUC = 1/2), ``n_pos``, ``n_neg``,
         ``clusters``, ``clusters_pos``, ``clusters_neg``, ``unit``
         ("patient"), ``method``, ``note`` (None, or why the SE is missing).
 
@@ -182,6 +210,8 @@ def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
     codes = _codes(clusters, len(y))
     comp = obuchowski_components(s[y], codes[y], s[~y], codes[~y])
     out = _wald(comp, alpha)
+    if out["note"] and "separation" in out["note"]:
+        out["note"] = "complete separation (AUC = 0 or 1, zero standard error): no logit interval and no z test"
     return {"auc": comp["theta"], "se": out["se"], "ci_low": out["ci_low"], "ci_high": out["ci_high"],
             "z": out["z"], "p": out["p"], "n_pos": comp["n1"], "n_neg": comp["n2"],
             "clusters": comp["clusters"], "clusters_pos": comp["clusters1"],
@@ -194,21 +224,91 @@ def _wald(comp, alpha):
     theta = comp["theta"]
     if not math.isfinite(var):
         return {"se": math.nan, "ci_low": math.nan, "ci_high": math.nan, "z": math.nan, "p": math.nan,
+                "df": math.nan,
                 "note": (f"no standard error: Obuchowski's variance needs at least 2 patients in each "
                          f"group (got {comp['clusters1']} and {comp['clusters2']})")}
     se = math.sqrt(max(var, 0.0))
-    zq = z_quantile(alpha)
-    low, high = max(0.0, theta - zq * se), min(1.0, theta + zq * se)
-    if se == 0.0:
-        return {"se": se, "ci_low": low, "ci_high": high, "z": math.nan, "p": math.nan,
-                "note": "zero standard error (complete separation of the groups): no z test"}
+    df = comp["clusters"] - 2
+    low, high = logit_interval(theta, se, df, alpha)
+    if se == 0.0 or theta in (0.0, 1.0):
+        return {"se": se, "ci_low": low, "ci_high": high, "z": math.nan, "p": math.nan, "df": df,
+                "note": ("complete separation of the groups (theta = 0 or 1, zero standard error): no logit "
+                         "interval and no z test")}
+    note = None if math.isfinite(low) else f"no interval: {comp['clusters']} patients leave no t degrees of freedom"
     z = (theta - 0.5) / se
     return {"se": se, "ci_low": low, "ci_high": high, "z": z, "p": float(2.0 * _sps.norm.sf(abs(z))),
-            "note": None}
+            "df": df, "note": note}
+
+
+def cluster_permutations(codes, groups, n_permutations, rng):
+    """Permuted group labels: each cluster's label vector moved whole to a cluster of the same size.
+
+    Parameters
+    ----------
+    codes : ndarray of int
+        Cluster of each unit; a cluster's units are taken in the order given.
+    groups : ndarray
+        Group label of each unit.
+    n_permutations : int
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    ndarray, shape (n_permutations, n_units)
+        Row b holds the labels of permutation b: the units of cluster c get
+        the labels of cluster pi_b(c), pi_b a uniform permutation of the
+        clusters with as many units as c, in a uniformly shuffled order. The
+        number of units of each group, and the multiset of the clusters'
+        mixes of groups, is kept.
+
+    Notes
+    -----
+    Valid (exchangeable under the null) when the clusters' labels are
+    independent of their values given the cluster sizes and the units of a
+    cluster are exchangeable; the labels may differ within a cluster.
+    Without the shuffle within clusters the test was conservative with 15
+    patients (3.7% at the 5% level; ``benchmarks/bench_clustered_null.py``).
+    """
+    groups = np.asarray(groups)
+    codes = np.asarray(codes)
+    out = np.empty((n_permutations, len(groups)), dtype=groups.dtype)
+    _, first, sizes = np.unique(codes, return_index=True, return_counts=True)
+    order = np.argsort(codes, kind="stable")        # units grouped by cluster, in given order
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for k in np.unique(sizes):
+        which = np.flatnonzero(sizes == k)
+        pos = order[starts[which][:, None] + np.arange(k)]          # (m, k) unit indices
+        perms = np.argsort(rng.random((n_permutations, len(which))), axis=1)
+        moved = groups[pos][perms]                                  # (B, m, k)
+        if k > 1:   # and shuffled within the cluster
+            moved = np.take_along_axis(moved, np.argsort(rng.random(moved.shape), axis=2), axis=2)
+        out[:, pos.ravel()] = moved.reshape(n_permutations, -1)
+    return out
+
+
+def clustered_mw_permutation_p(values, in1, codes, n_permutations, rng, perms=None):
+    """Two-sided cluster permutation p of theta = U/(n1 n2) (see :func:`cluster_permutations`).
+
+    ``values`` are the units of both groups, ``in1`` marks group 1; ``perms``
+    (optional) are permutations already drawn for this design. Returns
+    ``(1 + #{|theta* - 1/2| >= |theta - 1/2|}) / (1 + B)``.
+    """
+    in1 = np.asarray(in1, dtype=bool)
+    ranks = _sps.rankdata(values)
+    n1 = int(in1.sum())
+    n2 = len(in1) - n1
+    if perms is None:
+        perms = cluster_permutations(codes, in1, n_permutations, rng)
+    n_permutations = len(perms)
+    observed = abs(float(ranks[in1].sum()) - n1 * (n1 + 1) / 2 - n1 * n2 / 2)
+    stats_ = np.abs(perms.astype(float) @ ranks - n1 * (n1 + 1) / 2 - n1 * n2 / 2)
+    hits = int((stats_ >= observed - 1e-9 * max(1.0, observed)).sum())
+    return (1 + hits) / (1 + n_permutations)
 
 
 def group_differences_clustered(changes, labels, clusters, *, outcome_column="outcome",
-                                contrasts=CONTRASTS, alpha=0.05):
+                                contrasts=CONTRASTS, alpha=0.05, n_permutations=N_CLUSTER_PERMUTATIONS,
+                                seed=0, primary=(WORSE, IMPROVED)):
     """Clustered Mann-Whitney test of the label changes, for each label and contrast.
 
     Parameters
@@ -223,14 +323,26 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
     contrasts : sequence of (str, str)
     alpha : float
         1 - confidence level.
+    n_permutations : int
+        Cluster permutations per contrast, shared by its labels (>= 1).
+    seed : int
+        Seed of ``numpy.random.SeedSequence``; one child stream per contrast,
+        whose permutations are shared by the labels with the same pairs.
+        Pass the rows in canonical order (``pipeline.canonical_pairs``):
+        a patient's pairs are permuted in the order given.
+    primary : (str, str)
+        The contrast labelled primary in ``analysis``.
 
     Returns
     -------
     pandas.DataFrame
         Columns :data:`CLUSTERED_COLUMNS`: theta = P(change in group 1 >
         change in group 2) + P(tie)/2 (= U/(n1 n2)) with Obuchowski's
-        clustered SE, its Wald CI, z = (theta - 1/2)/SE and the two-sided p,
-        Holm and BH adjusted within each contrast; ``unit`` "patient".
+        clustered SE, its logit-t CI on ``df`` = patients - 2, z =
+        (theta - 1/2)/SE with its normal ``p_wald``, and ``p`` the cluster
+        permutation p, Holm and BH adjusted within each contrast; ``unit``
+        "patient". A constant label has ``status`` "not tested: constant"
+        and no p; complete separation keeps its permutation p.
 
     References
     ----------
@@ -239,10 +351,18 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
     alpha = check_alpha(alpha)
     labels = check_changes(changes, labels, outcome_column)
     codes = _codes(clusters, len(changes))
+    n_permutations = int(n_permutations)
+    if n_permutations < 1:
+        raise StatsError(f"the cluster permutation test needs at least 1 permutation, got {n_permutations}")
     outcome = changes[outcome_column].to_numpy()
+    streams = iter(np.random.SeedSequence(seed).spawn(len(contrasts)))
+    method = CLUSTERED_MW_METHOD.replace("{B}", str(n_permutations))
     rows = []
     for group1, group2 in contrasts:
         contrast = f"{group1} vs {group2}"
+        analysis = PRIMARY if (group1, group2) == tuple(primary) else SECONDARY
+        rng = np.random.default_rng(next(streams))
+        drawn = {}   # the permutations of one design (pairs with a change), shared by the labels
         block = []
         in1, in2 = outcome == group1, outcome == group2
         for label in labels:
@@ -255,20 +375,36 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
                    "clusters": len(np.unique(codes[m1 | m2])),
                    "theta": math.nan, "se": math.nan, "ci_low": math.nan, "ci_high": math.nan,
                    "z": math.nan, "p": math.nan, "p_holm": math.nan, "p_bh": math.nan,
-                   "unit": "patient", "method": CLUSTERED_MW_METHOD, "note": None}
+                   "unit": "patient", "method": method, "note": None,
+                   "df": math.nan, "p_wald": math.nan, "p_method": None, "permutations": n_permutations,
+                   "status": TESTED, "analysis": analysis}
             notes = []
             bad = int(((in1 | in2) & ~ok).sum())
             if bad:
                 notes.append(f"{bad} missing change(s) left out")
             if row["n1"] == 0 or row["n2"] == 0:
                 notes.append(f"not computed: {group1 if row['n1'] == 0 else group2} has no pair")
+                row["status"] = "not tested: a group has no pair"
+            elif is_constant(v[m1], v[m2]):
+                notes.append("not tested: constant (the change is the same in every pair of the contrast); "
+                             "left out of the Holm/BH family")
+                row["status"] = NOT_TESTED_CONSTANT
             else:
                 comp = obuchowski_components(v[m1], codes[m1], v[m2], codes[m2])
                 res = _wald(comp, alpha)
                 row["theta"] = comp["theta"]
-                row.update({k: res[k] for k in ("se", "ci_low", "ci_high", "z", "p")})
+                row.update({k: res[k] for k in ("se", "ci_low", "ci_high", "z", "df")})
+                row["p_wald"] = res["p"]
+                both = m1 | m2
+                key = both.tobytes()
+                if key not in drawn:
+                    drawn[key] = cluster_permutations(codes[both], m1[both], n_permutations, rng)
+                row["p"] = clustered_mw_permutation_p(v[both], m1[both], codes[both], n_permutations, rng,
+                                                      perms=drawn[key])
+                row["p_method"] = f"cluster permutation, {n_permutations} Monte Carlo permutations"
                 if res["note"]:
-                    notes.append(res["note"])
+                    notes.append(res["note"] + ("; the permutation p is valid and stays in the family"
+                                                if "separation" in res["note"] else ""))
             row["note"] = "; ".join(notes) if notes else None
             block.append(row)
         adjust_within(block)
@@ -501,6 +637,7 @@ def primary_analysis(patient_ids):
 
 
 __all__ = [
-    "BOOTSTRAP_METRICS", "cluster_bootstrap", "group_differences_clustered", "obuchowski_auc",
+    "BOOTSTRAP_METRICS", "cluster_bootstrap", "cluster_permutations", "clustered_mw_permutation_p",
+    "group_differences_clustered", "obuchowski_auc",
     "obuchowski_components", "primary_analysis", "resample_counts",
 ]

@@ -4,8 +4,12 @@ For every pair the change of a label is its probability on the second CXR
 minus on the first. :func:`compare_groups` compares the changes of two outcome
 groups (Worse vs Improved, Worse vs Stable, Stable vs Improved) label by label
 with a two-sided Mann-Whitney U test (exact or normal approximation by R's
-wilcox.test rule) and Cohen's d, and adjusts the p-values
-across labels within each contrast (Holm; Benjamini-Hochberg).
+wilcox.test rule) with, beside it, the Hodges-Lehmann shift, the rank-biserial
+r and Hedges' g, each with its CI (:mod:`covreport.stats.effect_sizes`; Cohen's
+d is kept), and adjusts the p-values across labels within each contrast (Holm;
+Benjamini-Hochberg). A label whose change is the same in every pair of a
+contrast is not tested and is not in that contrast's family (status "not
+tested: constant"); complete separation keeps its exact p and stays in.
 
 References
 ----------
@@ -33,6 +37,9 @@ from statsmodels.stats.multitest import multipletests
 from covreport.constants import CONTRASTS
 from covreport.errors import StatsError
 from covreport.stats._util import check_alpha, z_quantile
+from covreport.stats.effect_sizes import (
+    G_METHOD, HL_METHOD, RB_METHOD, hedges_g, hodges_lehmann, rank_biserial,
+)
 
 #: Columns of the table :func:`compare_groups` returns, in order.
 GROUP_COLUMNS = (
@@ -41,7 +48,19 @@ GROUP_COLUMNS = (
     "U", "p", "mw_method", "mw_rule", "rank_biserial",
     "cohen_d", "d_ci_low", "d_ci_high", "d_method",
     "p_holm", "p_bh", "unit", "method", "note",
+    "status", "analysis",
+    "hl_shift", "hl_ci_low", "hl_ci_high", "hl_ci_method", "hl_conf_level", "hl_method",
+    "rb_ci_low", "rb_ci_high", "rb_method",
+    "hedges_g", "g_ci_low", "g_ci_high", "g_method",
 )
+
+#: ``status`` values: tested, or why not.
+TESTED = "tested"
+NOT_TESTED_CONSTANT = "not tested: constant"
+NOT_TESTED_SMALL = "not tested: too few pairs"
+
+#: ``analysis`` of every pair-level record.
+SECONDARY = "secondary: pairs treated as independent, as in the original study"
 
 #: Smallest group size for which the tests and effect sizes are computed.
 MIN_GROUP_SIZE = 2
@@ -62,7 +81,8 @@ METHOD = (
     "pairs counted as independent; "
     "U is the first-named group's; rank-biserial r = 2U/(n1 n2) - 1 (Kerby 2014); "
     "p adjusted across labels within the contrast by Holm and by Benjamini-Hochberg "
-    "(statsmodels multipletests)"
+    "(statsmodels multipletests); a label whose change is the same in every pair of the contrast is "
+    "not tested and not in the family"
 )
 
 
@@ -188,7 +208,10 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
     -------
     pandas.DataFrame
         One row per contrast and label with the columns of
-        :data:`GROUP_COLUMNS`. A group with fewer than 2 values (or a
+        :data:`GROUP_COLUMNS`: beside U and p the Hodges-Lehmann shift
+        (``hl_*``), the rank-biserial r with its CI (``rb_*``), Hedges' g
+        (``hedges_g``, ``g_*``) and Cohen's d; ``status`` says whether the
+        label was tested (a constant one is not, nor adjusted). A group with fewer than 2 values (or a
         pooled SD of 0) gives NaN statistics with the reason in ``note``;
         missing changes are left out and counted in ``note``.
 
@@ -229,13 +252,22 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
                 "rank_biserial": math.nan,
                 "cohen_d": math.nan, "d_ci_low": math.nan, "d_ci_high": math.nan,
                 "d_method": d_method, "p_holm": math.nan, "p_bh": math.nan,
-                "unit": "pair", "method": METHOD,
+                "unit": "pair", "method": METHOD, "status": TESTED, "analysis": SECONDARY,
+                "hl_shift": math.nan, "hl_ci_low": math.nan, "hl_ci_high": math.nan,
+                "hl_ci_method": None, "hl_conf_level": math.nan, "hl_method": HL_METHOD,
+                "rb_ci_low": math.nan, "rb_ci_high": math.nan, "rb_method": RB_METHOD,
+                "hedges_g": math.nan, "g_ci_low": math.nan, "g_ci_high": math.nan, "g_method": G_METHOD,
             }
             small = [f"{g} has n = {n}" for g, n in ((group1, n1), (group2, n2)) if n < MIN_GROUP_SIZE]
             if small:
                 notes.append(
                     f"not computed: {' and '.join(small)} (fewer than {MIN_GROUP_SIZE} pairs)"
                 )
+                row["status"] = NOT_TESTED_SMALL
+            elif is_constant(x, y):
+                notes.append("not tested: constant (the change is the same in every pair of the contrast); "
+                             "left out of the Holm/BH family")
+                row["status"] = NOT_TESTED_CONSTANT
             else:
                 u1, row["p"], row["mw_method"] = mannwhitney(x, y)
                 row["U"] = u1
@@ -244,11 +276,30 @@ def compare_groups(changes, labels, *, outcome_column="outcome", contrasts=CONTR
                 row["cohen_d"], row["d_ci_low"], row["d_ci_high"] = d, low, high
                 if d_note:
                     notes.append(d_note)
+                _effect_sizes(row, x, y, alpha, notes)
             row["note"] = "; ".join(notes) if notes else None
             block.append(row)
         adjust_within(block)
         rows.extend(block)
     return pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
+
+
+def is_constant(x, y):
+    """True when every value of both samples is the same (the test is not defined; R gives NaN)."""
+    pooled = np.concatenate([np.asarray(x, dtype=float), np.asarray(y, dtype=float)])
+    return len(pooled) > 0 and float(np.ptp(pooled)) == 0.0
+
+
+def _effect_sizes(row, x, y, alpha, notes):
+    """Fill the Hodges-Lehmann, rank-biserial CI and Hedges' g columns of ``row``."""
+    hl = hodges_lehmann(x, y, alpha)
+    row.update({"hl_shift": hl["estimate"], "hl_ci_low": hl["ci_low"], "hl_ci_high": hl["ci_high"],
+                "hl_ci_method": hl["ci_method"], "hl_conf_level": hl["conf_level"]})
+    rb = rank_biserial(x, y, alpha)
+    row["rb_ci_low"], row["rb_ci_high"] = rb["ci_low"], rb["ci_high"]
+    g = hedges_g(x, y, alpha)
+    row["hedges_g"], row["g_ci_low"], row["g_ci_high"] = g["g"], g["ci_low"], g["ci_high"]
+    notes.extend(n for n in (hl["note"], rb["note"]) if n)
 
 
 def check_changes(changes, labels, outcome_column):

@@ -92,8 +92,19 @@ from covreport.stats._util import check_alpha
 #: Threshold of the chi-square feature selection (keep features with p < 0.05).
 SELECTION_ALPHA = 0.05
 
-#: Protocols of :func:`lopo_predict`.
-PROTOCOLS = ("nested", "global")
+#: Protocols of :func:`lopo_predict` (the registry): the primary first, then the replication of the study.
+PROTOCOLS = ("penalised", "nested", "global")
+
+#: The primary protocol: scale-free, tuned inside the training folds (:mod:`covreport.stats.penalised`).
+PRIMARY_PROTOCOL = "penalised"
+
+#: The original study's recipe (chi-square selection + LogisticRegression()), kept as its replication.
+REPLICATION_PROTOCOLS = ("nested", "global")
+
+
+def protocol_role(protocol):
+    """``"primary"`` for the penalised protocol, ``"replication"`` for the study's chi2 recipe."""
+    return "primary" if protocol == PRIMARY_PROTOCOL else "replication"
 
 #: Solvers of :func:`lopo_predict`; "fast" picks "newton" or "chord".
 SOLVERS = ("fast", "newton", "chord", "sklearn")
@@ -128,6 +139,7 @@ class LopoRun(NamedTuple):
     one_class: int
     per_fold: np.ndarray
     engine: str
+    penalty: object = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -342,8 +354,23 @@ class _Lopo:
         return sel
 
     # ------------------------------------------------------------------ pipeline
-    def run(self, y, protocol, alpha, solver="fast", fold_hook=None):
+    def penalised(self):
+        """The reduced designs of the penalised protocol (built once, on first use)."""
+        if getattr(self, "_penalised", None) is None:
+            from covreport.stats.penalised import Penalised
+
+            self._penalised = Penalised(self.X, self.codes, self.n_groups)
+        return self._penalised
+
+    def run(self, y, protocol, alpha, solver="fast", fold_hook=None, details=False):
         G, n, p = self.n_groups, self.n, self.p
+        if protocol == PRIMARY_PROTOCOL:
+            if fold_hook is not None:
+                for g in range(G):
+                    test = self.fold_rows(g)
+                    fold_hook(np.setdiff1d(np.arange(n), test, assume_unique=True), np.sort(test))
+            prob, penalty, nonzero, counts, one_class = self.penalised().run(y, details=details)
+            return LopoRun(prob, counts, one_class, nonzero, "newton-reduced", penalty)
         if fold_hook is not None:
             all_rows = np.arange(n)
             for g in range(G):
@@ -493,6 +520,14 @@ def _reference_run(X, y, codes, n_groups, protocol, alpha, fold_hook=None, logre
     from sklearn.linear_model import LogisticRegression
 
     n, p = X.shape
+    if protocol == PRIMARY_PROTOCOL:
+        from covreport.stats.penalised import reference_run
+
+        if fold_hook is not None:
+            for g in range(n_groups):
+                fold_hook(np.flatnonzero(codes != g), np.flatnonzero(codes == g))
+        prob, penalty, nonzero, one_class = reference_run(X, y, codes, n_groups, logreg)
+        return LopoRun(prob, np.zeros(p, dtype=np.int64), one_class, nonzero, "sklearn", penalty)
     prob = np.empty(n)
     counts = np.zeros(p, dtype=np.int64)
     one_class = 0
@@ -538,8 +573,9 @@ def _prepare(X, y, groups):
     return values, names, yf, codes, patients
 
 
-def lopo_predict(X, y, groups, *, protocol="nested", alpha=SELECTION_ALPHA, fold_hook=None, solver="fast"):
-    """Leave-one-patient-out prediction: chi-square selection, then logistic regression.
+def lopo_predict(X, y, groups, *, protocol="nested", alpha=SELECTION_ALPHA, fold_hook=None, solver="fast",
+                 final_model=True):
+    """Leave-one-patient-out prediction by one protocol of the registry (:data:`PROTOCOLS`).
 
     Parameters
     ----------
@@ -550,9 +586,13 @@ def lopo_predict(X, y, groups, *, protocol="nested", alpha=SELECTION_ALPHA, fold
         1 = Worse (positive class), 0 = Improved.
     groups : array_like
         Patient id of each pair; a fold leaves out all pairs of one patient.
-    protocol : {"nested", "global"}
-        ``nested``: selection inside each fold on its training pairs;
-        ``global``: selection once on all pairs (optimistic).
+    protocol : {"penalised", "nested", "global"}
+        ``penalised`` (the primary protocol, :mod:`covreport.stats.penalised`):
+        standardised features, L2-penalised logistic regression with C tuned
+        by an inner patient-grouped CV, no pre-selection; ``nested`` and
+        ``global`` (the study's recipe, its replication): chi-square
+        selection inside each fold on its training pairs, or once on all
+        pairs (optimistic).
     alpha : float
         Threshold of the chi-square selection (keep p < alpha; 0.05 in the study).
     fold_hook : callable, optional
@@ -576,7 +616,12 @@ def lopo_predict(X, y, groups, *, protocol="nested", alpha=SELECTION_ALPHA, fold
         (features selected in each fold, patients in sorted order; 0 for a
         one-class fold), ``protocol``, ``solver`` (as asked) and ``engine``
         (the solver that ran: ``newton``, ``chord``, ``sklearn``, or ``none``
-        when every fold held one class).
+        when every fold held one class). The penalised protocol adds
+        ``penalty_per_fold`` (chosen C, None for a one-class fold),
+        ``nonzero_per_fold`` (non-zero coefficients; ``features_per_fold``
+        holds the same numbers) and ``final_model`` (the model refitted on all
+        pairs with C tuned by the inner CV, as :meth:`Penalised.final` plus
+        ``features``; None with ``final_model=False`` or one class).
 
     Raises
     ------
@@ -594,9 +639,21 @@ def lopo_predict(X, y, groups, *, protocol="nested", alpha=SELECTION_ALPHA, fold
         fit = _reference_run(values, yf, codes, len(patients), protocol, alpha, fold_hook)
     else:
         with _blas_limits():
-            fit = _Lopo(values, codes, len(patients)).run(yf, protocol, alpha, solver, fold_hook)
+            fit = _Lopo(values, codes, len(patients)).run(yf, protocol, alpha, solver, fold_hook, details=True)
     predicted = (fit.prob >= THRESHOLD).astype(np.int64)
-    return {
+    extra = {}
+    if protocol == PRIMARY_PROTOCOL:
+        from covreport.stats.penalised import Penalised
+
+        final = None
+        if final_model and 0 < yf.sum() < len(yf):
+            with _blas_limits():
+                final = Penalised(values, codes, len(patients), outer=False).final(yf)
+            if final is not None:
+                final["features"] = names
+        extra = {"penalty_per_fold": list(fit.penalty), "nonzero_per_fold": [int(k) for k in fit.per_fold],
+                 "final_model": final}
+    return {**extra,
         "probabilities": fit.prob,
         "predicted": predicted,
         "confusion": _confusion(yf, predicted),

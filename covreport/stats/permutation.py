@@ -6,6 +6,8 @@ References
    performance. JMLR 2010;11:1833-1863.
 .. [2] Phipson B, Smyth GK. Permutation p-values should never be zero.
    Stat Appl Genet Mol Biol 2010;9:39 (p = (1 + b) / (1 + N)).
+.. [3] Clopper CJ, Pearson ES. The use of confidence or fiducial limits
+   illustrated in the case of the binomial. Biometrika 1934;26:404-413.
 """
 
 import os
@@ -30,6 +32,78 @@ PERMUTATION_METHOD = (
     "numpy default_rng(seed)), the whole pipeline (feature selection included) rerun each time; "
     "p = (1 + #{{permuted accuracy >= observed}}) / (1 + N), N = {n}"
 )
+
+#: Level of the Monte Carlo interval of a permutation p-value.
+MC_LEVEL = 0.99
+
+MC_METHOD = (
+    "Monte Carlo error of the permutation p: b of the N permutations had an accuracy at least the observed; "
+    "p = (b + 1) / (N + 1) (Phipson & Smyth 2010); Monte Carlo standard error sqrt(p (1 - p) / N); "
+    "{level:g}% Clopper-Pearson interval of b out of N, the range of the exact permutation p (the limit of "
+    "infinitely many permutations) compatible with the draws; another seed, or renaming the patients (they "
+    "are sorted by id before the permuted vectors are drawn), draws other permutations and moves p within "
+    "this interval"
+)
+
+MC_REFERENCE = ("Phipson B, Smyth GK. Stat Appl Genet Mol Biol 2010;9:39; Clopper CJ, Pearson ES. "
+                "Biometrika 1934;26:404-413")
+
+
+def monte_carlo_error(at_least, n_permutations, *, level=MC_LEVEL):
+    """Monte Carlo standard error and interval of a permutation p-value.
+
+    Parameters
+    ----------
+    at_least : int
+        b, the permutations whose statistic was at least the observed one.
+    n_permutations : int
+        N, the permutations drawn (>= 1).
+    level : float
+        Level of the Clopper-Pearson interval (0.99 by default).
+
+    Returns
+    -------
+    dict
+        ``p`` = (b + 1) / (N + 1), ``se`` = sqrt(p (1 - p) / N), ``ci_low``
+        and ``ci_high`` (Clopper-Pearson interval of b / N), ``level``,
+        ``at_least``, ``n_permutations``, ``unit`` ("permutation"),
+        ``method``, ``reference``.
+
+    References
+    ----------
+    Phipson & Smyth 2010; Clopper & Pearson 1934.
+
+    Examples
+    --------
+    >>> rec = monte_carlo_error(0, 999)
+    >>> rec["p"], round(rec["ci_high"], 5)
+    (0.001, 0.00529)
+    """
+    from scipy.stats import beta
+
+    b, m = int(at_least), int(n_permutations)
+    if m < 1 or not 0 <= b <= m:
+        raise StatsError(f"a Monte Carlo error needs 0 <= b <= N and N >= 1, got b = {at_least}, N = {n_permutations}")
+    if not 0 < level < 1:
+        raise StatsError(f"level must lie strictly between 0 and 1, got {level!r}")
+    a = 1 - level
+    p = (b + 1) / (m + 1)
+    lo = 0.0 if b == 0 else float(beta.ppf(a / 2, b, m - b + 1))
+    hi = 1.0 if b == m else float(beta.ppf(1 - a / 2, b + 1, m - b))
+    return {"p": p, "se": float(np.sqrt(p * (1 - p) / m)), "ci_low": lo, "ci_high": hi, "level": level,
+            "at_least": b, "n_permutations": m, "unit": "permutation",
+            "method": MC_METHOD.format(level=100 * level), "reference": MC_REFERENCE}
+
+
+def check_threshold(threshold):
+    """A classification threshold strictly between 0 and 1, as a float (else StatsError)."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise StatsError(f"the classification threshold must be a number between 0 and 1, got {threshold!r}") from None
+    if not 0 < t < 1:
+        raise StatsError(f"the classification threshold must lie strictly between 0 and 1, got {threshold!r}")
+    return t
 
 
 def _strata(codes, n_groups, sizes):
@@ -72,7 +146,7 @@ def permuted_outcomes(y, groups, n_permutations, seed=0):
 
 
 def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=SELECTION_ALPHA,
-                  solver="fast", desc=None):
+                  solver="fast", desc=None, threshold=THRESHOLD):
     """Permutation p-value of the LOPO accuracy.
 
     Parameters
@@ -85,13 +159,17 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
         Seed of ``numpy.random.default_rng``.
     desc : str, optional
         Label of the progress bar (stderr; :mod:`covreport.progress`).
+    threshold : float
+        Classification threshold of the accuracy: a pair is predicted Worse
+        when its out-of-fold probability is >= threshold (0.5 by default).
 
     Returns
     -------
     dict
         ``p`` = (1 + #{permuted accuracy >= observed}) / (1 + N) (Phipson &
         Smyth 2010), ``observed_accuracy``, ``n_permutations``,
-        ``n_at_least_observed``, ``method``.
+        ``n_at_least_observed``, ``method``, ``monte_carlo``
+        (:func:`monte_carlo_error`, None without permutations).
 
     Notes
     -----
@@ -102,6 +180,7 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     """
     protocol = _check_protocol(protocol)
     alpha = check_alpha(alpha)
+    threshold = check_threshold(threshold)
     if solver not in SOLVERS:
         raise StatsError(f"solver must be one of {SOLVERS}, got {solver!r}")
     try:
@@ -115,13 +194,13 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     if solver == "sklearn":
         def correct(yy):
             prob = _reference_run(values, yy, codes, G, protocol, alpha).prob
-            return int(((prob >= THRESHOLD) == (yy == 1)).sum())
+            return int(((prob >= threshold) == (yy == 1)).sum())
     else:
         problem = _Lopo(values, codes, G)
 
         def correct(yy):
             prob = problem.run(yy, protocol, alpha, solver).prob
-            return int(((prob >= THRESHOLD) == (yy == 1)).sum())
+            return int(((prob >= threshold) == (yy == 1)).sum())
     with _blas_limits():
         observed = correct(yf)
         at_least = 0
@@ -132,11 +211,11 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     method = PERMUTATION_METHOD.format(n=n_perm)
     if n_perm == 0:
         return {"p": None, "observed_accuracy": observed / n, "n_permutations": 0,
-                "n_at_least_observed": None, "method": method,
+                "n_at_least_observed": None, "method": method, "monte_carlo": None,
                 "note": "permutation test skipped (0 permutations)"}
     return {"p": (1 + at_least) / (1 + n_perm), "observed_accuracy": observed / n,
             "n_permutations": n_perm, "n_at_least_observed": int(at_least), "method": method,
-            "note": None}
+            "monte_carlo": monte_carlo_error(at_least, n_perm), "note": None}
 
 
 class _PermutationProcess:

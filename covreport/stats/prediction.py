@@ -3,8 +3,11 @@
 Binary task: Worse (positive, 1) against Improved (0), from one CXR's pooled
 DenseNet features, by leave-one-patient-out cross-validation
 (:mod:`covreport.stats.lopo`) with a permutation test of the accuracy
-(:mod:`covreport.stats.permutation`), for the ``nested`` and ``global``
-protocols and the reversed-order control.
+(:mod:`covreport.stats.permutation`), for the primary ``penalised`` protocol
+(:mod:`covreport.stats.penalised`), the ``nested`` and ``global`` protocols
+(the replication of the original study) and the reversed-order control; each
+protocol's performance gets an interval from a patient-level bootstrap that
+refits the whole protocol (:func:`cv_bootstrap`).
 
 References
 ----------
@@ -13,20 +16,24 @@ References
    accuracy testing. medRxiv 2020.05.01.20086207.
 """
 
+import math
 import os
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
 from covreport.errors import StatsError
 from covreport.stats._logistic import _newton_batch  # noqa: F401  (re-exported)
 from covreport.stats._util import canonical_order, check_alpha, to_python
 from covreport.stats.lopo import (  # noqa: F401  (re-exported)
-    PROTOCOLS, SELECTION_ALPHA, SOLVERS, THRESHOLD, _check_protocol, _feature_matrix, _Lopo, lopo_predict,
+    PRIMARY_PROTOCOL, PROTOCOLS, SELECTION_ALPHA, SOLVERS, THRESHOLD, _check_protocol, _feature_matrix, _Lopo,
+    lopo_predict, protocol_role,
 )
+from covreport.stats.penalised import FALLBACK_C, INNER_FOLDS, PENALISED_REFERENCE, PENALTY_GRID
 from covreport.stats.permutation import (  # noqa: F401  (re-exported)
-    PERMUTATION_METHOD, permutation_p, permuted_outcomes,
+    PERMUTATION_METHOD, check_threshold, monte_carlo_error, permutation_p, permuted_outcomes,
 )
 
 _ENGINES = {
@@ -34,11 +41,34 @@ _ENGINES = {
     "chord": "vectorised chord iterations from the all-pairs fit, refitted by Newton where they "
              "do not converge, to its unique optimum",
     "sklearn": "scikit-learn's lbfgs fold by fold",
+    "newton-reduced": "batched damped Newton on the n-dimensional row space of the standardised training "
+                      "features (exact for L2 with n pairs < p features)",
     "none": "no solver (every training fold held one class)",
 }
 
 
+def _penalised_method(features_from, engine):
+    fitted = _ENGINES.get(engine, engine)
+    checked = "" if engine == "sklearn" else " (checked against scikit-learn in the tests)"
+    return (
+        f"Primary protocol, leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
+        "features, Worse (positive) vs Improved: inside each training fold only, every feature standardised "
+        "with the fold's mean and SD (features constant in the fold dropped), then an L2-penalised logistic "
+        "regression (intercept unpenalised, all features, no univariate pre-selection: invariant to the "
+        f"features' units) whose penalty C was chosen from {len(PENALTY_GRID)} values log-spaced "
+        f"{PENALTY_GRID[0]:g} to {PENALTY_GRID[-1]:g} by an inner patient-grouped {INNER_FOLDS}-fold "
+        f"cross-validation (GroupKFold; leave-one-patient-out below {2 * INNER_FOLDS} training patients; "
+        "standardisation redone in each inner training fold) minimising the summed held-out log loss "
+        f"(deviance), C = {FALLBACK_C:g} where no inner fold holds both classes; fitted by {fitted}{checked}; "
+        "a pair is predicted Worse when its out-of-fold probability is >= the classification threshold (the "
+        "block's threshold record); a training fold holding one "
+        f"class predicts that class ({PENALISED_REFERENCE})."
+    )
+
+
 def _pipeline_method(protocol, features_from, alpha, engine):
+    if protocol == PRIMARY_PROTOCOL:
+        return _penalised_method(features_from, engine)
     where = ("inside each fold, on the training pairs only" if protocol == "nested" else
              "once on all pairs before the cross-validation (optimistic: the held-out pairs "
              "take part in the selection)")
@@ -49,8 +79,10 @@ def _pipeline_method(protocol, features_from, alpha, engine):
         f"features, Worse (positive) vs Improved: chi-square feature selection (scikit-learn chi2, "
         f"keep p < {alpha:g}, else the single feature with the lowest p) {where}; then "
         "LogisticRegression() with scikit-learn's defaults (L2 penalty, C = 1, intercept "
-        f"unpenalised), fitted by {fitted}{checked}; a pair is predicted Worse when its "
-        "out-of-fold probability is >= 0.5; all pairs of the held-out patient are left out of "
+        f"unpenalised), fitted by {fitted}{checked}; replication of the original study's recipe "
+        "(Duchesne et al. 2020); a pair is predicted Worse when its "
+        "out-of-fold probability is >= the classification threshold (the block's threshold record); all "
+        "pairs of the held-out patient are left out of "
         "selection and fitting; a training fold holding one class predicts that class; pairs "
         "counted as independent."
     )
@@ -129,6 +161,186 @@ def _as_frame_rows(X, keep, order):
     return np.asarray(X)[keep][order]
 
 
+#: Resamples of the refitting patient bootstrap of each protocol's performance: min(requested, this).
+CV_BOOTSTRAP_MAX = 200
+
+#: Permutations of the primary (penalised) protocol's tests: min(requested, this); each reruns the inner tuning.
+PRIMARY_MAX_PERMUTATIONS = 200
+
+#: Measures of the cross-validated performance that get a refitting-bootstrap interval.
+CV_MEASURES = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "auc")
+
+CV_BOOTSTRAP_METHOD = (
+    "patient-level bootstrap refitting the whole protocol (feature selection, standardisation and penalty "
+    "tuning included): {n} resamples of the patients with replacement (numpy SeedSequence(seed).spawn, one "
+    "stream per resample), the copies of a patient kept in one leave-one-patient-out fold, the cross-validated "
+    "measure recomputed in each resample; {level:g}% interval = estimate +/- z x the SD of the resamples in "
+    "which it is defined, clipped to [0, 1] (centred on the estimate: resamples hold about 63% distinct "
+    "patients, so their cross-validated measures are biased low and their percentiles would be shifted); it "
+    "accounts for the patient clustering and for the variability of the cross-validation (Davison & Hinkley "
+    "1997, section 3.8 and 6.4; Efron & Tibshirani 1997, J Am Stat Assoc 92:548-560)"
+)
+
+DEGENERATE_METHOD = (
+    "Clopper-Pearson interval on the effective sample size n / design effect, with the design effect at its "
+    "largest (intra-patient correlation 1: sum of squared pairs per patient / pairs; Kish 1965), because every "
+    "bootstrap resample gave {value:g}: a resample distribution with no spread carries no information on the "
+    "correlation, and a zero-width interval is never right for a finite sample"
+)
+
+
+def _measures(y, prob, threshold=THRESHOLD):
+    """The CV_MEASURES of one set of out-of-fold probabilities (NaN where undefined)."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y, dtype=bool)
+    hit = np.asarray(prob) >= threshold
+    tp, fp = float((hit & y).sum()), float((hit & ~y).sum())
+    fn, tn = float((~hit & y).sum()), float((~hit & ~y).sum())
+
+    def ratio(a, b):
+        return a / b if b else math.nan
+
+    se, sp = ratio(tp, tp + fn), ratio(tn, tn + fp)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    auc = math.nan
+    if n1 and n0:
+        ranks = rankdata(prob)
+        auc = (ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return {"accuracy": ratio(tp + tn, len(y)), "sensitivity": se, "specificity": sp, "ppv": ratio(tp, tp + fp),
+            "npv": ratio(tn, tn + fn), "balanced_accuracy": (se + sp) / 2, "auc": auc}
+
+
+def _denominator_rows(measure, y, hit):
+    """Pairs in the denominator of a measure (AUC: the smaller class)."""
+    y, hit = np.asarray(y, dtype=bool), np.asarray(hit, dtype=bool)
+    rows = {"accuracy": np.ones(len(y), bool), "sensitivity": y, "specificity": ~y, "ppv": hit, "npv": ~hit}
+    if measure in rows:
+        return rows[measure]
+    return y if y.sum() <= (~y).sum() else ~y                  # balanced accuracy, AUC
+
+
+def _degenerate_interval(measure, value, y, hit, groups, alpha):
+    """Clopper-Pearson on n / deff (deff at intra-patient correlation 1) for a zero-spread resample set."""
+    from scipy.stats import beta
+
+    rows = _denominator_rows(measure, y, hit)
+    sizes = pd.Series(np.asarray(groups, dtype=object)[rows]).astype(str).value_counts().to_numpy(dtype=float)
+    if not len(sizes):
+        return None, None, None
+    deff = float((sizes ** 2).sum() / sizes.sum())
+    n_eff = sizes.sum() / deff
+    x = value * n_eff
+    lo = 0.0 if x <= 0 else float(beta.ppf(alpha / 2, x, n_eff - x + 1))
+    hi = 1.0 if x >= n_eff else float(beta.ppf(1 - alpha / 2, x + 1, n_eff - x))
+    return lo, hi, {"design_effect": deff, "effective_n": n_eff}
+
+
+def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0, alpha=0.05, solver="fast",
+                 estimates=None, desc=None, threshold=THRESHOLD):
+    """Interval of each cross-validated measure from a patient bootstrap that refits the whole protocol.
+
+    Parameters
+    ----------
+    X, y, groups, protocol, solver
+        As in :func:`lopo_predict` (y: 1 = Worse).
+    n_resamples : int
+        Bootstrap resamples B (>= 1).
+    seed : int
+        Seed of ``numpy.random.SeedSequence``; resample b draws from its
+        b-th spawned child, so no result depends on how the work is split.
+    alpha : float
+        1 - level of the percentile intervals.
+    estimates : dict, optional
+        The point estimates of the full-data run ({measure: value}); computed
+        when not given.
+
+    Returns
+    -------
+    dict
+        ``{measure: {"estimate", "ci_low", "ci_high", "resamples", "not_estimable", "method", "unit":
+        "patient", "note", "degenerate"}}``.
+
+    Notes
+    -----
+    Each resample draws the G patients with replacement, with all their
+    pairs; the copies of a drawn patient form one patient of the resample,
+    so they are left out together and never train the model that predicts
+    them. The protocol is rerun from scratch (selection and tuning
+    included) and its out-of-fold measures recomputed. Where every resample
+    gives the same value (e.g. sensitivity 1.0 each time), the interval is
+    Clopper-Pearson on the effective sample size (:data:`DEGENERATE_METHOD`).
+    """
+    from covreport import progress
+    from covreport.stats._logistic import _blas_limits
+    from covreport.stats.lopo import _group_codes, _prepare, _reference_run
+
+    protocol = _check_protocol(protocol)
+    alpha = check_alpha(alpha)
+    B = int(n_resamples)
+    if B < 1:
+        raise StatsError(f"the refitting bootstrap needs at least 1 resample, got {n_resamples}")
+    values, _names, yf, codes, patients = _prepare(X, y, groups)
+    G = len(patients)
+    rows_of = [np.flatnonzero(codes == g) for g in range(G)]
+    if estimates is None:
+        estimates = _measures(yf, lopo_predict(values, yf, codes, protocol=protocol, solver=solver,
+                                               final_model=False)["probabilities"], threshold)
+    draws = np.full((B, len(CV_MEASURES)), np.nan)
+    children = np.random.SeedSequence(seed).spawn(B)
+    with _blas_limits():
+        for b in progress.bar(range(B), total=B, desc=desc or f"Refitting bootstrap ({protocol})", unit="resample"):
+            pick = np.sort(np.random.default_rng(children[b]).integers(0, G, size=G))
+            uniq, new_code = np.unique(pick, return_inverse=True)
+            if len(uniq) < 2:
+                continue
+            rows = np.concatenate([rows_of[g] for g in pick])
+            rcodes = np.concatenate([np.full(len(rows_of[g]), c) for g, c in zip(pick, new_code)])
+            yb = yf[rows]
+            if yb.min() == yb.max():
+                continue
+            if solver == "sklearn":
+                prob = _reference_run(values[rows], yb, rcodes, len(uniq), protocol, SELECTION_ALPHA).prob
+            else:
+                prob = _Lopo(values[rows], rcodes, len(uniq)).run(yb, protocol, SELECTION_ALPHA, solver).prob
+            m = _measures(yb, prob, threshold)
+            draws[b] = [m[k] for k in CV_MEASURES]
+    level = round(100 * (1 - alpha), 6)
+    method = CV_BOOTSTRAP_METHOD.format(n=B, level=level)
+    hit = None
+    out = {}
+    for j, key in enumerate(CV_MEASURES):
+        d = draws[:, j]
+        ok = np.isfinite(d)
+        est = estimates.get(key)
+        est = None if est is None or not np.isfinite(est) else float(est)
+        rec = {"estimate": est, "ci_low": None, "ci_high": None, "resamples": B, "not_estimable": int((~ok).sum()),
+               "method": method, "unit": "patient", "note": None, "degenerate": False}
+        if ok.sum() == 0:
+            rec["note"] = "not estimable: undefined in every resample"
+        elif est is None:
+            rec["note"] = "not estimable on all pairs"
+        else:
+            sd = float(np.std(d[ok], ddof=1)) if ok.sum() > 1 else 0.0
+            z = float(special.ndtri(1 - alpha / 2))
+            lo, hi = max(0.0, est - z * sd), min(1.0, est + z * sd)
+            rec["ci_low"], rec["ci_high"], rec["bootstrap_se"] = lo, hi, sd
+            rec["bootstrap_percentile"] = [float(v) for v in np.percentile(d[ok], [100 * alpha / 2,
+                                                                              100 * (1 - alpha / 2)])]
+            if hi - lo <= 1e-12:
+                if hit is None:
+                    hit = lopo_predict(values, yf, codes, protocol=protocol, solver=solver,
+                                       final_model=False)["probabilities"] >= threshold
+                clo, chi, info = _degenerate_interval(key, est, yf, hit, codes, alpha)
+                if clo is not None:
+                    rec.update(ci_low=clo, ci_high=chi, degenerate=True, **info,
+                               method=DEGENERATE_METHOD.format(value=float(d[ok][0])),
+                               note=f"every resample gave {d[ok][0]:g}; Clopper-Pearson on the effective sample "
+                                    "size")
+        out[key] = rec
+    return out
+
+
 #: From this many permutations on, predict_outcome runs the protocols' permutation tests in
 #: parallel processes (when more than one core is available); the results are the same.
 PARALLEL_MIN_PERMUTATIONS = 200
@@ -141,7 +353,7 @@ def _available_cores():
         return os.cpu_count() or 1
 
 
-def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
+def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs, threshold=THRESHOLD):
     """Permutation tests of the protocols in ``tasks`` ({key: (X, y, groups, protocol)}).
 
     With ``n_jobs`` > 1 (and at least :data:`PARALLEL_MIN_PERMUTATIONS`
@@ -155,13 +367,15 @@ def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
     from covreport.stats.permutation import start_permutation_process
 
     keys = list(tasks)
+    counts = n_permutations if isinstance(n_permutations, dict) else {key: n_permutations for key in keys}
     results, running = {}, {}
-    if n_jobs > 1 and len(keys) > 1 and n_permutations >= PARALLEL_MIN_PERMUTATIONS:
+    if n_jobs > 1 and len(keys) > 1 and max(counts.values()) >= PARALLEL_MIN_PERMUTATIONS:
         for key in keys[:n_jobs - 1][:len(keys) - 1]:
             X, y, groups, protocol = tasks[key]
             try:
                 running[key] = start_permutation_process(X, y, groups, protocol=protocol,
-                                                         n_permutations=n_permutations, seed=seed, solver=solver)
+                                                         n_permutations=counts[key], seed=seed, solver=solver,
+                                                         threshold=threshold)
             except OSError as exc:
                 progress.say(f"could not start a process for the {key} permutation test ({exc}); "
                              "running it here")
@@ -172,8 +386,9 @@ def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
         for key in keys:
             if key not in running:
                 X, y, groups, protocol = tasks[key]
-                results[key] = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations,
-                                             seed=seed, solver=solver, desc=f"Permutations ({key})")
+                results[key] = permutation_p(X, y, groups, protocol=protocol, n_permutations=counts[key],
+                                             seed=seed, solver=solver, desc=f"Permutations ({key})",
+                                             threshold=threshold)
     except BaseException:  # an error, Ctrl-C or SIGTERM here: stop the other processes, remove their files
         for proc in running.values():
             proc.close()
@@ -188,15 +403,15 @@ def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs):
         if res is None:
             progress.say(f"the process of the {key} permutation test failed; running it here")
             X, y, groups, protocol = tasks[key]
-            res = permutation_p(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed,
-                                solver=solver, desc=f"Permutations ({key})")
+            res = permutation_p(X, y, groups, protocol=protocol, n_permutations=counts[key], seed=seed,
+                                solver=solver, desc=f"Permutations ({key})", threshold=threshold)
         results[key] = res
     return {key: results[key] for key in keys}
 
 
-def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline="nested",
+def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline=PRIMARY_PROTOCOL,
                     n_permutations=1000, seed=0, alpha=0.05, solver="fast", predictive_ci="exact",
-                    n_jobs=None):
+                    n_jobs=None, n_bootstrap=0, threshold=THRESHOLD):
     """The ``prediction`` block of ``results.json`` (docs/RESULTS.md).
 
     Parameters
@@ -219,10 +434,21 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         order sees the pairs in this order, and the ``pairs`` lists follow
         it, so that the results do not depend on row order (nor, with
         content keys, on how pair ids are spelled).
-    headline : {"nested", "global"}
+    headline : {"penalised", "nested", "global"}
         Headline protocol: the protocol of the reversed-order control.
     n_permutations : int
-        Permutations of each protocol's permutation test (0 skips them).
+        Permutations of each protocol's permutation test (0 skips them);
+        the penalised protocol's tests run min(n_permutations,
+        :data:`PRIMARY_MAX_PERMUTATIONS`) (each reruns the inner tuning).
+    threshold : float
+        Classification threshold: a pair is predicted Worse when its
+        out-of-fold probability is >= threshold (0.5, prespecified, by
+        default); used by the metrics, the permutation tests and the
+        refitting bootstrap, and recorded in each block's ``threshold``.
+    n_bootstrap : int
+        Requested resamples of the refitting patient bootstrap of each
+        first-CXR protocol's measures (:func:`cv_bootstrap`); min(n_bootstrap,
+        :data:`CV_BOOTSTRAP_MAX`) run; 0 skips it.
     seed : int
         Seed of the permutations.
     alpha : float
@@ -241,14 +467,19 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
     Returns
     -------
     dict
-        ``headline``, ``positive_class``, ``negative_class`` and one block for
-        each of ``nested``, ``global`` (first CXR) and ``reversed`` (second
-        CXR, headline protocol), with the keys of docs/RESULTS.md.
+        ``headline``, ``primary``, ``positive_class``, ``negative_class`` and
+        one block for each of ``penalised``, ``nested``, ``global`` (first
+        CXR) and ``reversed`` (second CXR, headline protocol), with the keys
+        of docs/RESULTS.md; each block has ``role`` (primary, replication or
+        control), ``label``, ``reference``, ``informative`` (False with the
+        reason in ``not_informative`` where the AUC is not evidence) and
+        ``cv_intervals`` (:func:`cv_bootstrap`, or None).
     """
     from covreport.stats.calibration import calibration
 
     headline = _check_protocol(headline)
     alpha = check_alpha(alpha)
+    threshold = check_threshold(threshold)
     outcome = np.asarray(outcome, dtype=object)
     n = len(outcome)
     for name, arr in (("groups", groups), ("pair_ids", pair_ids)):
@@ -280,8 +511,9 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
     y = (outcome[keep][order] == WORSE).astype(np.int64)
     n_patients = len(set(groups_k.tolist()))
 
-    out = {"headline": headline, "positive_class": WORSE, "negative_class": IMPROVED}
-    specs = (("nested", "nested", "first"), ("global", "global", "first"), ("reversed", headline, "second"))
+    out = {"headline": headline, "primary": PRIMARY_PROTOCOL, "positive_class": WORSE, "negative_class": IMPROVED}
+    specs = (("penalised", "penalised", "first"), ("nested", "nested", "first"), ("global", "global", "first"),
+             ("reversed", headline, "second"))
     fits, tasks = {}, {}
     for key, protocol, source in specs:
         X = _as_frame_rows(feats[source], keep, order)
@@ -289,6 +521,8 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             if len(y):
                 _feature_matrix(X)                      # still report bad features
             out[key] = _empty_block(protocol, source, len(y), n_patients, pairs_k, groups_k, y)
+            out[key].update(_role(key, protocol), cv_intervals=None, informative=False,
+                            not_informative=out[key]["note"], informative_method=NOT_INFORMATIVE_METHOD)
             if key == "reversed":
                 _describe_reversed(out[key], y)
             continue
@@ -297,14 +531,19 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         if n_permutations:
             tasks[key] = (X, y, groups_k, protocol)
     jobs = _available_cores() if n_jobs is None else int(n_jobs)
-    # the two nested-protocol tests cost most: they go first (to the other processes)
-    tasks = dict(sorted(tasks.items(), key=lambda kv: kv[1][3] != "nested"))
-    perms = _permutation_tests(tasks, n_permutations, seed, solver, jobs) if tasks else {}
+    # the penalised, then the nested tests cost most: they go first (to the other processes)
+    cost = {"penalised": 0, "nested": 1}
+    tasks = dict(sorted(tasks.items(), key=lambda kv: cost.get(kv[1][3], 2)))
+    n_perm_of = {key: (min(n_permutations, PRIMARY_MAX_PERMUTATIONS) if task[3] == PRIMARY_PROTOCOL
+                       else n_permutations) for key, task in tasks.items()}
+    perms = _permutation_tests(tasks, n_perm_of, seed, solver, jobs, threshold) if tasks else {}
+    n_boot = min(int(n_bootstrap), CV_BOOTSTRAP_MAX) if n_bootstrap else 0
     for key, protocol, source in specs:
         if key not in fits:
             continue
-        res = fits[key]
+        res = _at_threshold(fits[key], y, threshold)
         prob, pred = res["probabilities"], res["predicted"]
+        fold, one_class_row = _fold_of_pairs(y, groups_k)
         n_folds = res["n_folds"]
         selected = sorted(res["selected_features"].items(), key=lambda kv: (-kv[1], kv[0]))
         if key in perms:
@@ -322,7 +561,9 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             "metrics": _metrics_block(res["confusion"], alpha, predictive_ci),
             "auc": _auc_block(y, prob, alpha),
             "auc_clustered": _auc_clustered_block(y, prob, groups_k, alpha),
-            "calibration": calibration(y, prob, alpha=alpha),
+            "calibration": calibration(y, prob, alpha=alpha, groups=groups_k, folds=fold, one_class=one_class_row,
+                                       predicted=pred, seed=seed),
+            "threshold": threshold_record(threshold),
             "selected_features": [{"feature": f, "folds_selected": c, "fraction": c / n_folds}
                                   for f, c in selected],
             "features_selected": _features_block(fitted),
@@ -330,18 +571,169 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             "permutation_p": p_perm,
             "permutations": n_perm,
             "permutation_method": PERMUTATION_METHOD.format(n=n_perm) if n_perm else None,
+            "permutation_monte_carlo": (monte_carlo_error(perms[key]["n_at_least_observed"], n_perm)
+                                        if n_perm else None),
             "pairs": [{"pair_id": to_python(pid), "patient_id": to_python(pat),
                        "outcome": WORSE if yy else IMPROVED, "probability": float(pr),
-                       "predicted": WORSE if hit else IMPROVED}
-                      for pid, pat, yy, pr, hit in zip(pairs_k, groups_k, y, prob, pred)],
+                       "predicted": WORSE if hit else IMPROVED, "fold": int(f), "one_class_fold": bool(one)}
+                      for pid, pat, yy, pr, hit, f, one in zip(pairs_k, groups_k, y, prob, pred, fold,
+                                                               one_class_row)],
             "solver": res["engine"],
             "method": _pipeline_method(protocol, source, SELECTION_ALPHA, res["engine"]),
             "note": None,
         }
+        block.update(_role(key, protocol))
+        if n_perm < n_permutations and protocol == PRIMARY_PROTOCOL:
+            block["permutations_requested"] = int(n_permutations)
+            block["permutation_note"] = (f"{n_perm} of the {n_permutations} permutations requested: each "
+                                         "permutation reruns the inner tuning of the penalty "
+                                         f"(at most {PRIMARY_MAX_PERMUTATIONS} for the primary protocol)")
+        if protocol == PRIMARY_PROTOCOL:
+            block.update(_penalised_details(res, y, fitted, groups_k))
+        block["cv_intervals"] = None
+        if n_boot and key != "reversed":
+            X = _as_frame_rows(feats[source], keep, order)
+            est = {k: (block["metrics"].get(k) or {}).get("estimate") for k in CV_MEASURES if k != "auc"}
+            est["auc"] = block["auc"].get("auc")
+            est = {k: (math.nan if v is None else v) for k, v in est.items()}
+            block["cv_intervals"] = cv_bootstrap(X, y, groups_k, protocol=protocol, n_resamples=n_boot, seed=seed,
+                                                 alpha=alpha, solver=solver, estimates=est,
+                                                 desc=f"Refitting bootstrap ({key})", threshold=threshold)
+            block["cv_bootstrap_requested"] = int(n_bootstrap)
+        _informative(block, pred)
         if key == "reversed":
             _describe_reversed(block, y)
         out[key] = block
     return out
+
+
+#: How each block is labelled in results.json and the report.
+_LABELS = {"penalised": "primary: standardised L2-penalised logistic regression, penalty tuned by nested "
+                        "patient-grouped cross-validation",
+           "nested": "replication of the original study: chi-square selection inside each fold",
+           "global": "replication of the original study: chi-square selection once on all pairs (optimistic)",
+           "reversed": "reversed-order control (second CXR), descriptive"}
+
+
+def _role(key, protocol):
+    role = "control" if key == "reversed" else protocol_role(protocol)
+    reference = (PENALISED_REFERENCE if protocol == PRIMARY_PROTOCOL else
+                 "Duchesne S, Gourdeau D, et al. medRxiv 2020.05.01.20086207 (the recipe replicated)")
+    why = {"primary": "invariant to the features' units, tuned inside the training folds only, no univariate "
+                      "pre-selection (TRIPOD+AI)",
+           "replication": "the original study's recipe, kept to reproduce its numbers; chi-square selection "
+                          "of continuous features depends on their units",
+           "control": "the outcome was read on the second CXR: no value is expected; described, not tested"}[role]
+    return {"role": role, "label": _LABELS[key], "reference": reference, "role_reason": why}
+
+
+def _penalised_details(res, y, fitted, groups):
+    """Per-fold tuning, events per candidate predictor and the final model (TRIPOD+AI 12c, 22)."""
+    from covreport.stats.lopo import _group_codes
+
+    _codes, patients = _group_codes(groups, len(y))
+    final = res.get("final_model")
+    n_feat = len(final["features"]) if final else None
+    events = int(min(y.sum(), len(y) - y.sum()))
+    candidates = int(final["kept"].sum()) if final else None
+    per_fold = [{"patient_id": to_python(pat), "C": c, "nonzero_coefficients": int(k)}
+                for pat, c, k in zip(patients, res["penalty_per_fold"], res["nonzero_per_fold"])]
+    chosen = [c for c in res["penalty_per_fold"] if c is not None]
+    tuning = {
+        "grid": list(PENALTY_GRID), "inner_folds": INNER_FOLDS, "criterion": "summed inner held-out log loss "
+        "(deviance)", "fallback_C": FALLBACK_C, "per_fold": per_fold,
+        "C_median": float(np.median(chosen)) if chosen else None,
+        "C_min": min(chosen) if chosen else None, "C_max": max(chosen) if chosen else None,
+        "nonzero_median": float(np.median(fitted)) if fitted else None,
+        "unit": "fold", "method": "per outer fold: the C chosen by the inner cross-validation and the number of "
+                                  "non-zero coefficients of the model refitted at that C",
+        "reference": PENALISED_REFERENCE,
+    }
+    epv = {"events": events, "candidate_predictors": candidates,
+           "value": (events / candidates) if candidates else None, "unit": "pair",
+           "method": "events per candidate predictor = pairs of the less frequent class / features entering "
+                     "the model (non-constant on all pairs); no pre-selection, so every feature is a candidate",
+           "reference": "Riley RD et al. BMJ 2020;368:m441 (sample size for prediction models)"}
+    model = None
+    if final:
+        keep = final["kept"]
+        sd = np.where(keep, final["sd"], np.nan)
+        coef_std = final["coefficients"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            coef_raw = np.where(keep, coef_std / sd, 0.0)
+        model = {
+            "C": final["C"], "intercept": final["intercept"], "n_coefficients": int((coef_std != 0).sum()),
+            "n_features": n_feat, "dropped_constant": [f for f, k in zip(final["features"], keep) if not k],
+            "intercept_original_units": float(final["intercept"] - np.nansum(coef_raw * final["mean"])),
+            "standardisation": "z = (x - mean) / SD over all analysed pairs (SD with ddof 0, as scikit-learn's "
+                               "StandardScaler); constant features dropped",
+            "inner_deviance": final["inner_deviance"],
+            "coefficients": [{"feature": f, "mean": float(m), "sd": (float(v) if k else None),
+                              "coefficient": float(c), "coefficient_original_units": float(r)}
+                             for f, m, v, k, c, r in zip(final["features"], final["mean"], final["sd"], keep,
+                                                         coef_std, coef_raw)],
+            "unit": "pair",
+            "method": "the primary protocol refitted on all analysed pairs: standardisation on all pairs, C tuned "
+                      "by the same inner patient-grouped cross-validation, logit P(Worse) = intercept + "
+                      "sum coefficient x z (TRIPOD+AI item 22)",
+            "reference": PENALISED_REFERENCE,
+        }
+    return {"tuning": tuning, "events_per_candidate_predictor": epv, "final_model": model}
+
+
+NOT_INFORMATIVE_METHOD = (
+    "an AUC is reported as a result only where it is informative: not where the protocol predicts one class "
+    "for every pair (its ranking then reflects the folds' class balance, not the images) nor where it is "
+    "below 0.5; leave-one-patient-out with a majority class moves each training fold's balance against the "
+    "held-out patient's outcome, so cross-validated AUCs below chance are an artefact of the resampling, not "
+    "evidence (Parker BJ, Gunter S, Bedo J, BMC Bioinformatics 2007;8:326)"
+)
+
+
+def _informative(block, pred):
+    """Mark a block's AUC "not informative" where it is degenerate (one predicted class, or below 0.5)."""
+    pred = np.asarray(pred)
+    reasons = []
+    if len(pred) and (pred.min() == pred.max()):
+        reasons.append(f"the protocol predicts {WORSE if pred[0] else IMPROVED} for every pair")
+    auc = (block.get("auc") or {}).get("auc")
+    if auc is not None and auc < 0.5:
+        reasons.append(f"its AUC ({auc:.3f}) is below chance")
+    block["informative"] = not reasons
+    block["not_informative"] = ("not informative: " + " and ".join(reasons)) if reasons else None
+    block["informative_method"] = NOT_INFORMATIVE_METHOD
+
+
+THRESHOLD_METHOD = (
+    "classification threshold {value:g}: a pair is predicted Worse when its out-of-fold probability is >= "
+    "{value:g}; {source}; the decision curve shows the net benefit at every threshold from 0.05 to 0.95"
+)
+
+
+def threshold_record(threshold):
+    """The ``threshold`` record of a prediction block: the value, where it comes from, method, unit, reference."""
+    t = float(threshold)
+    source = ("prespecified (covreport's default, the original study's cut-off; not tuned on these data)"
+              if t == THRESHOLD else "prespecified by the user (--threshold); not tuned on these data")
+    return {"value": t, "source": "prespecified", "unit": "probability",
+            "method": THRESHOLD_METHOD.format(value=t, source=source),
+            "reference": "Vickers AJ, Elkin EB. Med Decis Making 2006;26:565-574 (the threshold probability)"}
+
+
+def _at_threshold(res, y, threshold):
+    """``lopo_predict``'s result with ``predicted`` and ``confusion`` at ``threshold``."""
+    from covreport.stats.lopo import _confusion
+
+    predicted = (np.asarray(res["probabilities"]) >= threshold).astype(np.int64)
+    return dict(res, predicted=predicted, confusion=_confusion(np.asarray(y), predicted))
+
+
+def _fold_of_pairs(y, groups):
+    """Each pair's fold (1-based: its patient's rank in sorted order, as lopo_predict) and whether it trains on one class."""
+    from covreport.stats.lopo import _group_codes
+
+    codes, _patients = _group_codes(groups, len(y))
+    return codes + 1, _one_class_folds(y, groups)[codes]
 
 
 def _one_class_folds(y, groups):

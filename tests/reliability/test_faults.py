@@ -86,14 +86,14 @@ def test_kill_during_scoring_then_resume_gives_same_results(tmp_path, study40, s
     cache = tmp_path / "cache.sqlite"
     out = tmp_path / "out"
     args = ["run", str(study40), "--weights", str(slow_weights), "--cache", str(cache), "--out", str(out),
-            "--no-pdf", "--permutations", "0"]
+            "--no-pdf", "--permutations", "0", "--bootstrap", "0"]
     env = subprocess_env(tmp_path)
     # The reference: an uninterrupted run without cache, in the same kind of process (one
     # thread: float32 sums depend on the thread count and batch size, by about 1e-6). It runs
     # alongside the run that will be killed.
     ref = tmp_path / "reference"
     reference = subprocess.Popen(
-        covreport_cmd(*args[:4], "--no-cache", "--out", ref, "--no-pdf", "--permutations", "0"),
+        covreport_cmd(*args[:4], "--no-cache", "--out", ref, "--no-pdf", "--permutations", "0", "--bootstrap", "0"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen(covreport_cmd(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

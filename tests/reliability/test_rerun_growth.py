@@ -32,7 +32,7 @@ def grown(tmp_path_factory):
 
 def _run(manifest, scores, out, *extra):
     return CliRunner().invoke(main, ["run", str(manifest), "--scores", str(scores), "--out", str(out),
-                                     "--permutations", "0", "--no-pdf", *extra])
+                                     "--permutations", "0", "--bootstrap", "0", "--no-pdf", *extra])
 
 
 def test_rerun_after_growth_compares_with_the_previous_results(grown, tmp_path):

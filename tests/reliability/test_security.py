@@ -72,7 +72,7 @@ def hostile(tmp_path_factory, tiny_weights):
     assert res.exit_code == 0, res.output
     outputs["validate"] = res.output
     res = runner.invoke(main, ["run", str(manifest), "--weights", str(tiny_weights), "--cache", str(cache),
-                               "--study", str(study), "--permutations", "0", "--out", str(root / "out")])
+                               "--study", str(study), "--permutations", "0", "--bootstrap", "0", "--out", str(root / "out")])
     assert res.exit_code == 0, res.output
     outputs["run"] = res.output
     return {"root": root, "manifest": manifest, "out": root / "out", "cache": cache, "outputs": outputs}

@@ -1,0 +1,378 @@
+"""Sensitivity analyses of the change of each label: interval, projection and the ordered outcome.
+
+- :func:`mixed_model_contrasts`: for each label the linear mixed model
+  ``change ~ C(outcome) + np.log(interval_days) + projection_change`` with a
+  random intercept per patient (statsmodels ``MixedLM.from_formula``), and its
+  outcome contrasts (Worse vs Improved, Worse vs Stable, Stable vs Improved)
+  with Wald CIs; terms that cannot be estimated (no dates, one projection
+  pattern) are left out and the formula says so;
+- :func:`projection_changes`: counts of the projection of the first and second
+  CXR per outcome group (``first_view``, ``second_view`` of the manifest);
+- :func:`jonckheere_terpstra`: the trend across the ordered Improved < Stable <
+  Worse, pair level (exact or normal with tie correction) and patient-clustered
+  (cluster permutation, :func:`covreport.stats.clustered.cluster_permutations`).
+
+References
+----------
+.. [1] Laird NM, Ware JH. Random-effects models for longitudinal data.
+   Biometrics 1982;38:963-974.
+.. [2] Jonckheere AR. A distribution-free k-sample test against ordered
+   alternatives. Biometrika 1954;41:133-145.
+.. [3] Terpstra TJ. The asymptotic normality and consistency of Kendall's test
+   against trend, when ties are present in one ranking. Indag Math 1952;14:327-333.
+.. [4] Hollander M, Wolfe DA, Chicken E. Nonparametric Statistical Methods,
+   3rd ed. Wiley 2014, section 6.2 (variance with ties).
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from covreport.constants import CONTRASTS, IMPROVED, OUTCOMES, STABLE, WORSE
+from covreport.errors import StatsError
+from covreport.stats._util import check_alpha, z_quantile
+from covreport.stats.clustered import _codes, cluster_permutations
+from covreport.stats.effect_sizes import mw_null_counts
+
+#: The outcome order of the trend test (increasing).
+TREND_ORDER = (IMPROVED, STABLE, WORSE)
+
+MIXED_COLUMNS = (
+    "label", "contrast", "group1", "group2", "estimate", "se", "ci_low", "ci_high", "z", "p",
+    "n_pairs", "n_patients", "formula", "terms_left_out", "random_effect_variance", "residual_variance",
+    "converged", "unit", "analysis", "method", "note",
+)
+
+MIXED_METHOD = (
+    "linear mixed model (Laird & Ware 1982) fitted by REML with statsmodels MixedLM.from_formula("
+    "'{formula}', groups=patient_id): a random intercept per patient; contrast = difference of the "
+    "outcome coefficients (reference Improved) with its Wald {level:g}% CI and two-sided z test "
+    "from the covariance (X' V^-1 X)^-1 of the fixed effects at the REML variance estimates (as R's "
+    "nlme vcov(lme(...))); not adjusted for multiplicity"
+)
+
+SENSITIVITY = "sensitivity: adjusted for the interval between the CXRs and projection changes"
+
+
+def _projection(first, second):
+    """'same', 'changed' or 'unknown' for each pair from its two views."""
+    out = []
+    for a, b in zip(first, second):
+        known = all(isinstance(v, str) and v.strip() for v in (a, b))
+        out.append("unknown" if not known else ("same" if a == b else "changed"))
+    return np.array(out, dtype=object)
+
+
+def projection_changes(pairs, *, outcome_column="outcome"):
+    """Counts of the projections of the first and second CXR per outcome group.
+
+    Parameters
+    ----------
+    pairs : pandas.DataFrame
+        One row per analysed pair with ``patient_id``, the outcome and, when
+        the manifest has them, ``first_view`` and ``second_view`` (AP, AP
+        Supine, PA, Lateral; blank when not recorded).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per outcome group (Worse, Stable, Improved, then All) and
+        projection pattern: ``outcome``, ``first_view``, ``second_view``
+        ("not recorded" when blank), ``projection_change`` ("same",
+        "changed", "unknown"), ``pairs``, ``patients``, ``unit`` "pair".
+    """
+    n = len(pairs)
+    first = pairs["first_view"].to_numpy(dtype=object) if "first_view" in pairs else np.full(n, None)
+    second = pairs["second_view"].to_numpy(dtype=object) if "second_view" in pairs else np.full(n, None)
+    change = _projection(first, second)
+    shown = lambda v: v if isinstance(v, str) and v.strip() else "not recorded"  # noqa: E731
+    df = pd.DataFrame({"outcome": pairs[outcome_column].to_numpy(), "patient_id": pairs["patient_id"].to_numpy(),
+                       "first_view": [shown(v) for v in first], "second_view": [shown(v) for v in second],
+                       "projection_change": change})
+    rows = []
+    for outcome in (*OUTCOMES, "All"):
+        sub = df if outcome == "All" else df[df["outcome"] == outcome]
+        for (a, b, c), block in sub.groupby(["first_view", "second_view", "projection_change"], sort=True):
+            rows.append({"outcome": outcome, "first_view": a, "second_view": b, "projection_change": c,
+                         "pairs": int(len(block)), "patients": int(block["patient_id"].nunique()),
+                         "unit": "pair"})
+    return pd.DataFrame(rows, columns=["outcome", "first_view", "second_view", "projection_change", "pairs",
+                                       "patients", "unit"])
+
+
+def _design(changes, label, outcome_column):
+    """The model frame of one label, the formula and the terms left out (with reasons)."""
+    df = pd.DataFrame({
+        "change": pd.to_numeric(changes[label], errors="coerce"),
+        "outcome": changes[outcome_column].astype(object),
+        "patient_id": changes["patient_id"].astype(str),
+    })
+    left_out = []
+    terms = ["C(outcome, Treatment('Improved'))"]
+    days = pd.to_numeric(changes["interval_days"], errors="coerce") if "interval_days" in changes else None
+    if days is None or days.notna().sum() == 0:
+        left_out.append("np.log(interval_days): no interval (no dates or offsets)")
+    else:
+        df["interval_days"] = days
+        if (days.dropna() <= 0).any():
+            terms.append("np.log1p(interval_days)")
+            left_out.append("np.log(interval_days) replaced by np.log1p(interval_days): an interval of 0 days")
+        else:
+            terms.append("np.log(interval_days)")
+    proj = _projection(changes["first_view"] if "first_view" in changes else [None] * len(changes),
+                       changes["second_view"] if "second_view" in changes else [None] * len(changes))
+    df["projection_change"] = proj
+    levels = sorted(set(proj))
+    if len(levels) < 2:
+        left_out.append(f"projection_change: every pair is '{levels[0] if levels else 'unknown'}'")
+    else:
+        ref = "same" if "same" in levels else levels[0]
+        terms.append(f"C(projection_change, Treatment('{ref}'))")
+    df = df[df["outcome"].isin(OUTCOMES)].dropna(subset=[c for c in ("change", "interval_days") if c in df])
+    return df, "change ~ " + " + ".join(terms), left_out
+
+
+def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrasts=CONTRASTS, alpha=0.05):
+    """Outcome contrasts of each label's change from a linear mixed model (sensitivity analysis).
+
+    Parameters
+    ----------
+    changes : pandas.DataFrame
+        One row per pair: ``patient_id``, the outcome, ``interval_days``,
+        ``first_view``, ``second_view`` (those present) and one change column
+        per label.
+    labels : sequence of str
+    contrasts : sequence of (str, str)
+    alpha : float
+        1 - confidence level of the Wald intervals.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`MIXED_COLUMNS`: one row per label and contrast; the
+        estimate is the adjusted mean difference of the change (group 1 minus
+        group 2), ``unit`` "patient" (the random intercept), ``formula`` the
+        formula that was fitted.
+
+    Examples
+    --------
+    The model of one label (``patient_id`` the groups) is
+    ``MixedLM.from_formula("change ~ C(outcome, Treatment('Improved')) +
+    np.log(interval_days) + C(projection_change, Treatment('same'))",
+    data, groups=data["patient_id"]).fit(reml=True)``.
+    """
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    alpha = check_alpha(alpha)
+    if not isinstance(changes, pd.DataFrame):
+        raise StatsError("changes must be a pandas DataFrame with one row per pair")
+    missing = [c for c in ("patient_id", outcome_column, *labels) if c not in changes.columns]
+    if missing:
+        raise StatsError(f"the changes table lacks column(s) {missing}")
+    level = round(100 * (1 - alpha), 6)
+    zq = z_quantile(alpha)
+    rows = []
+    for label in labels:
+        df, formula, left_out = _design(changes, label, outcome_column)
+        base = {"label": label, "n_pairs": int(len(df)), "n_patients": int(df["patient_id"].nunique()),
+                "formula": formula, "terms_left_out": "; ".join(left_out) or None, "unit": "patient",
+                "analysis": SENSITIVITY, "method": MIXED_METHOD.format(formula=formula, level=level)}
+        fit, note = None, None
+        present = set(df["outcome"])
+        if len(present) < 2 or df["patient_id"].nunique() < 3 or float(np.ptp(df["change"])) == 0.0:
+            note = "not fitted: fewer than 2 outcome groups or 3 patients, or the change is constant"
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    fit = MixedLM.from_formula(formula, data=df, groups=df["patient_id"]).fit(reml=True)
+                except (np.linalg.LinAlgError, ValueError) as exc:
+                    note = f"not fitted: {exc}"
+            if fit is not None:
+                msgs = sorted({str(w.message).splitlines()[0] for w in caught})
+                note = ("statsmodels warned: " + "; ".join(msgs)) if msgs else None
+        for group1, group2 in contrasts:
+            row = {**base, "contrast": f"{group1} vs {group2}", "group1": group1, "group2": group2,
+                   "estimate": math.nan, "se": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+                   "z": math.nan, "p": math.nan, "random_effect_variance": math.nan,
+                   "residual_variance": math.nan, "converged": None, "note": note}
+            if fit is not None and {group1, group2} <= present:
+                names = list(fit.fe_params.index)
+                vec = np.zeros(len(names))
+                for g, sign in ((group1, 1.0), (group2, -1.0)):
+                    name = f"C(outcome, Treatment('Improved'))[T.{g}]"
+                    if g != IMPROVED:
+                        vec[names.index(name)] += sign
+                cov = _gls_cov(fit)
+                est = float(vec @ fit.fe_params.to_numpy())
+                se = float(math.sqrt(vec @ cov @ vec))
+                row.update({"estimate": est, "se": se, "ci_low": est - zq * se, "ci_high": est + zq * se,
+                            "z": est / se, "p": float(2 * sps.norm.sf(abs(est / se))),
+                            "random_effect_variance": float(fit.cov_re.iloc[0, 0]),
+                            "residual_variance": float(fit.scale), "converged": bool(fit.converged)})
+            elif fit is not None:
+                row["note"] = f"not estimable: {group1 if group1 not in present else group2} has no pair"
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(MIXED_COLUMNS))
+
+
+def _gls_cov(fit):
+    """(X' V^-1 X)^-1 at the fitted variances, V = sigma^2 I + tau^2 J per patient (random intercept)."""
+    model = fit.model
+    sigma2 = float(fit.scale)
+    tau2 = float(fit.cov_re.iloc[0, 0])
+    info = np.zeros((model.exog.shape[1],) * 2)
+    for rows in model.row_indices.values():
+        X = model.exog[rows]
+        k = len(rows)
+        vinv = (np.eye(k) - tau2 / (sigma2 + k * tau2) * np.ones((k, k))) / sigma2
+        info += X.T @ vinv @ X
+    return np.linalg.inv(info)
+
+
+# --------------------------------------------------------------------------- trend
+
+
+def _jt_counts(sizes):
+    """Exact null counts of J for groups of ``sizes`` (no ties): the q-multinomial coefficient."""
+    dist = np.array([1], dtype=object)
+    before = 0
+    for n in sizes:
+        if before and n:
+            step = np.array(mw_null_counts(before, n), dtype=object)
+            dist = np.convolve(dist, step)
+        before += n
+    return dist
+
+
+def jt_statistic(values, groups):
+    """Jonckheere-Terpstra J = sum over ordered group pairs a < b of #(x_a < x_b) + #(x_a = x_b)/2.
+
+    ``groups`` are integer ranks 0, 1, 2, ... in the hypothesised order.
+    Accepts one labelling (1-d) or many (2-d, one row each); returns float or array.
+    """
+    values = np.asarray(values, dtype=float)
+    g = np.atleast_2d(np.asarray(groups))
+    k = int(g.max()) + 1
+    order = np.argsort(values, kind="stable")
+    v, g = values[order], g[:, order]
+    _, start, counts = np.unique(v, return_index=True, return_counts=True)
+    block_start = np.repeat(start, counts)                 # first position of each value's tie block
+    block_end = np.repeat(start + counts, counts)          # one past its last position
+    total = np.zeros(g.shape[0])
+    for lower in range(k - 1):
+        cum = np.concatenate([np.zeros((g.shape[0], 1)), np.cumsum(g == lower, axis=1)], axis=1)
+        below = cum[:, block_start]
+        tied = cum[:, block_end] - below
+        contrib = below + 0.5 * tied
+        total += (contrib * (g > lower)).sum(axis=1)
+    return total if np.ndim(groups) == 2 else float(total[0])
+
+
+def jonckheere_terpstra(changes, labels, clusters=None, *, outcome_column="outcome", order=TREND_ORDER,
+                        n_permutations=4999, seed=0):
+    """Trend test of each label's change across the ordered outcome groups.
+
+    Parameters
+    ----------
+    changes : pandas.DataFrame
+        One row per pair: the outcome and one change column per label.
+    labels : sequence of str
+    clusters : array_like, optional
+        Patient id of each row; with it a second row per label gives the
+        patient-clustered p (cluster permutation).
+    order : sequence of str
+        The groups in increasing order (default Improved, Stable, Worse).
+    n_permutations : int
+    seed : int
+        Seed of ``numpy.random.SeedSequence``; the permutations are shared by
+        the labels with the same pairs.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Per label a row ``unit`` "pair" (exact p when N <= 100 and no ties,
+        as clinfun's ``jonckheere.test``; else normal with the tie-corrected
+        variance of Hollander & Wolfe) and, with ``clusters``, a row ``unit``
+        "patient" (two-sided cluster permutation p of |J - E J|). Columns
+        ``label``, ``order``, ``sizes``, ``J``, ``mean``, ``sd``, ``z``
+        (standardised J; positive: the change increases from the first to
+        the last group), ``p``, ``p_method``, ``unit``, ``analysis``,
+        ``method``, ``note``.
+    """
+    labels = list(labels)
+    order = tuple(order)
+    rank = {g: i for i, g in enumerate(order)}
+    outcome = changes[outcome_column].to_numpy()
+    codes = _codes(clusters, len(changes)) if clusters is not None else None
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    drawn = {}   # permutations of one design (pairs with a change), shared by the labels
+    method = ("Jonckheere-Terpstra test (Jonckheere 1954; Terpstra 1952) of a trend of the change across "
+              f"{' < '.join(order)}: J = sum over ordered group pairs of #(lower < higher) + ties/2; ")
+    rows = []
+    for label in labels:
+        v = pd.to_numeric(changes[label], errors="coerce").to_numpy(dtype=float)
+        ok = np.isfinite(v) & np.isin(outcome, order)
+        x = v[ok]
+        g = np.array([rank[o] for o in outcome[ok]], dtype=np.int64)
+        sizes = np.bincount(g, minlength=len(order))
+        N = int(sizes.sum())
+        base = {"label": label, "order": " < ".join(order), "sizes": ", ".join(map(str, sizes)),
+                "analysis": "secondary: trend across the ordered outcome", "note": None}
+        if (sizes > 0).sum() < 2 or N < 3 or float(np.ptp(x)) == 0.0:
+            why = "not tested: constant" if N and float(np.ptp(x)) == 0.0 else "not tested: fewer than 2 groups"
+            rows.append({**base, "J": math.nan, "mean": math.nan, "sd": math.nan, "z": math.nan, "p": math.nan,
+                         "p_method": None, "unit": "pair", "method": method + "pairs as independent", "note": why})
+            continue
+        J = jt_statistic(x, g)
+        mean = (N * N - float((sizes ** 2).sum())) / 4.0
+        _, t = np.unique(x, return_counts=True)
+        tied = bool((t > 1).any())
+        var = _jt_variance(sizes, t)
+        sd = math.sqrt(var)
+        z = (J - mean) / sd
+        if N <= 100 and not tied:
+            dist = _jt_counts([int(s) for s in sizes])
+            total = sum(dist)
+            lo = int(round(J))
+            p_low = sum(dist[: lo + 1]) / total
+            p_high = sum(dist[lo:]) / total
+            p = float(min(1.0, 2 * min(p_low, p_high)))
+            how = "exact null distribution (q-multinomial coefficients), two-sided 2 min(P(J <= j), P(J >= j))"
+        else:
+            p = float(2 * sps.norm.sf(abs(z)))
+            how = "normal approximation with the tie-corrected variance (Hollander & Wolfe 2014, 6.2)"
+        rows.append({**base, "J": J, "mean": mean, "sd": sd, "z": z, "p": p, "p_method": how, "unit": "pair",
+                     "method": method + "pairs as independent; " + how})
+        if codes is not None:
+            key = ok.tobytes()
+            if key not in drawn:
+                drawn[key] = cluster_permutations(codes[ok], g, int(n_permutations), rng)
+            perms = drawn[key]
+            stats_ = np.abs(jt_statistic(x, perms) - mean)
+            obs = abs(J - mean)
+            pc = (1 + int((stats_ >= obs - 1e-9 * max(1.0, obs)).sum())) / (1 + int(n_permutations))
+            how_c = (f"cluster permutation, {int(n_permutations)} Monte Carlo permutations: each patient's "
+                     "vector of outcomes moves whole to another patient with as many pairs; two-sided p of "
+                     "|J - E J|")
+            rows.append({**base, "J": J, "mean": mean, "sd": sd, "z": z, "p": pc, "p_method": how_c,
+                         "unit": "patient", "method": method + "patients as clusters; " + how_c})
+    return pd.DataFrame(rows, columns=["label", "order", "sizes", "J", "mean", "sd", "z", "p", "p_method", "unit",
+                                       "analysis", "method", "note"])
+
+
+def _jt_variance(sizes, ties):
+    """Null variance of J with ties (Hollander & Wolfe 2014, eq. 6.19)."""
+    n = np.asarray(sizes, dtype=float)
+    t = np.asarray(ties, dtype=float)
+    N = n.sum()
+    a = (N * (N - 1) * (2 * N + 5) - (n * (n - 1) * (2 * n + 5)).sum() - (t * (t - 1) * (2 * t + 5)).sum()) / 72
+    b = ((n * (n - 1) * (n - 2)).sum() * (t * (t - 1) * (t - 2)).sum()) / (36 * N * (N - 1) * (N - 2))
+    c = ((n * (n - 1)).sum() * (t * (t - 1)).sum()) / (8 * N * (N - 1))
+    return float(a + b + c)
+
+
+__all__ = ["jonckheere_terpstra", "jt_statistic", "mixed_model_contrasts", "projection_changes"]
