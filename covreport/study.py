@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -34,7 +35,8 @@ STUDY_FIELDS = {
     "setting": ("8", "Clinical setting (e.g. emergency department, ward, ICU)."),
     "locations": ("8", "Where participants were identified (centres, countries, collections)."),
     "dates": ("8", "When participants were identified (start and end dates)."),
-    "series": ("9", "Consecutive, random or convenience series."),
+    "series": ("9", "How participants were sampled: begins with consecutive, random or convenience, optionally "
+                    "followed by a colon and a description (e.g. \"consecutive: every patient admitted ...\")."),
     "reference_standard": ("10b", "Who read the pairs (readers, experience), how disagreements were resolved, "
                                   "and the definitions used."),
     "rationale_reference_standard": ("11", "Why this reference standard was chosen."),
@@ -93,6 +95,21 @@ def _as_text(value, key, path):
                       f"see docs/study.example.toml")
 
 
+#: The kinds of series ``series`` may name (STARD 2015 item 9); the first word of the field.
+SERIES_KINDS = ("consecutive", "random", "convenience")
+
+
+def series_kind(text):
+    """The kind of series a ``series`` field names (one of :data:`SERIES_KINDS`), or None.
+
+    The field begins with the kind, optionally followed by ``:``, ``;``, ``,``, ``.``, ``-``
+    or a space and a description; the kind is the word itself, never a word found later in the text.
+    """
+    m = re.match(r"\s*([A-Za-z]+)(?:\s*[:;,.\-]|\s|$)", str(text or ""))
+    kind = m.group(1).lower() if m else None
+    return kind if kind in SERIES_KINDS else None
+
+
 def validate_study(mapping, *, source="study.toml"):
     """Check the fields of a study mapping and return them as ``{field: str}``.
 
@@ -124,6 +141,10 @@ def validate_study(mapping, *, source="study.toml"):
     for key in STUDY_FIELDS:
         if key in mapping and mapping[key] is not None:
             text = _as_text(mapping[key], key, source)
+            if key == "series" and text and series_kind(text) is None:
+                raise ReportError(f"{source}: field 'series' must begin with consecutive, random or convenience "
+                                  f"(STARD 2015 item 9), got {inputs.safe_text(text[:60])!r}; e.g. series = "
+                                  "\"convenience: the cases of two public collections\"")
             if text:
                 out[key] = text
     return out

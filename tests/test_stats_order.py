@@ -178,3 +178,16 @@ def test_cli_run_bootstrap_and_predictive_ci_options(tmp_path):
     assert r["primary_analysis"]["unit"] == "patient"
     assert all(rec["unit"] == "patient" for rec in r["table1_patients"])
     assert all(rec["unit"] == "pair" for rec in r["group_differences"])
+    # the methods name the predictive-value interval that ran (issue 20.1: it was fixed text saying "logit")
+    for option, out in (("logit", tmp_path / "o"), ("exact", tmp_path / "e")):
+        if option == "exact":
+            res = CliRunner().invoke(main, ["run", str(tmp_path / "m.csv"), "--scores", str(tmp_path / "s.csv"),
+                                            "--no-pdf", "--out", str(out), "--permutations", "0",
+                                            "--bootstrap", "0"])
+            assert res.exit_code == 0, res.output
+        rr = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        head = rr["prediction"][rr["prediction"]["headline"]]
+        said = "logit CIs" if "Mercaldo" in head["metrics"]["ppv"]["method"] else "Clopper-Pearson exact CIs"
+        html = (out / "report.html").read_text(encoding="utf-8")
+        assert f"positive and negative predictive values {said}" in html, option
+    assert "Mercaldo" not in rr["prediction"][rr["prediction"]["headline"]]["metrics"]["ppv"]["method"]

@@ -382,8 +382,12 @@ def test_predict_outcome_block():
         np.testing.assert_allclose([by_id[i]["probability"] for i in kept_ids], ref["probabilities"], atol=1e-9)
         assert block["confusion"] == ref["confusion"]
         assert [by_id[i]["predicted"] for i in kept_ids] == [WORSE if v else IMPROVED for v in ref["predicted"]]
-        # every protocol has its permutation p (the global one reruns its selection each time)
-        assert block["permutation_p"] is not None and block["permutations"] == 5
+        # every protocol has its permutation p (the global one reruns its selection each time), but a
+        # reversed-order control that is not informative (here: random second-CXR features) is not tested
+        if key == "reversed" and block["informative"] is False:
+            assert block["permutation_p"] is None and block["permutation_note"].startswith("no permutation test")
+        else:
+            assert block["permutation_p"] is not None and block["permutations"] == 5
         per_fold = block["features_selected"]["per_fold"]
         assert len(per_fold) == block["n_patients"] - block["one_class_folds"]
         assert block["features_selected"]["median"] == np.median(per_fold)
@@ -466,3 +470,17 @@ def test_parallel_permutation_tests_give_the_serial_results(monkeypatch, capsys)
     assert "failed; running it here" in capsys.readouterr().err
     assert [again[k]["permutation_p"] for k in ("nested", "global", "reversed")] == \
         [serial[k]["permutation_p"] for k in ("nested", "global", "reversed")]
+
+
+def test_a_reversed_control_that_is_not_informative_gets_no_permutation_test():
+    # second CXR's features constant: every fold predicts the majority class, so the control is not
+    # informative and testing it against the labels alone answers nothing (issue 19, section 6)
+    X, y, groups = _study(21, n_patients=8, n_features=12)
+    outcome = np.where(y == 1, WORSE, IMPROVED)
+    ids = [f"p{i}" for i in range(len(y))]
+    res = predict_outcome(X, np.ones_like(X), outcome, groups, ids, n_permutations=6, n_jobs=1)
+    rev = res["reversed"]
+    assert rev["informative"] is False
+    assert rev["permutation_p"] is None and rev["permutations"] == 0
+    assert rev["permutation_note"].startswith("no permutation test: the reversed-order control is not informative")
+    assert res["penalised"]["permutation_p"] is not None and res["nested"]["permutation_p"] is not None

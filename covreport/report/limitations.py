@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
 from covreport.report.format import METRIC_NAMES, _ci_width, _finite, cite_mark, fmt_auc, fmt_est, fmt_num, fmt_pp
+from covreport.study import series_kind
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.summaries import (
     ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _validation_summary,
@@ -32,8 +33,9 @@ def limitations(results):
     small = [(o, by[o]) for o in OUTCOMES if o in by and by[o].get("pairs", 0) < SMALL_GROUP]
     if small:
         parts = ", ".join(f"{o}: {g['pairs']} pairs of {g.get('patients', '?')} patients" for o, g in small)
-        out.append({"kind": "Small groups", "text": f"{len(small)} outcome group(s) have fewer than {SMALL_GROUP} "
-                    f"pairs ({parts}); estimates involving them are imprecise and tests have little power."})
+        out.append({"kind": "Small groups", "text": (f"One outcome group has fewer than {SMALL_GROUP} " if len(small) == 1 else
+                                                     f"{len(small)} outcome groups have fewer than {SMALL_GROUP} ")
+                    + f"pairs ({parts}); estimates involving them are imprecise and tests have little power."})
     blocks = _prediction_blocks(results)
     head = blocks[0] if blocks else None
     wide = []
@@ -52,8 +54,9 @@ def limitations(results):
         if w is not None and w > WIDE_CI:
             wide.append(f"validation AUC of {r['label']} {fmt_est(r, est='auc')} (width {w:.2f})")
     if wide:
-        out.append({"kind": "Wide confidence intervals", "text": f"{len(wide)} 95% CI(s) are wider than "
-                    f"{WIDE_CI:.2f}: " + "; ".join(wide) + "."})
+        out.append({"kind": "Wide confidence intervals", "text": ("One 95% CI is wider than " if len(wide) == 1 else
+                                                              f"{len(wide)} of the 95% CIs are wider than ")
+                    + f"{WIDE_CI:.2f}: " + "; ".join(wide) + "."})
     if head:
         b = head["block"]
         c = b.get("confusion") or {}
@@ -129,14 +132,15 @@ def limitations(results):
         shares = ", ".join(f"{o} {100 * by[o].get('pairs', 0) / pan:.0f}%" for o in OUTCOMES if o in by and pan)
         spectrum += f" or to another mix of outcomes (here {shares})"
     out.append({"kind": "Spectrum bias", "text": spectrum + "."})
-    series = str(study.get("series") or "").lower()
+    series = series_kind(study.get("series"))
     sel = []
     if _finite(pim) and _finite(pan) and pim > pan:
         sel.append(f"{pim - pan} of {pim} pairs were excluded")
-    if "convenience" in series:
+    if series == "convenience":
         sel.append("the series is a convenience series")
     elif not series:
-        sel.append("how participants were selected is not stated (study.toml: series)")
+        sel.append("how participants were selected is not stated (study.toml: series)" if not study.get("series")
+                   else "the series is not stated as consecutive, random or convenience (study.toml: series)")
     if _finite(pa) and _finite(na) and pa > na:
         sel.append(f"patients with more CXRs contribute more pairs ({pa} pairs of {na} patients)")
     if sel:
@@ -152,9 +156,9 @@ def limitations(results):
                          "the added pairs.")
         older = [p for p in rv["not_comparable"] if not p["latest"]]
         if older:
-            texts.append(f"{len(older)} earlier validation(s) ("
+            texts.append(("One earlier validation (" if len(older) == 1 else f"{len(older)} earlier validations (")
                          + "; ".join(f"{p['date']}: {p['why']}" for p in older)
-                         + ") are not comparable with this one" + (" (open markers in the trend figure)."
+                         + (") is" if len(older) == 1 else ") are") + " not comparable with this one" + (" (open markers in the trend figure)."
                                                                    if rv["figure"] else "."))
         out.append({"kind": "Previous validation not comparable", "text": " ".join(texts)})
     return out

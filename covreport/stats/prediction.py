@@ -528,7 +528,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             continue
         fits[key] = lopo_predict(X, y, groups_k, protocol=protocol, solver=solver)
         out[key] = None                                  # keeps the key order
-        if n_permutations:
+        if n_permutations and not (key == "reversed" and _not_informative(fits[key], y, threshold)):
             tasks[key] = (X, y, groups_k, protocol)
     jobs = _available_cores() if n_jobs is None else int(n_jobs)
     # the penalised, then the nested tests cost most: they go first (to the other processes)
@@ -583,7 +583,11 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             "note": None,
         }
         block.update(_role(key, protocol))
-        if n_perm < n_permutations and protocol == PRIMARY_PROTOCOL:
+        if n_permutations and key == "reversed" and key not in perms:
+            block["permutation_note"] = ("no permutation test: the reversed-order control is not informative "
+                                         "(one predicted class, or an AUC below chance), so whether it beats the "
+                                         "outcome labels alone is not a question")
+        elif n_perm < n_permutations and protocol == PRIMARY_PROTOCOL:
             block["permutations_requested"] = int(n_permutations)
             block["permutation_note"] = (f"{n_perm} of the {n_permutations} permutations requested: each "
                                          "permutation reruns the inner tuning of the penalty "
@@ -688,6 +692,20 @@ NOT_INFORMATIVE_METHOD = (
     "held-out patient's outcome, so cross-validated AUCs below chance are an artefact of the resampling, not "
     "evidence (Parker BJ, Gunter S, Bedo J, BMC Bioinformatics 2007;8:326)"
 )
+
+
+def _not_informative(res, y, threshold):
+    """Whether a fit will be marked not informative (:func:`_informative`), before any block is built.
+
+    The reversed-order control then gets no permutation test: testing whether a degenerate
+    predictor beats the labels alone answers no question (and costs the primary protocol's price).
+    """
+    prob = np.asarray(res["probabilities"])
+    pred = prob >= threshold
+    if len(pred) and pred.min() == pred.max():
+        return True
+    auc = _auc_block(np.asarray(y), prob, 0.05)["auc"]
+    return auc is not None and auc < 0.5
 
 
 def _informative(block, pred):
