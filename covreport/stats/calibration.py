@@ -96,8 +96,11 @@ def _glm(y, exog, offset=None):
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
             fit = sm.GLM(y, exog, family=sm.families.Binomial(), offset=offset).fit()
-        except (PerfectSeparationError, PerfectSeparationWarning, np.linalg.LinAlgError, ValueError) as exc:
-            return None, f"{type(exc).__name__}: {exc}".split("\n")[0]
+        except (PerfectSeparationError, PerfectSeparationWarning):
+            return None, ("perfect separation: the logit of the probability separates Worse from Improved "
+                          "pairs, so the maximum-likelihood estimate is infinite")
+        except (np.linalg.LinAlgError, ValueError) as exc:
+            return None, f"the fit failed: {exc}".split("\n")[0]
     if not np.all(np.isfinite(fit.params)) or not np.all(np.isfinite(fit.bse)):
         return None, "the fit did not converge to finite values"
     return fit, None
