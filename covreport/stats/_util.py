@@ -142,3 +142,19 @@ def canonical_order(keys):
     if not columns:
         return np.arange(len(keys))
     return np.lexsort(tuple(reversed(columns)))
+
+
+def patient_resample_rows(groups, n, n_resamples, seed):
+    """Row indices of each patient-level bootstrap resample, one array per resample.
+
+    The patients (``groups``, sorted by their text; each pair its own unit when
+    ``groups`` is None) are drawn with replacement, all pairs of a drawn patient
+    kept; resample b draws from the b-th child of ``numpy.random.SeedSequence(seed)``,
+    so no resample depends on how many others are drawn.
+    """
+    codes = pd.factorize(pd.Series(groups).astype(str), sort=True)[0] if groups is not None else np.arange(n)
+    G = int(codes.max()) + 1
+    rows_of = [np.flatnonzero(codes == g) for g in range(G)]
+    for child in np.random.SeedSequence(seed).spawn(n_resamples):
+        pick = np.random.default_rng(child).integers(0, G, size=G)
+        yield np.concatenate([rows_of[g] for g in pick])

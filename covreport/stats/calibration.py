@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from covreport.errors import StatsError
-from covreport.stats._util import check_alpha, to_python, z_quantile
+from covreport.stats._util import check_alpha, patient_resample_rows, to_python, z_quantile
 
 #: Largest number of (equal-count) bins of the calibration plot.
 MAX_BINS = 10
@@ -315,15 +315,10 @@ def calibration(y_true, probability, *, alpha=0.05, groups=None, folds=None, one
 
 def _bootstrap(out, curve, y, p, groups, B, seed, alpha, frac, grid):
     """Percentile intervals of the Brier score, ICI, E50, E90, Emax and the curve's pointwise band."""
-    codes = pd.factorize(pd.Series(groups).astype(str), sort=True)[0] if groups is not None else np.arange(len(y))
-    G = int(codes.max()) + 1
-    rows_of = [np.flatnonzero(codes == g) for g in range(G)]
     keys = ("brier", "ici", "e50", "e90", "emax")
     draws = np.full((B, len(keys)), np.nan)
     band = np.full((B, len(grid)), np.nan)
-    for b, child in enumerate(np.random.SeedSequence(seed).spawn(B)):
-        pick = np.random.default_rng(child).integers(0, G, size=G)
-        rows = np.concatenate([rows_of[g] for g in pick])
+    for b, rows in enumerate(patient_resample_rows(groups, len(y), B, seed)):
         yb, pb = y[rows], p[rows]
         flex = flexible_errors(yb, pb, frac)
         draws[b] = [float(np.mean((pb - yb) ** 2))] + [flex[k] for k in keys[1:]]

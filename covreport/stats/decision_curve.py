@@ -22,7 +22,7 @@ import pandas as pd
 
 from covreport.constants import WORSE
 from covreport.errors import StatsError
-from covreport.stats._util import check_alpha
+from covreport.stats._util import check_alpha, patient_resample_rows
 
 #: Default threshold probabilities: 0.05 to 0.95 in steps of 0.01.
 THRESHOLDS = tuple(round(t / 100, 2) for t in range(5, 96))
@@ -151,20 +151,13 @@ def decision_curve(y, probability, *, groups=None, thresholds=None, n_resamples=
     nia = (base["net_benefit"] - base["treat_all"]) * weight
     lower = upper = nia_lo = nia_hi = np.full(len(t), np.nan)
     if B:
-        if groups is None:
-            codes = np.arange(len(y))
-        else:
+        if groups is not None:
             groups = np.asarray(groups, dtype=object)
             if groups.shape != y.shape:
                 raise StatsError(f"groups must have one value per pair ({len(y)}), got shape {groups.shape}")
-            codes = pd.factorize(pd.Series(groups).astype(str), sort=True)[0]
-        G = int(codes.max()) + 1
-        rows_of = [np.flatnonzero(codes == g) for g in range(G)]
         nb = np.empty((B, len(t)))
         gain = np.empty((B, len(t)))
-        for b, child in enumerate(np.random.SeedSequence(seed).spawn(B)):
-            pick = np.random.default_rng(child).integers(0, G, size=G)
-            rows = np.concatenate([rows_of[g] for g in pick])
+        for b, rows in enumerate(patient_resample_rows(groups, len(y), B, seed)):
             res = net_benefit(y[rows], p[rows], t)
             nb[b] = res["net_benefit"]
             gain[b] = (res["net_benefit"] - res["treat_all"]) * weight
