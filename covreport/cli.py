@@ -48,6 +48,9 @@ class _Group(click.Group):
             click.echo(f"Error: {_resource_message(exc, ctx)}", err=True)
             ctx.exit(1)
         finally:
+            from covreport import parallel
+
+            parallel.shutdown()                   # no worker process outlives the command
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
 
@@ -84,6 +87,18 @@ def _quiet_too(ctx, param, value):
 #: ``--quiet`` of each long command (the same as ``covreport --quiet CMD``).
 quiet_option = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet_too,
                             help="No stage messages or progress bars on stderr (as `covreport --quiet`).")
+
+
+def parallel_options(command):
+    """--jobs and --dask-scheduler: where the permutation tests and the refitting bootstrap run (no result changes)."""
+    command = click.option(
+        "--dask-scheduler", metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
+        help="Run the permutation tests and the refitting bootstrap on the Dask cluster at ADDRESS "
+             "(tcp://host:8786; pip install 'covreport[dask]'); results are the same as on one core.")(command)
+    return click.option(
+        "--jobs", type=click.IntRange(min=1), default=None,
+        help="Worker processes for the permutation tests and the refitting bootstrap (default: the cores this "
+             "process may use; 1: no other process); results are the same for any number.")(command)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -715,16 +730,17 @@ def _default_weights_or_explain():
               help="TOML run config: option = value lines, named as the options (manifest = \"m.csv\", "
                    "permutations = 2000); options on the command line override it. `covreport summary DIR "
                    "--config` writes one from a results folder.")
+@parallel_options
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
         protocol, permutations, bootstrap, predictive_ci, threshold, seed, cache, no_cache, strict, no_pdf, out,
-        force,
-        previous, table1_tests):
+        force, previous, table1_tests, jobs, dask_scheduler):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
     and OUT/figures/*. Give --scores (reviewer mode) or --weights.
     """
+    from covreport import parallel
     from covreport.pipeline import RunOptions, command_line, run as run_study
 
     if scores is not None and weights is not None:
@@ -739,7 +755,8 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       table1_tests=table1_tests,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())
-    written = run_study(opts)
+    with parallel.engine(jobs, dask_scheduler):
+        written = run_study(opts)
     _echo_summary(written)
 
 
@@ -839,9 +856,10 @@ _VERIFY_LIST_LIMIT = 50
                    "without --cache. Never one named by the submission.")
 @click.option("--no-cache", is_flag=True, help="Score the images again instead of using the score cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification as a JSON record.")
+@parallel_options
 @quiet_option
 def verify(folder, manifest, scores, weights, validation_csv, validation_scores, reference_csv, study,
-           previous, templates, ignore_hashes, cache, no_cache, as_json):
+           previous, templates, ignore_hashes, cache, no_cache, as_json, jobs, dask_scheduler):
     """Re-derive every number of a results folder (FOLDER holds results.json).
 
     Checks each input against the SHA-256 recorded in the run's provenance,
@@ -863,12 +881,15 @@ def verify(folder, manifest, scores, weights, validation_csv, validation_scores,
       covreport verify covreport-demo/report --cache covreport-demo/cache.sqlite
       covreport verify submitted/ --manifest manifest.csv --scores scores.csv
     """
+    from covreport import parallel
     from covreport.verify import verify as verify_folder
 
     inputs = {"manifest": manifest, "scores": scores, "weights": weights, "validation_csv": validation_csv,
               "validation_scores": validation_scores, "reference_csv": reference_csv, "study": study}
-    result = verify_folder(folder, {k: v for k, v in inputs.items() if v is not None}, previous=previous,
-                           templates=templates, ignore_hashes=ignore_hashes, use_cache=not no_cache, cache=cache)
+    with parallel.engine(jobs, dask_scheduler):
+        result = verify_folder(folder, {k: v for k, v in inputs.items() if v is not None}, previous=previous,
+                               templates=templates, ignore_hashes=ignore_hashes, use_cache=not no_cache,
+                               cache=cache)
     if as_json:
         _echo_json(result.to_dict())
     else:

@@ -523,7 +523,7 @@ def _provenance(opts, manifest, weights, loaded, scoring):
         "permutations": int(opts.permutations),
         "options": {k: getattr(opts, k) for k in NUMBER_OPTIONS},
         "command": _portable_command(opts.command, base),
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "created": _created(),
         "synthetic": bool(opts.synthetic) or _is_phantom(manifest),
         # What the report shows, not a number: Table 1's baseline p-values beside the SMDs.
         "report_options": {"table1_tests": bool(opts.table1_tests)},
@@ -713,6 +713,28 @@ def _replace_dir(tmp, target, *, force):
     swap_dir(tmp, target, force=force, error_class=ReportError)
 
 
+def _created():
+    """Now (UTC, to the second), or the time SOURCE_DATE_EPOCH names (reproducible builds), as ISO 8601."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = _dt.datetime.now(_dt.timezone.utc)
+    if epoch.isdigit():
+        when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+    return when.replace(microsecond=0).isoformat()
+
+
+#: Options that say where the work runs, not what is computed: left out of the recorded command, so that
+#: results.json is the same for any number of workers and any backend.
+EXECUTION_OPTIONS = ("--jobs", "--dask-scheduler")
+
+
 def command_line():
-    """The command that produced these results, for provenance."""
-    return shlex.join(["covreport", *sys.argv[1:]])
+    """The command that produced these results, for provenance (without :data:`EXECUTION_OPTIONS`)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in EXECUTION_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in EXECUTION_OPTIONS)):
+            args.append(arg)
+    return shlex.join(["covreport", *args])

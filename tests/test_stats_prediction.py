@@ -441,37 +441,6 @@ def test_predict_outcome_too_few_patients_is_a_note_not_a_crash():
         assert len(block["pairs"]) == keep.sum()
 
 
-def test_parallel_permutation_tests_give_the_serial_results(monkeypatch, capsys):
-    # the protocols' tests run in other processes must give exactly what one process gives
-    import covreport.stats.permutation as permutation
-    import covreport.stats.prediction as prediction
-
-    X, y, groups = _study(21, n_patients=8, n_features=12)
-    outcome = np.where(y == 1, WORSE, IMPROVED)
-    ids = [f"p{i}" for i in range(len(y))]
-    monkeypatch.setattr(prediction, "PARALLEL_MIN_PERMUTATIONS", 1)
-    serial = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=1)
-    for jobs, others in ((2, "1 other process"), (3, "2 other processes")):
-        capsys.readouterr()
-        parallel = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=jobs)
-        err = capsys.readouterr().err
-        assert others in err and "failed" not in err and "could not" not in err
-        for key in ("nested", "global", "reversed"):
-            assert serial[key]["permutation_p"] == parallel[key]["permutation_p"] is not None
-    # a process that fails is replaced by running its test here
-
-    class Broken:
-        def result(self):
-            return None
-
-    monkeypatch.setattr(permutation, "start_permutation_process", lambda *a, **k: Broken())
-    capsys.readouterr()
-    again = predict_outcome(X, X * 1.5, outcome, groups, ids, n_permutations=6, n_jobs=2)
-    assert "failed; running it here" in capsys.readouterr().err
-    assert [again[k]["permutation_p"] for k in ("nested", "global", "reversed")] == \
-        [serial[k]["permutation_p"] for k in ("nested", "global", "reversed")]
-
-
 def test_a_reversed_control_that_is_not_informative_gets_no_permutation_test():
     # second CXR's features constant: every fold predicts the majority class, so the control is not
     # informative and testing it against the labels alone answers nothing (issue 19, section 6)

@@ -10,15 +10,10 @@ References
    illustrated in the case of the binomial. Biometrika 1934;26:404-413.
 """
 
-import os
-import pickle
-import subprocess
-import sys
-from pathlib import Path
+import itertools
 
 import numpy as np
 
-from covreport import progress
 from covreport.errors import StatsError
 from covreport.stats._logistic import _blas_limits
 from covreport.stats._util import check_alpha
@@ -146,7 +141,7 @@ def permuted_outcomes(y, groups, n_permutations, seed=0):
 
 
 def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=SELECTION_ALPHA,
-                  solver="fast", desc=None, threshold=THRESHOLD):
+                  solver="fast", desc=None, threshold=THRESHOLD, jobs=None):
     """Permutation p-value of the LOPO accuracy.
 
     Parameters
@@ -162,6 +157,9 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     threshold : float
         Classification threshold of the accuracy: a pair is predicted Worse
         when its out-of-fold probability is >= threshold (0.5 by default).
+    jobs : int, optional
+        Workers (:func:`covreport.parallel.run_chunks`; default the active
+        engine's). The result is the same for any number.
 
     Returns
     -------
@@ -178,6 +176,22 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     vector and the fold structure is unchanged; the whole pipeline (selection
     included) is rerun on each permutation (Ojala & Garriga 2010).
     """
+    from covreport import parallel
+
+    plan = permutation_plan(X, y, groups, protocol=protocol, n_permutations=n_permutations, seed=seed, alpha=alpha,
+                            solver=solver, threshold=threshold, jobs=jobs)
+    return parallel.run_plans([plan], desc=desc or f"Permutations ({protocol})", unit="perm", jobs=jobs)[0]
+
+
+def permutation_plan(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=SELECTION_ALPHA, solver="fast",
+                     threshold=THRESHOLD, jobs=None, observed=None):
+    """:func:`permutation_p` as a :class:`covreport.parallel.Plan` (chunks of permutations, then the p-value).
+
+    ``observed`` (the out-of-fold probabilities of the unpermuted run) saves
+    refitting them when the caller has them.
+    """
+    from covreport import parallel
+
     protocol = _check_protocol(protocol)
     alpha = check_alpha(alpha)
     threshold = check_threshold(threshold)
@@ -190,7 +204,32 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
     if n_perm < 0 or n_perm != n_permutations:
         raise StatsError(f"n_permutations must be a whole number >= 0, got {n_permutations!r}")
     values, _names, yf, codes, patients = _prepare(X, y, groups)
-    G = len(patients)
+    groups = np.asarray(groups, dtype=object)
+    if observed is None:
+        with _blas_limits():
+            observed = _correct_counter(values, codes, len(patients), protocol, alpha, solver, threshold)(yf)
+    else:
+        observed = int(((np.asarray(observed) >= threshold) == (yf == 1)).sum())
+    bounds = parallel.chunk_bounds(n_perm, jobs)
+    chunks = [(values, yf, groups, protocol, a, b, seed, alpha, solver, threshold) for a, b in bounds]
+
+    def finish(counts):
+        n = len(yf)
+        method = PERMUTATION_METHOD.format(n=n_perm)
+        if n_perm == 0:
+            return {"p": None, "observed_accuracy": observed / n, "n_permutations": 0,
+                    "n_at_least_observed": None, "method": method, "monte_carlo": None,
+                    "note": "permutation test skipped (0 permutations)"}
+        at_least = int(sum(int((c >= observed).sum()) for c in counts))
+        return {"p": (1 + at_least) / (1 + n_perm), "observed_accuracy": observed / n,
+                "n_permutations": n_perm, "n_at_least_observed": at_least, "method": method,
+                "monte_carlo": monte_carlo_error(at_least, n_perm), "note": None}
+
+    return parallel.Plan(permuted_correct, chunks, [b - a for a, b in bounds], finish)
+
+
+def _correct_counter(values, codes, G, protocol, alpha, solver, threshold):
+    """A function of an outcome vector: how many pairs the protocol's LOPO run predicts correctly."""
     if solver == "sklearn":
         def correct(yy):
             prob = _reference_run(values, yy, codes, G, protocol, alpha).prob
@@ -201,117 +240,17 @@ def permutation_p(X, y, groups, *, protocol, n_permutations=1000, seed=0, alpha=
         def correct(yy):
             prob = problem.run(yy, protocol, alpha, solver).prob
             return int(((prob >= threshold) == (yy == 1)).sum())
+    return correct
+
+
+def permuted_correct(values, y, groups, protocol, start, stop, seed, alpha, solver, threshold):
+    """Correct predictions of permutations ``start`` to ``stop - 1`` of :func:`permuted_outcomes` (one chunk).
+
+    The stream of permutations is replayed from its start, so each
+    permutation is the same whichever chunk computes it.
+    """
+    _values, _names, yf, codes, patients = _prepare(values, y, groups)
+    correct = _correct_counter(values, codes, len(patients), protocol, alpha, solver, threshold)
+    perms = itertools.islice(permuted_outcomes(yf, groups, stop, seed), start, stop)
     with _blas_limits():
-        observed = correct(yf)
-        at_least = 0
-        perms = permuted_outcomes(yf, groups, n_perm, seed)
-        for yp in progress.bar(perms, total=n_perm, desc=desc or f"Permutations ({protocol})", unit="perm"):
-            at_least += correct(yp) >= observed
-    n = len(yf)
-    method = PERMUTATION_METHOD.format(n=n_perm)
-    if n_perm == 0:
-        return {"p": None, "observed_accuracy": observed / n, "n_permutations": 0,
-                "n_at_least_observed": None, "method": method, "monte_carlo": None,
-                "note": "permutation test skipped (0 permutations)"}
-    return {"p": (1 + at_least) / (1 + n_perm), "observed_accuracy": observed / n,
-            "n_permutations": n_perm, "n_at_least_observed": int(at_least), "method": method,
-            "monte_carlo": monte_carlo_error(at_least, n_perm), "note": None}
-
-
-class _PermutationProcess:
-    """A :func:`permutation_p` running in another Python process (see :func:`start_permutation_process`)."""
-
-    def __init__(self, proc, folder):
-        self.proc = proc
-        self.folder = folder
-
-    def close(self):
-        """Stop the process if it still runs and remove its folder (for a parent leaving early)."""
-        import shutil
-
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-    def result(self):
-        """The test's result dict, or None when the process failed (its folder is removed either way)."""
-        import shutil
-
-        try:
-            self.proc.wait()
-            out = self.folder / "result.pickle"
-            if self.proc.returncode != 0 or not out.is_file():
-                return None
-            with open(out, "rb") as fh:
-                return pickle.load(fh)
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
-            return None
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def start_permutation_process(X, y, groups, **kwargs):
-    """Start :func:`permutation_p` in a fresh ``python -c`` process; ``.result()`` waits for it.
-
-    The process imports covreport only (never the caller's ``__main__``),
-    reads its arguments from a pickle in a private temporary folder and
-    writes its result beside them; it shows no progress bar.
-    """
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="covreport-perm-"))
-    try:
-        with open(folder / "arguments.pickle", "wb") as fh:
-            pickle.dump((np.asarray(X, dtype=float), np.asarray(y), np.asarray(groups, dtype=object), kwargs), fh)
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        code = ("import sys; from covreport.stats.permutation import _permutation_main; "
-                "_permutation_main(sys.argv[1], int(sys.argv[2]))")
-        proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(os.getpid())], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return _PermutationProcess(proc, folder)
-
-
-def _permutation_main(folder, parent):
-    """Entry point of :func:`start_permutation_process`'s process; ``parent`` is the starting process's pid.
-
-    The parent's pid comes from the parent itself: a child that reads
-    ``os.getppid()`` only after its imports would record its new parent when
-    the real one was killed during those imports, and never notice (issue 23).
-    """
-    import shutil
-    import threading
-    import time
-
-    folder = Path(folder)
-    progress.set_quiet(True)
-
-    def orphaned():  # the parent died (even by SIGKILL): stop, and leave no data behind
-        while True:
-            if os.getppid() != parent:
-                shutil.rmtree(folder, ignore_errors=True)
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=orphaned, daemon=True).start()
-    with open(folder / "arguments.pickle", "rb") as fh:
-        X, y, groups, kwargs = pickle.load(fh)
-    os.unlink(folder / "arguments.pickle")  # the features stay on disk no longer than needed
-    result = permutation_p(X, y, groups, **kwargs)
-    tmp = folder / "result.pickle.tmp"
-    with open(tmp, "wb") as fh:
-        pickle.dump(result, fh)
-    os.replace(tmp, folder / "result.pickle")
+        return np.array([correct(yp) for yp in perms], dtype=np.int64)

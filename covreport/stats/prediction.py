@@ -17,7 +17,6 @@ References
 """
 
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -237,7 +236,7 @@ def _degenerate_interval(measure, value, y, hit, groups, alpha):
 
 
 def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0, alpha=0.05, solver="fast",
-                 estimates=None, desc=None, threshold=THRESHOLD):
+                 estimates=None, desc=None, threshold=THRESHOLD, jobs=None):
     """Interval of each cross-validated measure from a patient bootstrap that refits the whole protocol.
 
     Parameters
@@ -254,6 +253,9 @@ def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0
     estimates : dict, optional
         The point estimates of the full-data run ({measure: value}); computed
         when not given.
+    jobs : int, optional
+        Workers (:func:`covreport.parallel.run_chunks`; default the active
+        engine's). The result is the same for any number.
 
     Returns
     -------
@@ -271,9 +273,19 @@ def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0
     gives the same value (e.g. sensitivity 1.0 each time), the interval is
     Clopper-Pearson on the effective sample size (:data:`DEGENERATE_METHOD`).
     """
-    from covreport import progress
-    from covreport.stats._logistic import _blas_limits
-    from covreport.stats.lopo import _group_codes, _prepare, _reference_run
+    from covreport import parallel
+
+    plan = cv_bootstrap_plan(X, y, groups, protocol=protocol, n_resamples=n_resamples, seed=seed, alpha=alpha,
+                             solver=solver, estimates=estimates, threshold=threshold, jobs=jobs)
+    return parallel.run_plans([plan], desc=desc or f"Refitting bootstrap ({protocol})", unit="resample",
+                              jobs=jobs)[0]
+
+
+def cv_bootstrap_plan(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0, alpha=0.05, solver="fast",
+                      estimates=None, threshold=THRESHOLD, jobs=None):
+    """:func:`cv_bootstrap` as a :class:`covreport.parallel.Plan` (chunks of resamples, then the intervals)."""
+    from covreport import parallel
+    from covreport.stats.lopo import _prepare
 
     protocol = _check_protocol(protocol)
     alpha = check_alpha(alpha)
@@ -281,16 +293,33 @@ def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0
     if B < 1:
         raise StatsError(f"the refitting bootstrap needs at least 1 resample, got {n_resamples}")
     values, _names, yf, codes, patients = _prepare(X, y, groups)
-    G = len(patients)
-    rows_of = [np.flatnonzero(codes == g) for g in range(G)]
     if estimates is None:
         estimates = _measures(yf, lopo_predict(values, yf, codes, protocol=protocol, solver=solver,
                                                final_model=False)["probabilities"], threshold)
-    draws = np.full((B, len(CV_MEASURES)), np.nan)
-    children = np.random.SeedSequence(seed).spawn(B)
+    bounds = parallel.chunk_bounds(B, jobs)
+    chunks = [(values, yf, codes, len(patients), protocol, solver, threshold, seed, B, a, b) for a, b in bounds]
+
+    def finish(parts):
+        return _cv_intervals(np.concatenate(parts), values, yf, codes, protocol, alpha, solver, estimates, threshold)
+
+    return parallel.Plan(bootstrap_draws, chunks, [b - a for a, b in bounds], finish)
+
+
+def bootstrap_draws(values, yf, codes, G, protocol, solver, threshold, seed, B, start, stop):
+    """The CV_MEASURES of resamples ``start`` to ``stop - 1`` of B (one chunk; NaN rows where not estimable).
+
+    Resample b draws from the b-th child of ``SeedSequence(seed).spawn(B)``,
+    so it is the same whichever chunk computes it.
+    """
+    from covreport.stats._logistic import _blas_limits
+    from covreport.stats.lopo import _reference_run
+
+    rows_of = [np.flatnonzero(codes == g) for g in range(G)]
+    draws = np.full((stop - start, len(CV_MEASURES)), np.nan)
+    children = np.random.SeedSequence(seed).spawn(B)[start:stop]
     with _blas_limits():
-        for b in progress.bar(range(B), total=B, desc=desc or f"Refitting bootstrap ({protocol})", unit="resample"):
-            pick = np.sort(np.random.default_rng(children[b]).integers(0, G, size=G))
+        for i, child in enumerate(children):
+            pick = np.sort(np.random.default_rng(child).integers(0, G, size=G))
             uniq, new_code = np.unique(pick, return_inverse=True)
             if len(uniq) < 2:
                 continue
@@ -304,7 +333,13 @@ def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0
             else:
                 prob = _Lopo(values[rows], rcodes, len(uniq)).run(yb, protocol, SELECTION_ALPHA, solver).prob
             m = _measures(yb, prob, threshold)
-            draws[b] = [m[k] for k in CV_MEASURES]
+            draws[i] = [m[k] for k in CV_MEASURES]
+    return draws
+
+
+def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, threshold):
+    """The records of :func:`cv_bootstrap` from its resamples' measures."""
+    B = len(draws)
     level = round(100 * (1 - alpha), 6)
     method = CV_BOOTSTRAP_METHOD.format(n=B, level=level)
     hit = None
@@ -339,74 +374,6 @@ def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0
                                     "size")
         out[key] = rec
     return out
-
-
-#: From this many permutations on, predict_outcome runs the protocols' permutation tests in
-#: parallel processes (when more than one core is available); the results are the same.
-PARALLEL_MIN_PERMUTATIONS = 200
-
-
-def _available_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                      # not on Linux
-        return os.cpu_count() or 1
-
-
-def _permutation_tests(tasks, n_permutations, seed, solver, n_jobs, threshold=THRESHOLD):
-    """Permutation tests of the protocols in ``tasks`` ({key: (X, y, groups, protocol)}).
-
-    With ``n_jobs`` > 1 (and at least :data:`PARALLEL_MIN_PERMUTATIONS`
-    permutations), the first ``n_jobs - 1`` tests run in fresh Python
-    processes (``python -c``: they import covreport only, never the caller's
-    script) while this process runs the rest; each test is deterministic, so
-    the results are the same as in one process. A process that fails is
-    replaced by running its test here.
-    """
-    from covreport import progress
-    from covreport.stats.permutation import start_permutation_process
-
-    keys = list(tasks)
-    counts = n_permutations if isinstance(n_permutations, dict) else {key: n_permutations for key in keys}
-    results, running = {}, {}
-    if n_jobs > 1 and len(keys) > 1 and max(counts.values()) >= PARALLEL_MIN_PERMUTATIONS:
-        for key in keys[:n_jobs - 1][:len(keys) - 1]:
-            X, y, groups, protocol = tasks[key]
-            try:
-                running[key] = start_permutation_process(X, y, groups, protocol=protocol,
-                                                         n_permutations=counts[key], seed=seed, solver=solver,
-                                                         threshold=threshold)
-            except OSError as exc:
-                progress.say(f"could not start a process for the {key} permutation test ({exc}); "
-                             "running it here")
-        if running:
-            progress.say(f"Permutation tests of {', '.join(running)} running in {len(running)} other "
-                         f"process{'es' if len(running) > 1 else ''}")
-    try:
-        for key in keys:
-            if key not in running:
-                X, y, groups, protocol = tasks[key]
-                results[key] = permutation_p(X, y, groups, protocol=protocol, n_permutations=counts[key],
-                                             seed=seed, solver=solver, desc=f"Permutations ({key})",
-                                             threshold=threshold)
-    except BaseException:  # an error, Ctrl-C or SIGTERM here: stop the other processes, remove their files
-        for proc in running.values():
-            proc.close()
-        raise
-    for key, proc in running.items():
-        try:
-            res = proc.result()
-        except BaseException:
-            for other in running.values():
-                other.close()
-            raise
-        if res is None:
-            progress.say(f"the process of the {key} permutation test failed; running it here")
-            X, y, groups, protocol = tasks[key]
-            res = permutation_p(X, y, groups, protocol=protocol, n_permutations=counts[key], seed=seed,
-                                solver=solver, desc=f"Permutations ({key})", threshold=threshold)
-        results[key] = res
-    return {key: results[key] for key in keys}
 
 
 def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline=PRIMARY_PROTOCOL,
@@ -459,10 +426,11 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
     predictive_ci : {"exact", "logit"}
         PPV/NPV interval (:func:`covreport.stats.diagnostic_metrics`).
     n_jobs : int, optional
-        Processes for the three permutation tests (from
-        :data:`PARALLEL_MIN_PERMUTATIONS` permutations on); default: the
-        cores available. 1 runs them in this process. The results are the
-        same either way.
+        Workers for the permutation tests and the refitting bootstrap, whose
+        chunks run together (:mod:`covreport.parallel`); default the active
+        engine's (:func:`covreport.parallel.engine`), else the cores
+        available; 1 runs everything in this process. The results are the
+        same for any number of workers and any backend.
 
     Returns
     -------
@@ -530,14 +498,10 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         out[key] = None                                  # keeps the key order
         if n_permutations and not (key == "reversed" and _not_informative(fits[key], y, threshold)):
             tasks[key] = (X, y, groups_k, protocol)
-    jobs = _available_cores() if n_jobs is None else int(n_jobs)
-    # the penalised, then the nested tests cost most: they go first (to the other processes)
-    cost = {"penalised": 0, "nested": 1}
-    tasks = dict(sorted(tasks.items(), key=lambda kv: cost.get(kv[1][3], 2)))
-    n_perm_of = {key: (min(n_permutations, PRIMARY_MAX_PERMUTATIONS) if task[3] == PRIMARY_PROTOCOL
-                       else n_permutations) for key, task in tasks.items()}
-    perms = _permutation_tests(tasks, n_perm_of, seed, solver, jobs, threshold) if tasks else {}
     n_boot = min(int(n_bootstrap), CV_BOOTSTRAP_MAX) if n_bootstrap else 0
+    perms, boots = _resampling(tasks, fits, feats, keep, order, y, groups_k, n_permutations=n_permutations,
+                               n_bootstrap=n_boot, seed=seed, alpha=alpha, solver=solver, threshold=threshold,
+                               predictive_ci=predictive_ci, jobs=n_jobs)
     for key, protocol, source in specs:
         if key not in fits:
             continue
@@ -594,21 +558,53 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
                                          f"(at most {PRIMARY_MAX_PERMUTATIONS} for the primary protocol)")
         if protocol == PRIMARY_PROTOCOL:
             block.update(_penalised_details(res, y, fitted, groups_k))
-        block["cv_intervals"] = None
-        if n_boot and key != "reversed":
-            X = _as_frame_rows(feats[source], keep, order)
-            est = {k: (block["metrics"].get(k) or {}).get("estimate") for k in CV_MEASURES if k != "auc"}
-            est["auc"] = block["auc"].get("auc")
-            est = {k: (math.nan if v is None else v) for k, v in est.items()}
-            block["cv_intervals"] = cv_bootstrap(X, y, groups_k, protocol=protocol, n_resamples=n_boot, seed=seed,
-                                                 alpha=alpha, solver=solver, estimates=est,
-                                                 desc=f"Refitting bootstrap ({key})", threshold=threshold)
+        block["cv_intervals"] = boots.get(key)
+        if key in boots:
             block["cv_bootstrap_requested"] = int(n_bootstrap)
         _informative(block, pred)
         if key == "reversed":
             _describe_reversed(block, y)
         out[key] = block
     return out
+
+
+def _resampling(tasks, fits, feats, keep, order, y, groups, *, n_permutations, n_bootstrap, seed, alpha, solver,
+                threshold, predictive_ci, jobs):
+    """The permutation tests of ``tasks`` and the refitting bootstraps of the first-CXR protocols, run together.
+
+    Their chunks share one pool of workers (:func:`covreport.parallel.run_plans`),
+    the costliest (penalised, then nested) first; returns ``({key: permutation
+    result}, {key: cv_bootstrap record})``.
+    """
+    from covreport import parallel
+    from covreport.stats.permutation import permutation_plan
+
+    cost = {"penalised": 0, "nested": 1}
+    plans, names = [], []
+    for key, (X, yy, gg, protocol) in sorted(tasks.items(), key=lambda kv: cost.get(kv[1][3], 2)):
+        n_perm = min(n_permutations, PRIMARY_MAX_PERMUTATIONS) if protocol == PRIMARY_PROTOCOL else n_permutations
+        plans.append(permutation_plan(X, yy, gg, protocol=protocol, n_permutations=n_perm, seed=seed, solver=solver,
+                                      threshold=threshold, jobs=jobs, observed=fits[key]["probabilities"]))
+        names.append(("perm", key))
+    if n_bootstrap:
+        for key in sorted((k for k in fits if k != "reversed"), key=lambda k: cost.get(fits[k]["protocol"], 2)):
+            res = _at_threshold(fits[key], y, threshold)
+            metrics = _metrics_block(res["confusion"], alpha, predictive_ci)
+            est = {k: (metrics.get(k) or {}).get("estimate") for k in CV_MEASURES if k != "auc"}
+            est["auc"] = _auc_block(y, res["probabilities"], alpha).get("auc")
+            est = {k: (math.nan if v is None else v) for k, v in est.items()}
+            X = _as_frame_rows(feats["first"], keep, order)
+            plans.append(cv_bootstrap_plan(X, y, groups, protocol=fits[key]["protocol"], n_resamples=n_bootstrap,
+                                           seed=seed, alpha=alpha, solver=solver, estimates=est, threshold=threshold,
+                                           jobs=jobs))
+            names.append(("boot", key))
+    if not plans:
+        return {}, {}
+    done = parallel.run_plans(plans, desc="Permutations and refitting bootstrap", unit="fit", jobs=jobs)
+    out = {"perm": {}, "boot": {}}
+    for (kind, key), result in zip(names, done):
+        out[kind][key] = result
+    return out["perm"], out["boot"]
 
 
 #: How each block is labelled in results.json and the report.
