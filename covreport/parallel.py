@@ -158,7 +158,7 @@ def run_chunks(func, chunks, *, sizes=None, desc=None, unit="item", jobs=None):
         from joblib import Parallel, delayed, parallel_config
 
         if client is not None:
-            config = parallel_config(backend="dask", client=client, n_jobs=check_jobs(jobs) or -1)
+            config = parallel_config(backend="dask", client=client, n_jobs=check_jobs(jobs) or state["jobs"] or -1)
         else:
             config = parallel_config(backend="loky", n_jobs=n, inner_max_num_threads=max(1, available_cores() // n))
         out = [None] * len(chunks)
