@@ -85,17 +85,55 @@ def _fmt(x, nd=3):
 # --- flow diagram (STARD item 19) --------------------------------------------
 
 
-def flow_diagram(results):
-    """STARD 2015 flow diagram of pairs and patients.
+def _projection_changed(results):
+    """``{outcome: pairs whose projection changed}``, or {} when no projection is recorded."""
+    rows = [r for r in results.get("projection_changes") or [] if r.get("outcome") in OUTCOMES]
+    if not any(r.get("projection_change") in ("same", "changed") for r in rows):
+        return {}
+    out = {o: 0 for o in OUTCOMES}
+    for r in rows:
+        if r.get("projection_change") == "changed":
+            out[r["outcome"]] += int(r.get("pairs") or 0)
+    return out
 
-    Shows the pairs and patients in the manifest, the exclusions per stage
-    with their reasons and counts, the pairs left after each stage, and the
-    analysed pairs and patients per outcome group (Worse, Stable, Improved).
+
+def _index_results(block):
+    """Counts of the index test's results in the prediction subset, with the reference standard of each.
+
+    ``{"positive": {WORSE: tp, IMPROVED: fp}, "negative": {...}, "inconclusive": {...}}`` from the
+    stored pairs (``predicted`` None: inconclusive), else from the confusion matrix.
+    """
+    out = {k: {WORSE: 0, IMPROVED: 0} for k in ("positive", "negative", "inconclusive")}
+    pairs = block.get("pairs") or []
+    if pairs:
+        for p in pairs:
+            kind = ("positive" if p.get("predicted") == WORSE else "negative" if p.get("predicted") == IMPROVED
+                    else "inconclusive")
+            if p.get("outcome") in (WORSE, IMPROVED):
+                out[kind][p["outcome"]] += 1
+    else:
+        c = block.get("confusion") or {}
+        out["positive"] = {WORSE: c.get("tp", 0), IMPROVED: c.get("fp", 0)}
+        out["negative"] = {WORSE: c.get("fn", 0), IMPROVED: c.get("tn", 0)}
+    return out
+
+
+def flow_diagram(results):
+    """STARD 2015 flow diagram of pairs and patients, in the form of the STARD diagram.
+
+    Top to bottom: the source population (the pairs of the manifest); the
+    index test performed (not performed, with reasons, at the side); the
+    reference standard available (not available, with reasons); the final
+    category of the analysed pairs (Worse, Stable, Improved, with the pairs
+    whose projection changed); then, for the prediction of Worse vs Improved,
+    the index test's results (positive, negative, inconclusive) each with the
+    reference standard of its pairs. A side box is drawn only for a stage that
+    excluded pairs.
 
     Parameters
     ----------
     results : dict
-        results.json content; uses ``results["flow"]``.
+        results.json content; uses ``flow``, ``prediction`` and ``projection_changes``.
 
     Returns
     -------
@@ -106,11 +144,10 @@ def flow_diagram(results):
     stages = [s for s in dict.fromkeys(c["stage"] for c in counts)
               if s not in (INDEX_STAGE, REFERENCE_STAGE)]
     stages += [INDEX_STAGE, REFERENCE_STAGE]
-    main_after = {INDEX_STAGE: "Index test done (both CXRs scored)",
-                  REFERENCE_STAGE: "Reference standard available"}
+    block, name = _headline_block(results)
+    changed = _projection_changed(results)
 
-    n_steps = len(stages)
-    height = 1.2 + 1.5 * n_steps + 2.0
+    height = 40.0   # drawn from the top; the limits are set to what was drawn
     with matplotlib.rc_context(_RC):
         fig = _figure(FLOW_WIDTH, height)
         ax = fig.add_axes((0, 0, 1, 1))
@@ -127,58 +164,68 @@ def flow_diagram(results):
             return (text.count("\n") + 1) * size * 1.18 / 72 / 2 + size * 0.5 / 72 + 0.02
 
         y = height - 0.7
-        top = (f"Potentially eligible: pairs of consecutive\nCXRs of one patient in the manifest\n"
+        top = (f"Source population: pairs of consecutive CXRs\nof one patient in the manifest\n"
                f"n = {flow['pairs_in_manifest']} pairs of {flow['patients_in_manifest']} patients")
         if flow.get("images_in_manifest") is not None:
             top += f"\n{flow['images_in_manifest']} distinct images"
-            if flow.get("images_scored") is not None:
-                top += f", {flow['images_scored']} scored"
-                if flow.get("images_from_cache"):
-                    top += f"\n({flow['images_from_cache']} from the score cache)"
         ax.text(MAIN_X, y, top, ha="center", va="center", fontsize=8, bbox=main_box)
         h_prev = half(top)
         top_edge = y + h_prev + 0.08
         remaining = flow["pairs_in_manifest"]
-        for i, stage in enumerate(stages):
+        for stage in stages:
             rows = [c for c in counts if c["stage"] == stage]
             n_ex = int(sum(c["pairs"] for c in rows))
             remaining -= n_ex
-            last = i == len(stages) - 1
-            if last:
-                text = (f"Analysed: index test and reference\nstandard available\n"
+            if stage == INDEX_STAGE:
+                text = "Index test performed on both CXRs\n" + f"n = {_n(remaining, 'pair')}"
+                side = f"Index test not performed, n = {_n(n_ex, 'pair')}"
+                text += "" if n_ex else " (not performed: 0)"
+                if flow.get("images_scored") is not None:
+                    text += f"\n{flow['images_scored']} images scored"
+                    if flow.get("images_from_cache"):
+                        text += f" ({flow['images_from_cache']} from the cache)"
+            elif stage == REFERENCE_STAGE:
+                text = ("Reference standard available: analysed\n"
                         f"n = {flow['pairs_analysed']} pairs of {flow['patients_analysed']} patients")
+                side = f"Reference standard not available, n = {_n(n_ex, 'pair')}"
+                text += "" if n_ex else "\n(not available: 0)"
             else:
-                text = f"{main_after.get(stage, 'Remaining after: ' + _plain(stage))}\nn = {remaining} pairs"
+                if not n_ex:
+                    continue
+                text = f"Eligible\nn = {_n(remaining, 'pair')}"
+                side = f"Excluded: {_plain(stage)}, n = {_n(n_ex, 'pair')}"
             h_next = half(text)
-            y_next = y - h_prev - 0.8 - h_next
-            y_side = (y - h_prev + y_next + h_next) / 2
+            y_next = y - h_prev - (0.8 if n_ex else 0.45) - h_next
             ax.annotate("", xy=(MAIN_X, y_next + h_next), xytext=(MAIN_X, y - h_prev), arrowprops=arrow)
-            ax.annotate("", xy=(SIDE_X - 1, y_side), xytext=(MAIN_X, y_side), arrowprops=arrow)
-            lines = [f"Excluded: {_plain(stage)}, n = {_n(n_ex, 'pair')}"]
-            shown = rows[:4]
-            for c in shown:
-                lines.append(f"- {_wrap(c['reason'], 46)} (n = {c['pairs']})".replace("\n", "\n   "))
-            if len(rows) > len(shown):
-                more = sum(c["pairs"] for c in rows[len(shown):])
-                lines.append(f"- {len(rows) - len(shown)} other reasons (n = {more}); see the exclusions table")
-            ax.text(SIDE_X, y_side, "\n".join(lines), ha="left", va="center", fontsize=6.5, bbox=side_box)
+            if n_ex:
+                y_side = (y - h_prev + y_next + h_next) / 2
+                ax.annotate("", xy=(SIDE_X - 1, y_side), xytext=(MAIN_X, y_side), arrowprops=arrow)
+                lines = [side]
+                shown = rows[:4]
+                for c in shown:
+                    lines.append(f"- {_wrap(c['reason'], 46)} (n = {c['pairs']})".replace("\n", "\n   "))
+                if len(rows) > len(shown):
+                    more = sum(c["pairs"] for c in rows[len(shown):])
+                    lines.append(f"- {len(rows) - len(shown)} other reasons (n = {more}); see the exclusions table")
+                ax.text(SIDE_X, y_side, "\n".join(lines), ha="left", va="center", fontsize=6.5, bbox=side_box)
             ax.text(MAIN_X, y_next, text, ha="center", va="center", fontsize=8,
-                    fontweight="bold" if last else "normal", bbox=main_box)
+                    fontweight="bold" if stage == REFERENCE_STAGE else "normal", bbox=main_box)
             y, h_prev = y_next, h_next
 
-        # analysed, by outcome group
-        y_an = y
-        y_bar = y_an - h_prev - 0.3
+        # final category of the analysed pairs
+        y_bar = y - h_prev - 0.3
         xs = (15, 50, 85)
         by = flow.get("by_outcome") or {}
         ax.plot([xs[0], xs[-1]], [y_bar, y_bar], color="black", linewidth=0.9)
-        ax.plot([MAIN_X, MAIN_X], [y_an - h_prev, y_bar], color="black", linewidth=0.9)
+        ax.plot([MAIN_X, MAIN_X], [y - h_prev, y_bar], color="black", linewidth=0.9)
         bottom = y_bar
         group_box = {}
         for x, outcome in zip(xs, OUTCOMES):
             g = by.get(outcome, {})
-            text = (f"Reference standard: {outcome}\n{_n(g.get('pairs', 0), 'pair')}\n"
+            text = (f"Final category: {outcome}\n{_n(g.get('pairs', 0), 'pair')} of "
                     f"{_n(g.get('patients', 0), 'patient')}")
+            if changed:
+                text += f"\nprojection changed: {changed[outcome]}"
             y_g = y_bar - 0.35 - half(text)
             ax.annotate("", xy=(x, y_g + half(text)), xytext=(x, y_bar), arrowprops=arrow)
             ax.text(x, y_g, text, ha="center", va="center", fontsize=7.5,
@@ -187,31 +234,44 @@ def flow_diagram(results):
                           "linestyle": {WORSE: "-", STABLE: "--", IMPROVED: ":"}[outcome]})
             group_box[outcome] = (x, y_g - half(text))
             bottom = min(bottom, y_g - half(text))
-        # the prediction subset: Worse vs Improved, with the index test's predicted class under each category
-        block, name = _headline_block(results)
+        # the prediction of Worse vs Improved: index test results, then the reference standard of each
         if block:
-            conf = block.get("confusion") or {}
+            res = _index_results(block)
             pairs = block.get("pairs") or []
-            y_row = bottom - 0.05
-            rows = {WORSE: (conf.get("tp"), conf.get("fn")), IMPROVED: (conf.get("fp"), conf.get("tn"))}
-            texts = {}
+            n_pairs = block.get("n_pairs") or sum(sum(v.values()) for v in res.values())
+            n_pat = block.get("n_patients") or len({p.get("patient_id") for p in pairs})
+            head = (f"Prediction of {WORSE} vs {IMPROVED} from the first CXR ({name})\n"
+                    f"{_n(n_pairs, 'pair')} of {_n(n_pat, 'patient')} ({WORSE} and {IMPROVED}; "
+                    f"{STABLE} not included)")
+            y_head = bottom - 0.45 - half(head, 7.5)
             for outcome in (WORSE, IMPROVED):
-                pw, pi = rows[outcome]
-                pts = {p.get("patient_id") for p in pairs if p.get("outcome") == outcome}
-                texts[outcome] = (f"Prediction subset ({name})\n{_n(sum(1 for p in pairs if p.get('outcome') == outcome), 'pair')}"
-                                  f" of {_n(len(pts), 'patient')}\nIndex test predicts {WORSE}: {pw}\n"
-                                  f"Index test predicts {IMPROVED}: {pi}")
-            h = max(half(t, 7) for t in texts.values())
-            for outcome, t in texts.items():
                 x, y_top = group_box[outcome]
-                ax.annotate("", xy=(x, y_row - 0.35), xytext=(x, y_top), arrowprops=arrow)
-                ax.text(x, y_row - 0.35 - h, t, ha="center", va="center", fontsize=7,
+                ax.annotate("", xy=(50 + (-8 if outcome == WORSE else 8), y_head + half(head, 7.5)),
+                            xytext=(x, y_top), arrowprops=arrow)
+            ax.text(50, y_head, head, ha="center", va="center", fontsize=7.5, bbox=main_box)
+            y_bar2 = y_head - half(head, 7.5) - 0.3
+            ax.plot([xs[0], xs[-1]], [y_bar2, y_bar2], color="black", linewidth=0.9)
+            ax.plot([50, 50], [y_head - half(head, 7.5), y_bar2], color="black", linewidth=0.9)
+            titles = {"positive": f"Index test positive\n(predicts {WORSE})",
+                      "negative": f"Index test negative\n(predicts {IMPROVED})",
+                      "inconclusive": "Index test inconclusive\n(no prediction)"}
+            low = y_bar2
+            for x, kind in zip(xs, ("positive", "negative", "inconclusive")):
+                k = res[kind]
+                t1 = f"{titles[kind]}\nn = {_n(k[WORSE] + k[IMPROVED], 'pair')}"
+                y1 = y_bar2 - 0.35 - half(t1, 7)
+                ax.annotate("", xy=(x, y1 + half(t1, 7)), xytext=(x, y_bar2), arrowprops=arrow)
+                ax.text(x, y1, t1, ha="center", va="center", fontsize=7,
                         bbox={"boxstyle": "square,pad=0.5", "facecolor": "white", "edgecolor": "black",
                               "linewidth": 0.9})
-            x, y_top = group_box[STABLE]
-            ax.text(x, y_row - 0.35 - h, f"{STABLE}: not in the\nprediction of\n{WORSE} vs {IMPROVED}",
-                    ha="center", va="center", fontsize=6.5, style="italic", color="0.25")
-            bottom = y_row - 0.35 - 2 * h - 0.1
+                t2 = f"Reference standard\n{WORSE}: {k[WORSE]}\n{IMPROVED}: {k[IMPROVED]}"
+                y2 = y1 - half(t1, 7) - 0.35 - half(t2, 7)
+                ax.annotate("", xy=(x, y2 + half(t2, 7)), xytext=(x, y1 - half(t1, 7)), arrowprops=arrow)
+                ax.text(x, y2, t2, ha="center", va="center", fontsize=7,
+                        bbox={"boxstyle": "round,pad=0.5", "facecolor": "white", "edgecolor": "black",
+                              "linewidth": 0.9})
+                low = min(low, y2 - half(t2, 7))
+            bottom = low - 0.1
         counted = sum((by.get(o) or {}).get("patients", 0) for o in OUTCOMES)
         note = ""
         if counted != flow.get("patients_analysed"):

@@ -136,7 +136,8 @@ def run(opts: RunOptions) -> Path:
             data["_path"] = portable_path(path, Path(manifest.path).parent)
 
     with progress.stage(f"Statistics on {len(pairs)} pairs"):
-        statistics = compute_statistics(pairs, labels, scores, opts, reference=reference)
+        statistics = compute_statistics(pairs, labels, scores, opts, reference=reference,
+                                        primary_contrast=study.get("primary_contrast"))
     results = {
         "covreport_version": __version__,
         "provenance": _provenance(opts, manifest, weights, loaded, scoring),
@@ -163,7 +164,7 @@ def run(opts: RunOptions) -> Path:
         return _write_outputs(results, out, opts, cams)
 
 
-def compute_statistics(pairs, labels, scores, opts, *, reference=None):
+def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_contrast=None):
     """Every analysis of the study on the analysed pairs; a dict of results.json keys.
 
     The pairs are first put in canonical order by content (patient, first
@@ -183,6 +184,9 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
         bootstrap, predictive_ci).
     reference : pandas.DataFrame, optional
         The reference population of Table 1 (``read_reference_csv``).
+    primary_contrast : str, optional
+        The contrast of the primary endpoint (``study.toml`` ``primary_contrast``;
+        default Worse vs Improved), recorded in ``primary_analysis``.
     """
     from covreport.stats import compare_groups, predict_outcome, table_one
     from covreport.stats.clustered import cluster_bootstrap, group_differences_clustered, primary_analysis
@@ -198,7 +202,9 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
     for lab in labels:
         changes[lab] = pairs[f"{lab} change"]
     groups = compare_groups(changes, labels)
-    clustered = group_differences_clustered(changes, labels, changes["patient_id"], seed=opts.seed)
+    endpoint = primary_analysis(pairs["patient_id"], primary_contrast)
+    clustered = group_differences_clustered(changes, labels, changes["patient_id"], seed=opts.seed,
+                                            primary=tuple(endpoint["contrast"].split(" vs ")))
     sensitivity = _sensitivity(pairs, changes, labels, opts.seed)
     feats = [c for c in scores.columns if str(c).startswith(FEATURE_PREFIX)]
     if not feats:
@@ -229,7 +235,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None):
                                       n_resamples=opts.bootstrap, seed=opts.seed)
         bootstrap["group_differences"] = _records(pd.DataFrame(bootstrap["group_differences"]))
     return {
-        "primary_analysis": primary_analysis(pairs["patient_id"]),
+        "primary_analysis": endpoint,
         "table1": _records(t1),
         "table1_patients": _records(t1_patients),
         "group_differences": _records(groups),

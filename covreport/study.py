@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 from covreport import inputs
+from covreport.constants import CONTRASTS
 from covreport.errors import ReportError
 
 #: Documented fields of study.toml: name -> (STARD 2015 / TRIPOD+AI / CLAIM item, what to write).
@@ -37,6 +38,9 @@ STUDY_FIELDS = {
     "dates": ("8", "When participants were identified (start and end dates)."),
     "series": ("9", "How participants were sampled: begins with consecutive, random or convenience, optionally "
                     "followed by a colon and a description (e.g. \"consecutive: every patient admitted ...\")."),
+    "primary_contrast": ("4", "The contrast of the primary endpoint, declared before the analysis: \"Worse vs "
+                              "Improved\" (the default, as in the original study), \"Worse vs Stable\" or "
+                              "\"Stable vs Improved\". The report leads with it; the other contrasts are secondary."),
     "reference_standard": ("10b", "Who read the pairs (readers, experience), how disagreements were resolved, "
                                   "and the definitions used."),
     "rationale_reference_standard": ("11", "Why this reference standard was chosen."),
@@ -145,9 +149,26 @@ def validate_study(mapping, *, source="study.toml"):
                 raise ReportError(f"{source}: field 'series' must begin with consecutive, random or convenience "
                                   f"(STARD 2015 item 9), got {inputs.safe_text(text[:60])!r}; e.g. series = "
                                   "\"convenience: the cases of two public collections\"")
+            if key == "primary_contrast" and text:
+                text = _contrast(text, source)
             if text:
                 out[key] = text
     return out
+
+
+#: The contrasts ``primary_contrast`` may name.
+CONTRAST_NAMES = tuple(f"{a} vs {b}" for a, b in CONTRASTS)
+
+
+def _contrast(text, source):
+    """The contrast a ``primary_contrast`` field names, spelled as covreport does (case and spaces free)."""
+    want = " ".join(text.split()).casefold()
+    for name in CONTRAST_NAMES:
+        if name.casefold() == want:
+            return name
+    raise ReportError(f"{source}: field 'primary_contrast' must be one of "
+                      f"{', '.join(repr(n) for n in CONTRAST_NAMES)}, got {inputs.safe_text(text[:60])!r}; "
+                      f"e.g. primary_contrast = \"{CONTRAST_NAMES[0]}\"")
 
 
 def read_study(path):

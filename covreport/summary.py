@@ -123,7 +123,10 @@ def _significant(results, unit, missing):
             if unit == "patient":
                 effect = _interval(r.get("theta"), r.get("ci_low"), r.get("ci_high"), None, unit)
                 effect["name"] = "theta"
-            else:
+            elif _finite(r.get("hedges_g")):
+                effect = _interval(r.get("hedges_g"), r.get("g_ci_low"), r.get("g_ci_high"), None, unit)
+                effect["name"] = "Hedges' g"
+            else:   # a results.json written before Hedges' g
                 effect = _interval(r.get("cohen_d"), r.get("d_ci_low"), r.get("d_ci_high"), None, unit)
                 effect["name"] = "Cohen's d"
             c["significant"].append({"label": _text(r.get("label")), "effect": effect,

@@ -38,13 +38,14 @@ def test_flow_diagram_shows_counts_and_every_reason(results):
     assert f"n = {flow['pairs_analysed']} pairs of {flow['patients_analysed']} patients" in text
     for c in flow["exclusion_counts"]:
         assert c["reason"].split(" (")[0] in text.replace("\n   ", " ")
-    assert "Excluded: index test not done, n = 3 pairs" in text
-    assert "Excluded: reference standard not available, n = 1 pair" in text
+    assert "Index test not performed, n = 3 pairs" in text
+    assert "Reference standard not available, n = 1 pair" in text
     for o in OUTCOMES:
         g = flow["by_outcome"][o]
-        assert f"{o}\n{g['pairs']} pairs\n{g['patients']} patients" in text
+        assert f"Final category: {o}\n{g['pairs']} pairs of {g['patients']} patients" in text
     # pairs left after the index-test stage: 64 - 3
-    assert "n = 61 pairs" in text
+    assert "Index test performed on both CXRs\nn = 61 pairs" in text
+    assert "(not performed: 0)" not in text and "(not available: 0)" not in text
 
 
 def test_flow_diagram_survives_mathtext_and_many_reasons(results, tmp_path):
@@ -156,11 +157,31 @@ def test_cam_pairs_follow_the_stated_rule():
     assert got["Stable"] == f"p{12 + np.argmin(np.abs(s - np.median(s)))}"
 
 
+def test_flow_diagram_without_exclusions_draws_no_empty_side_box(results):
+    r = copy.deepcopy(results)
+    r["flow"].update(exclusion_counts=[], pairs_in_manifest=r["flow"]["pairs_analysed"])
+    r["projection_changes"] = [{"outcome": o, "projection_change": kind, "pairs": n}
+                               for o, kind, n in (("Worse", "changed", 5), ("Worse", "same", 39),
+                                                  ("Stable", "same", 8), ("Improved", "changed", 1),
+                                                  ("Improved", "same", 7))]
+    text = _texts(flow_diagram(r))
+    assert "not performed, n =" not in text and "not available, n =" not in text
+    assert "(not performed: 0)" in text and "(not available: 0)" in text
+    assert "Worse\n44 pairs of 34 patients\nprojection changed: 5" in text
+    assert "Stable\n8 pairs of 8 patients\nprojection changed: 0" in text
+    assert "projection changed: 1" in text
+
+
 def test_flow_diagram_has_the_stard_boxes(results):
     text = _texts(flow_diagram(results))
     c = results["prediction"]["nested"]["confusion"]
-    assert "Potentially eligible" in text and "Index test done" in text and "Analysed" in text
-    assert f"Index test predicts Worse: {c['tp']}" in text and f"Index test predicts Improved: {c['tn']}" in text
+    assert "Source population" in text and "Index test performed" in text and "Reference standard available" in text
+    # STARD's order: index test result, then the reference standard of its pairs (the confusion matrix)
+    assert (f"Index test positive\n(predicts Worse)\nn = {c['tp'] + c['fp']} pairs" in text
+            and f"Reference standard\nWorse: {c['tp']}\nImproved: {c['fp']}" in text)
+    assert (f"Index test negative\n(predicts Improved)\nn = {c['fn'] + c['tn']} pairs" in text
+            and f"Reference standard\nWorse: {c['fn']}\nImproved: {c['tn']}" in text)
+    assert "Index test inconclusive\n(no prediction)\nn = 0 pairs" in text
     by = results["flow"]["by_outcome"]
     counted = sum(g["patients"] for g in by.values())
     assert f"the groups count {counted} patients for {results['flow']['patients_analysed']} patients" in text

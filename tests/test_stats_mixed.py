@@ -135,3 +135,36 @@ def test_jonckheere_constant_label_is_not_tested():
     df = pd.DataFrame({"outcome": [IMPROVED, STABLE, WORSE] * 2, "A": [0.2] * 6})
     row = jonckheere_terpstra(df, ["A"]).iloc[0]
     assert math.isnan(row.p) and row.note == "not tested: constant"
+
+
+def test_a_variance_at_the_boundary_is_reached_and_said():
+    # Reference: statsmodels OLS of the same formula. When the REML random-intercept variance is 0, the
+    # fixed effects are those of ordinary least squares. On this draw (no patient effect) statsmodels'
+    # default optimiser stops short (lower REML log-likelihood, fixed effects 0.007 off OLS); the
+    # derivative-free starts reach the boundary.
+    import warnings
+
+    import statsmodels.formula.api as smf
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    from covreport.stats.mixed import _best_fit
+
+    rng = np.random.default_rng(2)
+    pid = np.repeat(np.arange(40), rng.integers(1, 3, 40))
+    n = len(pid)
+    out = rng.choice(["Worse", "Stable", "Improved"], n, p=[0.6, 0.2, 0.2])
+    iv = rng.integers(1, 9, n).astype(float)
+    change = np.where(out == "Worse", 0.3, np.where(out == "Improved", -0.2, 0.0)) + rng.normal(0, 0.3, n)
+    df = pd.DataFrame({"change": change, "outcome": out, "interval_days": iv, "patient_id": pid.astype(str)})
+    formula = "change ~ C(outcome, Treatment('Improved')) + np.log(interval_days)"
+    model = MixedLM.from_formula(formula, data=df, groups=df["patient_id"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = model.fit(reml=True)
+    fit, note = _best_fit(model)
+    ols = smf.ols(formula, data=df).fit()
+    assert fit.llf > default.llf + 0.1
+    assert np.abs(fit.fe_params.to_numpy() - ols.params.to_numpy()).max() < 1e-6
+    assert np.abs(default.fe_params.to_numpy() - ols.params.to_numpy()).max() > 1e-3
+    assert note == ("the random-intercept variance is estimated at 0 (the boundary), so the fit equals ordinary "
+                    "least squares of the pairs")

@@ -80,13 +80,14 @@ def test_significant_labels_are_those_holm_keeps(folders, unit):
     effect = worse_improved["significant"][0]["effect"]
     if unit == "patient":  # theta = U/(n1 n2): every Worse change exceeds every Improved change
         assert effect["name"] == "theta" and effect["estimate"] == pytest.approx(1.0)
-    else:  # Cohen's d with the pooled SD (ddof 1), written out
-        assert effect["name"] == "Cohen's d"
+    else:  # Hedges' g: Cohen's d with the pooled SD (ddof 1) times J = 1 - 3/(4(n1+n2) - 9), written out
+        assert effect["name"] == "Hedges' g"
         pairs = pd.DataFrame(results["pairs"])
         x = pairs.loc[pairs["outcome"] == "Worse", "Edema change"]
         y = pairs.loc[pairs["outcome"] == "Improved", "Edema change"]
         pooled = np.sqrt(((len(x) - 1) * x.var() + (len(y) - 1) * y.var()) / (len(x) + len(y) - 2))
-        assert effect["estimate"] == pytest.approx((x.mean() - y.mean()) / pooled, rel=1e-9)
+        j = 1 - 3 / (4 * (len(x) + len(y)) - 9)
+        assert effect["estimate"] == pytest.approx(j * (x.mean() - y.mean()) / pooled, rel=1e-9)
 
 
 def test_prediction_of_the_headline_protocol_with_intervals(folders):
@@ -136,7 +137,7 @@ def test_text_names_counts_results_and_files(folders):
     text = format_summary(summarise(folder))
     lines = text.splitlines()
     assert lines[0] == "Analysed    24 pairs of 24 patients; in the manifest 24 pairs of 24 patients"
-    assert any(line.startswith("    Edema: Cohen's d ") and "Holm p" in line for line in lines)
+    assert any(line.startswith("    Edema: Hedges' g ") and "Holm p" in line for line in lines)
     assert lines[-3:] == [f"Report      {folder / 'report.html'}",
                           "PDF         none in the folder (the run had --no-pdf?)",
                           f"Results     {folder / 'results.json'}"]

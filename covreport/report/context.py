@@ -14,7 +14,7 @@ from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.training import training_text
 from covreport.report.summaries import (
-    ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _threshold,
+    ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, endpoint_summary, _prediction_blocks, _threshold,
     _validation_summary,
 )
 from covreport.study import STUDY_FIELDS, validate_study
@@ -221,6 +221,24 @@ def running_title(title, limit=80):
     return cut.rstrip(",;:") + "\u2026"
 
 
+def _projection_counts(results):
+    """``{group: {"same", "changed", "unknown", "pairs"}}`` from ``projection_changes``, Table 1's group names.
+
+    Empty when results.json has no projection counts (older results) or no pair has its projections
+    recorded.
+    """
+    out = {}
+    for row in results.get("projection_changes") or []:
+        group = "All pairs" if row.get("outcome") == "All" else row.get("outcome")
+        g = out.setdefault(group, {"same": 0, "changed": 0, "unknown": 0, "pairs": 0})
+        kind = row.get("projection_change") if row.get("projection_change") in ("same", "changed") else "unknown"
+        g[kind] += int(row.get("pairs") or 0)
+        g["pairs"] += int(row.get("pairs") or 0)
+    if all(g["unknown"] == g["pairs"] for g in out.values()):
+        return {}
+    return out
+
+
 def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams_info=None):
     """Everything the templates see, derived from the results mapping.
 
@@ -229,7 +247,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     ``synthetic``, ``figures`` (``{stem: {"uri"}}``), ``blocks`` (prediction
     protocols, headline first), ``limitations``, ``checklist``, ``tripod`` (TRIPOD+AI rows, [] without prediction), ``ai_items``,
     ``methods`` (recorded method strings), ``references``, ``t1_notes``,
-    ``t2_notes``, ``validation`` (summary), ``groups`` (summary),
+    ``t2_notes``, ``validation`` (summary), ``groups`` (summary), ``endpoint`` (the primary endpoint
+    and the multiplicity families, :func:`endpoint_summary`), ``contrasts`` (primary first),
     ``threshold``, ``provenance`` tables, ``cams_note``, ``outcome_defs``,
     ``reval`` (:func:`revalidation_view`: what moved since the last
     validation, or None without ``--previous``).
@@ -280,10 +299,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     for stem in FIGURE_ORDER:
         if stem in (figures or {}) or (stem == "class_activation_maps" and cams_expected):
             figure_numbers[stem] = len(figure_numbers) + 1
-    contrasts = []
-    for r in gd:
-        if r.get("contrast") not in contrasts:
-            contrasts.append(r.get("contrast"))
+    endpoint = endpoint_summary(results)
     inputs = prov.get("inputs") or {}
     reviewer_mode = "scores" in inputs or not prov.get("weights_sha256")
     model = prov.get("model") or {}
@@ -332,11 +348,17 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "metric_names": METRIC_NAMES,
         "metric_titles": METRIC_TITLES,
         "clustered_note_marks": _marks(r.get("note") for r in results.get("group_differences_clustered") or []),
+        "projection": _projection_counts(results),
+        "clustered_tested": next((g for g in results.get("group_differences_clustered") or [] if g.get("p_method")),
+                                 {}),
+        "pair_note_marks": _marks(r.get("note") for r in gd),
+        "mixed_note_marks": _marks(r.get("note") for r in results.get("mixed_model") or []),
         "any_block_has": lambda key: any(b["block"].get(key) is not None for b in blocks),
         "any_metric": lambda key: any(key in (b["block"].get("metrics") or {}) for b in blocks),
         "fig_no": figure_numbers,
         "running_title": running_title(title),
-        "contrasts": contrasts,
+        "contrasts": endpoint["order"],
+        "endpoint": endpoint,
         "validation": _validation_summary(results),
         "groups": _group_summary(results),
         "provenance": prov,

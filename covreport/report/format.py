@@ -104,6 +104,19 @@ REFERENCES = {
                "Med Decis Making 2006;26:565-574.",
     "vickers2016": "Vickers AJ, Van Calster B, Steyerberg EW. Net benefit approaches to the evaluation of "
                    "prediction models, molecular markers, and diagnostic tests. BMJ 2016;352:i6.",
+    "hodges_lehmann": "Hodges JL, Lehmann EL. Estimates of location based on rank tests. Ann Math Stat "
+                      "1963;34:598-611.",
+    "bauer": "Bauer DF. Constructing confidence sets using rank statistics. J Am Stat Assoc 1972;67:687-690.",
+    "steiger": "Steiger JH, Fouladi RT. Noncentrality interval estimation and the evaluation of statistical "
+               "models. In: Harlow LL, Mulaik SA, Steiger JH, eds. What If There Were No Significance Tests? "
+               "Mahwah, NJ: Lawrence Erlbaum; 1997:221-257.",
+    "laird_ware": "Laird NM, Ware JH. Random-effects models for longitudinal data. Biometrics 1982;38:963-974.",
+    "jonckheere": "Jonckheere AR. A distribution-free k-sample test against ordered alternatives. Biometrika "
+                  "1954;41:133-145.",
+    "terpstra": "Terpstra TJ. The asymptotic normality and consistency of Kendall's test against trend, when ties "
+                "are present in one ranking. Indag Math 1952;14:327-333.",
+    "hollander": "Hollander M, Wolfe DA, Chicken E. Nonparametric Statistical Methods. 3rd ed. Hoboken, NJ: "
+                 "Wiley; 2014.",
     "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
                "diagnostic accuracy studies. Ann Intern Med 2011;155:529-536.",
 }
@@ -121,6 +134,9 @@ AUTHOR_YEAR = (
     (r"Zhou et al\.? 2016", "cam"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
     (r"Austin 2009", "austin_smd"), (r"Austin (?:&|and) Steyerberg", "austin_ici"),
     (r"Vickers (?:&|and) Elkin", "vickers"), (r"Vickers,? (?:AJ, )?Van Calster", "vickers2016"),
+    (r"Hodges (?:&|and) Lehmann", "hodges_lehmann"), (r"Bauer 1972", "bauer"), (r"Steiger", "steiger"),
+    (r"Laird (?:&|and) Ware", "laird_ware"), (r"Jonckheere", "jonckheere"), (r"Terpstra", "terpstra"),
+    (r"Hollander", "hollander"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]

@@ -7,8 +7,9 @@ from covreport.report.format import METRIC_NAMES, _ci_width, _finite, cite_mark,
 from covreport.study import series_kind
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.summaries import (
-    ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, _prediction_blocks, _validation_summary,
+    ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _prediction_blocks, _validation_summary, endpoint_summary,
 )
+
 
 def limitations(results):
     """Limitations flagged from the numbers (STARD item 26).
@@ -71,13 +72,22 @@ def limitations(results):
                             f"{IMPROVED} pairs (ratio {ratio:.1f}:1). Always predicting {major} would be "
                             f"{fmt_auc(nir)} accurate; the {head['name']} accuracy of {fmt_auc(acc)} must be "
                             "read against that rate, and sensitivity and specificity together."})
-    g = _group_summary(results)
-    if g["tests"] > 1:
+    ep = endpoint_summary(results)
+    fams = [f for f in ([ep["primary"]] if ep["primary"] else []) + ep["other"] + ep["secondary"] if f["tests"]]
+    total = sum(f["tests"] for f in fams)
+    if total > 1:
         n_val = len(results.get("validation_auc") or [])
-        out.append({"kind": "Multiple comparisons", "text": f"{g['tests']} Mann-Whitney U tests were run "
-                    f"(labels x contrasts); at P < {ALPHA} about {g['expected_false']:.1f} would be significant "
-                    f"by chance alone. {g['raw']} had unadjusted p < {ALPHA}, {g['holm']} after Holm and "
-                    f"{g['bh']} after Benjamini-Hochberg adjustment"
+        unit = "patients as clusters" if ep["unit"] == "patient" else "pairs as units"
+        text = (f"{total} tests of the change were run ({len(fams)} families: "
+                + ", ".join(f"{f['contrast']}{' (pairs)' if f in ep['secondary'] else ''}" for f in fams)
+                + f"); at P < {ALPHA} about {ALPHA * total:.1f} would be significant by chance alone. Holm and "
+                "Benjamini-Hochberg adjust within each family, not across them.")
+        if ep["primary"]:
+            pf = ep["primary"]
+            text += (f" Primary endpoint ({pf['contrast']}, {unit}): {pf['raw']} of {pf['tests']} had unadjusted "
+                     f"p < {ALPHA}, {pf['holm']} after Holm and {pf['bh']} after Benjamini-Hochberg adjustment; "
+                     "the other families are secondary and exploratory")
+        out.append({"kind": "Multiple comparisons", "text": text
                     + (f"; {n_val} validation AUCs were also estimated." if n_val else ".")})
     pred = results.get("prediction") or {}
     if pred.get("nested") and pred.get("global"):
@@ -101,8 +111,12 @@ def limitations(results):
     if _finite(pa) and _finite(na) and pa > na:
         out.append({"kind": "Correlated pairs", "text": f"The {pa} pairs come from {na} patients: pairs of one "
                     "patient are not independent. Cross-validation leaves all pairs of a patient out together, "
-                    "but the Mann-Whitney tests and the CIs treat pairs as independent, so their precision is "
-                    "overstated."})
+                    + ("and the primary change analysis takes patients as clusters, but the pair-level "
+                       "Mann-Whitney tests and their CIs (secondary, as in the original study) treat pairs as "
+                       "independent, so their precision is overstated."
+                       if results.get("group_differences_clustered") else
+                       "but the Mann-Whitney tests and the CIs treat pairs as independent, so their precision is "
+                       "overstated.")})
     iv = results.get("interval_days")
     if iv and _finite(iv.get("min")) and _finite(iv.get("max")) and iv["max"] > iv["min"]:
         out.append({"kind": "Non-uniform intervals", "text": f"The interval between the two CXRs ranged from "

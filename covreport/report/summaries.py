@@ -61,6 +61,56 @@ def _validation_summary(results):
             "min": lo, "max": hi, "n_pos_neg": (rows[0].get("n_pos", 0) or 0) + (rows[0].get("n_neg", 0) or 0)}
 
 
+def _family(rows, contrast):
+    """One multiplicity family: the tested labels of one contrast, counted exactly as they were adjusted."""
+    tested = [r for r in rows if r.get("contrast") == contrast and _finite(r.get("p"))]
+    holm = [r for r in tested if _finite(r.get("p_holm")) and r["p_holm"] < ALPHA]
+    return {"contrast": contrast, "tests": len(tested), "raw": sum(r["p"] < ALPHA for r in tested),
+            "holm": len(holm), "bh": sum(_finite(r.get("p_bh")) and r["p_bh"] < ALPHA for r in tested),
+            "holm_rows": sorted(holm, key=lambda r: r["p_holm"])}
+
+
+def _contrast_order(rows, first):
+    """The contrasts of ``rows`` in their order, with ``first`` (the primary contrast) moved to the front."""
+    names = []
+    for r in rows:
+        if r.get("contrast") not in names:
+            names.append(r.get("contrast"))
+    return sorted(names, key=lambda c: c != first)
+
+
+def endpoint_summary(results):
+    """The primary endpoint and the multiplicity families of the change analysis, primary first.
+
+    Each contrast is one family (Holm and Benjamini-Hochberg across its labels), at each unit of
+    analysis. The primary endpoint is the declared contrast (``primary_analysis.contrast``, from
+    study.toml ``primary_contrast``; default Worse vs Improved) at the primary unit (patients as
+    clusters when a patient has several pairs).
+
+    Returns
+    -------
+    dict
+        ``contrast``, ``contrast_source``, ``unit``, ``order`` (the contrasts, primary first),
+        ``primary`` (the family of the primary endpoint, or None when it was not computed), ``other``
+        (the other families at the primary unit), ``secondary`` (the pair-level families when the
+        primary unit is the patient) and ``tests_total``.
+    """
+    pa = results.get("primary_analysis") or {}
+    pair_rows = results.get("group_differences") or []
+    clustered = results.get("group_differences_clustered") or []
+    unit = pa.get("unit") if pa.get("unit") in ("patient", "pair") else "pair"
+    lead = clustered if unit == "patient" and clustered else pair_rows
+    unit = "patient" if lead is clustered and clustered else "pair"
+    order = _contrast_order(pair_rows or clustered, pa.get("contrast") or "Worse vs Improved")
+    contrast = order[0] if order else None   # the declared contrast, or the first computed one
+    families = [_family(lead, c) for c in order]
+    primary = families[0] if families and families[0]["tests"] else None
+    secondary = [_family(pair_rows, c) for c in order] if unit == "patient" else []
+    return {"contrast": contrast, "contrast_source": pa.get("contrast_source", "default"), "unit": unit,
+            "order": order, "primary": primary, "other": families[1:], "secondary": secondary,
+            "tests_total": sum(f["tests"] for f in families)}
+
+
 def _group_summary(results):
     rows = results.get("group_differences") or []
     tested = [r for r in rows if _finite(r.get("p"))]
@@ -72,5 +122,3 @@ def _group_summary(results):
         "holm_rows": [r for r in tested if _finite(r.get("p_holm")) and r["p_holm"] < ALPHA],
         "expected_false": ALPHA * len(tested),
     }
-
-

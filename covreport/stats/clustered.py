@@ -83,7 +83,7 @@ CLUSTERED_COLUMNS = (
 )
 
 #: ``analysis`` values of the clustered records: the primary contrast and the others.
-PRIMARY = "primary: the change of each label, Worse vs Improved, patients as clusters"
+PRIMARY = "primary: the change of each label, {contrast}, patients as clusters"
 SECONDARY = "secondary: other contrasts, patients as clusters"
 
 #: Prediction metrics of :func:`cluster_bootstrap`, in order.
@@ -360,7 +360,7 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
     rows = []
     for group1, group2 in contrasts:
         contrast = f"{group1} vs {group2}"
-        analysis = PRIMARY if (group1, group2) == tuple(primary) else SECONDARY
+        analysis = PRIMARY.format(contrast=contrast) if (group1, group2) == tuple(primary) else SECONDARY
         rng = np.random.default_rng(next(streams))
         drawn = {}   # the permutations of one design (pairs with a change), shared by the labels
         block = []
@@ -607,33 +607,52 @@ def _group_draws(counts, G, sides, group1, group2, label, alpha, method):
     return out
 
 
-def primary_analysis(patient_ids):
-    """Which analysis the report leads with: patient-clustered when any patient has several pairs.
+def primary_analysis(patient_ids, contrast=None):
+    """The primary endpoint: which contrast, and at which unit the report leads with it.
+
+    The unit is the patient (clustered analyses) when any patient has several
+    pairs, else the pair; the contrast is the one the authors declared
+    (``study.toml`` ``primary_contrast``), by default Worse vs Improved, the
+    comparison of the original study.
 
     Parameters
     ----------
     patient_ids : array_like
         Patient id of each analysed pair.
+    contrast : str, optional
+        ``"Worse vs Improved"`` (default), ``"Worse vs Stable"`` or ``"Stable vs Improved"``.
 
     Returns
     -------
     dict
-        ``{"unit": "patient" | "pair", "reason": str}``.
+        ``{"unit": "patient" | "pair", "reason": str, "contrast": str,
+        "contrast_source": "study.toml" | "default", "endpoint": str}``.
     """
+    names = [f"{a} vs {b}" for a, b in CONTRASTS]
+    source = "default" if contrast is None else "study.toml"
+    contrast = names[0] if contrast is None else contrast
+    if contrast not in names:
+        raise StatsError(f"primary contrast {contrast!r} is not one of {', '.join(names)}")
     ids = pd.Series(np.asarray(patient_ids, dtype=object)).astype(str)
     per = ids.value_counts()
     several = int((per > 1).sum())
     if several:
-        return {"unit": "patient",
-                "reason": (f"{several} of {len(per)} patients contribute more than one analysed pair "
-                           f"({len(ids)} pairs), so pairs are not independent: the patient-clustered "
-                           "analyses (Obuchowski's clustered AUC and Mann-Whitney test, the patient-level "
-                           "cluster bootstrap, Table 1 per patient) are primary; the pair-level results, "
-                           "which replicate the original study, are secondary")}
-    return {"unit": "pair",
-            "reason": (f"each of the {len(per)} patients contributes one analysed pair, so pairs are "
-                       "independent and the pair-level analyses are primary (the clustered ones "
-                       "coincide with them)")}
+        unit = "patient"
+        reason = (f"{several} of {len(per)} patients contribute more than one analysed pair "
+                  f"({len(ids)} pairs), so pairs are not independent: the patient-clustered "
+                  "analyses (Obuchowski's clustered AUC and Mann-Whitney test, the patient-level "
+                  "cluster bootstrap, Table 1 per patient) are primary; the pair-level results, "
+                  "which replicate the original study, are secondary")
+    else:
+        unit = "pair"
+        reason = (f"each of the {len(per)} patients contributes one analysed pair, so pairs are "
+                  "independent and the pair-level analyses are primary (the clustered ones "
+                  "coincide with them)")
+    endpoint = (f"the change of each label's probability between the two CXRs, {contrast}, "
+                + ("patients as clusters" if unit == "patient" else "pairs as units")
+                + "; Holm adjustment across the labels of that contrast")
+    return {"unit": unit, "reason": reason, "contrast": contrast, "contrast_source": source,
+            "endpoint": endpoint}
 
 
 __all__ = [

@@ -48,7 +48,9 @@ MIXED_COLUMNS = (
 
 MIXED_METHOD = (
     "linear mixed model (Laird & Ware 1982) fitted by REML with statsmodels MixedLM.from_formula("
-    "'{formula}', groups=patient_id): a random intercept per patient; contrast = difference of the "
+    "'{formula}', groups=patient_id), keeping the highest REML log-likelihood of three optimiser starts "
+    "(statsmodels' default, Powell and Nelder-Mead, each finished by L-BFGS): a random intercept per patient; "
+    "contrast = difference of the "
     "outcome coefficients (reference Improved) with its Wald {level:g}% CI and two-sided z test "
     "from the covariance (X' V^-1 X)^-1 of the fixed effects at the REML variance estimates (as R's "
     "nlme vcov(lme(...))); not adjusted for multiplicity"
@@ -185,15 +187,7 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
         if len(present) < 2 or df["patient_id"].nunique() < 3 or float(np.ptp(df["change"])) == 0.0:
             note = "not fitted: fewer than 2 outcome groups or 3 patients, or the change is constant"
         else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    fit = MixedLM.from_formula(formula, data=df, groups=df["patient_id"]).fit(reml=True)
-                except (np.linalg.LinAlgError, ValueError) as exc:
-                    note = f"not fitted: {exc}"
-            if fit is not None:
-                msgs = sorted({str(w.message).splitlines()[0] for w in caught})
-                note = ("statsmodels warned: " + "; ".join(msgs)) if msgs else None
+            fit, note = _best_fit(MixedLM.from_formula(formula, data=df, groups=df["patient_id"]))
         for group1, group2 in contrasts:
             row = {**base, "contrast": f"{group1} vs {group2}", "group1": group1, "group2": group2,
                    "estimate": math.nan, "se": math.nan, "ci_low": math.nan, "ci_high": math.nan,
@@ -217,6 +211,40 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
                 row["note"] = f"not estimable: {group1 if group1 not in present else group2} has no pair"
             rows.append(row)
     return pd.DataFrame(rows, columns=list(MIXED_COLUMNS))
+
+
+#: Optimisers tried for each model (statsmodels ``MixedLM.fit(method=...)``); the fit with the highest
+#: REML log-likelihood is kept. statsmodels' default (BFGS first) often stops short of a variance at
+#: the boundary (0) and warns; the derivative-free starts reach it.
+OPTIMISERS = (None, ("powell", "lbfgs"), ("nm", "lbfgs"))
+
+#: A random-intercept variance at most this fraction of the residual variance is reported as at the boundary.
+BOUNDARY = 1e-6
+
+
+def _best_fit(model):
+    """The REML fit of ``model`` with the highest log-likelihood over :data:`OPTIMISERS`, and its note."""
+    best, failed = None, []
+    for method in OPTIMISERS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fit = model.fit(reml=True) if method is None else model.fit(reml=True, method=list(method))
+            except (np.linalg.LinAlgError, ValueError) as exc:
+                failed.append(str(exc))
+                continue
+        if np.isfinite(fit.llf) and (best is None or fit.llf > best.llf + 1e-9):
+            best = fit
+    if best is None:
+        return None, f"not fitted: {failed[0] if failed else 'no optimiser converged'}"
+    notes = []
+    if not best.converged:
+        notes.append("the optimiser did not report convergence (highest REML log-likelihood of "
+                     f"{len(OPTIMISERS)} starts kept)")
+    if float(best.cov_re.iloc[0, 0]) <= BOUNDARY * float(best.scale):
+        notes.append("the random-intercept variance is estimated at 0 (the boundary), so the fit equals "
+                     "ordinary least squares of the pairs")
+    return best, "; ".join(notes) or None
 
 
 def _gls_cov(fit):
