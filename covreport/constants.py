@@ -22,6 +22,9 @@ OUTCOMES = (WORSE, STABLE, IMPROVED)
 #: Contrasts of the group comparisons; the first-named group is group 1.
 CONTRASTS = ((WORSE, IMPROVED), (WORSE, STABLE), (STABLE, IMPROVED))
 
+#: Their names as results.json spells them ("Worse vs Improved", ...); the first is the default primary contrast.
+CONTRAST_NAMES = tuple(f"{a} vs {b}" for a, b in CONTRASTS)
+
 #: Manifest columns.
 REQUIRED_COLUMNS = ("patient_id", "first_image", "second_image", "outcome")
 OPTIONAL_COLUMNS = (

@@ -85,15 +85,20 @@ def _fmt(x, nd=3):
 # --- flow diagram (STARD item 19) --------------------------------------------
 
 
-def _projection_changed(results):
-    """``{outcome: pairs whose projection changed}``, or {} when no projection is recorded."""
-    rows = [r for r in results.get("projection_changes") or [] if r.get("outcome") in OUTCOMES]
-    if not any(r.get("projection_change") in ("same", "changed") for r in rows):
+def projection_counts(results):
+    """``{outcome: {"same", "changed", "unknown", "pairs"}}`` from ``projection_changes`` (outcome "All" too).
+
+    Empty when results.json has no projection counts (older results) or no pair has both projections
+    recorded. Shared by the flow diagram and Table 1.
+    """
+    out = {}
+    for row in results.get("projection_changes") or []:
+        g = out.setdefault(row.get("outcome"), {"same": 0, "changed": 0, "unknown": 0, "pairs": 0})
+        kind = row.get("projection_change") if row.get("projection_change") in ("same", "changed") else "unknown"
+        g[kind] += int(row.get("pairs") or 0)
+        g["pairs"] += int(row.get("pairs") or 0)
+    if all(g["unknown"] == g["pairs"] for g in out.values()):
         return {}
-    out = {o: 0 for o in OUTCOMES}
-    for r in rows:
-        if r.get("projection_change") == "changed":
-            out[r["outcome"]] += int(r.get("pairs") or 0)
     return out
 
 
@@ -145,7 +150,7 @@ def flow_diagram(results):
               if s not in (INDEX_STAGE, REFERENCE_STAGE)]
     stages += [INDEX_STAGE, REFERENCE_STAGE]
     block, name = _headline_block(results)
-    changed = _projection_changed(results)
+    projection = projection_counts(results)
 
     height = 40.0   # drawn from the top; the limits are set to what was drawn
     with matplotlib.rc_context(_RC):
@@ -224,8 +229,8 @@ def flow_diagram(results):
             g = by.get(outcome, {})
             text = (f"Final category: {outcome}\n{_n(g.get('pairs', 0), 'pair')} of "
                     f"{_n(g.get('patients', 0), 'patient')}")
-            if changed:
-                text += f"\nprojection changed: {changed[outcome]}"
+            if projection:
+                text += f"\nprojection changed: {projection.get(outcome, {}).get('changed', 0)}"
             y_g = y_bar - 0.35 - half(text)
             ax.annotate("", xy=(x, y_g + half(text)), xytext=(x, y_bar), arrowprops=arrow)
             ax.text(x, y_g, text, ha="center", va="center", fontsize=7.5,

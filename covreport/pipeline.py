@@ -24,7 +24,7 @@ import pandas as pd
 from covreport import __version__, progress
 from covreport._io import sha256_file
 from covreport.constants import (
-    FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
+    CONTRAST_NAMES, CONTRASTS, FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
 )
 from covreport.errors import CovreportError, ReportError, ScoresError
 
@@ -204,7 +204,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     groups = compare_groups(changes, labels)
     endpoint = primary_analysis(pairs["patient_id"], primary_contrast)
     clustered = group_differences_clustered(changes, labels, changes["patient_id"], seed=opts.seed,
-                                            primary=tuple(endpoint["contrast"].split(" vs ")))
+                                            primary=CONTRASTS[CONTRAST_NAMES.index(endpoint["contrast"])])
     sensitivity = _sensitivity(pairs, changes, labels, opts.seed)
     feats = [c for c in scores.columns if str(c).startswith(FEATURE_PREFIX)]
     if not feats:

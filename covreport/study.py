@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 from covreport import inputs
-from covreport.constants import CONTRASTS
+from covreport.constants import CONTRAST_NAMES
 from covreport.errors import ReportError
 
 #: Documented fields of study.toml: name -> (STARD 2015 / TRIPOD+AI / CLAIM item, what to write).
@@ -154,10 +154,6 @@ def validate_study(mapping, *, source="study.toml"):
             if text:
                 out[key] = text
     return out
-
-
-#: The contrasts ``primary_contrast`` may name.
-CONTRAST_NAMES = tuple(f"{a} vs {b}" for a, b in CONTRASTS)
 
 
 def _contrast(text, source):

@@ -189,3 +189,20 @@ def test_limitations_count_each_family_as_adjusted(default_run):
     assert ("Holm and Benjamini-Hochberg adjust within each family, not across them. Primary endpoint (Worse vs "
             f"Improved, patients as clusters): {raw} of {len(tested)} had unadjusted p < 0.05, {len(holm)} after Holm") \
         in text
+
+
+def test_limitation_names_each_family_once_even_when_two_families_count_alike():
+    # Two families with the same counts and no significant label are equal as dicts: the pair-level
+    # ones must still be named "(pairs)" and the clustered ones not.
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report_fixtures import with_contract_keys
+
+    from covreport.report.limitations import limitations
+
+    r = with_contract_keys()
+    for row in r["group_differences"] + r["group_differences_clustered"]:
+        row.update(p=0.5, p_holm=1.0, p_bh=1.0)
+    text = {f["kind"]: f["text"] for f in limitations(r)}["Multiple comparisons"]
+    assert ("60 tests of the change were run (6 families: Worse vs Improved, Worse vs Stable, Stable vs Improved, "
+            "Worse vs Improved (pairs), Worse vs Stable (pairs), Stable vs Improved (pairs))") in text

@@ -8,6 +8,7 @@ from pathlib import PurePath
 
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
 from covreport.errors import ReportError
+from covreport.figures import projection_counts
 from covreport.report.checklists import ai_checklist, stard_checklist, tripod_checklist
 from covreport.report.format import METRIC_NAMES
 from covreport.report.limitations import limitations
@@ -221,24 +222,6 @@ def running_title(title, limit=80):
     return cut.rstrip(",;:") + "\u2026"
 
 
-def _projection_counts(results):
-    """``{group: {"same", "changed", "unknown", "pairs"}}`` from ``projection_changes``, Table 1's group names.
-
-    Empty when results.json has no projection counts (older results) or no pair has its projections
-    recorded.
-    """
-    out = {}
-    for row in results.get("projection_changes") or []:
-        group = "All pairs" if row.get("outcome") == "All" else row.get("outcome")
-        g = out.setdefault(group, {"same": 0, "changed": 0, "unknown": 0, "pairs": 0})
-        kind = row.get("projection_change") if row.get("projection_change") in ("same", "changed") else "unknown"
-        g[kind] += int(row.get("pairs") or 0)
-        g["pairs"] += int(row.get("pairs") or 0)
-    if all(g["unknown"] == g["pairs"] for g in out.values()):
-        return {}
-    return out
-
-
 def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams_info=None):
     """Everything the templates see, derived from the results mapping.
 
@@ -348,7 +331,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "metric_names": METRIC_NAMES,
         "metric_titles": METRIC_TITLES,
         "clustered_note_marks": _marks(r.get("note") for r in results.get("group_differences_clustered") or []),
-        "projection": _projection_counts(results),
+        "projection": {("All pairs" if k == "All" else k): v for k, v in projection_counts(results).items()},
         "clustered_tested": next((g for g in results.get("group_differences_clustered") or [] if g.get("p_method")),
                                  {}),
         "pair_note_marks": _marks(r.get("note") for r in gd),

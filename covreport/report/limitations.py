@@ -73,13 +73,14 @@ def limitations(results):
                             f"{fmt_auc(nir)} accurate; the {head['name']} accuracy of {fmt_auc(acc)} must be "
                             "read against that rate, and sensitivity and specificity together."})
     ep = endpoint_summary(results)
-    fams = [f for f in ([ep["primary"]] if ep["primary"] else []) + ep["other"] + ep["secondary"] if f["tests"]]
-    total = sum(f["tests"] for f in fams)
+    fams = [(f, "") for f in ([ep["primary"]] if ep["primary"] else []) + ep["other"] if f["tests"]]
+    fams += [(f, " (pairs)") for f in ep["secondary"] if f["tests"]]
+    total = sum(f["tests"] for f, _ in fams)
     if total > 1:
         n_val = len(results.get("validation_auc") or [])
         unit = "patients as clusters" if ep["unit"] == "patient" else "pairs as units"
         text = (f"{total} tests of the change were run ({len(fams)} families: "
-                + ", ".join(f"{f['contrast']}{' (pairs)' if f in ep['secondary'] else ''}" for f in fams)
+                + ", ".join(f"{f['contrast']}{where}" for f, where in fams)
                 + f"); at P < {ALPHA} about {ALPHA * total:.1f} would be significant by chance alone. Holm and "
                 "Benjamini-Hochberg adjust within each family, not across them.")
         if ep["primary"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from covreport.constants import WORSE
+from covreport.constants import CONTRAST_NAMES, WORSE
 from covreport.report.format import _finite
 
 #: Thresholds of the limitations derived from the numbers.
@@ -98,10 +98,9 @@ def endpoint_summary(results):
     pa = results.get("primary_analysis") or {}
     pair_rows = results.get("group_differences") or []
     clustered = results.get("group_differences_clustered") or []
-    unit = pa.get("unit") if pa.get("unit") in ("patient", "pair") else "pair"
-    lead = clustered if unit == "patient" and clustered else pair_rows
-    unit = "patient" if lead is clustered and clustered else "pair"
-    order = _contrast_order(pair_rows or clustered, pa.get("contrast") or "Worse vs Improved")
+    unit = "patient" if pa.get("unit") == "patient" and clustered else "pair"
+    lead = clustered if unit == "patient" else pair_rows
+    order = _contrast_order(pair_rows or clustered, pa.get("contrast") or CONTRAST_NAMES[0])
     contrast = order[0] if order else None   # the declared contrast, or the first computed one
     families = [_family(lead, c) for c in order]
     primary = families[0] if families and families[0]["tests"] else None

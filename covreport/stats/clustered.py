@@ -39,7 +39,7 @@ import pandas as pd
 from scipy import stats as _sps
 
 from covreport import progress
-from covreport.constants import CONTRASTS, IMPROVED, WORSE
+from covreport.constants import CONTRAST_NAMES, CONTRASTS, IMPROVED, WORSE
 from covreport.errors import StatsError
 from covreport.stats._util import check_alpha
 from covreport.stats.effect_sizes import logit_interval
@@ -628,11 +628,10 @@ def primary_analysis(patient_ids, contrast=None):
         ``{"unit": "patient" | "pair", "reason": str, "contrast": str,
         "contrast_source": "study.toml" | "default", "endpoint": str}``.
     """
-    names = [f"{a} vs {b}" for a, b in CONTRASTS]
     source = "default" if contrast is None else "study.toml"
-    contrast = names[0] if contrast is None else contrast
-    if contrast not in names:
-        raise StatsError(f"primary contrast {contrast!r} is not one of {', '.join(names)}")
+    contrast = CONTRAST_NAMES[0] if contrast is None else contrast
+    if contrast not in CONTRAST_NAMES:
+        raise StatsError(f"primary contrast {contrast!r} is not one of {', '.join(CONTRAST_NAMES)}")
     ids = pd.Series(np.asarray(patient_ids, dtype=object)).astype(str)
     per = ids.value_counts()
     several = int((per > 1).sum())
