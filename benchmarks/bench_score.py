@@ -25,10 +25,21 @@ CPU seconds per image (user + system, of the process and its workers) are
 reported too: on a machine shared with other jobs they are a steadier
 measure of the work each method does than wall-clock throughput.
 
+With ``--distributed`` it measures instead ``covreport score`` under
+``torchrun --standalone --nproc_per_node K`` (gloo, CPU; each rank one torch
+thread and no decoding workers, as torchrun sets ``OMP_NUM_THREADS=1``)
+against one ``covreport score`` process (``--workers`` decoding workers,
+``--threads`` torch threads) on the same images, each with a fresh cache,
+interleaved over ``--rounds``: the whole command's wall time (process start,
+hashing, scoring, merging the shards, writing the file) and its scoring stage
+(rank 0's ``Scoring ... done in`` line, which includes the wait for the other
+ranks and the merge), and checks that the scores files agree to 1e-5.
+
 Usage::
 
     python benchmarks/bench_score.py                 # 64 images, 2 rounds
     python benchmarks/bench_score.py --n 32 --rounds 1 --json out.json
+    python benchmarks/bench_score.py --distributed --ranks 2 --n 64
 """
 
 import argparse
@@ -250,6 +261,84 @@ def relative_feature_error(feats32, feats16):
     return float((d / np.linalg.norm(feats32.astype(np.float64), axis=1)).max())
 
 
+def _score_command(folder, out, cache, ranks, workers, batch_size):
+    """``covreport score`` on the benchmark's manifest: in one process, or under torchrun with ``ranks`` ranks."""
+    args = ["-m", "covreport", "score", str(folder / "manifest.csv"), "--weights",
+            str(folder / "random_densenet121.pt"), "--cache", str(cache), "--out", str(out),
+            "--batch-size", str(batch_size), "--no-progress"]
+    if ranks <= 1:
+        return [sys.executable, *args, "--workers", str(workers)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+            *args, "--workers", "0"]
+
+
+def distributed_main(args):
+    """K gloo ranks against one process, side by side (see the module's docstring)."""
+    import re
+
+    import pandas as pd
+
+    methods = {"1 process": 1, f"{args.ranks} ranks": args.ranks}
+    runs = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory(prefix="covreport-bench-dist-") as tmp:
+        tmp = Path(tmp)
+        print(f"Preparing {args.n} synthetic {args.size}-px PNGs and a random DenseNet121 ...", flush=True)
+        paths, _ = make_inputs(tmp, args.n, args.size)
+        rows = [f"p{i},{a.name},{b.name},Worse" for i, (a, b) in enumerate(zip(paths[::2], paths[1::2]))]
+        (tmp / "manifest.csv").write_text("patient_id,first_image,second_image,outcome\n" + "\n".join(rows) + "\n")
+        for r in range(args.rounds):
+            for m, ranks in methods.items():
+                tag = f"{ranks}_{r}"
+                env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+                if ranks <= 1:
+                    env["OMP_NUM_THREADS"] = str(args.threads)
+                else:
+                    env.pop("OMP_NUM_THREADS", None)  # torchrun sets 1 per rank
+                cmd = _score_command(tmp, tmp / f"s_{tag}.csv", tmp / f"c_{tag}.sqlite", ranks, args.workers,
+                                     args.batch_size)
+                load0 = os.getloadavg()[0]
+                t = time.perf_counter()
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=tmp)
+                wall = time.perf_counter() - t
+                found = re.findall(r"^Scoring .*: done in ([0-9.]+) s$", out.stderr, re.M)
+                rec = {"wall_s": wall, "scoring_s": float(found[-1]) if found else float("nan"),
+                       "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
+                       "scores": pd.read_csv(tmp / f"s_{tag}.csv")}
+                runs[m].append(rec)
+                print(f"  round {r + 1} {m:9s} command {wall:6.1f} s, scoring stage {rec['scoring_s']:6.1f} s "
+                      f"({args.n / rec['scoring_s']:5.2f} images/s; load {load0:.1f} -> "
+                      f"{rec['loadavg_after']:.1f})", flush=True)
+    base_name, k_name = list(methods)
+    ref = runs[base_name][0]["scores"]
+    dev = max(float(np.abs(rec["scores"].iloc[:, 1:].to_numpy(float) - ref.iloc[:, 1:].to_numpy(float)).max())
+              for recs in runs.values() for rec in recs)
+    same_images = all(list(rec["scores"]["image"]) == list(ref["image"]) for recs in runs.values() for rec in recs)
+    summary = {m: {"wall_s": statistics.median(x["wall_s"] for x in recs),
+                   "scoring_s": statistics.median(x["scoring_s"] for x in recs)} for m, recs in runs.items()}
+    result = {
+        "images": args.n, "size": args.size, "batch_size": args.batch_size, "ranks": args.ranks,
+        "one_process_threads": args.threads, "one_process_workers": args.workers, "rounds": args.rounds,
+        "cpu_count": os.cpu_count(), "methods": summary,
+        "ratio_scoring": summary[base_name]["scoring_s"] / summary[k_name]["scoring_s"],
+        "ratio_wall": summary[base_name]["wall_s"] / summary[k_name]["wall_s"],
+        "max_abs_dev": dev, "same_images": same_images, "loadavg_end": os.getloadavg(),
+    }
+    print()
+    print(f"{args.n} images of {args.size}x{args.size}, batch {args.batch_size}, median of {args.rounds} "
+          f"round(s); 1 process: {args.threads} torch threads, {args.workers} workers; "
+          f"{args.ranks} gloo ranks: 1 thread each, no workers")
+    for m, sm in summary.items():
+        print(f"{m:10s} command {sm['wall_s']:7.1f} s   scoring stage {sm['scoring_s']:7.1f} s "
+              f"({args.n / sm['scoring_s']:.2f} images/s)")
+    print(f"speed-up of {k_name} over 1 process: scoring stage {result['ratio_scoring']:.2f}x, "
+          f"whole command {result['ratio_wall']:.2f}x")
+    print(f"max |difference| of any score between the runs: {dev:.2e} (same images, same order: {same_images})")
+    print(f"load average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if dev <= 1e-5 and same_images else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=64, help="number of images (default 64)")
@@ -260,6 +349,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median reported)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--distributed", action="store_true",
+                    help="measure --ranks gloo ranks under torchrun against one process instead")
+    ap.add_argument("--ranks", type=int, default=2, help="torchrun ranks for --distributed (default 2)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one subprocess measurement
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--npy", help=argparse.SUPPRESS)
@@ -269,6 +361,8 @@ def main(argv=None):
         rec = measure(args.measure, args.folder, args.batch_size, args.workers, args.threads, args.npy)
         print(json.dumps(rec))
         return 0
+    if args.distributed:
+        return distributed_main(args)
 
     methods = ["naive", "float32"] + ([] if args.no_bf16 else ["bf16"])
     with tempfile.TemporaryDirectory(prefix="covreport-bench-") as tmp:

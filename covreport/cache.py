@@ -62,6 +62,31 @@ def row_problem(value, labels, n_features=N_FEATURES):
     return None
 
 
+def encode_rows(rows, now=None):
+    """SQL parameters of ``scores`` rows: ``(image, weights, preprocessing, labels, probs, feats, created)``.
+
+    ``rows`` as for :meth:`ScoreCache.put_many` (the score shards of
+    :mod:`covreport.distributed` store the same columns). Raises ValueError
+    for a probability count that is not the label count or a value that is
+    not finite.
+    """
+    now = time.time() if now is None else now
+    params = []
+    for key, labels, probs, feats in rows:
+        key = CacheKey(*key)
+        labels = [str(v) for v in labels]
+        p = np.ascontiguousarray(probs, dtype="<f4").ravel()
+        f = np.ascontiguousarray(feats, dtype="<f4").ravel()
+        if len(p) != len(labels):
+            raise ValueError(f"{len(p)} probabilities for {len(labels)} labels")
+        if not (np.all(np.isfinite(p)) and np.all(np.isfinite(f))):
+            # A row no reader would use: never stored (scoring excludes such an image).
+            raise ValueError(f"output for image {key.image_sha256} is not finite (NaN or infinity)")
+        params.append((key.image_sha256, key.weights_sha256, key.preprocessing,
+                       json.dumps(labels), p.tobytes(), f.tobytes(), now))
+    return params
+
+
 def default_cache_path():
     """``$COVREPORT_CACHE_DIR/scores.sqlite``, else under the user's cache folder.
 
@@ -339,20 +364,7 @@ class ScoreCache:
         int
             Number of rows written.
         """
-        now = time.time()
-        params = []
-        for key, labels, probs, feats in rows:
-            key = CacheKey(*key)
-            labels = [str(v) for v in labels]
-            p = np.ascontiguousarray(probs, dtype="<f4").ravel()
-            f = np.ascontiguousarray(feats, dtype="<f4").ravel()
-            if len(p) != len(labels):
-                raise ValueError(f"{len(p)} probabilities for {len(labels)} labels")
-            if not (np.all(np.isfinite(p)) and np.all(np.isfinite(f))):
-                # A row no reader would use: never stored (scoring excludes such an image).
-                raise ValueError(f"output for image {key.image_sha256} is not finite (NaN or infinity)")
-            params.append((key.image_sha256, key.weights_sha256, key.preprocessing,
-                           json.dumps(labels), p.tobytes(), f.tobytes(), now))
+        params = encode_rows(rows)
         if not params:
             return 0
         conn = self._connection()

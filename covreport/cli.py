@@ -458,6 +458,7 @@ def score(manifest, weights, out, cache, no_cache, batch_size, workers, precisio
     \b
     Example:
       covreport score manifest.csv --weights model/densenet121.pt --out scores.csv
+      torchrun --nproc_per_node 4 -m covreport score manifest.csv --out scores.csv
     """
     from covreport.scoring import score_to_file
 
@@ -466,6 +467,10 @@ def score(manifest, weights, out, cache, no_cache, batch_size, workers, precisio
     res, loaded = score_to_file(manifest, out, weights=weights, cache_path=cache, use_cache=not no_cache,
                                 batch_size=batch_size, num_workers=workers, precision=precision,
                                 strict=strict, force=force, progress=not no_progress)
+    from covreport.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 writes the scores file and prints the summary
+        return
     n_images = len(res.scores) + len(res.failed)
     click.echo(f"Weights     {loaded.source} (SHA-256 {loaded.sha256})")
     click.echo(f"Images      {n_images} in the manifest, {len(res.scores)} with scores")
@@ -630,6 +635,8 @@ def _echo_summary(folder):
     """The headline of a results folder on stdout (covreport/summary.py)."""
     from covreport.summary import format_summary, summarise
 
+    if folder is None:  # a torchrun rank other than 0 of `run --weights`: rank 0 writes and prints
+        return
     click.echo(format_summary(summarise(folder)), nl=False)
 
 
@@ -714,6 +721,9 @@ def _default_weights_or_explain():
               help="Seed of the permutation tests and the bootstrap.")
 @click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
               "standardised differences (journals ask for SMDs instead; the p-values are in results.json).")
+@click.option("--style", type=click.Choice(["radiology", "vancouver"]), default="radiology", show_default=True,
+              help="Number style of the report: radiology (RSNA/AMA: P = .006, 95% CI: 0.87, 0.99, minus "
+                   "sign U+2212) or vancouver (p = 0.0060, 0.87\u20130.99). The CSVs keep full precision.")
 @click.option("--cache", "cache", type=click.Path(dir_okay=False, path_type=Path),
               help="Score cache (SQLite); default under the user's cache folder.")
 @click.option("--no-cache", is_flag=True, help="Score every image afresh and store nothing.")
@@ -734,7 +744,7 @@ def _default_weights_or_explain():
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
         protocol, permutations, bootstrap, predictive_ci, threshold, seed, cache, no_cache, strict, no_pdf, out,
-        force, previous, table1_tests, jobs, dask_scheduler):
+        force, previous, table1_tests, style, jobs, dask_scheduler):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -752,7 +762,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
                       threshold=threshold,
-                      table1_tests=table1_tests,
+                      table1_tests=table1_tests, style=style,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())
     with parallel.engine(jobs, dask_scheduler):

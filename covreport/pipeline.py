@@ -60,6 +60,7 @@ class RunOptions:
     predictive_ci: str = "exact"
     threshold: float = 0.5
     table1_tests: bool = False
+    style: str = "radiology"
     previous: tuple = ()
     command: str = ""
     extra_provenance: dict = field(default_factory=dict)
@@ -76,7 +77,10 @@ def run(opts: RunOptions) -> Path:
     With ``opts.scores`` (reviewer mode) the image files are neither opened
     nor looked up: a pair is analysed when both its images have a row in the
     scores file. With weights, every image is checked, scored (through the
-    cache) and a pair whose image cannot be scored is an exclusion.
+    cache) and a pair whose image cannot be scored is an exclusion. Under
+    torchrun the ranks share the scoring (:mod:`covreport.distributed`) and
+    only rank 0 goes on to the statistics and the report; the other ranks
+    return None after scoring.
     """
     from covreport.manifest import read_manifest
 
@@ -105,6 +109,10 @@ def run(opts: RunOptions) -> Path:
         _check_out(opts, _manifest_image_paths(manifest))
         loaded = load_checkpoint(weights)
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache, progress=True)
+        from covreport.distributed import is_main
+
+        if not is_main():  # a torchrun rank other than 0: its scores are merged; rank 0 goes on alone
+            return None
         scores = res.scores
         # How this run got its scores describes the run, not the study: provenance, not flow.
         scoring = {"images_computed": int(res.scored), "images_from_cache": int(res.from_cache),
@@ -221,6 +229,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         predictive_ci=opts.predictive_ci, n_bootstrap=opts.bootstrap, threshold=opts.threshold,
     )
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
+    checks = _ai_checks(pairs, prediction)
     bootstrap = None
     if opts.bootstrap:
         predicted = {}
@@ -244,7 +253,24 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         "prediction": prediction,
         "decision_curve": decision,
         "bootstrap": bootstrap,
+        **checks,
     }
+
+
+def _ai_checks(pairs, prediction):
+    """Subgroup performance, failure analysis and patient separation of the headline protocol (issue 20, section 9)."""
+    from covreport.stats.subgroups import (
+        FAILURE_METHOD, SUBGROUP_METHOD, failure_analysis, patient_separation, subgroup_performance,
+    )
+
+    name = prediction.get("headline")
+    records = [r for r in (prediction.get(name) or {}).get("pairs") or [] if r.get("probability") is not None]
+    covariates = pairs.set_index("pair_id").reindex([r["pair_id"] for r in records])
+    dates = [v for c in ("first_date", "second_date") if c in pairs for v in pairs[c]]  # every analysed pair
+    return {"subgroups": {"protocol": name, "method": SUBGROUP_METHOD,
+                          "rows": subgroup_performance(records, covariates.reset_index(drop=True))},
+            "failure_analysis": {"protocol": name, "method": FAILURE_METHOD, "rows": failure_analysis(records)},
+            "patient_separation": {"protocol": name, **patient_separation(records, dates=dates)}}
 
 
 def _sensitivity(pairs, changes, labels, seed):
@@ -531,8 +557,8 @@ def _provenance(opts, manifest, weights, loaded, scoring):
         "command": _portable_command(opts.command, base),
         "created": _created(),
         "synthetic": bool(opts.synthetic) or _is_phantom(manifest),
-        # What the report shows, not a number: Table 1's baseline p-values beside the SMDs.
-        "report_options": {"table1_tests": bool(opts.table1_tests)},
+        # What the report shows, not a number: Table 1's baseline p-values beside the SMDs, the number style.
+        "report_options": {"table1_tests": bool(opts.table1_tests), "style": opts.style},
     }
     if scoring is not None:
         prov["scoring"] = scoring
@@ -620,6 +646,9 @@ def _write_tables(results, folder):
             write_csv(pd.DataFrame(rows), folder / "bootstrap_prediction.csv")
         if boot.get("group_differences"):
             write_csv(pd.DataFrame(boot["group_differences"]), folder / "bootstrap_group_differences.csv")
+    for key in ("subgroups", "failure_analysis"):
+        if (results.get(key) or {}).get("rows"):
+            write_csv(pd.DataFrame(results[key]["rows"]), folder / f"{key}.csv")
     flow = results["flow"]
     if flow["exclusions"]:
         write_csv(pd.DataFrame(flow["exclusions"]), folder / "exclusions.csv")

@@ -394,7 +394,7 @@ def _hash_all(paths):
 
 
 def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
-                 precision="float32", progress=False, device=None, what="images"):
+                 precision="float32", progress=False, device=None, what="images", shards=None):
     """Score images once each, through the cache.
 
     Parameters
@@ -426,6 +426,13 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
         Where to run; default where the model's parameters are.
     what : str
         What the images are, in the stage message ("Scoring 300 validation images ...").
+    shards : covreport.distributed.Shards, optional
+        Under torchrun (:func:`score_manifest` passes it): rank 0's cache
+        decides what is left to score, each rank scores its share and rank 0
+        takes the other ranks' shard files into the cache. Every rank calls
+        this with the same images; only rank 0's result holds every score,
+        another rank's holds its share. Rows that ranks of an interrupted
+        torchrun left beside ``cache`` are taken with or without it.
 
     Returns
     -------
@@ -474,13 +481,27 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
                 rejected += 1
                 log.warning("score cache %s: row for image %s not used (%s); scoring it again",
                             cache.path, k.image_sha256, problem)
-    from_cache = len(outputs)
     todo = [s for s in distinct if s not in outputs]
+    if cache is not None and todo:  # rows that ranks of an interrupted torchrun left in shard files
+        from covreport.distributed import take_leftover_shards
+
+        outputs.update(take_leftover_shards(cache, todo, loaded.sha256, signature, labels))
+        todo = [s for s in todo if s not in outputs]
+    from_cache = len(outputs)
+    planned, sink = todo, cache
+    if shards is not None:  # under torchrun: this rank scores its share (covreport/distributed.py)
+        todo = shards.share(distinct, todo)
+        sink = shards.sink(cache, loaded.sha256, signature)
+        planned = planned if shards.is_main else todo
     bad_sha = {}
 
     # stage message by hand (not `with progress.stage`) to keep the block below as it is
     noun = what[:-1] if len(distinct) == 1 and what.endswith("s") else what
     stage = f"Scoring {len(distinct)} {noun} ({from_cache} from the cache)"
+    if shards is not None:
+        stage = (f"{stage}, {len(todo)} of them on rank 0 of {shards.world_size}" if shards.is_main
+                 else f"Rank {shards.rank} of {shards.world_size}: scoring {len(todo)} "
+                      f"{what[:-1] if len(todo) == 1 and what.endswith('s') else what}")
     _progress.say(f"{stage} ...")
     started = time.perf_counter()
     if todo:
@@ -516,14 +537,18 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
                         outputs[todo[i]] = (probs[j], feats[j])
                         rows.append((CacheKey(todo[i], loaded.sha256, signature),
                                      labels, probs[j], feats[j]))
-                    if cache is not None and rows:
-                        cache.put_many(rows)
+                    if sink is not None and rows:
+                        sink.put_many(rows)
                 if bar is not None:
                     bar.update(len(indices) + len(bad))
         finally:
             if bar is not None:
                 bar.close()
 
+    if shards is not None:  # waits for every rank; rank 0 takes their shards into the cache
+        more, more_bad = shards.finish(sink, bad_sha, cache, loaded.sha256, signature, labels)
+        outputs.update(more)
+        bad_sha.update(more_bad)
     _progress.say(f"{stage}: done in {time.perf_counter() - started:.1f} s")
     for key, sha in sha_of.items():
         if sha in bad_sha:
@@ -533,7 +558,7 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
     scores = _scores_frame(keys, [outputs[sha_of[k]] for k in keys], labels)
     return ScoringResult(
         scores=scores, failed=failed, labels=labels,
-        scored=len(todo) - len(bad_sha), from_cache=from_cache, cache_rows_rejected=rejected,
+        scored=len(planned) - len(bad_sha), from_cache=from_cache, cache_rows_rejected=rejected,
         weights_sha256=loaded.sha256, preprocessing=prep.to_dict(), precision=precision,
     )
 
@@ -618,23 +643,35 @@ def score_manifest(manifest, weights, *, cache_path=None, use_cache=True, batch_
     ScoringResult
         ``scores["image"]`` holds the manifest's strings; ``failed`` is keyed
         by them too.
+
+    Notes
+    -----
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this: each scores
+    its share of the images the cache lacks on ``cuda:LOCAL_RANK`` (else the
+    CPU) and rank 0 merges the shards (:mod:`covreport.distributed`); only
+    rank 0's result is the whole one. ``use_cache=False`` is refused there.
     """
+    from covreport.distributed import Shards
     from covreport.model import LoadedModel, load_checkpoint
 
     loaded = weights if isinstance(weights, LoadedModel) else load_checkpoint(weights)
     mapping = manifest_images(manifest)
+    shards = Shards.from_env(cache_path, use_cache)  # None outside torchrun
     cache = None
-    if use_cache:
-        from covreport.cache import ScoreCache
-
-        cache = ScoreCache(cache_path)
     try:
+        if use_cache and (shards is None or shards.is_main):  # under torchrun only rank 0 opens the cache
+            from covreport.cache import ScoreCache
+
+            cache = ScoreCache(cache_path)
         return score_images(mapping, loaded, cache=cache, batch_size=batch_size,
-                            num_workers=num_workers, precision=precision,
-                            progress=progress, device=device)
+                            num_workers=num_workers, precision=precision, progress=progress,
+                            device=device if device is not None or shards is None else shards.device,
+                            shards=shards)
     finally:
         if cache is not None:
             cache.close()
+        if shards is not None:
+            shards.close()
 
 
 def score_to_file(manifest_path, out, *, weights=None, cache_path=None, use_cache=True, batch_size=16,
@@ -665,6 +702,7 @@ def score_to_file(manifest_path, out, *, weights=None, cache_path=None, use_cach
     Returns
     -------
     (ScoringResult, covreport.model.LoadedModel)
+        Under torchrun, only rank 0 writes ``out`` (see :func:`score_manifest`).
     """
     from covreport._io import check_out_file
     from covreport.cache import default_cache_path
@@ -684,6 +722,10 @@ def score_to_file(manifest_path, out, *, weights=None, cache_path=None, use_cach
     loaded = load_checkpoint(spec)
     res = score_manifest(m, loaded, cache_path=cache_path, use_cache=use_cache, batch_size=batch_size,
                          num_workers=num_workers, precision=precision, progress=progress, device=device)
+    from covreport.distributed import is_main
+
+    if not is_main():  # a torchrun rank other than 0: its share is in its shard; rank 0 writes the file
+        return res, loaded
     if res.failed and res.scores.empty:
         first, reason = next(iter(res.failed.items()))
         raise ImageError(f"none of the {len(res.failed)} image(s) could be scored, e.g. {first}: {reason}; "

@@ -44,9 +44,10 @@ STUDY_FIELDS = {
     "reference_standard": ("10b", "Who read the pairs (readers, experience), how disagreements were resolved, "
                                   "and the definitions used."),
     "rationale_reference_standard": ("11", "Why this reference standard was chosen."),
-    "index_test": ("10a", "Only when covreport reads a scores file (reviewer mode): the model that produced the "
-                          "scores as the authors ran it (weights file and SHA-256, training data and recipe, "
-                          "preprocessing), since covreport cannot record them itself."),
+    "index_test": ("10a", "Only when covreport reads a scores file (reviewer mode), or the weights come without a "
+                          "training recipe: the model that produced the scores as the authors ran it (weights file "
+                          "and SHA-256, training data and recipe, preprocessing, software, any explainability "
+                          "method), since covreport cannot record them itself."),
     "blinding_index": ("13a", "Whether clinical information and reference-standard results were available "
                               "to those performing or reading the index test."),
     "blinding_reference": ("13b", "Whether clinical information and index-test results were available to "
@@ -74,6 +75,11 @@ STUDY_FIELDS = {
                                              "handled when the model is used."),
     "users": ("TRIPOD+AI 27b", "Who would use the model, how they interact with it, and the expertise needed."),
     "acquisition": ("CLAIM", "Acquisition devices and protocols of the test-set CXRs."),
+    "deidentification": ("CLAIM 11", "How the images and records were de-identified."),
+    "reader_agreement": ("CLAIM 18", "Inter- and intra-reader agreement of the reference standard (e.g. Cohen's "
+                                     "kappa), and how variability was reduced or disagreements resolved."),
+    "representativeness": ("STARD-AI 28", "Whether the test set represents the distribution of the target condition "
+                                          "expected in the intended-use population."),
     "data_availability": ("CLAIM", "Where the data can be obtained."),
     "code_availability": ("CLAIM", "Where the code and the model weights can be obtained."),
 }

@@ -369,6 +369,9 @@ def run_config(folder, run_keys):
         lines.append(f"previous = {_toml_value(previous)}")
     if isinstance(prov.get("templates"), str):
         lines.append(f"templates = {_toml_value(prov['templates'])}")
+    for key, value in _dict(prov.get("report_options")).items():
+        if key in run_keys and isinstance(value, (bool, str)):
+            lines.append(f"{key} = {_toml_value(value)}")
     if not isinstance(options, dict):
         lines.append("# provenance.options is missing: the run's statistical options were not recorded")
         options = {}

@@ -152,3 +152,22 @@ def stressed(results=None):
     r["prediction"]["nested"]["pairs"][0]["pair_id"] = long_id
     r["flow"]["exclusions"][0]["reason"] = "first image: file not found (" + "images/" + "x" * 120 + ".png)"
     return r
+
+
+def with_ai_checks(results=None):
+    """The fixture with the subgroups, failure_analysis and patient_separation records of the AI checklists
+    (issue 20, section 9), computed by covreport.stats.subgroups from its headline protocol's pairs."""
+    import pandas as pd
+
+    from covreport.stats.subgroups import failure_analysis, patient_separation, subgroup_performance
+
+    r = copy.deepcopy(results or base())
+    name = r["prediction"]["headline"]
+    recs = r["prediction"][name]["pairs"]
+    folds = {pat: k for k, pat in enumerate(dict.fromkeys(p["patient_id"] for p in recs))}
+    recs = [dict(p, fold=folds[p["patient_id"]]) for p in recs]   # leave-one-patient-out folds
+    sex = pd.DataFrame({"sex": ["F", "M"] * (len(recs) // 2) + ["F"] * (len(recs) % 2)})
+    r["subgroups"] = {"protocol": name, "method": "stated", "rows": subgroup_performance(recs, sex)}
+    r["failure_analysis"] = {"protocol": name, "method": "stated", "rows": failure_analysis(recs)}
+    r["patient_separation"] = {"protocol": name, **patient_separation(recs, dates=["2020-03-01"])}
+    return r

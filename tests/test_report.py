@@ -23,7 +23,7 @@ import pytest
 from covreport.errors import CovreportError, ReportError
 from covreport.report import (
     external_references, fmt_ci, fmt_num, fmt_p, fmt_pp, limitations, make_environment, render_html, render_report,
-    stard_checklist, templates_dir, write_pdf,
+    stard_checklist, templates_dir, use_style, write_pdf,
 )
 from covreport.study import STUDY_FIELDS, missing_fields, read_study, validate_study
 from _chromium import Chromium as _Chromium, chromium_binary as _chromium
@@ -72,7 +72,7 @@ def _key_numbers(results):
         "nested accuracy": f"{acc['estimate']:.3f} ({acc['ci_low']:.3f}{EN}{acc['ci_high']:.3f})",
         "Cohen's d": f"{gd['cohen_d']:.2f} ({gd['d_ci_low']:.2f}{EN}{gd['d_ci_high']:.2f})",
         "Table 1 age": f"{t1['age_mean']:.1f} \u00b1 {t1['age_sd']:.1f}",
-        "interval median": f"median of {iv['median']:.1f} days",
+        "interval median": f"median of {iv['median']:g} days",  # a whole number without .0
     }
 
 
@@ -263,7 +263,13 @@ def test_chromium_opens_report_without_console_error_or_network_request(injected
 
 
 def test_number_formats():
-    # journal style: p < 0.001 below it, otherwise two significant digits; no negative zero
+    # vancouver style: p < 0.001 below it, otherwise two significant digits; no negative zero
+    # (the radiology style, the default, is tested in test_report_style.py)
+    with use_style("vancouver"):
+        _vancouver_formats()
+
+
+def _vancouver_formats():
     assert fmt_p(0.0004) == "<0.001"
     assert fmt_p(0.001) == "0.0010"
     assert fmt_p(0.002) == "0.0020"
@@ -342,7 +348,7 @@ def test_new_results_are_shown_and_absent_ones_break_nothing(tmp_path):
     boot = r["bootstrap"]["prediction"]["nested"]["accuracy"]
     assert f"({boot['ci_low']:.3f}{EN}{boot['ci_high']:.3f})" in text and "Table 4b." in text
     fs = r["prediction"]["nested"]["features_selected"]
-    assert f"{fs['median']:.1f} ({fs['min']}{EN}{fs['max']})" in text
+    assert f"{fs['median']:g} ({fs['min']}{EN}{fs['max']})" in text  # counts without ".0"
     gd = r["group_differences"][0]
     assert f"{gd['rank_biserial']:.2f}" in text                                          # rank-biserial, Table 2
     assert "The primary analysis is at the level of the patient" in text
@@ -373,7 +379,7 @@ def test_limitations_are_computed_from_the_numbers(results):
     holm = sum(g["p_holm"] < 0.05 for g in primary)
     assert f"{len(gd)} tests of the change were run (3 families" in flags["Multiple comparisons"]
     assert (f"Primary endpoint (Worse vs Improved, pairs as units): {raw} of {len(primary)} had unadjusted "
-            f"p < 0.05, {holm} after Holm") in flags["Multiple comparisons"]
+            f"P < .05, {holm} after Holm") in flags["Multiple comparisons"]  # the default (radiology) style
     # optimism = global minus nested accuracy
     opt = (results["prediction"]["global"]["metrics"]["accuracy"]["estimate"]
            - results["prediction"]["nested"]["metrics"]["accuracy"]["estimate"])
@@ -494,17 +500,19 @@ DEMO_TRAINING = {"labels": ["Edema"], "uncertainty": "zeros", "image_size": 64, 
 
 def test_demo_study_leaves_nothing_to_be_completed():
     from covreport.demo import DEMO_STUDY_TOML
-    from covreport.report import ai_checklist
+    from covreport.report import claim_checklist, stard_ai_checklist
+    from report_fixtures import with_ai_checks
 
-    r = copy.deepcopy(with_contract_keys())
+    r = with_ai_checks(with_contract_keys())
     r["study"] = read_study(DEMO_STUDY_TOML)
     r["provenance"]["model"] = {"training": DEMO_TRAINING}
     r["provenance"]["demo"] = {"seed": 0, "phantom": {"image_size": 64, "n_train": 2400, "n_valid": 300}}
     text = _text_of_html(render_html(r, has_cams=True))
     assert "to be completed (" not in text
     assert {row["status"] for row in stard_checklist(r)} <= {"covreport", "study.toml", "covreport + study.toml"}
-    assert {row["status"] for row in ai_checklist(r, has_cams=True)} <= {"covreport", "study.toml",
-                                                                          "covreport + study.toml"}
+    for rows in (claim_checklist(r), stard_ai_checklist(r)):   # CLAIM 2024 and STARD-AI: Appendix C
+        assert {row["status"] for row in rows} <= {"covreport", "study.toml", "covreport + study.toml",
+                                                   "not applicable"}
     assert "Not applicable: a retrospective analysis of generated images" in text   # item 25 with its reason
     # items 10a and the appendix: training data and recipe in words, deviations from the original recipe flagged
     for phrase in ("64 x 64 px instead of 320 x 320 px", "2 epochs instead of 3 epochs",
@@ -562,7 +570,8 @@ def test_report_text_outside_figures_comes_from_results_json(results, tmp_path):
 
 def test_reviewer_mode_report_is_complete_with_the_authors_index_test_description():
     from covreport.demo import DEMO_STUDY_TOML
-    from covreport.report import ai_checklist
+    from covreport.report import claim_checklist, stard_ai_checklist
+    from report_fixtures import with_ai_checks
 
     r = base()
     r["provenance"].update(weights_sha256=None, preprocessing=None, model=None)
@@ -573,7 +582,9 @@ def test_reviewer_mode_report_is_complete_with_the_authors_index_test_descriptio
     assert "to be completed (" not in text and "covreport did not run the model" in text
     done = {"covreport", "study.toml", "covreport + study.toml"}
     assert {row["status"] for row in stard_checklist(r)} <= done
-    assert {row["status"] for row in ai_checklist(r)} <= done
+    r_ai = with_ai_checks(r)
+    for rows in (claim_checklist(r_ai), stard_ai_checklist(r_ai)):
+        assert {row["status"] for row in rows} <= done | {"not applicable"}
     r["study"].pop("index_test")
     rows = {row["item"]: row for row in stard_checklist(r)}
     assert rows["10a"]["status"] == "partly" and "index_test" in rows["10a"]["todo"]

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from covreport.cli import main
-from covreport.report.format import fmt_ci, fmt_num, fmt_p
+from covreport.report.format import fmt_ci, fmt_count, fmt_num, fmt_p
 
 EXAMPLE = Path(__file__).parent.parent / "data_manifests" / "reviewer_example"
 EN = "\u2013"
@@ -156,7 +156,7 @@ def test_sensitivity_tables_show_the_mixed_model_and_the_trend_test(default_run)
         pair = next(r for r in rows if r["unit"] == "pair")
         clus = next(r for r in rows if r["unit"] == "patient")
         if pair["p"] is not None:
-            assert f"{lab} {pair['sizes']} {fmt_num(pair['J'], 1)} {fmt_num(pair['z'])} {fmt_p(pair['p'])} " \
+            assert f"{lab} {pair['sizes']} {fmt_count(pair['J'])} {fmt_num(pair['z'])} {fmt_p(pair['p'])} " \
                    f"{fmt_p(clus['p'])}" in trend
 
 
@@ -187,7 +187,7 @@ def test_limitations_count_each_family_as_adjusted(default_run):
     holm, tested = _family(results["group_differences_clustered"], "Worse vs Improved")
     raw = sum(r["p"] < 0.05 for r in tested)
     assert ("Holm and Benjamini-Hochberg adjust within each family, not across them. Primary endpoint (Worse vs "
-            f"Improved, patients as clusters): {raw} of {len(tested)} had unadjusted p < 0.05, {len(holm)} after Holm") \
+            f"Improved, patients as clusters): {raw} of {len(tested)} had unadjusted P < .05, {len(holm)} after Holm") \
         in text
 
 

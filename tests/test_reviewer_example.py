@@ -33,6 +33,11 @@ def test_the_example_runs_with_one_command_and_is_stard_complete(tmp_path, monke
     html = (tmp_path / "reviewer-report" / "report.html").read_text(encoding="utf-8")
     assert "SYNTHETIC DATA (phantom study)" in html
     assert "34 of 34 items are complete; 0 need the authors." in html
+    # CLAIM 2024 and STARD-AI (Appendix C): complete in reviewer mode, the model items from study.toml index_test
+    assert "44 of 44 items are complete or not applicable; 0 need the authors." in html
+    assert "48 of 48 sub-items (40 items) are complete or not applicable; 0 need the authors." in html
+    for name in ("subgroups.csv", "failure_analysis.csv"):
+        assert (tmp_path / "reviewer-report" / "tables" / name).is_file(), name
     results = json.loads((tmp_path / "reviewer-report" / "results.json").read_text(encoding="utf-8"))
     assert results["provenance"]["synthetic"] is True
     assert results["validation_auc"], "per-label validation AUCs are computed"

@@ -20,7 +20,7 @@ The package has one module per job:
 - :mod:`~covreport.report.format`: numbers, p-values, references and citations;
 - :mod:`~covreport.report.summaries`: small summaries shared by the others;
 - :mod:`~covreport.report.context`: results -> template context;
-- :mod:`~covreport.report.checklists`: STARD 2015 and STARD-AI/CLAIM items;
+- :mod:`~covreport.report.checklists`: STARD 2015, TRIPOD+AI, CLAIM 2024 and STARD-AI checklists (items as data files);
 - :mod:`~covreport.report.limitations`: limitations derived from the numbers;
 - :mod:`~covreport.report.revalidation_view`: what moved since the last validation;
 - :mod:`~covreport.report.render`: the sandboxed Jinja environment, HTML, PDF, figures.
@@ -41,15 +41,17 @@ Bossuyt PM et al. STARD 2015: an updated list of essential items for reporting
 diagnostic accuracy studies. BMJ 2015;351:h5527.
 """
 
-from covreport.report.checklists import ai_checklist, stard_checklist, tripod_checklist
+from covreport.report.checklists import claim_checklist, stard_ai_checklist, stard_checklist, tripod_checklist
 from covreport.report.context import build_context, plain_results
-from covreport.report.format import REFERENCES, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pp
+from covreport.report.format import (
+    REFERENCES, STYLES, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pp, use_style,
+)
 from covreport.report.limitations import limitations
 from covreport.report.render import (
-    external_references, make_environment, render_html, render_report, templates_dir, write_pdf,
+    external_references, make_environment, render_html, render_report, report_style, templates_dir, write_pdf,
 )
 from covreport.report.revalidation_view import revalidation_view
 
 __all__ = ["render_report", "render_html", "write_pdf", "make_environment", "templates_dir", "build_context",
-           "plain_results", "stard_checklist", "tripod_checklist", "ai_checklist", "limitations", "revalidation_view",
-           "external_references", "fmt_p", "fmt_pp", "Citations", "fmt_auc", "fmt_num", "fmt_ci", "fmt_est", "cite", "REFERENCES"]
+           "plain_results", "stard_checklist", "tripod_checklist", "claim_checklist", "stard_ai_checklist", "limitations", "revalidation_view",
+           "external_references", "report_style", "STYLES", "use_style", "fmt_p", "fmt_pp", "Citations", "fmt_auc", "fmt_num", "fmt_ci", "fmt_est", "cite", "REFERENCES"]

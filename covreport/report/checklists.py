@@ -1,4 +1,4 @@
-"""The STARD 2015 checklist and the STARD-AI / CLAIM items, with one status rule."""
+"""The STARD 2015, TRIPOD+AI, CLAIM 2024 and STARD-AI checklists, with one status rule."""
 
 from __future__ import annotations
 
@@ -133,8 +133,7 @@ def stard_checklist(results):
     study = results.get("study") or {}
     recipe = _recipe(results)
     rows = []
-    prov = results.get("provenance") or {}
-    reviewer = "scores" in (prov.get("inputs") or {}) or not prov.get("weights_sha256")
+    reviewer = reviewer_mode(results)
     for item, title, sec, sec_name, auto, fields in STARD_ITEMS:
         if item == "10a" and reviewer:  # covreport saw a scores file only: the authors describe the model
             auto, fields = "scores file with its SHA-256, labels, software versions", ("index_test",)
@@ -161,124 +160,121 @@ def stard_checklist(results):
     return rows
 
 
-def ai_checklist(results, *, has_cams=False):
-    """STARD-AI and CLAIM items covreport can fill, with their status (same shape as :func:`stard_checklist`)."""
-    study = results.get("study") or {}
+def reviewer_mode(results):
+    """Whether covreport read a scores file and never saw the model (no weights recorded)."""
     prov = results.get("provenance") or {}
-    inputs = prov.get("inputs") or {}
-    model = prov.get("model") or {}
-    # Reviewer mode: covreport read a scores file and never saw the model, so what it would have recorded
-    # comes from the authors (study.toml: index_test), and activation maps do not apply.
-    reviewer = "scores" in inputs or not prov.get("weights_sha256")
-    by_author = ("index_test",) if reviewer else ()
-    rows = []
-
-    def add(title, sec, sec_name, ok, filled, fields=(), gap=None):
-        have, miss = _study_status(study, fields)
-        status = item_status(ok, fields, have, miss)
-        todo = [f"study.toml: {f}" for f in miss] + ([gap] if (gap and not ok) else [])
-        rows.append({"item": "", "title": title, "section": sec, "section_name": sec_name, "status": status,
-                     "filled": "; ".join(([filled] if ok else []) + (["study.toml: " + ", ".join(have)] if have
-                                                                      else [])),
-                     "todo": "; ".join(todo)})
-
-    add("Data sources, with file checksums", "reproducibility", "Reproducibility", bool(inputs),
-        "input files with SHA-256", ("data_collection",))
-    add("Data selection, exclusions and partitions", "results-flow", "Results: participants",
-        bool(results.get("flow")), "flow diagram; test pairs and patients"
-        + ("; training and validation sizes" if model.get("training") else ""))
-    add("Reference-standard annotation (who, how)", "methods-reference", "Methods: reference standard", False, "",
-        ("reference_standard",))
-    add("Acquisition devices and protocols", "methods-participants", "Methods: participants", False, "",
-        ("acquisition",))
-    add("Preprocessing", "methods-index", "Methods: index test", bool(prov.get("preprocessing")),
-        "recorded preprocessing", by_author, gap="preprocessing not recorded (scores file supplied)")
-    add("Model and weights (architecture, SHA-256)", "methods-index", "Methods: index test",
-        bool(prov.get("weights_sha256")), "weights SHA-256", by_author,
-        gap="weights not available (scores file supplied)")
-    recipe = _recipe(results)
-    add("Model development (training data and recipe)", "methods-index", "Methods: index test",
-        bool(recipe) or (reviewer and bool(study.get("index_test"))),
-        "training data and recipe in words (initialisation, input size, uncertain labels, loss and class weights, "
-        "optimiser, batch, epochs, no augmentation, checkpoint rule)"
-        + (f"; deviations from the original recipe: {', '.join(recipe['deviations'])}" if recipe and recipe["deviations"]
-           else "") if recipe else "described by the authors (study.toml: index_test)",
-        by_author if not recipe else (), gap="no training recipe stored with the weights")
-    add("Software versions", "reproducibility", "Reproducibility", bool(prov.get("packages")),
-        "Python and package versions")
-    add("Performance with 95% CIs", "results-accuracy", "Results: accuracy",
-        bool(results.get("prediction") or results.get("validation_auc")), "metrics with CIs")
-    add("Error analysis (per-case outputs, control analysis)", "appendix-pairs", "Appendix: per-pair predictions",
-        bool(results.get("prediction")), "per-pair predictions; reversed-order control")
-    add("Explainability (class activation maps)", "results-cams", "Results: activation maps", has_cams or reviewer,
-        "class activation maps" if has_cams else "not applicable: a scores file has no model to compute them from",
-        gap="no class activation maps computed")
-    add("Code availability", "other", "Other information", True,
-        f"covreport {results.get('covreport_version', '')}", ("code_availability",))
-    add("Data availability", "other", "Other information", False, "", ("data_availability",))
-    add("Stored auditable outputs", "reproducibility", "Reproducibility", True,
-        "results.json, tables/*.csv, figures, command, seed")
-    return rows
+    return "scores" in (prov.get("inputs") or {}) or not prov.get("weights_sha256")
 
 
+def _rows(key):
+    return lambda r: bool((r.get(key) or {}).get("rows"))
 
 
-#: What a TRIPOD+AI item's ``needs`` names: the results.json part that must be present (and why not).
-TRIPOD_NEEDS = {
-    "prediction": (lambda r: bool(r.get("prediction")), "no prediction results"),
-    "flow": (lambda r: bool(r.get("flow")), "no participant flow"),
-    "table1": (lambda r: bool(r.get("table1")), "no age or sex in the manifest"),
+#: What an item's ``needs`` names in the checklist data files: (whether the run has it, why not, the study.toml
+#: field that takes over without it or None). Without it the item falls to the authors.
+NEEDS = {
+    "prediction": (lambda r: bool(r.get("prediction")), "no prediction results", None),
+    "flow": (lambda r: bool(r.get("flow")), "no participant flow", None),
+    "table1": (lambda r: bool(r.get("table1")), "no age or sex in the manifest", None),
     "reference": (lambda r: any("chexpert" in str(row.get("group", "")).lower() or row.get("counted_by") == "CSV row"
                                 for row in (r.get("table1") or []) if isinstance(row, dict)),
-                  "no reference population in Table 1 (covreport run --reference-csv)"),
+                  "no reference population in Table 1 (covreport run --reference-csv)", None),
     "final_model": (lambda r: any(isinstance(b, dict) and b.get("final_model")
                                   for b in (r.get("prediction") or {}).values()),
-                    "no model refitted on all pairs (the primary protocol was not run)"),
+                    "no model refitted on all pairs (the primary protocol was not run)", None),
+    "interval": (lambda r: bool(r.get("interval_days")), "no CXR dates or offsets in the manifest", None),
+    # Reviewer mode: covreport read a scores file, so what it would record of the model comes from the authors.
+    "model": (lambda r: not reviewer_mode(r), "covreport read a scores file and did not run the model",
+              "index_test"),
+    "recipe": (lambda r: bool(_recipe(r)), "no training recipe stored with the weights", "index_test"),
+    "cams": (lambda r: not reviewer_mode(r) and bool((r.get("class_activation_maps") or {}).get("pairs")),
+             "no class activation maps (they need the model)", "index_test"),
+    "subgroups": (_rows("subgroups"), "no subgroup results (no out-of-fold predictions)", None),
+    "failures": (_rows("failure_analysis"), "no failure analysis (no out-of-fold predictions)", None),
+    "separation": (lambda r: bool((r.get("patient_separation") or {}).get("n_pairs")),
+                   "no patient separation statement (no out-of-fold predictions)", None),
 }
+#: The needs of TRIPOD+AI (one table for every checklist).
+TRIPOD_NEEDS = NEEDS
 
 TRIPOD_REFERENCE = ("Collins GS, Moons KGM, Dhiman P, et al. TRIPOD+AI statement: updated guidance for reporting "
                     "clinical prediction models that use regression or machine learning methods. BMJ "
                     "2024;385:e078378")
 
+#: The checklist data files beside this module, by name.
+CHECKLIST_FILES = {"tripod_ai": "tripod_ai.toml", "claim": "claim_2024.toml", "stard_ai": "stard_ai.toml"}
 
-def tripod_items():
-    """The TRIPOD+AI sub-items, read from the data file ``tripod_ai.toml`` beside this module."""
+
+def checklist_items(name):
+    """The items of a checklist (``"tripod_ai"``, ``"claim"`` or ``"stard_ai"``), read from its data file."""
     import tomllib
     from importlib import resources
 
-    text = resources.files("covreport.report").joinpath("tripod_ai.toml").read_text(encoding="utf-8")
+    text = resources.files("covreport.report").joinpath(CHECKLIST_FILES[name]).read_text(encoding="utf-8")
     return tomllib.loads(text)["item"]
 
 
-def tripod_checklist(results):
-    """The TRIPOD+AI 2024 checklist (52 sub-items), filled from the results and ``results["study"]``.
+def tripod_items():
+    """The TRIPOD+AI sub-items, read from the data file ``tripod_ai.toml`` beside this module."""
+    return checklist_items("tripod_ai")
+
+
+def fill_checklist(items, results):
+    """A checklist's items filled from the results and ``results["study"]``, by one rule.
+
+    An item that does not apply has status ``"not applicable"`` and its reason
+    in ``filled``. Otherwise what covreport reports counts when the results
+    hold what the item ``needs`` (:data:`NEEDS`); when they do not, the
+    need's study.toml field, if it has one, joins the item's fields (reviewer
+    mode: the authors describe the model in ``index_test``). The status is
+    :func:`item_status` of what covreport reports and the fields.
 
     Returns
     -------
     list of dict
-        One row per sub-item, in checklist order, shaped as
-        :func:`stard_checklist`'s rows plus ``text`` and ``applies``; a
-        sub-item that does not apply has status ``"not applicable"`` and its
-        reason in ``filled``.
+        One row per item, in the file's order, shaped as
+        :func:`stard_checklist`'s rows plus ``text`` and ``applies`` ("" where
+        the checklist has no such column).
     """
     study = results.get("study") or {}
     rows = []
-    for it in tripod_items():
+    for it in items:
         fields = tuple(it.get("study", ()))
-        row = {"item": it["id"], "title": it["topic"], "text": it["text"], "applies": it["applies"],
+        row = {"item": it["id"], "title": it["topic"], "text": it["text"], "applies": it.get("applies", ""),
                "section": it["where"], "section_name": it["where_name"]}
         if it.get("not_applicable"):
             rows.append({**row, "status": "not applicable", "filled": it["not_applicable"], "todo": ""})
             continue
         auto = it.get("covreport")
-        gap = None
+        gap = fallback = None
         if auto and it.get("needs"):
-            present, why = TRIPOD_NEEDS[it["needs"]]
+            present, why, fallback = NEEDS[it["needs"]]
             gap = None if present(results) else why
+            if gap and fallback and fallback not in fields:
+                fields += (fallback,)
         auto_ok = bool(auto) and gap is None
         have, miss = _study_status(study, fields)
         filled = ([auto] if auto_ok else []) + (["study.toml: " + ", ".join(have)] if have else [])
-        todo = [f"study.toml: {f}" for f in miss] + ([gap] if gap else [])
+        covered = gap and fallback in have           # the authors' field says what covreport could not
+        todo = [f"study.toml: {f}" for f in miss] + ([gap] if gap and not covered else [])
         rows.append({**row, "status": item_status(auto_ok, fields, have, miss), "filled": "; ".join(filled),
                      "todo": "; ".join(todo)})
     return rows
+
+
+def tripod_checklist(results):
+    """The TRIPOD+AI 2024 checklist (52 sub-items), filled from the results and ``results["study"]``.
+
+    Rows as :func:`fill_checklist`'s; ``applies`` is D, E or D;E.
+    """
+    return fill_checklist(tripod_items(), results)
+
+
+def claim_checklist(results):
+    """The CLAIM 2024 checklist (44 items), filled as :func:`fill_checklist` fills it."""
+    return fill_checklist(checklist_items("claim"), results)
+
+
+def stard_ai_checklist(results):
+    """The STARD-AI checklist (40 items, 48 sub-items), filled as :func:`fill_checklist` fills it."""
+    return fill_checklist(checklist_items("stard_ai"), results)

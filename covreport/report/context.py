@@ -9,8 +9,8 @@ from pathlib import PurePath
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
 from covreport.errors import ReportError
 from covreport.figures import projection_counts
-from covreport.report.checklists import ai_checklist, stard_checklist, tripod_checklist
-from covreport.report.format import METRIC_NAMES
+from covreport.report.checklists import claim_checklist, stard_ai_checklist, stard_checklist, tripod_checklist
+from covreport.report.format import METRIC_NAMES, current_style
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.training import training_text
@@ -228,13 +228,14 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     Keys (documented for institutions writing their own templates): ``r`` (the
     results as given), ``study`` (validated study fields), ``title``,
     ``synthetic``, ``figures`` (``{stem: {"uri"}}``), ``blocks`` (prediction
-    protocols, headline first), ``limitations``, ``checklist``, ``tripod`` (TRIPOD+AI rows, [] without prediction), ``ai_items``,
+    protocols, headline first), ``limitations``, ``checklist``, ``tripod`` (TRIPOD+AI rows, [] without prediction), ``claim`` and ``stard_ai`` (CLAIM 2024, STARD-AI rows),
     ``methods`` (recorded method strings), ``references``, ``t1_notes``,
     ``t2_notes``, ``validation`` (summary), ``groups`` (summary), ``endpoint`` (the primary endpoint
     and the multiplicity families, :func:`endpoint_summary`), ``contrasts`` (primary first),
     ``threshold``, ``provenance`` tables, ``cams_note``, ``outcome_defs``,
     ``reval`` (:func:`revalidation_view`: what moved since the last
-    validation, or None without ``--previous``).
+    validation, or None without ``--previous``), ``style`` (the number style,
+    :mod:`covreport.report.format`; the filters follow it).
     """
     results = plain_results(results)
     # The text on the activation maps comes from results.json when it holds the record (so that a report
@@ -308,7 +309,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
                                                if blocks else None)),
         "limitations": limitations(results),
         "checklist": stard_checklist(results),
-        "ai_items": ai_checklist(results, has_cams=has_cams),
+        "claim": claim_checklist(results),
+        "stard_ai": stard_ai_checklist(results),
         "tripod": tripod_checklist(results) if results.get("prediction") else [],
         "methods": _recorded_methods(results),
         "t1_letters": t1_letters,
@@ -367,6 +369,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "outcomes": OUTCOMES,
         "WORSE": WORSE, "STABLE": STABLE, "IMPROVED": IMPROVED,
         "thresholds": {"small": SMALL_GROUP, "wide": WIDE_CI, "imbalance": IMBALANCE_RATIO, "alpha": ALPHA},
+        "style": current_style(),
     }
 
 

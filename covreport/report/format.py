@@ -1,18 +1,38 @@
 """Numbers and citations of the report, in one journal style.
 
-Numbers: p-values "<0.001" below 0.001, otherwise two significant digits
-(0.0020, 0.043, 0.24); no negative zero; estimates with their CI as
-``0.94 (0.84\u20130.99)``, the CI level stated once per table by the
-template. ``tables/*.csv`` keep full precision: only the report rounds.
+Two number styles, chosen per report (``covreport run --style``, recorded as
+``provenance.report_options.style``) and applied by every function here:
+
+``radiology`` (the default; RSNA/AMA style, as Radiology asks of its authors)
+    P values without a leading zero, two decimals from .01 on and three
+    below (more when rounding would reach .05), "<.001" and ">.99", written
+    "*P* = .006" in sentences; intervals "0.87, 0.99", in sentences "(95% CI:
+    0.87, 0.99)"; proportions in sentences "100% (44 of 44)"; the minus sign
+    U+2212; integers with thousands separators and never with ".0".
+``vancouver`` (covreport's earlier style)
+    p-values "<0.001", otherwise two significant digits (0.0020, 0.043,
+    0.24); estimates with their CI as ``0.94 (0.84\u20130.99)``.
+
+No negative zero in either. ``tables/*.csv`` keep full precision: only the
+report rounds.
 
 Citations are numbered in the order of first citation (Vancouver style) by
 :class:`Citations`, which also links author-year mentions inside method
 strings of results.json ("Mercaldo et al. 2007") to the reference list, so
 every citation in the text is listed and every listed reference is cited.
+
+References
+----------
+Radiological Society of North America. Radiology: instructions for authors,
+statistical and number style (P values, confidence intervals). AMA Manual of
+Style, 11th ed., sections 19.4 (numbers) and 20.9 (P values). Oxford
+University Press; 2020.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import re
@@ -204,9 +224,47 @@ def cite(*keys):
 
 # --- number formatting ---------------------------------------------------------
 
+#: The number styles of the report; the first is the default.
+STYLES = ("radiology", "vancouver")
+_STYLE = contextvars.ContextVar("covreport_report_style", default=STYLES[0])
+MINUS = "\u2212"
+
+
+def check_style(name):
+    """``name`` if it is one of :data:`STYLES` (None: the default), else ValueError naming the choices."""
+    if name is None:
+        return STYLES[0]
+    if name not in STYLES:
+        raise ValueError(f"unknown report style {name!r}; choose one of {', '.join(STYLES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_style(name):
+    """Format every number inside the ``with`` block in style ``name`` (see the module docstring)."""
+    token = _STYLE.set(check_style(name))
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)
+
+
+def current_style():
+    """The style numbers are formatted in now."""
+    return _STYLE.get()
+
+
+def _radiology():
+    return _STYLE.get() == "radiology"
+
 
 def _finite(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _minus(text):
+    """A leading hyphen-minus as the minus sign U+2212 in the radiology style."""
+    return MINUS + text[1:] if _radiology() and text.startswith("-") else text
 
 
 def _fixed(x, nd):
@@ -214,7 +272,11 @@ def _fixed(x, nd):
     text = f"{float(x):.{nd}f}"
     if text.startswith("-") and float(text) == 0:
         text = text[1:]
-    return text
+    return _minus(text)
+
+
+def _integer(x):
+    return _minus(f"{int(x):,}")  # thousands separated, as everywhere in the report
 
 
 def fmt_num(x, nd=2):
@@ -222,8 +284,23 @@ def fmt_num(x, nd=2):
     if not _finite(x):
         return "n/a"
     if isinstance(x, numbers.Integral):
-        return f"{int(x):,}"  # thousands separated, as everywhere in the report
+        return _integer(x)
     return _fixed(x, nd)
+
+
+def fmt_count(x, nd=1):
+    """A count or a median of counts: an integer without ".0" when whole, else ``nd`` decimals."""
+    if not _finite(x):
+        return "n/a"
+    return _integer(x) if float(x).is_integer() else _fixed(x, nd)
+
+
+def fmt_signed(x, nd=3):
+    """A difference with its sign always shown ("+0.012", "\u22120.030" in the radiology style)."""
+    if not _finite(x):
+        return "n/a"
+    text = _fixed(x, nd)
+    return text if text.startswith(("-", MINUS)) or float(text.replace(MINUS, "-")) == 0 else "+" + text
 
 
 def fmt_auc(x):
@@ -236,34 +313,58 @@ def fmt_ratio(x):
     return fmt_num(x, 2)
 
 
+def _p_radiology(p):
+    if p < 0.001:
+        return "<.001"
+    if p > 0.99:
+        return ">.99"
+    for nd in ((3,) if p < 0.01 else (2, 3, 4)):
+        text = f"{p:.{nd}f}"
+        if not (p < 0.05 <= float(text)):  # never round a P below .05 up to .05
+            break
+    return text[1:]  # no leading zero: a P value cannot exceed 1
+
+
 def fmt_p(p):
-    """A p-value for a table cell: "<0.001", else two significant digits ("0.0020", "0.043", "0.24")."""
+    """A p-value for a table cell: ".006", "<.001", ">.99" (radiology); "<0.001", "0.0020" (vancouver)."""
     if not _finite(p):
         return "n/a"
+    if _radiology():
+        return _p_radiology(min(float(p), 1.0))
     if p < 0.001:
         return "<0.001"
     return f"{min(float(p), 1.0):#.2g}".rstrip(".")
 
 
 def fmt_pp(p):
-    """A p-value in a sentence: "p < 0.001" or "p = 0.043"."""
+    """A p-value in a sentence: "P = .006", "P < .001" (radiology); "p = 0.0060", "p < 0.001" (vancouver)."""
     text = fmt_p(p)
+    letter = "P" if _radiology() else "p"
     if text == "n/a":
-        return "p not available"
-    return "p < 0.001" if text.startswith("<") else f"p = {text}"
+        return f"{letter} not available"
+    if text[0] in "<>":
+        return f"{letter} {text[0]} {text[1:]}"
+    return f"{letter} = {text}"
+
+
+def fmt_p_below(alpha):
+    """A significance level in a sentence: "P < .05" (radiology); "p < 0.05" (vancouver)."""
+    return f"P < {_p_radiology(alpha)}" if _radiology() else f"p < {alpha:g}"
 
 
 def fmt_ci(lo, hi, nd=3):
-    """A CI "lo\u2013hi" (an en dash), or "lo to hi" when a bound is negative."""
+    """A CI: "lo, hi" (radiology); "lo\u2013hi" (an en dash), or "lo to hi" when a bound is negative (vancouver)."""
     if not (_finite(lo) and _finite(hi)):
         return "n/a"
     a, b = _fixed(lo, nd), _fixed(hi, nd)
+    if _radiology():
+        return f"{a}, {b}"
     sep = " to " if (a.startswith("-") or b.startswith("-")) else "\u2013"
     return f"{a}{sep}{b}"
 
 
 def fmt_est(rec, nd=3, est="estimate"):
-    """``estimate (lo-hi)`` from a record with ``estimate``/``ci_low``/``ci_high``."""
+    """``estimate (lo, hi)`` (table cells) from a record with ``estimate``/``ci_low``/``ci_high``."""
     if not rec or not _finite(rec.get(est)):
         return "n/a"
     if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
@@ -271,15 +372,60 @@ def fmt_est(rec, nd=3, est="estimate"):
     return fmt_num(float(rec[est]), nd)
 
 
+def fmt_est_text(rec, nd=3, est="estimate", level=95):
+    """An estimate in a sentence: "0.94 (95% CI: 0.84, 0.99)" (radiology); as :func:`fmt_est` (vancouver)."""
+    if not _radiology():
+        return fmt_est(rec, nd, est)
+    if not rec or not _finite(rec.get(est)):
+        return "n/a"
+    if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
+        return f"{fmt_num(float(rec[est]), nd)} ({level}% CI: {fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
+    return fmt_num(float(rec[est]), nd)
+
+
+def fmt_prop_text(rec, k, n, nd=3):
+    """A proportion in a sentence: "100% (44 of 44; 95% CI: 92%, 100%)" (radiology); :func:`fmt_est` (vancouver).
+
+    ``k`` and ``n`` are the counts behind ``rec["estimate"]``; without them the
+    radiology style falls back to :func:`fmt_est_text`.
+    """
+    if not _radiology():
+        return fmt_est(rec, nd)
+    if not (rec and _finite(rec.get("estimate")) and _finite(k) and _finite(n) and n > 0):
+        return fmt_est_text(rec, nd)
+    pct = lambda x: f"{100 * float(x):.0f}%"  # noqa: E731 - whole percentages, as Radiology prints them
+    text = f"{pct(rec['estimate'])} ({_integer(k)} of {_integer(n)}"
+    if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
+        text += f"; 95% CI: {pct(rec['ci_low'])}, {pct(rec['ci_high'])}"
+    return text + ")"
+
+
 def fmt_pct(k, n, nd=None):
     """``k (x%)``: whole percentages below a denominator of 100, one decimal from 100 on (AMA style)."""
     if not _finite(k):
         return "n/a"
     if not _finite(n) or n == 0:
-        return f"{int(k):,}" if isinstance(k, numbers.Integral) else str(k)
+        return _integer(k) if isinstance(k, numbers.Integral) else str(k)
     nd = (0 if n < 100 else 1) if nd is None else nd
-    return f"{int(k):,} ({100.0 * k / n:.{nd}f}%)" if isinstance(k, numbers.Integral) else \
-        f"{k} ({100.0 * k / n:.{nd}f}%)"
+    shown = _integer(k) if float(k).is_integer() else str(k)
+    return f"{shown} ({100.0 * k / n:.{nd}f}%)"
+
+
+_P_MARK = re.compile(r"(?<![\w.&;])P(?= (?:=|&lt;|&gt;|<|>) \.?\d)")
+_RAW = re.compile(r"(<(?:style|script|title|textarea)\b.*?</(?:style|script|title|textarea)>|<[^>]*>)",
+                  re.IGNORECASE | re.DOTALL)
+
+
+def italic_p(html):
+    """``html`` with the statistic P of "P = .006" set in italics in its text (radiology style only).
+
+    Only text between tags changes (never a tag, an attribute, a style sheet
+    or the title); what is inserted is the fixed markup ``<i>P</i>``.
+    """
+    if not _radiology():
+        return html
+    parts = _RAW.split(html)
+    return "".join(part if i % 2 else _P_MARK.sub("<i>P</i>", part) for i, part in enumerate(parts))
 
 
 def _ci_width(rec, lo="ci_low", hi="ci_high"):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
-from covreport.report.format import METRIC_NAMES, _ci_width, _finite, cite_mark, fmt_auc, fmt_est, fmt_num, fmt_pp
+from covreport.report.format import (
+    METRIC_NAMES, _ci_width, _finite, cite_mark, fmt_auc, fmt_count, fmt_est_text, fmt_num, fmt_p_below, fmt_pp,
+    fmt_signed,
+)
 from covreport.study import series_kind
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.summaries import (
@@ -46,18 +49,18 @@ def limitations(results):
                 continue
             w = _ci_width(rec)
             if w is not None and w > WIDE_CI:
-                wide.append(f"{METRIC_NAMES.get(name, name)} {fmt_est(rec)} (width {w:.2f})")
+                wide.append(f"{METRIC_NAMES.get(name, name)} {fmt_est_text(rec)} (width {fmt_num(w, 2)})")
         w = _ci_width(head["block"].get("auc"))
         if w is not None and w > WIDE_CI:
-            wide.append(f"AUC {fmt_est(head['block']['auc'], est='auc')} (width {w:.2f})")
+            wide.append(f"AUC {fmt_est_text(head['block']['auc'], est='auc')} (width {fmt_num(w, 2)})")
     for r in results.get("validation_auc") or []:
         w = _ci_width(r)
         if w is not None and w > WIDE_CI:
-            wide.append(f"validation AUC of {r['label']} {fmt_est(r, est='auc')} (width {w:.2f})")
+            wide.append(f"validation AUC of {r['label']} {fmt_est_text(r, est='auc')} (width {fmt_num(w, 2)})")
     if wide:
         out.append({"kind": "Wide confidence intervals", "text": ("One 95% CI is wider than " if len(wide) == 1 else
                                                               f"{len(wide)} of the 95% CIs are wider than ")
-                    + f"{WIDE_CI:.2f}: " + "; ".join(wide) + "."})
+                    + f"{fmt_num(WIDE_CI, 2)}: " + "; ".join(wide) + "."})
     if head:
         b = head["block"]
         c = b.get("confusion") or {}
@@ -68,8 +71,8 @@ def limitations(results):
                 major = WORSE if npos >= nneg else IMPROVED
                 nir = max(npos, nneg) / (npos + nneg)
                 acc = (b.get("metrics") or {}).get("accuracy", {}).get("estimate")
-                out.append({"kind": "Class imbalance", "text": f"The prediction task has {npos} {WORSE} and {nneg} "
-                            f"{IMPROVED} pairs (ratio {ratio:.1f}:1). Always predicting {major} would be "
+                out.append({"kind": "Class imbalance", "text": f"The prediction task has {fmt_num(npos)} {WORSE} and {fmt_num(nneg)} "
+                            f"{IMPROVED} pairs (ratio {fmt_num(ratio, 1)}:1). Always predicting {major} would be "
                             f"{fmt_auc(nir)} accurate; the {head['name']} accuracy of {fmt_auc(acc)} must be "
                             "read against that rate, and sensitivity and specificity together."})
     ep = endpoint_summary(results)
@@ -79,14 +82,14 @@ def limitations(results):
     if total > 1:
         n_val = len(results.get("validation_auc") or [])
         unit = "patients as clusters" if ep["unit"] == "patient" else "pairs as units"
-        text = (f"{total} tests of the change were run ({len(fams)} families: "
+        text = (f"{fmt_num(total)} tests of the change were run ({len(fams)} families: "
                 + ", ".join(f"{f['contrast']}{where}" for f, where in fams)
-                + f"); at P < {ALPHA} about {ALPHA * total:.1f} would be significant by chance alone. Holm and "
+                + f"); at {fmt_p_below(ALPHA)} about {fmt_count(ALPHA * total)} would be significant by chance alone. Holm and "
                 "Benjamini-Hochberg adjust within each family, not across them.")
         if ep["primary"]:
             pf = ep["primary"]
             text += (f" Primary endpoint ({pf['contrast']}, {unit}): {pf['raw']} of {pf['tests']} had unadjusted "
-                     f"p < {ALPHA}, {pf['holm']} after Holm and {pf['bh']} after Benjamini-Hochberg adjustment; "
+                     f"{fmt_p_below(ALPHA)}, {pf['holm']} after Holm and {pf['bh']} after Benjamini-Hochberg adjustment; "
                      "the other families are secondary and exploratory")
         out.append({"kind": "Multiple comparisons", "text": text
                     + (f"; {n_val} validation AUCs were also estimated." if n_val else ".")})
@@ -99,18 +102,18 @@ def limitations(results):
         if _finite(an) and _finite(ag):
             text = (f"Selecting features once on all pairs, as the original study did (global protocol), "
                     f"gave an accuracy of {fmt_auc(ag)} against {fmt_auc(an)} with selection inside each fold "
-                    f"(nested), an optimism of {ag - an:+.3f}")
+                    f"(nested), an optimism of {fmt_signed(ag - an)}")
             if _finite(un) and _finite(ug):
-                text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {ug - un:+.3f})"
+                text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {fmt_signed(ug - un)})"
             text += ". Only the nested estimate is free of selection leakage " + cite_mark("ambroise") + "."
             out.append({"kind": "Optimism of the global protocol", "text": text})
     if head and _finite(head["block"].get("permutation_p")) and head["block"]["permutation_p"] >= ALPHA:
         out.append({"kind": "Prediction not distinguished from chance", "text": f"The permutation test of the "
                     f"{head['name']} protocol gave {fmt_pp(head['block']['permutation_p'])} "
-                    f"({head['block'].get('permutations', '?')} permutations)."})
+                    f"({fmt_num(head['block'].get('permutations'), 0)} permutations)."})
     pa, na = flow.get("pairs_analysed"), flow.get("patients_analysed")
     if _finite(pa) and _finite(na) and pa > na:
-        out.append({"kind": "Correlated pairs", "text": f"The {pa} pairs come from {na} patients: pairs of one "
+        out.append({"kind": "Correlated pairs", "text": f"The {fmt_num(pa)} pairs come from {fmt_num(na)} patients: pairs of one "
                     "patient are not independent. Cross-validation leaves all pairs of a patient out together, "
                     + ("and the primary change analysis takes patients as clusters, but the pair-level "
                        "Mann-Whitney tests and their CIs (secondary, as in the original study) treat pairs as "
@@ -121,8 +124,8 @@ def limitations(results):
     iv = results.get("interval_days")
     if iv and _finite(iv.get("min")) and _finite(iv.get("max")) and iv["max"] > iv["min"]:
         out.append({"kind": "Non-uniform intervals", "text": f"The interval between the two CXRs ranged from "
-                    f"{fmt_num(iv['min'], 0)} to {fmt_num(iv['max'], 0)} days (median {fmt_num(iv['median'], 1)}, "
-                    f"IQR {fmt_num(iv['q1'], 1)}-{fmt_num(iv['q3'], 1)}); change over different intervals is "
+                    f"{fmt_count(iv['min'])} to {fmt_count(iv['max'])} days (median, {fmt_count(iv['median'])}; "
+                    f"IQR, {fmt_count(iv['q1'])}\u2013{fmt_count(iv['q3'])}); change over different intervals is "
                     "pooled."})
     vs = _validation_summary(results)
     if vs and vs["not_estimable"]:
@@ -131,7 +134,7 @@ def limitations(results):
                     "changes of these labels rest on an unvalidated output."})
     pim, pan = flow.get("pairs_in_manifest"), flow.get("pairs_analysed")
     if _finite(pim) and _finite(pan) and pim > pan:
-        out.append({"kind": "Exclusions", "text": f"{pim - pan} of {pim} pairs ({100 * (pim - pan) / pim:.1f}%) "
+        out.append({"kind": "Exclusions", "text": f"{fmt_num(pim - pan)} of {fmt_num(pim)} pairs ({fmt_num(100 * (pim - pan) / pim, 1)}%) "
                     "were excluded (see the flow diagram); if exclusion relates to the outcome, the estimates "
                     "are biased."})
     study = results.get("study") or {}
@@ -150,14 +153,14 @@ def limitations(results):
     series = series_kind(study.get("series"))
     sel = []
     if _finite(pim) and _finite(pan) and pim > pan:
-        sel.append(f"{pim - pan} of {pim} pairs were excluded")
+        sel.append(f"{fmt_num(pim - pan)} of {fmt_num(pim)} pairs were excluded")
     if series == "convenience":
         sel.append("the series is a convenience series")
     elif not series:
         sel.append("how participants were selected is not stated (study.toml: series)" if not study.get("series")
                    else "the series is not stated as consecutive, random or convenience (study.toml: series)")
     if _finite(pa) and _finite(na) and pa > na:
-        sel.append(f"patients with more CXRs contribute more pairs ({pa} pairs of {na} patients)")
+        sel.append(f"patients with more CXRs contribute more pairs ({fmt_num(pa)} pairs of {fmt_num(na)} patients)")
     if sel:
         out.append({"kind": "Selection bias", "text": "The analysed pairs may not represent the eligible population: "
                     + "; ".join(sel) + "."})

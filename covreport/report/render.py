@@ -14,7 +14,8 @@ from covreport._io import atomic_write_bytes, atomic_write_text
 from covreport.errors import ReportError
 from covreport.report.context import build_context, display_path, plain_results, scrub_paths
 from covreport.report.format import (
-    TBC, Citations, cite, fmt_auc, fmt_ci, fmt_est, fmt_num, fmt_p, fmt_pct, fmt_pp, fmt_ratio,
+    TBC, Citations, cite, fmt_auc, fmt_ci, fmt_count, fmt_est, fmt_est_text, fmt_num, fmt_p, fmt_pct, fmt_pp,
+    STYLES, fmt_p_below, fmt_prop_text, fmt_ratio, fmt_signed, italic_p, use_style,
 )
 from covreport.report import sandbox
 from covreport.report.revalidation_view import REVALIDATION_FIGURE
@@ -73,7 +74,8 @@ def make_environment(templates=None):
         keep_trailing_newline=True,
     )
     env.filters.update({"num": fmt_num, "auc": fmt_auc, "p": fmt_p, "pp": fmt_pp, "ci": fmt_ci, "est": fmt_est,
-                        "pct": fmt_pct, "ratio": fmt_ratio, "display_path": display_path,
+                        "est_text": fmt_est_text, "prop_text": fmt_prop_text, "whole": fmt_count,
+                        "signed": fmt_signed, "p_below": fmt_p_below, "pct": fmt_pct, "ratio": fmt_ratio, "display_path": display_path,
                         "scrub_paths": scrub_paths, "pluck": _pluck})
     env.globals.update({"cite": cite, "TBC": TBC})
     return env
@@ -150,21 +152,40 @@ def render_template(env, ctx):
 
     Two passes: the first records the order of first citation, the second
     numbers every citation in that order and lists exactly the cited works
-    (Vancouver style). Exceptions propagate (see
-    :func:`covreport.report.sandbox.template_error`).
+    (Vancouver style). Numbers follow ``ctx["style"]``. Exceptions propagate
+    (see :func:`covreport.report.sandbox.template_error`).
     """
     template = env.get_template("report.html.j2")
     first = Citations()
-    template.render(**ctx, cite=first.cite, cite_text=first.text, references=[])
-    second = Citations(first.order)
-    html = template.render(**ctx, cite=second.cite, cite_text=second.text, references=first.listed())
+    with use_style(ctx.get("style")):
+        template.render(**ctx, cite=first.cite, cite_text=first.text, references=[])
+        second = Citations(first.order)
+        html = template.render(**ctx, cite=second.cite, cite_text=second.text, references=first.listed())
     if second.order != first.order:
         raise ReportError("a template cites a work only on its second rendering; cite works unconditionally")
     return html
 
 
+def report_style(results):
+    """The number style recorded in ``provenance.report_options.style``.
+
+    A results.json that names none was written before covreport had styles,
+    in what is now the ``vancouver`` style: rendering it again reads the same.
+    """
+    opts = ((results.get("provenance") or {}).get("report_options") or {})
+    style = opts.get("style") if isinstance(opts, dict) else None
+    if style is None:
+        return "vancouver"
+    if style not in STYLES:
+        raise ReportError(f"results.json: provenance.report_options.style is {str(style)[:40]!r}; it must be one "
+                          f"of {', '.join(STYLES)} (covreport run --style)")
+    return style
+
+
 def render_html(results, *, templates=None, figures=None, cams_note=None, has_cams=False, cams_info=None):
     """Render ``report.html.j2`` to a string (see :func:`build_context` for what templates see).
+
+    Numbers follow :func:`report_style` (:mod:`covreport.report.format`).
 
     The built-in templates are rendered in this process; ``templates`` in a
     child process with bounded time and memory
@@ -183,18 +204,21 @@ def render_html(results, *, templates=None, figures=None, cams_note=None, has_ca
     if templates is not None and not Path(templates).is_dir():
         raise ReportError(f"--templates {templates}: not a folder; give a folder holding report.html.j2 "
                           "and/or report.css to override")
-    ctx = build_context(results, figures=figures, cams_note=cams_note, has_cams=has_cams, cams_info=cams_info)
-    if templates is not None:
-        raw = sandbox.render_in_child(templates, ctx)
-    else:
-        env = make_environment()
-        try:
-            raw = render_template(env, ctx)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes "template <name> line N: ..."
-            err = sandbox.template_error(exc, env.loader.names)
-            if err is exc:
-                raise
-            raise err from exc
+    style = report_style(results)
+    with use_style(style):
+        ctx = build_context(results, figures=figures, cams_note=cams_note, has_cams=has_cams, cams_info=cams_info)
+        if templates is not None:
+            raw = sandbox.render_in_child(templates, ctx)
+        else:
+            env = make_environment()
+            try:
+                raw = render_template(env, ctx)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes "template <name> line N: ..."
+                err = sandbox.template_error(exc, env.loader.names)
+                if err is exc:
+                    raise
+                raise err from exc
+        raw = italic_p(raw)
     html, removed = sandbox.sanitize_html(raw)
     if removed:
         shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")

@@ -67,7 +67,7 @@ METHOD = (
     "predicted probability (at least 5 pairs each), mean predicted against observed proportion"
 )
 
-_BOOT = "{n} bootstrap resamples of the {units} with replacement (numpy SeedSequence({seed}).spawn, one stream each)"
+_BOOT = "{n:,} bootstrap resamples of the {units} with replacement (numpy SeedSequence({seed}).spawn, one stream each)"
 
 #: Measures of calibration.csv, in order: (key, name, ideal value).
 MEASURES = (("brier", "Brier score", 0.0), ("intercept", "calibration intercept", 0.0),

@@ -356,7 +356,7 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
         raise StatsError(f"the cluster permutation test needs at least 1 permutation, got {n_permutations}")
     outcome = changes[outcome_column].to_numpy()
     streams = iter(np.random.SeedSequence(seed).spawn(len(contrasts)))
-    method = CLUSTERED_MW_METHOD.replace("{B}", str(n_permutations))
+    method = CLUSTERED_MW_METHOD.replace("{B}", f"{n_permutations:,}")
     rows = []
     for group1, group2 in contrasts:
         contrast = f"{group1} vs {group2}"
@@ -401,7 +401,7 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
                     drawn[key] = cluster_permutations(codes[both], m1[both], n_permutations, rng)
                 row["p"] = clustered_mw_permutation_p(v[both], m1[both], codes[both], n_permutations, rng,
                                                       perms=drawn[key])
-                row["p_method"] = f"cluster permutation, {n_permutations} Monte Carlo permutations"
+                row["p_method"] = f"cluster permutation, {n_permutations:,} Monte Carlo permutations"
                 if res["note"]:
                     notes.append(res["note"] + ("; the permutation p is valid and stays in the family"
                                                 if "separation" in res["note"] else ""))
@@ -475,7 +475,7 @@ def _per_cluster(codes, n_clusters, values=None):
 
 BOOTSTRAP_METHOD = (
     "patient-level cluster bootstrap: patients drawn with replacement (numpy default_rng(seed)), "
-    "each with all its pairs, {n} resamples; percentile {level:g}% intervals over the resamples in "
+    "each with all its pairs, {n:,} resamples; percentile {level:g}% intervals over the resamples in "
     "which the quantity is estimable (Davison & Hinkley 1997, section 3.8); the out-of-fold "
     "predictions are resampled, the model is not refitted; a resample is not estimable when the "
     "quantity is undefined or infinite in it (e.g. no Improved pair drawn)"

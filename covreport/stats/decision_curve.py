@@ -38,7 +38,7 @@ METHOD = (
     "threshold probability pt ({span}), a pair is treated as Worse when its probability is >= pt; net benefit "
     "= TP/n - FP/n x pt/(1 - pt), against treating every pair (prevalence - (1 - prevalence) x pt/(1 - pt)) "
     "and none (0); net interventions avoided per 100 pairs = (NB - NB treat-all) x 100 x (1 - pt)/pt; "
-    "{level:g}% pointwise percentile band from {boot}; the numbers agree with dcurves' dca (tested)"
+    "{band}; the numbers agree with dcurves' dca (tested)"
 )
 
 #: Columns of tables/decision_curve.csv, in order.
@@ -223,12 +223,14 @@ def decision_curves(prediction, *, thresholds=None, n_resamples=RESAMPLES, seed=
                            "useful": [{"from": a, "to": b} for a, b in _ranges(df["threshold"].to_numpy(),
                                                                                 better.to_numpy())]}
     span = (f"{t[0]:g} to {t[-1]:g}, {len(t)} thresholds")
-    boot = (f"{int(n_resamples)} bootstrap resamples of the patients with replacement (all their pairs; numpy "
-            f"SeedSequence({seed}).spawn, one stream each)") if n_resamples else "no bootstrap (0 resamples)"
+    level = round(100 * (1 - alpha), 6)
+    band = (f"{level:g}% pointwise percentile band from {int(n_resamples):,} bootstrap resamples of the patients "
+            f"with replacement (all their pairs; numpy SeedSequence({seed}).spawn, one stream each)"
+            if n_resamples else "no interval band (no bootstrap: --bootstrap 0)")
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
     return {"rows": rows[list(COLUMNS)].to_dict("records"), "protocols": protocols,
             "thresholds": [float(v) for v in t], "resamples": int(n_resamples), "seed": int(seed),
             "level": 1 - alpha, "unit": "pair", "interval_unit": "patient",
-            "method": METHOD.format(span=span, level=round(100 * (1 - alpha), 6), boot=boot),
+            "method": METHOD.format(span=span, band=band),
             "reference": REFERENCE,
             "note": None if frames else "not computed: no protocol has out-of-fold probabilities"}

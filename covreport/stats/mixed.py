@@ -383,7 +383,7 @@ def jonckheere_terpstra(changes, labels, clusters=None, *, outcome_column="outco
             stats_ = np.abs(jt_statistic(x, perms) - mean)
             obs = abs(J - mean)
             pc = (1 + int((stats_ >= obs - 1e-9 * max(1.0, obs)).sum())) / (1 + int(n_permutations))
-            how_c = (f"cluster permutation, {int(n_permutations)} Monte Carlo permutations: each patient's "
+            how_c = (f"cluster permutation, {int(n_permutations):,} Monte Carlo permutations: each patient's "
                      "vector of outcomes moves whole to another patient with as many pairs; two-sided p of "
                      "|J - E J|")
             rows.append({**base, "J": J, "mean": mean, "sd": sd, "z": z, "p": pc, "p_method": how_c,

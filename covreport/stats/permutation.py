@@ -25,7 +25,7 @@ PERMUTATION_METHOD = (
     "permutation test of the accuracy: whole patients' outcome vectors permuted between "
     "patients with the same number of pairs (patients sorted by id, pairs in canonical order; "
     "numpy default_rng(seed)), the whole pipeline (feature selection included) rerun each time; "
-    "p = (1 + #{{permuted accuracy >= observed}}) / (1 + N), N = {n}"
+    "p = (1 + #{{permuted accuracy >= observed}}) / (1 + N), N = {n:,}"
 )
 
 #: Level of the Monte Carlo interval of a permutation p-value.

@@ -171,7 +171,7 @@ CV_MEASURES = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced
 
 CV_BOOTSTRAP_METHOD = (
     "patient-level bootstrap refitting the whole protocol (feature selection, standardisation and penalty "
-    "tuning included): {n} resamples of the patients with replacement (numpy SeedSequence(seed).spawn, one "
+    "tuning included): {n:,} resamples of the patients with replacement (numpy SeedSequence(seed).spawn, one "
     "stream per resample), the copies of a patient kept in one leave-one-patient-out fold, the cross-validated "
     "measure recomputed in each resample; {level:g}% interval = estimate +/- z x the SD of the resamples in "
     "which it is defined, clipped to [0, 1] (centred on the estimate: resamples hold about 63% distinct "
@@ -553,7 +553,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
                                          "outcome labels alone is not a question")
         elif n_perm < n_permutations and protocol == PRIMARY_PROTOCOL:
             block["permutations_requested"] = int(n_permutations)
-            block["permutation_note"] = (f"{n_perm} of the {n_permutations} permutations requested: each "
+            block["permutation_note"] = (f"{n_perm:,} of the {n_permutations:,} permutations requested: each "
                                          "permutation reruns the inner tuning of the penalty "
                                          f"(at most {PRIMARY_MAX_PERMUTATIONS} for the primary protocol)")
         if protocol == PRIMARY_PROTOCOL:
