@@ -363,24 +363,21 @@ def fmt_ci(lo, hi, nd=3):
     return f"{a}{sep}{b}"
 
 
-def fmt_est(rec, nd=3, est="estimate"):
-    """``estimate (lo, hi)`` (table cells) from a record with ``estimate``/``ci_low``/``ci_high``."""
+def fmt_est(rec, nd=3, est="estimate", label=""):
+    """``estimate (lo, hi)`` (table cells) from a record with ``estimate``/``ci_low``/``ci_high``.
+
+    ``label`` goes before the interval inside the parentheses (:func:`fmt_est_text`).
+    """
     if not rec or not _finite(rec.get(est)):
         return "n/a"
     if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
-        return f"{fmt_num(float(rec[est]), nd)} ({fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
+        return f"{fmt_num(float(rec[est]), nd)} ({label}{fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
     return fmt_num(float(rec[est]), nd)
 
 
 def fmt_est_text(rec, nd=3, est="estimate", level=95):
     """An estimate in a sentence: "0.94 (95% CI: 0.84, 0.99)" (radiology); as :func:`fmt_est` (vancouver)."""
-    if not _radiology():
-        return fmt_est(rec, nd, est)
-    if not rec or not _finite(rec.get(est)):
-        return "n/a"
-    if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
-        return f"{fmt_num(float(rec[est]), nd)} ({level}% CI: {fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
-    return fmt_num(float(rec[est]), nd)
+    return fmt_est(rec, nd, est, f"{level}% CI: " if _radiology() else "")
 
 
 def fmt_prop_text(rec, k, n, nd=3):
