@@ -9,7 +9,9 @@ from pathlib import PurePath
 from covreport.constants import IMPROVED, OUTCOMES, STABLE, WORSE
 from covreport.errors import ReportError
 from covreport.figures import projection_counts
-from covreport.report.checklists import claim_checklist, stard_ai_checklist, stard_checklist, tripod_checklist
+from covreport.report.checklists import (
+    claim_checklist, reviewer_mode, stard_ai_checklist, stard_checklist, tripod_checklist,
+)
 from covreport.report.format import METRIC_NAMES, current_style
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
@@ -244,9 +246,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     cam_pairs = [dict(p, label=cam_record.get("label")) for p in cam_record.get("pairs") or []] or \
         plain_results(list(cams_info or []))
     cam_rule = cam_record.get("rule") or next((c.get("rule") for c in cams_info or [] if c.get("rule")), None)
-    prov0 = results.get("provenance") or {}
-    weights_mode = "scores" not in (prov0.get("inputs") or {}) and bool(prov0.get("weights_sha256"))
-    cams_expected = bool(has_cams or (cam_record.get("pairs") and weights_mode))
+    reviewer = reviewer_mode(results)
+    cams_expected = bool(has_cams or (cam_record.get("pairs") and not reviewer))
     has_cams = cams_expected
     study = validate_study(results.get("study") or {}, source="results['study']")
     results["study"] = study
@@ -285,7 +286,6 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
             figure_numbers[stem] = len(figure_numbers) + 1
     endpoint = endpoint_summary(results)
     inputs = prov.get("inputs") or {}
-    reviewer_mode = "scores" in inputs or not prov.get("weights_sha256")
     model = prov.get("model") or {}
     training = model.get("training") if isinstance(model.get("training"), dict) else None
     architecture = (training or {}).get("architecture") or "DenseNet121"
@@ -348,7 +348,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "groups": _group_summary(results),
         "provenance": prov,
         "inputs": inputs,
-        "reviewer_mode": reviewer_mode,
+        "reviewer_mode": reviewer,
         "architecture": architecture,
         "training": _kv(training) if training else ([("training", str(model["training"]))]
                                                      if model.get("training") else []),
