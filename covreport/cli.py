@@ -709,8 +709,8 @@ def _default_weights_or_explain():
               help="Permutations for each protocol's permutation p-value of the accuracy (0 to skip).")
 @click.option("--bootstrap", type=click.IntRange(min=0, max=100_000), default=2000, show_default=True,
               help="Patient-level cluster bootstrap resamples for percentile CIs (0 to skip); the "
-                   "cross-validated prediction measures use min(this, 200) resamples that refit each protocol. "
-                   "Calibration's own intervals (ICI, E50, E90, curve band) always use 200, as recorded.")
+                   "cross-validated prediction measures and calibration's intervals (ICI, E50, E90, curve band) "
+                   "use min(this, 200) resamples, as recorded.")
 @click.option("--predictive-ci", type=click.Choice(["exact", "logit"]), default="exact", show_default=True,
               help="PPV/NPV interval: Clopper-Pearson (a cohort's binomial proportion), or Mercaldo's "
                    "logit with the sample prevalence taken as known (MedCalc; the original study).")

@@ -197,6 +197,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         default Worse vs Improved), recorded in ``primary_analysis``.
     """
     from covreport.stats import compare_groups, predict_outcome, table_one
+    from covreport.stats.calibration import CURVE_RESAMPLES
     from covreport.stats.clustered import cluster_bootstrap, group_differences_clustered, primary_analysis
     from covreport.stats.decision_curve import decision_curves
     from covreport.stats.table1 import table_one_patients
@@ -227,6 +228,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         order_keys=_order_keys(pairs).drop(columns=["patient_id"]),
         headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
         predictive_ci=opts.predictive_ci, n_bootstrap=opts.bootstrap, threshold=opts.threshold,
+        calibration_resamples=min(opts.bootstrap, CURVE_RESAMPLES),
     )
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     checks = _ai_checks(pairs, prediction)

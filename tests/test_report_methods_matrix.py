@@ -591,6 +591,10 @@ def test_every_option_set_changed_what_it_should(runs):
     assert [r[n]["prediction"]["headline"] for n in ("default", "protocol-nested", "protocol-global")] == \
         ["penalised", "nested", "global"]
     assert r["bootstrap-0"]["bootstrap"] is None and r["default"]["bootstrap"]["resamples"] == 3
+    # --bootstrap 0 skips every bootstrap, calibration's and the decision curves' included.
+    cal = [b["calibration"] for b in _blocks(r["bootstrap-0"]).values() if b.get("calibration")]
+    assert cal and all(c["resamples"] == 0 and "no bootstrap" in c["method"] for c in cal)
+    assert {b["calibration"]["resamples"] for b in _blocks(r["default"]).values() if b.get("calibration")} == {3}
     assert all(b.get("permutation_p") is None for b in _blocks(r["permutations-0"]).values())
     assert any(b.get("permutation_p") is not None for b in _blocks(r["default"]).values())
     assert not r["no-validation-set"]["validation_auc"] and r["default"]["validation_auc"]

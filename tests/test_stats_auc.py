@@ -5,7 +5,9 @@ AUC; DeLong's variance and covariance recomputed here by brute force, O(n^2),
 from the structural components of DeLong et al. (1988), without ranks.
 """
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,23 +73,44 @@ def test_auc_matches_sklearn_and_variance_matches_bruteforce(seed, ties):
     # Reference: O(n^2) DeLong structural components (written above).
     aucs, cov = _brute_delong(y, s)
     assert res["se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-10)
-    assert res["ci_low"] == pytest.approx(max(0.0, aucs[0] - Z95 * res["se"]), rel=1e-12)
-    assert res["ci_high"] == pytest.approx(min(1.0, aucs[0] + Z95 * res["se"]), rel=1e-12)
+    # Reference: the logit-transformed Wald interval written out (Pepe 2003, section 5.2.3).
+    a, se = aucs[0], res["se"]
+    half = Z95 * se / (a * (1 - a))
+    logit = math.log(a / (1 - a))
+    assert res["ci_low"] == pytest.approx(1 / (1 + math.exp(-(logit - half))), rel=1e-12)
+    assert res["ci_high"] == pytest.approx(1 / (1 + math.exp(-(logit + half))), rel=1e-12)
     assert (res["n_pos"], res["n_neg"]) == (int(y.sum()), int((1 - y).sum()))
-    assert "DeLong" in res["method"] and res["note"] == ""
+    assert "DeLong" in res["method"] and "logit" in res["method"] and res["note"] == ""
+    wald = delong_auc(y, s, ci="wald")
+    assert wald["ci_low"] == pytest.approx(max(0.0, a - Z95 * se), rel=1e-12)
+    assert wald["ci_high"] == pytest.approx(min(1.0, a + Z95 * se), rel=1e-12)
+    assert "clipped" in wald["method"]
 
 
-def test_ci_clipped_to_unit_interval():
+def test_logit_ci_stays_inside_unit_interval_where_wald_is_clipped():
     y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
     s = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 0.4, 0.35])
+    wald = delong_auc(y, s, ci="wald")
+    assert wald["auc"] == pytest.approx(roc_auc_score(y, s))  # reference: scikit-learn
+    assert wald["ci_high"] == 1.0 and wald["auc"] + Z95 * wald["se"] > 1.0
     res = delong_auc(y, s)
-    assert res["auc"] == pytest.approx(roc_auc_score(y, s))  # reference: scikit-learn
-    assert res["ci_high"] == 1.0 and res["auc"] + Z95 * res["se"] > 1.0
+    assert 0.0 < res["ci_low"] < res["auc"] < res["ci_high"] < 1.0
 
 
-def test_perfect_separation_zero_se():
+def test_perfect_separation_gives_no_zero_width_interval():
     res = delong_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
-    assert res["auc"] == 1.0 and res["se"] == 0.0 and res["ci_low"] == res["ci_high"] == 1.0
+    assert res["auc"] == 1.0 and res["se"] == 0.0
+    assert math.isnan(res["ci_low"]) and math.isnan(res["ci_high"])
+    assert res["note"] == ("no interval: complete separation (AUC = 1) makes DeLong's SE 0, and a "
+                           "zero-width interval is never right for a finite sample")
+    assert delong_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1])["note"].startswith("no interval: complete separation (AUC = 0)")
+    wald = delong_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], ci="wald")  # pROC's interval, kept for replication
+    assert wald["ci_low"] == wald["ci_high"] == 1.0
+
+
+def test_bad_ci_raises():
+    with pytest.raises(StatsError, match="ci must be one of logit, wald, got 'exact'"):
+        delong_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], ci="exact")
 
 
 def test_single_positive_gives_auc_without_se():
@@ -170,13 +193,16 @@ def test_properties(data):
     neg = delong_auc(y, -s)
     assert neg["auc"] == pytest.approx(1 - res["auc"], abs=1e-12)
     assert neg["se"] == pytest.approx(res["se"], abs=1e-12)
-    # The interval contains the estimate and lies in [0, 1].
-    assert 0.0 <= res["ci_low"] <= res["auc"] <= res["ci_high"] <= 1.0
+    # The interval contains the estimate strictly inside (0, 1), or there is none and the note says why.
+    if res["se"] > 0 and 0 < res["auc"] < 1:
+        assert 0.0 < res["ci_low"] <= res["auc"] <= res["ci_high"] < 1.0 and res["note"] == ""
+    else:
+        assert math.isnan(res["ci_low"]) and math.isnan(res["ci_high"]) and res["note"].startswith("no interval")
     # Row order does not matter.
     perm = np.random.default_rng(len(y)).permutation(len(y))
     shuffled = delong_auc(y[perm], s[perm])
     for key in ("auc", "se", "ci_low", "ci_high"):
-        assert shuffled[key] == pytest.approx(res[key], abs=1e-12)
+        assert shuffled[key] == pytest.approx(res[key], abs=1e-12, nan_ok=True)
     # Reference: scikit-learn roc_auc_score.
     assert res["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
@@ -272,3 +298,21 @@ def test_read_chexpert_csv(tmp_path):
         read_chexpert_csv(path)
     with pytest.raises(ScoresError, match="cannot read the CheXpert label CSV"):
         read_chexpert_csv(tmp_path / "nope.csv")
+
+
+PROC = json.loads((Path(__file__).parent / "fixtures" / "r_proc_auc.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("rec", PROC["delong"], ids=lambda r: r["case"])
+def test_delong_matches_proc(rec):
+    # Reference: R pROC 1.18.0 (tests/fixtures/r_proc_auc.R; each record names the call).
+    y, s = np.array(rec["y"]), np.array(rec["s"])
+    wald = delong_auc(y, s, ci="wald")
+    assert wald["auc"] == pytest.approx(rec["auc"], abs=1e-14)
+    assert wald["se"] ** 2 == pytest.approx(rec["var"], abs=1e-14)
+    assert (wald["ci_low"], wald["ci_high"]) == pytest.approx((rec["wald_low"], rec["wald_high"]), abs=1e-14)
+    res = delong_auc(y, s)
+    if rec["logit_low"] is None:   # AUC 1: pROC warns its 1-1 interval "can be misleading"; covreport gives none
+        assert math.isnan(res["ci_low"]) and res["note"].startswith("no interval: complete separation")
+    else:
+        assert (res["ci_low"], res["ci_high"]) == pytest.approx((rec["logit_low"], rec["logit_high"]), abs=1e-14)

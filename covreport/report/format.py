@@ -57,6 +57,8 @@ REFERENCES = {
                 "Proc IEEE CVPR 2017:4700-4708.",
     "delong": "DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two or more correlated receiver "
               "operating characteristic curves: a nonparametric approach. Biometrics 1988;44:837-845.",
+    "pepe": "Pepe MS. The Statistical Evaluation of Medical Tests for Classification and Prediction. Oxford: "
+            "Oxford University Press; 2003.",
     "sunxu": "Sun X, Xu W. Fast implementation of DeLong's algorithm for comparing the areas under correlated "
              "receiver operating characteristic curves. IEEE Signal Process Lett 2014;21:1389-1393.",
     "mw": "Mann HB, Whitney DR. On a test of whether one of two random variables is stochastically larger than "
@@ -156,7 +158,7 @@ AUTHOR_YEAR = (
     (r"Vickers (?:&|and) Elkin", "vickers"), (r"Vickers,? (?:AJ, )?Van Calster", "vickers2016"),
     (r"Hodges (?:&|and) Lehmann", "hodges_lehmann"), (r"Bauer 1972", "bauer"), (r"Steiger", "steiger"),
     (r"Laird (?:&|and) Ware", "laird_ware"), (r"Jonckheere", "jonckheere"), (r"Terpstra", "terpstra"),
-    (r"Hollander", "hollander"),
+    (r"Hollander", "hollander"), (r"Pepe 2003", "pepe"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]

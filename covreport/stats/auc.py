@@ -12,7 +12,11 @@ Processing Letters 2014;21:1389-1393.
 
 Robin X et al. pROC: an open-source package for R and S+ to analyze and
 compare ROC curves. BMC Bioinformatics 2011;12:77 (``ci.auc(method="delong")``
-clips the Wald interval to [0, 1]).
+clips the Wald interval to [0, 1]: ``ci="wald"`` here, kept for replication).
+
+Pepe MS. The Statistical Evaluation of Medical Tests for Classification and
+Prediction. Oxford University Press 2003, section 5.2.3 (the logit-transformed
+interval of the AUC, ``ci="logit"``, the default).
 """
 
 import math
@@ -25,7 +29,13 @@ from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
 from covreport.errors import ScoresError, StatsError
 from covreport.stats._util import check_alpha, show, z_quantile
 
-AUC_METHOD = "DeLong (Sun & Xu 2014 fast algorithm); Wald CI clipped to [0, 1]"
+AUC_METHOD = ("DeLong (Sun & Xu 2014 fast algorithm); logit-transformed Wald CI "
+              "expit(logit(AUC) +/- z SE/(AUC(1-AUC))), inside (0, 1) without clipping (Pepe 2003, 5.2.3)")
+AUC_WALD_METHOD = "DeLong (Sun & Xu 2014 fast algorithm); Wald CI clipped to [0, 1] (as pROC ci.auc)"
+AUC_CI_METHODS = {"logit": AUC_METHOD, "wald": AUC_WALD_METHOD}
+SEPARATION_NOTE = ("no interval: complete separation (AUC = {auc:g}) makes DeLong's SE 0, and a "
+                   "zero-width interval is never right for a finite sample")
+ZERO_SE_NOTE = "no interval: DeLong's SE is 0 (the scores do not vary between the cases)"
 TEST_METHOD = "DeLong test for two correlated AUCs (Sun & Xu 2014 fast algorithm), two-sided"
 
 VALIDATION_COLUMNS = ("label", "n_pos", "n_neg", "auc", "se", "ci_low", "ci_high", "method", "note")
@@ -111,12 +121,33 @@ def _delong_components(y, scores):
     return aucs, s10 / m + s01 / n
 
 
-def delong_auc(y_true, y_score, alpha=0.05):
-    """AUC with DeLong's standard error and a Wald confidence interval.
+def _check_ci(ci):
+    if ci not in AUC_CI_METHODS:
+        raise StatsError(f"ci must be one of {', '.join(AUC_CI_METHODS)}, got {show(ci)}")
+    return ci
+
+
+def _interval(auc, se, z, ci):
+    """(low, high, note) of the DeLong interval; see :func:`delong_auc`."""
+    if ci == "wald":
+        return max(0.0, auc - z * se), min(1.0, auc + z * se), ""
+    if not (0.0 < auc < 1.0):
+        return math.nan, math.nan, SEPARATION_NOTE.format(auc=auc)
+    if not se > 0:
+        return math.nan, math.nan, ZERO_SE_NOTE
+    centre, half = math.log(auc / (1.0 - auc)), z * se / (auc * (1.0 - auc))
+    return 1.0 / (1.0 + math.exp(half - centre)), 1.0 / (1.0 + math.exp(-centre - half)), ""
+
+
+def delong_auc(y_true, y_score, alpha=0.05, ci="logit"):
+    """AUC with DeLong's standard error and a confidence interval.
 
     The AUC is P(score of a positive > score of a negative) + 0.5 P(tie),
     computed from midranks. Its variance is DeLong's (1988), computed with the
-    O(n log n) algorithm of Sun & Xu (2014). The interval is
+    O(n log n) algorithm of Sun & Xu (2014). The default interval (``ci="logit"``)
+    is expit(logit(AUC) +/- z SE / (AUC (1 - AUC))) (Pepe 2003): inside (0, 1)
+    without clipping, and none when the AUC is 0 or 1 (complete separation,
+    SE 0), where a Wald interval has zero width. ``ci="wald"`` gives
     AUC +/- z * SE clipped to [0, 1], as pROC's ``ci.auc(method="delong")``.
     Higher scores mean positive; the direction is never guessed.
 
@@ -127,13 +158,16 @@ def delong_auc(y_true, y_score, alpha=0.05):
     y_score : array-like of float, shape (n,)
     alpha : float
         1 - confidence level.
+    ci : {"logit", "wald"}
+        The interval (above).
 
     Returns
     -------
     dict
         ``auc``, ``se``, ``ci_low``, ``ci_high``, ``n_pos``, ``n_neg``,
-        ``method`` and ``note`` ("" unless the SE is undefined because a class
-        holds a single case, when se and the CI are NaN).
+        ``method`` and ``note`` ("" unless there is no interval: the SE is
+        undefined because a class holds a single case (se NaN), or the AUC
+        is 0 or 1 with ``ci="logit"``; the CI is then NaN).
 
     Raises
     ------
@@ -147,6 +181,7 @@ def delong_auc(y_true, y_score, alpha=0.05):
     Processing Letters 2014;21:1389-1393.
     """
     alpha = check_alpha(alpha)
+    ci = _check_ci(ci)
     y = _as_truth(y_true)
     s = _as_score(y_score, len(y), "y_score")
     n_pos, n_neg = _check_classes(y)
@@ -160,10 +195,9 @@ def delong_auc(y_true, y_score, alpha=0.05):
                 f"(got {n_pos} and {n_neg})")
     else:
         se = math.sqrt(max(var, 0.0))
-        z = z_quantile(alpha)
-        low, high = max(0.0, auc - z * se), min(1.0, auc + z * se)
+        low, high, note = _interval(auc, se, z_quantile(alpha), ci)
     return {"auc": auc, "se": se, "ci_low": low, "ci_high": high,
-            "n_pos": n_pos, "n_neg": n_neg, "method": AUC_METHOD, "note": note}
+            "n_pos": n_pos, "n_neg": n_neg, "method": AUC_CI_METHODS[ci], "note": note}
 
 
 def delong_test(y_true, score_a, score_b):
@@ -230,7 +264,7 @@ def roc_curve_points(y_true, y_score):
     return fpr, tpr
 
 
-def validation_auc(truth, scores, labels=None, *, alpha=0.05):
+def validation_auc(truth, scores, labels=None, *, alpha=0.05, ci="logit"):
     """Per-label AUC with DeLong CI on a labelled validation set.
 
     Parameters
@@ -246,6 +280,8 @@ def validation_auc(truth, scores, labels=None, *, alpha=0.05):
         Labels to analyse, in order (default: the study's 10 labels).
     alpha : float
         1 - confidence level.
+    ci : {"logit", "wald"}
+        The interval, as in :func:`delong_auc`.
 
     Returns
     -------
@@ -263,6 +299,7 @@ def validation_auc(truth, scores, labels=None, *, alpha=0.05):
         1, 0, -1 or blank, or frames of different lengths.
     """
     alpha = check_alpha(alpha)
+    ci = _check_ci(ci)
     labels = list(DEFAULT_LABELS if labels is None else labels)
     if len(truth) != len(scores):
         raise ScoresError(f"validation truth has {len(truth)} rows but the scores have {len(scores)}; "
@@ -300,13 +337,15 @@ def validation_auc(truth, scores, labels=None, *, alpha=0.05):
         y = t[use].astype(np.int8)
         n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
         row = {"label": label, "n_pos": n_pos, "n_neg": n_neg, "auc": math.nan, "se": math.nan,
-               "ci_low": math.nan, "ci_high": math.nan, "method": AUC_METHOD}
+               "ci_low": math.nan, "ci_high": math.nan, "method": AUC_CI_METHODS[ci]}
         if n_pos < 2 or n_neg < 2:
             notes.insert(0, f"not estimable: {n_pos} positive(s) and {n_neg} negative(s); "
                             "at least 2 of each are needed")
         else:
-            res = delong_auc(y, s[use], alpha=alpha)
+            res = delong_auc(y, s[use], alpha=alpha, ci=ci)
             row.update({k: res[k] for k in ("auc", "se", "ci_low", "ci_high")})
+            if res["note"]:
+                notes.insert(0, res["note"])
         row["note"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(VALIDATION_COLUMNS))

@@ -378,7 +378,7 @@ def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, 
 
 def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline=PRIMARY_PROTOCOL,
                     n_permutations=1000, seed=0, alpha=0.05, solver="fast", predictive_ci="exact",
-                    n_jobs=None, n_bootstrap=0, threshold=THRESHOLD):
+                    n_jobs=None, n_bootstrap=0, threshold=THRESHOLD, calibration_resamples=None):
     """The ``prediction`` block of ``results.json`` (docs/RESULTS.md).
 
     Parameters
@@ -416,6 +416,10 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         Requested resamples of the refitting patient bootstrap of each
         first-CXR protocol's measures (:func:`cv_bootstrap`); min(n_bootstrap,
         :data:`CV_BOOTSTRAP_MAX`) run; 0 skips it.
+    calibration_resamples : int, optional
+        Patient-bootstrap resamples of each calibration curve's band and of
+        the intervals of its measures (:func:`covreport.stats.calibration.calibration`;
+        default :data:`~covreport.stats.calibration.CURVE_RESAMPLES`); 0 gives none.
     seed : int
         Seed of the permutations.
     alpha : float
@@ -443,7 +447,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         reason in ``not_informative`` where the AUC is not evidence) and
         ``cv_intervals`` (:func:`cv_bootstrap`, or None).
     """
-    from covreport.stats.calibration import calibration
+    from covreport.stats.calibration import CURVE_RESAMPLES, calibration
 
     headline = _check_protocol(headline)
     alpha = check_alpha(alpha)
@@ -526,7 +530,9 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             "auc": _auc_block(y, prob, alpha),
             "auc_clustered": _auc_clustered_block(y, prob, groups_k, alpha),
             "calibration": calibration(y, prob, alpha=alpha, groups=groups_k, folds=fold, one_class=one_class_row,
-                                       predicted=pred, seed=seed),
+                                       predicted=pred, seed=seed,
+                                       n_resamples=CURVE_RESAMPLES if calibration_resamples is None
+                                       else int(calibration_resamples)),
             "threshold": threshold_record(threshold),
             "selected_features": [{"feature": f, "folds_selected": c, "fraction": c / n_folds}
                                   for f, c in selected],
