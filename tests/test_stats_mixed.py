@@ -6,8 +6,9 @@ patient_id, method = "REML")`` on tests/fixtures/mixed_data.csv
 (tests/fixtures/r_mixed.R wrote tests/fixtures/r_mixed.json; R is not needed
 to run these tests); pandas value counts for the projection table; the
 Jonckheere-Terpstra statistic, its exact null distribution and its variance
-with ties computed by brute force over every distinct labelling (clinfun is
-not packaged for this machine's R).
+with ties computed by brute force over every distinct labelling, and R's
+kSamples 1.2-9 ``jt.test`` (exact and asymptotic; tests/fixtures/r_trend.R
+wrote tests/fixtures/r_trend.json).
 """
 
 import itertools
@@ -168,3 +169,19 @@ def test_a_variance_at_the_boundary_is_reached_and_said():
     assert np.abs(default.fe_params.to_numpy() - ols.params.to_numpy()).max() > 1e-3
     assert note == ("the random-intercept variance is estimated at 0 (the boundary), so the fit equals ordinary "
                     "least squares of the pairs")
+
+
+TREND = json.loads((Path(__file__).parent / "fixtures" / "r_trend.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("rec", TREND["jt_test"], ids=lambda r: r["case"])
+def test_jonckheere_terpstra_matches_r_ksamples(rec):
+    # Reference: R kSamples::jt.test (one-sided tails; the record names the call).
+    groups = [(IMPROVED, rec["improved"]), (STABLE, rec["stable"]), (WORSE, rec["worse"])]
+    df = pd.DataFrame([{"outcome": g, "A": v} for g, vals in groups for v in vals])
+    row = jonckheere_terpstra(df, ["A"]).iloc[0]
+    assert row["J"] == pytest.approx(rec["J"], abs=1e-12)
+    assert row["mean"] == pytest.approx(rec["mu"], abs=1e-12)
+    assert row["sd"] == pytest.approx(rec["sig"], rel=1e-12)
+    assert ("exact" in row["p_method"]) == (rec["method"] == "exact")
+    assert row["p"] == pytest.approx(min(1.0, 2 * min(rec["p_lower"], rec["p_upper"])), rel=1e-10)
