@@ -77,7 +77,7 @@ def write_study(folder, n_patients=60, n_pairs=100, seed=0):
 def bench_study(args):
     from covreport.manifest import read_manifest
     from covreport.pipeline import RunOptions, _analysed_pairs, compute_statistics, label_columns
-    from covreport.scoring import read_scores
+    from covreport.scores_file import read_scores
     from covreport.stats import compare_groups, predict_outcome
     from covreport.stats.clustered import cluster_bootstrap, group_differences_clustered
 

@@ -24,7 +24,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from covreport.constants import feature_columns  # noqa: E402
-from covreport.scoring import read_scores  # noqa: E402
+from covreport.scores_file import read_scores  # noqa: E402
 
 
 def write_wide(path, n_labels, n_rows, seed=0):

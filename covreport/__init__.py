@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 #: Public name -> (module, attribute) loaded on first access.
 _LAZY = {
     "read_manifest": ("covreport.manifest", "read_manifest"),
-    "read_scores": ("covreport.scoring", "read_scores"),
+    "read_scores": ("covreport.scores_file", "read_scores"),
     "score": ("covreport.scoring", "score_to_file"),
     "RunOptions": ("covreport.pipeline", "RunOptions"),
     "summarise": ("covreport.summary", "summarise"),

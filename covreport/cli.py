@@ -154,7 +154,7 @@ def validate(manifest, as_json, strict, no_images, scores):
     from covreport.manifest import read_manifest
 
     if scores is not None:
-        from covreport.scoring import read_scores
+        from covreport.scores_file import read_scores
 
         m = read_manifest(manifest, strict=strict, check_images=False)
         m = m.exclude_unscored(read_scores(scores, require_features=True)["image"], strict=strict)

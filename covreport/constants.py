@@ -7,6 +7,9 @@ CHEXPERT_LABELS = (
     "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
 )
 
+#: CheXpert's non-label columns.
+CHEXPERT_META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+
 #: The study's 10 labels (CheXpert's 14 without No Finding, Fracture,
 #: Support Devices and Pneumothorax), in the study's order.
 DEFAULT_LABELS = (

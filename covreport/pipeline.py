@@ -93,7 +93,7 @@ def run(opts: RunOptions) -> Path:
         weights = str(find_weights(None))  # raises with how to train / where to put weights
     loaded, scoring = None, None
     if opts.scores is not None:
-        from covreport.scoring import read_scores
+        from covreport.scores_file import read_scores
 
         with progress.stage(f"Reading manifest {opts.manifest}"):
             manifest = read_manifest(opts.manifest, strict=opts.strict, check_images=False)
@@ -126,7 +126,7 @@ def run(opts: RunOptions) -> Path:
     pairs = canonical_pairs(pairs)   # no result depends on row order or pair-id spelling
     reference = None
     if opts.reference_csv is not None:
-        from covreport.stats.table1 import read_reference_csv
+        from covreport.chexpert import read_reference_csv
 
         reference = read_reference_csv(opts.reference_csv)
     validation_auc, roc = _validation(opts, loaded, labels)
@@ -377,11 +377,12 @@ def _validation(opts, loaded, labels):
     """Per-label validation AUCs with DeLong CIs, and ROC curve points."""
     if opts.validation_csv is None:
         return [], {}
-    from covreport.stats.auc import read_chexpert_csv, roc_curve_points, validation_auc
+    from covreport.chexpert import read_chexpert_csv
+    from covreport.stats.auc import roc_curve_points, validation_auc
 
     truth = read_chexpert_csv(opts.validation_csv)
     if opts.validation_scores is not None:
-        from covreport.scoring import read_scores
+        from covreport.scores_file import read_scores
 
         vscores = read_scores(opts.validation_scores)
     elif loaded is not None:

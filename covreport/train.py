@@ -52,7 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 from covreport import _threads
 from covreport import progress as _progress
 from covreport._io import write_csv_atomic
-from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
+from covreport.chexpert import read_chexpert_split
+from covreport.constants import DEFAULT_LABELS
 from covreport.errors import ModelError
 from covreport.model import (
     _atomic_torch_save,
@@ -68,8 +69,6 @@ logger = logging.getLogger(__name__)
 
 UNCERTAINTY_POLICIES = ("zeros", "ones", "ignore")
 INIT_KEYWORDS = ("imagenet", "none")
-#: CheXpert's non-label columns.
-CHEXPERT_META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 MIN_IMAGE_SIZE = 64
 LOSS_DESCRIPTION = (
     "binary cross-entropy with logits, per-label pos_weight = n_neg / n_pos counted on the "
@@ -158,57 +157,6 @@ class TrainConfig:
 
 
 # --- CheXpert CSVs and labels ---------------------------------------------------
-
-
-def read_chexpert_split(root, split, labels):
-    """Read ``root/<split>.csv`` of a CheXpert-layout folder and locate its images.
-
-    ``Path`` is relative to the dataset root's parent (``CheXpert-v1.0-small/
-    train/patient00001/...``); when the root folder was renamed, paths are
-    tried relative to the root itself, with and without their first part.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The CSV's rows with an added ``_file`` column (absolute path).
-    """
-    root = Path(root)
-    csv = root / f"{split}.csv"
-    if not csv.is_file():
-        raise ModelError(f"{csv} not found: --chexpert-root must be the CheXpert folder holding "
-                         "train.csv and valid.csv (e.g. CheXpert-v1.0-small).")
-    try:
-        df = pd.read_csv(csv)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"Cannot read {csv}: {exc}") from None
-    missing = [c for c in ("Path", *labels) if c not in df.columns]
-    if missing:
-        raise ModelError(f"{csv} lacks column(s) {missing}; a CheXpert CSV has {list(CHEXPERT_META_COLUMNS)} "
-                         f"and the label columns {list(CHEXPERT_LABELS)}.")
-    if df.empty:
-        raise ModelError(f"{csv} has no rows.")
-    if df["Path"].isna().any():
-        i = int(np.flatnonzero(df["Path"].isna().to_numpy())[0])
-        raise ModelError(f"{csv}, data row {i + 1}: the Path column is empty.")
-    rel = [Path(str(p)) for p in df["Path"]]
-    bases = [
-        lambda p: root.parent / p,
-        lambda p: root / p,
-        lambda p: root.joinpath(*p.parts[1:]) if len(p.parts) > 1 else root / p,
-    ]
-    base = next((b for b in bases if b(rel[0]).is_file()), None)
-    if base is None:
-        raise ModelError(f"{csv}, data row 1: image {df['Path'].iloc[0]!r} not found under {root.parent} "
-                         f"or {root}; Path must be relative to the dataset root's parent, as in CheXpert.")
-    files = [base(p) for p in rel]
-    absent = [i for i, f in enumerate(files) if not f.is_file()]
-    if absent:
-        first = absent[0]
-        raise ModelError(f"{csv}: {len(absent)} image(s) not found, the first at data row {first + 1}: "
-                         f"{files[first]}. Complete the dataset or remove those rows.")
-    df = df.copy()
-    df["_file"] = [str(f) for f in files]
-    return df
 
 
 def label_targets(df, labels=DEFAULT_LABELS, uncertainty="zeros", *, source="the CSV"):

@@ -30,7 +30,8 @@ from covreport.errors import ScoresError
 from covreport.images import image_sha256
 from covreport.manifest import read_manifest
 from covreport.model import load_checkpoint
-from covreport.scoring import read_scores, score_images, score_manifest
+from covreport.scores_file import read_scores
+from covreport.scoring import score_images, score_manifest
 
 # --------------------------------------------------------------------------
 # The split and the environment

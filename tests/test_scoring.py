@@ -23,7 +23,8 @@ from covreport.constants import feature_columns
 from covreport.errors import ModelError, ScoresError
 from covreport.images import Preprocessing, load_image, to_tensor
 from covreport.model import build_model, load_checkpoint, save_checkpoint
-from covreport.scoring import read_scores, score_images, score_manifest, write_scores
+from covreport.scores_file import read_scores, write_scores
+from covreport.scoring import score_images, score_manifest
 
 LABELS = ("Cardiomegaly", "Edema", "Pleural Effusion")
 
@@ -126,10 +127,10 @@ def test_second_run_all_from_cache_identical(tmp_path, loaded):
 
 
 def test_interrupted_run_resumes_from_cache(tmp_path, loaded, monkeypatch):
-    import covreport.scoring as scoring
+    import covreport.inference as inference
 
     paths = _images(tmp_path / "img", n=5)
-    real = scoring._forward
+    real = inference._forward
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -139,10 +140,10 @@ def test_interrupted_run_resumes_from_cache(tmp_path, loaded, monkeypatch):
         return real(*args, **kwargs)
 
     with ScoreCache(tmp_path / "c.sqlite") as cache:
-        monkeypatch.setattr(scoring, "_forward", failing)
+        monkeypatch.setattr(inference, "_forward", failing)
         with pytest.raises(KeyboardInterrupt):
             score_images(paths, loaded, cache=cache, batch_size=2, num_workers=0)
-        monkeypatch.setattr(scoring, "_forward", real)
+        monkeypatch.setattr(inference, "_forward", real)
         assert len(cache) == 2  # batch 1 was committed
         resumed = score_images(paths, loaded, cache=cache, batch_size=2, num_workers=0)
     assert (resumed.scored, resumed.from_cache) == (3, 2)
@@ -370,7 +371,7 @@ def test_hashing_many_files_in_threads(tmp_path):
 
 def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(weights):
     from covreport.model import features_and_logits
-    from covreport.scoring import _prepare_model
+    from covreport.inference import _prepare_model
 
     fresh = load_checkpoint(weights)
     model = fresh.model.eval()

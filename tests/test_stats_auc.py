@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
+from covreport.chexpert import read_chexpert_csv
 from covreport.errors import ScoresError, StatsError
 from covreport.stats.auc import (
     delong_auc,
     delong_test,
-    read_chexpert_csv,
     roc_curve_points,
     validation_auc,
 )

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
+from covreport.chexpert import read_reference_csv
 from covreport.errors import CovreportError, StatsError
 from covreport.stats._util import records
 from covreport.stats.table1 import (
@@ -24,7 +25,6 @@ from covreport.stats.table1 import (
     STUDENT,
     WELCH,
     YATES,
-    read_reference_csv,
     sex_test,
     table_one,
 )

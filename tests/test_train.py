@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from covreport import train as T
+from covreport.chexpert import read_chexpert_split
 from covreport.cli import main
 from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
 from covreport.errors import ModelError
@@ -165,17 +166,17 @@ def test_masked_bce_matches_torch_bce_with_logits():
 
 
 def test_read_chexpert_split_locates_images_and_reports_problems(tree, tmp_path):
-    df = T.read_chexpert_split(tree, "train", DEFAULT_LABELS)
+    df = read_chexpert_split(tree, "train", DEFAULT_LABELS)
     assert len(df) == 32 and all(Path(f).is_file() for f in df["_file"])
     assert df["_file"].iloc[0] == str(tree.parent / df["Path"].iloc[0])
     with pytest.raises(ModelError) as info:
-        T.read_chexpert_split(tmp_path, "train", DEFAULT_LABELS)
+        read_chexpert_split(tmp_path, "train", DEFAULT_LABELS)
     assert str(info.value).startswith(f"{tmp_path / 'train.csv'} not found: --chexpert-root must be")
     bad = tmp_path / "CheXpert-v1.0-small"
     bad.mkdir()
     pd.read_csv(tree / "train.csv").drop(columns=["Edema"]).to_csv(bad / "train.csv", index=False)
     with pytest.raises(ModelError, match=r"lacks column\(s\) \['Edema'\]"):
-        T.read_chexpert_split(bad, "train", DEFAULT_LABELS)
+        read_chexpert_split(bad, "train", DEFAULT_LABELS)
     frame = pd.read_csv(tree / "train.csv")
     frame.loc[5, "Path"] = "CheXpert-v1.0-small/train/patient99999/study1/view1_frontal.jpg"
     moved = tmp_path / "moved"
@@ -183,7 +184,7 @@ def test_read_chexpert_split_locates_images_and_reports_problems(tree, tmp_path)
     frame.to_csv(moved / "train.csv", index=False)
     os.symlink(tree / "train", moved / "train")  # folder renamed: paths resolved from the root itself
     with pytest.raises(ModelError) as info:
-        T.read_chexpert_split(moved, "train", DEFAULT_LABELS)
+        read_chexpert_split(moved, "train", DEFAULT_LABELS)
     assert str(info.value) == (f"{moved / 'train.csv'}: 1 image(s) not found, the first at data row 6: "
                                f"{moved / 'train/patient99999/study1/view1_frontal.jpg'}. "
                                "Complete the dataset or remove those rows.")

@@ -10,13 +10,13 @@ AUC and Mann-Whitney test, cluster bootstrap), :mod:`~covreport.stats.calibratio
 prediction: :mod:`~covreport.stats.lopo` (fold loop, protocols),
 :mod:`~covreport.stats._logistic` (solvers), :mod:`~covreport.stats.permutation`
 (permutation test) and :mod:`~covreport.stats.prediction` (the results block).
+The statistics read no files: CheXpert's CSVs are read by :mod:`covreport.chexpert`.
 """
 
 from covreport.stats._util import records
 from covreport.stats.auc import (
     delong_auc,
     delong_test,
-    read_chexpert_csv,
     roc_curve_points,
     validation_auc,
 )
@@ -32,7 +32,7 @@ from covreport.stats.groups import compare_groups
 from covreport.stats.lopo import lopo_predict
 from covreport.stats.permutation import permutation_p
 from covreport.stats.prediction import predict_outcome
-from covreport.stats.table1 import read_reference_csv, table_one, table_one_patients
+from covreport.stats.table1 import table_one, table_one_patients
 
 __all__ = [
     "MEASURES",
@@ -49,8 +49,6 @@ __all__ = [
     "permutation_p",
     "predict_outcome",
     "primary_analysis",
-    "read_chexpert_csv",
-    "read_reference_csv",
     "records",
     "roc_curve_points",
     "table_one",

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
-from covreport.constants import CHEXPERT_LABELS, DEFAULT_LABELS
+from covreport.constants import DEFAULT_LABELS
 from covreport.errors import ScoresError, StatsError
 from covreport.stats._util import check_alpha, show, z_quantile
 
@@ -349,54 +349,3 @@ def validation_auc(truth, scores, labels=None, *, alpha=0.05, ci="logit"):
         row["note"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(VALIDATION_COLUMNS))
-
-
-def read_chexpert_csv(path, labels=None):
-    """Read a CheXpert-format label CSV (e.g. ``valid.csv``).
-
-    Parameters
-    ----------
-    path : str or path-like
-    labels : sequence of str, optional
-        Label columns that must be present. By default every one of CheXpert's
-        14 label columns the file has is kept, and at least one is required.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The file's ``Path`` column and the label columns (floats: 1, 0, -1 or
-        NaN), in the file's row order.
-
-    Raises
-    ------
-    ScoresError
-        The file cannot be read, lacks ``Path`` or a label column, or holds a
-        label value other than 1, 0, -1 or blank.
-    """
-    try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise ScoresError(f"cannot read the CheXpert label CSV {str(path)!r}: {exc}") from None
-    if labels is None:
-        labels = [lab for lab in CHEXPERT_LABELS if lab in df.columns]
-        missing = ["Path"] if "Path" not in df.columns else []
-        if not labels:
-            missing.append("any of CheXpert's label columns " + ", ".join(CHEXPERT_LABELS))
-    else:
-        labels = list(labels)
-        missing = [c for c in ["Path", *labels] if c not in df.columns]
-    if missing:
-        raise ScoresError(f"{str(path)!r} lacks column(s) {missing}; a CheXpert label CSV has "
-                          f"'Path' and one column per label")
-    out = df[["Path", *labels]].copy()
-    for label in labels:
-        col = pd.to_numeric(out[label], errors="coerce")
-        not_code = col.notna() & ~col.isin([1.0, 0.0, -1.0])
-        not_number = col.isna() & out[label].notna() & (out[label].astype(str).str.strip() != "")
-        bad = not_code | not_number
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ScoresError(f"{str(path)!r}, column {label!r}, data row {i + 1}: "
-                              f"{show(out[label].iloc[i])} is not 1, 0, -1 or blank")
-        out[label] = col.astype(float)
-    return out

@@ -35,14 +35,13 @@ Stat Med 2009;28:3083-3107.
 """
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
 from covreport.constants import OUTCOMES
-from covreport.errors import CovreportError, StatsError
+from covreport.errors import StatsError
 from covreport.stats._util import show
 
 ALL_PAIRS = "All pairs"
@@ -63,7 +62,6 @@ SMD = ("standardised mean difference (Austin 2009): age (mean1 - mean2) / sqrt((
        "sex (p1 - p2) / sqrt((p1(1 - p1) + p2(1 - p2)) / 2), p the proportion male of known sex")
 
 _SEX_CODES = {"M": "M", "F": "F"}
-_REFERENCE_SEX = {"Male": "M", "Female": "F", "Unknown": None}
 
 
 def _normalise_sex(values, where):
@@ -275,7 +273,7 @@ def table_one(pairs, reference=None):
         ('M', 'F', or None/NaN/blank when unknown).
     reference : pandas.DataFrame, optional
         A reference cohort with ``age`` and ``sex`` coded the same way (and
-        ``patient_id`` if known), e.g. from :func:`read_reference_csv`.
+        ``patient_id`` if known), e.g. from :func:`covreport.chexpert.read_reference_csv`.
 
     Returns
     -------
@@ -375,61 +373,4 @@ def table_one_patients(pairs, reference=None):
     out = pd.DataFrame(rows, columns=list(PATIENT_COLUMNS))
     for col in ("pairs", "patients"):
         out[col] = out[col].astype("Int64")
-    return out
-
-
-def read_reference_csv(path):
-    """Read a reference cohort from a CheXpert-format CSV (``Sex``, ``Age``; ``Path`` optional).
-
-    ``Sex`` Male/Female become 'M'/'F'; Unknown or blank become None. ``Age``
-    is kept as recorded (CheXpert's train.csv has a few ages of 0). When a
-    ``Path`` column holds CheXpert paths (``.../patientNNNNN/...``), the
-    patient id is taken from it.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``age`` (float), ``sex`` ('M', 'F' or None) and, when found,
-        ``patient_id``; one row per CSV row.
-
-    Raises
-    ------
-    CovreportError
-        The file cannot be read, lacks ``Sex`` or ``Age``, or holds a sex
-        other than Male/Female/Unknown/blank or a non-numeric age.
-    """
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-    except (OSError, ValueError) as exc:
-        raise CovreportError(f"cannot read the reference CSV {str(path)!r}: {exc}") from None
-    missing = [c for c in ("Sex", "Age") if c not in header]
-    if missing:
-        raise CovreportError(f"the reference CSV {str(path)!r} lacks column(s) {missing}; "
-                             "a CheXpert-format CSV has 'Sex' (Male/Female/Unknown) and 'Age'")
-    usecols = ["Sex", "Age"] + (["Path"] if "Path" in header else [])
-    try:
-        raw = pd.read_csv(path, usecols=usecols, dtype={"Sex": object})
-    except (OSError, ValueError) as exc:
-        raise CovreportError(f"cannot read the reference CSV {str(path)!r}: {exc}") from None
-    sex = raw["Sex"].astype(object).where(raw["Sex"].notna(), None)
-    sex = sex.map(lambda v: v.strip() if isinstance(v, str) else v)
-    known = sex.isna() | (sex == "") | sex.isin(list(_REFERENCE_SEX))
-    if not known.all():
-        i = int(np.flatnonzero(~known.to_numpy())[0])
-        raise CovreportError(f"the reference CSV {str(path)!r}, data row {i + 1}: Sex {show(sex.iloc[i])} "
-                             "is not Male, Female, Unknown or blank")
-    out = pd.DataFrame({
-        "age": pd.to_numeric(raw["Age"], errors="coerce").astype(float),
-        "sex": pd.Series([_REFERENCE_SEX.get(v) if isinstance(v, str) else None for v in sex],
-                         index=raw.index, dtype=object),
-    })
-    bad_age = out["age"].isna() & raw["Age"].notna() & (raw["Age"].astype(str).str.strip() != "")
-    if bad_age.any():
-        i = int(np.flatnonzero(bad_age.to_numpy())[0])
-        raise CovreportError(f"the reference CSV {str(path)!r}, data row {i + 1}: Age "
-                             f"{show(raw['Age'].iloc[i])} is not a number")
-    if "Path" in raw.columns:
-        pid = raw["Path"].astype(str).str.extract(r"(patient\d+)", flags=re.IGNORECASE)[0]
-        if pid.notna().all():
-            out["patient_id"] = pid
     return out

@@ -286,7 +286,8 @@ def test_two_runs_sharing_one_cache_at_once(tmp_path, study40, tiny_weights, tin
         assert proc.returncode == 0, (name, stderr[-3000:])
         _no_blocked_network(stderr)
         outputs[name] = stdout
-    from covreport.scoring import read_scores, score_images
+    from covreport.scores_file import read_scores
+    from covreport.scoring import score_images
 
     reference = score_images({img: study40.parent / img for img in manifest_images(study40)},
                              tiny_loaded, num_workers=0).scores.set_index("image")

@@ -39,7 +39,8 @@ from covreport.constants import feature_columns
 from covreport.errors import ImageError, ModelError, ScoresError
 from covreport.images import load_image, probe_image
 from covreport.model import load_checkpoint
-from covreport.scoring import read_scores, score_images
+from covreport.scores_file import read_scores
+from covreport.scoring import score_images
 from reliability_helpers import LABELS, REPO, make_study, subprocess_env, write_png
 
 MEMORY_LIMIT_MB = 300  # growth of the peak resident size while the input is read

@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from covreport.cli import main
-from covreport.scoring import read_scores
+from covreport.scores_file import read_scores
 from reliability_helpers import LABELS, make_study, write_dicom, write_png
 
 MARKER = "ZQXSECRET"
@@ -183,7 +183,8 @@ def test_csv_outputs_neutralise_formulas(hostile):
 
 
 def test_scores_csv_round_trips_formula_like_image_names(tmp_path, tiny_loaded):
-    from covreport.scoring import score_images, write_scores
+    from covreport.scoring import score_images
+    from covreport.scores_file import write_scores
 
     rng = np.random.default_rng(11)
     names = ["=1+2.png", "@cmd.png", "+x.png", "-y.png", "plain.png"]
