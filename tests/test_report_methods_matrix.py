@@ -360,7 +360,8 @@ def check_permutation_test(results, m):
                      for c in m.clauses(r"[Pp]ermut", text) if not _denies(c)]
         return problems
     counts = {int(b["permutations"]) for b in ran.values()}
-    said = {int(n) for n in re.findall(r"\((\d+) permutations", text)}
+    said = {int(n.replace(",", "")) for n in re.findall(r"\((\d[\d,]*) permutations", text)}
+    said |= {int(n.replace(",", "")) for n in re.findall(r", (\d[\d,]*) for [a-z]+\b", text)}
     if not said:
         problems.append(f"permutation tests ran ({sorted(counts)} permutations) but the methods give no count")
     if said - counts:

@@ -161,6 +161,9 @@ def test_cv_bootstrap_never_gives_a_zero_width_interval():
     assert all(rec["ci_high"] - rec["ci_low"] > 0 for rec in ci.values() if rec["ci_low"] is not None)
 
 
+z95 = 1.959963984540054
+
+
 def test_cv_bootstrap_refits_and_is_reproducible():
     X, y, groups = _study(10, 6, seed=4)
     a = pr.cv_bootstrap(X, y, groups, protocol="nested", n_resamples=15, seed=3)
@@ -177,9 +180,25 @@ def test_cv_bootstrap_refits_and_is_reproducible():
     assert m["auc"] == pytest.approx(roc_auc_score(y[rows], prob))
     assert a["accuracy"]["estimate"] == pytest.approx(pr._measures(y, lopo_predict(X, y, groups)["probabilities"])
                                                       ["accuracy"])
+    # The interval from the resamples' SE, written out (Korn & Graubard 1998; scipy.stats.beta as the reference
+    # for Clopper-Pearson): n_eff = p(1 - p)/SE^2, at most the pairs, then the exact interval on n_eff.
+    from scipy.stats import beta
+
     rec = a["accuracy"]
-    z = 1.959963984540054
-    assert rec["ci_low"] == pytest.approx(max(0.0, rec["estimate"] - z * rec["bootstrap_se"]))
+    p, se = rec["estimate"], rec["bootstrap_se"]
+    n_eff = min(len(y), p * (1 - p) / se ** 2)
+    assert rec["effective_n"] == pytest.approx(n_eff) and rec["design_effect"] == pytest.approx(len(y) / n_eff)
+    assert rec["ci_low"] == pytest.approx(beta.ppf(0.025, p * n_eff, n_eff - p * n_eff + 1), rel=1e-12)
+    assert rec["ci_high"] == pytest.approx(beta.ppf(0.975, p * n_eff + 1, n_eff - p * n_eff), rel=1e-12)
+    # never narrower than the exact interval on the pairs (the design effect is at least 1)
+    k = round(p * len(y))
+    assert rec["ci_low"] <= beta.ppf(0.025, k, len(y) - k + 1) + 1e-12
+    assert rec["ci_high"] >= beta.ppf(0.975, k + 1, len(y) - k) - 1e-12
+    auc = a["auc"]
+    if 0 < auc["estimate"] < 1:   # logit-transformed, inside (0, 1)
+        t, h = math.log(auc["estimate"] / (1 - auc["estimate"])), z95 * auc["bootstrap_se"] / (
+            auc["estimate"] * (1 - auc["estimate"]))
+        assert (auc["ci_low"], auc["ci_high"]) == pytest.approx((1 / (1 + math.exp(h - t)), 1 / (1 + math.exp(-t - h))))
 
 
 # --------------------------------------------------------------------------- reversed control
@@ -217,3 +236,27 @@ def test_penalised_reduced_design_rebuilds_the_training_gram():
     Xs = (X[np.ix_(train, np.flatnonzero(keep))] - mean[keep]) / sd[keep]
     D = A[0][train, :-1]
     np.testing.assert_allclose(D @ D.T, Xs @ Xs.T, atol=1e-8 * np.abs(Xs @ Xs.T).max())
+
+
+def test_cv_interval_rules_written_out():
+    # Proportions: Clopper-Pearson on n_eff = p(1-p)/SE^2 (Korn & Graubard 1998), n_eff at most n;
+    # reference: scipy.stats.beta quantiles.
+    from scipy.stats import beta
+
+    lo, hi, extra = pr._cv_interval("sensitivity", 0.9, 0.01, [0.8, 1.0], 40, 0.05)
+    n_eff = 40.0                                   # 0.9 * 0.1 / 0.01^2 = 900, capped at the 40 pairs
+    assert (lo, hi) == pytest.approx((beta.ppf(0.025, 36, 5), beta.ppf(0.975, 37, 4)))
+    assert extra["effective_n"] == n_eff and extra["design_effect"] == 1.0
+    lo, hi, extra = pr._cv_interval("specificity", 0.75, 0.1, [0.5, 0.9], 40, 0.05)
+    n_eff = 0.75 * 0.25 / 0.01                     # 18.75 < 40: the bootstrap SE is wider than binomial
+    x = 0.75 * n_eff
+    assert (lo, hi) == pytest.approx((beta.ppf(0.025, x, n_eff - x + 1), beta.ppf(0.975, x + 1, n_eff - x)))
+    # At 0 or 1: the resamples' percentile interval, never a clipped one.
+    assert pr._cv_interval("auc", 1.0, 0.02, [0.93, 1.0], None, 0.05)[:2] == (0.93, 1.0)
+    # Balanced accuracy: logit, its SE at least the binomial SE of (Se + Sp)/2.
+    floor = pr._balanced_se({"sensitivity": 0.9, "specificity": 0.6}, np.r_[np.ones(30), np.zeros(10)])
+    assert floor == pytest.approx(0.5 * math.sqrt(0.9 * 0.1 / 30 + 0.6 * 0.4 / 10))
+    lo, hi, extra = pr._cv_interval("balanced_accuracy", 0.75, 0.01, [0.7, 0.8], None, 0.05, floor)
+    h = z95 * floor / (0.75 * 0.25)
+    assert (lo, hi) == pytest.approx((1 / (1 + math.exp(h - math.log(3))), 1 / (1 + math.exp(-math.log(3) - h))))
+    assert "binomial" in extra["interval"]

@@ -29,56 +29,92 @@ OUTCOME_DEFINITIONS = {
     IMPROVED: "decreased radiological findings on the second CXR compared with the first",
 }
 
+#: Where a method string of results.json is used, by its top-level key (see :func:`_recorded_methods`).
+METHOD_PLACES = {
+    "validation_auc": "validation AUC", "group_differences": "group differences, pairs as units",
+    "group_differences_clustered": "group differences, patients as clusters", "table1": "Table 1",
+    "table1_patients": "Table 1b", "interval_days": "interval between CXRs", "bootstrap": "cluster bootstrap",
+    "decision_curve": "decision curve", "revalidation": "comparison with the previous validation",
+    "mixed_model": "mixed model (sensitivity analysis)", "trend_test": "trend test (sensitivity analysis)",
+    "subgroups": "subgroup performance", "failure_analysis": "failure analysis",
+    "patient_separation": "patient separation", "class_activation_maps": "class activation maps",
+    "projection_changes": "projection changes",
+}
+#: Sub-records of a prediction block, in words.
+_PREDICTION_PARTS = {"cv_intervals": "intervals refitting the protocol", "permutation_monte_carlo": "permutation test",
+                     "permutation_method": "permutation test", "informative_method": "not informative",
+                     "threshold": "classification threshold", "auc_clustered": "AUC, patients as clusters",
+                     "calibration": "calibration", "tuning": "tuning", "final_model": "final model",
+                     "events_per_candidate_predictor": "events per candidate predictor"}
+
+
+#: What a method key other than ``method`` describes.
+_METHOD_KEYS = {"mw_method": "Mann-Whitney P", "p_method": "P", "hl_method": "Hodges-Lehmann shift",
+                "hl_ci_method": "Hodges-Lehmann CI", "d_method": "Cohen's d (results.json and CSV)",
+                "g_method": "Hedges' g", "rb_method": "rank-biserial r", "smd_method": "standardised differences",
+                "p_age_method": "P, age", "p_age_welch_method": "P, age (Welch)", "p_sex_method": "P, sex",
+                "ci_method": "CI", "control_method": "control"}
+
+
+def _places(where):
+    """``where`` entries with the prediction blocks of one part merged: "prediction (penalised, nested), calibration"."""
+    out, blocks = [], {}
+    for w in where:
+        m = re.fullmatch(r"prediction \((\w+)\)(, .*)?", w)
+        if not m:
+            out.append(w)
+            continue
+        part = m.group(2) or ""
+        if part not in blocks:
+            blocks[part] = []
+            out.append(("prediction", part))
+        blocks[part].append(m.group(1))
+    return ", ".join(w if isinstance(w, str) else f"prediction ({', '.join(blocks[w[1]])}){w[1]}" for w in out)
+
+
 def _recorded_methods(results):
-    """Every distinct ``method`` string stored in the results, with where it was used."""
+    """Every distinct method string stored in the results (any key ending in ``method``), with where it is used.
+
+    The walk covers every record, so a new analysis appears in Appendix E without a line here; the
+    per-pair lists and the provenance hold no methods and are skipped. Table 1's P-value methods are
+    listed only when its P values are shown (``--table1-tests``).
+    """
     seen = {}
+    t1_tests = bool(((results.get("provenance") or {}).get("report_options") or {}).get("table1_tests"))
 
     def add(where, m):
-        if m:
-            seen.setdefault(str(m), [])
-            if where not in seen[str(m)]:
-                seen[str(m)].append(where)
+        seen.setdefault(str(m), [])
+        if where not in seen[str(m)]:
+            seen[str(m)].append(where)
 
-    for r in results.get("validation_auc") or []:
-        add("validation AUC", r.get("method"))
-    for r in results.get("group_differences") or []:
-        for k in ("mw_method", "d_method", "method"):
-            add("group differences", r.get(k))
-    for r in results.get("table1") or []:
-        for k in ("smd_method", "p_age_method", "p_age_welch_method", "p_sex_method"):
-            add("Table 1", r.get(k))
-    iv = results.get("interval_days") or {}
-    add("interval between CXRs", iv.get("method"))
-    for b in _prediction_blocks(results):
-        add(f"prediction ({b['name']})", b["block"].get("method"))
-        add(f"prediction ({b['name']})", (b["block"].get("auc") or {}).get("method"))
-        add(f"prediction ({b['name']}), permutation test", b["block"].get("permutation_method"))
-        for rec in (b["block"].get("cv_intervals") or {}).values():
-            add(f"prediction ({b['name']}), intervals refitting the protocol", rec.get("method"))
-        for k in ("tuning", "events_per_candidate_predictor", "final_model"):
-            add(f"prediction ({b['name']}), {k.replace('_', ' ')}", (b["block"].get(k) or {}).get("method"))
-        if b["block"].get("informative") is False:
-            add(f"prediction ({b['name']}), not informative", b["block"].get("informative_method"))
-        add(f"prediction ({b['name']}), permutation test",
-            (b["block"].get("permutation_monte_carlo") or {}).get("method"))
-        add(f"prediction ({b['name']}), classification threshold", (b["block"].get("threshold") or {}).get("method"))
-        for rec in (b["block"].get("metrics") or {}).values():
-            add(f"prediction ({b['name']})", rec.get("method"))
-    for r in results.get("group_differences_clustered") or []:
-        add("group differences, patients as clusters", r.get("method"))
-    for r in results.get("table1_patients") or []:
-        for k in ("p_age_method", "p_sex_method"):
-            add("Table 1b", r.get(k))
-    boot = results.get("bootstrap") or {}
-    add("cluster bootstrap", boot.get("method"))
-    for b in _prediction_blocks(results):
-        for k in ("auc_clustered", "calibration"):
-            add(f"prediction ({b['name']})", (b["block"].get(k) or {}).get("method"))
-    add("decision curve", (results.get("decision_curve") or {}).get("method"))
-    rev = results.get("revalidation") or {}
-    for m in (rev.get("method"), rev.get("added_method"), (rev.get("pair_changes") or {}).get("method")):
-        add("comparison with the previous validation", m)
-    return [{"method": m, "where": ", ".join(w)} for m, w in seen.items()]
+    def walk(obj, where, key=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k == "pairs":
+                    continue
+                if k.endswith("method") and isinstance(v, str) and v:
+                    if not t1_tests and where.startswith("Table 1") and k.startswith("p_"):
+                        continue
+                    if k == "informative_method" and obj.get("informative") is not False:
+                        continue
+                    part = _PREDICTION_PARTS.get(k) or _METHOD_KEYS.get(k)
+                    add(where + (f", {part}" if part else ""), v)
+                elif isinstance(v, (dict, list)):
+                    part = _PREDICTION_PARTS.get(k) if where.startswith("prediction") else None
+                    walk(v, f"{where}, {part}" if part and part not in where else where, k)
+        elif isinstance(obj, list):
+            for item in obj:
+                walk(item, where, key)
+
+    for top, value in results.items():
+        if top in ("provenance", "study", "pairs") or not isinstance(value, (dict, list)):
+            continue
+        if top == "prediction" and isinstance(value, dict):
+            for b in _prediction_blocks(results):
+                walk(b["block"], f"prediction ({b['name']})")
+            continue
+        walk(value, METHOD_PLACES.get(top, top.replace("_", " ")))
+    return [{"method": m, "where": _places(w)} for m, w in seen.items()]
 
 
 def _footnotes(rows, keys):
@@ -285,6 +321,15 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         if stem in (figures or {}) or (stem == "class_activation_maps" and cams_expected):
             figure_numbers[stem] = len(figure_numbers) + 1
     endpoint = endpoint_summary(results)
+    dca = decision_view(results, blocks, ((blocks[0]["block"].get("threshold") or {}).get("value")
+                                          if blocks else None))
+    has = {key: any(b["block"].get(key) is not None for b in blocks) for key in ("cv_intervals", "calibration")}
+    shown = (("cv", has["cv_intervals"]), ("cluster", bool(boot_pred) and not has["cv_intervals"]),
+             ("calibration", has["calibration"]), ("net_benefit", bool(dca)))
+    t4 = {}
+    for name, present in shown:                  # the prediction tables after Table 4, lettered as they appear
+        if present:
+            t4[name] = f"4{'bcdef'[len(t4)]}"
     inputs = prov.get("inputs") or {}
     model = prov.get("model") or {}
     training = model.get("training") if isinstance(model.get("training"), dict) else None
@@ -305,8 +350,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "threshold": (((blocks[0]["block"].get("threshold") or {}).get("value") or _threshold(blocks[0]["block"]))
                       if blocks else None),
         "threshold_record": (blocks[0]["block"].get("threshold") or None) if blocks else None,
-        "dca": decision_view(results, blocks, ((blocks[0]["block"].get("threshold") or {}).get("value")
-                                               if blocks else None)),
+        "dca": dca,
+        "t4": t4,
         "limitations": limitations(results),
         "checklist": stard_checklist(results),
         "claim": claim_checklist(results),

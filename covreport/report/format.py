@@ -57,6 +57,8 @@ REFERENCES = {
                 "Proc IEEE CVPR 2017:4700-4708.",
     "delong": "DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two or more correlated receiver "
               "operating characteristic curves: a nonparametric approach. Biometrics 1988;44:837-845.",
+    "korn": "Korn EL, Graubard BI. Confidence intervals for proportions with small expected number of positive "
+            "counts estimated from survey data. Surv Methodol 1998;24:193-201.",
     "pepe": "Pepe MS. The Statistical Evaluation of Medical Tests for Classification and Prediction. Oxford: "
             "Oxford University Press; 2003.",
     "sunxu": "Sun X, Xu W. Fast implementation of DeLong's algorithm for comparing the areas under correlated "
@@ -158,7 +160,7 @@ AUTHOR_YEAR = (
     (r"Vickers (?:&|and) Elkin", "vickers"), (r"Vickers,? (?:AJ, )?Van Calster", "vickers2016"),
     (r"Hodges (?:&|and) Lehmann", "hodges_lehmann"), (r"Bauer 1972", "bauer"), (r"Steiger", "steiger"),
     (r"Laird (?:&|and) Ware", "laird_ware"), (r"Jonckheere", "jonckheere"), (r"Terpstra", "terpstra"),
-    (r"Hollander", "hollander"), (r"Pepe 2003", "pepe"),
+    (r"Hollander", "hollander"), (r"Pepe 2003", "pepe"), (r"Korn (?:&|and) Graubard", "korn"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]
@@ -322,6 +324,8 @@ def _p_radiology(p):
         return ">.99"
     for nd in ((3,) if p < 0.01 else (2, 3, 4)):
         text = f"{p:.{nd}f}"
+        if nd == 2 and text == "0.05" and p != 0.05:
+            continue  # a P that two digits would print as .05 gets three (.046, .052)
         if not (p < 0.05 <= float(text)):  # never round a P below .05 up to .05
             break
     return text[1:]  # no leading zero: a P value cannot exceed 1
@@ -347,6 +351,12 @@ def fmt_pp(p):
     if text[0] in "<>":
         return f"{letter} {text[0]} {text[1:]}"
     return f"{letter} = {text}"
+
+
+def capfirst(text):
+    """``text`` with its first character in upper case (the rest as it is)."""
+    text = str(text or "")
+    return text[:1].upper() + text[1:]
 
 
 def fmt_p_below(alpha):

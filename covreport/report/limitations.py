@@ -43,24 +43,31 @@ def limitations(results):
     blocks = _prediction_blocks(results)
     head = blocks[0] if blocks else None
     wide = []
+    scope = []
     if head:
-        for name, rec in head["block"].get("metrics", {}).items():
-            if name.startswith("lr_"):
+        # the intervals the report leads with: the refitting bootstrap's where it ran, else the pair-level ones
+        cv = head["block"].get("cv_intervals")
+        scope.append(f"the {head['name']} protocol's performance")
+        recs = dict(cv) if cv else {**head["block"].get("metrics", {}), "auc": head["block"].get("auc")}
+        for name, rec in recs.items():
+            if name.startswith("lr_") or not rec:
                 continue
+            key = "auc" if (name == "auc" and not cv) else "estimate"
             w = _ci_width(rec)
             if w is not None and w > WIDE_CI:
-                wide.append(f"{METRIC_NAMES.get(name, name)} {fmt_est_text(rec)} (width {fmt_num(w, 2)})")
-        w = _ci_width(head["block"].get("auc"))
-        if w is not None and w > WIDE_CI:
-            wide.append(f"AUC {fmt_est_text(head['block']['auc'], est='auc')} (width {fmt_num(w, 2)})")
+                wide.append(f"{METRIC_NAMES.get(name, name) if name != 'auc' else 'AUC'} "
+                            f"{fmt_est_text(rec, est=key)} (width {fmt_num(w, 2)})")
+    if results.get("validation_auc"):
+        scope.append("the validation AUCs")
     for r in results.get("validation_auc") or []:
         w = _ci_width(r)
         if w is not None and w > WIDE_CI:
             wide.append(f"validation AUC of {r['label']} {fmt_est_text(r, est='auc')} (width {fmt_num(w, 2)})")
     if wide:
-        out.append({"kind": "Wide confidence intervals", "text": ("One 95% CI is wider than " if len(wide) == 1 else
-                                                              f"{len(wide)} of the 95% CIs are wider than ")
-                    + f"{fmt_num(WIDE_CI, 2)}: " + "; ".join(wide) + "."})
+        out.append({"kind": "Wide confidence intervals", "text": (
+            ("One" if len(wide) == 1 else fmt_num(len(wide))) + " of the 95% CIs of " + " and ".join(scope)
+            + (" is" if len(wide) == 1 else " are") + f" wider than {fmt_num(WIDE_CI, 2)}: " + "; ".join(wide)
+            + "; other estimates (Tables 2 to 4) may be as imprecise.")})
     if head:
         b = head["block"]
         c = b.get("confusion") or {}
@@ -86,13 +93,18 @@ def limitations(results):
                 + ", ".join(f"{f['contrast']}{where}" for f, where in fams)
                 + f"); at {fmt_p_below(ALPHA)} about {fmt_count(ALPHA * total)} would be significant by chance alone. Holm and "
                 "Benjamini-Hochberg adjust within each family, not across them.")
+        extra = [(len([m for m in results.get(key) or [] if _finite(m.get("p"))]), what)
+                 for key, what in (("mixed_model", "mixed-model contrasts"), ("trend_test", "trend tests"))]
+        extra = [f"{fmt_num(n)} {what}" for n, what in extra if n]
+        extra = (" The sensitivity analyses add " + " and ".join(extra) + ", not adjusted across families.") if extra \
+            else ""
         if ep["primary"]:
             pf = ep["primary"]
             text += (f" Primary endpoint ({pf['contrast']}, {unit}): {pf['raw']} of {pf['tests']} had unadjusted "
                      f"{fmt_p_below(ALPHA)}, {pf['holm']} after Holm and {pf['bh']} after Benjamini-Hochberg adjustment; "
                      "the other families are secondary and exploratory")
         out.append({"kind": "Multiple comparisons", "text": text
-                    + (f"; {n_val} validation AUCs were also estimated." if n_val else ".")})
+                    + (f"; {n_val} validation AUCs were also estimated." if n_val else ".") + extra})
     pred = results.get("prediction") or {}
     if pred.get("nested") and pred.get("global"):
         an = ((pred["nested"].get("metrics") or {}).get("accuracy") or {}).get("estimate")
@@ -105,7 +117,11 @@ def limitations(results):
                     f"(nested), an optimism of {fmt_signed(ag - an)}")
             if _finite(un) and _finite(ug):
                 text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {fmt_signed(ug - un)})"
-            text += ". Only the nested estimate is free of selection leakage " + cite_mark("ambroise") + "."
+            free = "the primary (penalised, no selection) and the nested protocols" if pred.get("penalised") else \
+                "the nested protocol"
+            text += f". Only {free} are free of selection leakage " if pred.get("penalised") else \
+                f". Only {free} is free of selection leakage "
+            text += cite_mark("ambroise") + "."
             out.append({"kind": "Optimism of the global protocol", "text": text})
     if head and _finite(head["block"].get("permutation_p")) and head["block"]["permutation_p"] >= ALPHA:
         out.append({"kind": "Prediction not distinguished from chance", "text": f"The permutation test of the "
@@ -125,8 +141,9 @@ def limitations(results):
     if iv and _finite(iv.get("min")) and _finite(iv.get("max")) and iv["max"] > iv["min"]:
         out.append({"kind": "Non-uniform intervals", "text": f"The interval between the two CXRs ranged from "
                     f"{fmt_count(iv['min'])} to {fmt_count(iv['max'])} days (median, {fmt_count(iv['median'])}; "
-                    f"IQR, {fmt_count(iv['q1'])}\u2013{fmt_count(iv['q3'])}); change over different intervals is "
-                    "pooled."})
+                    f"IQR, {fmt_count(iv['q1'])}\u2013{fmt_count(iv['q3'])}); the primary analysis pools change over "
+                    "different intervals" + ("; the mixed-model sensitivity analysis adjusts for log(interval)."
+                                             if results.get("mixed_model") else ".")})
     vs = _validation_summary(results)
     if vs and vs["not_estimable"]:
         labs = ", ".join(f"{r['label']} ({r.get('n_pos', '?')} positive)" for r in vs["not_estimable"])
@@ -138,18 +155,8 @@ def limitations(results):
                     "were excluded (see the flow diagram); if exclusion relates to the outcome, the estimates "
                     "are biased."})
     study = results.get("study") or {}
-    out.append({"kind": "Incorporation bias", "text": "The reference standard (Worse, Stable, Improved) is a reading "
-                "of the same two CXRs whose pixels the index test scores, so the index test's input is part of the "
-                "reference standard; agreement between them can be inflated compared with an outcome judged "
-                "independently of the images (for example clinical deterioration)."})
-    spectrum = (f"The index test was trained on CheXpert{' (a phantom in its layout here)' if prov.get('synthetic') else ''}, "
-                "a general hospital population; the test pairs come from patients imaged at least twice, who tend "
-                "to be sicker than those imaged once. Accuracy in this spectrum need not carry over to another "
-                "setting")
-    if _finite(pan) and by:
-        shares = ", ".join(f"{o} {100 * by[o].get('pairs', 0) / pan:.0f}%" for o in OUTCOMES if o in by and pan)
-        spectrum += f" or to another mix of outcomes (here {shares})"
-    out.append({"kind": "Spectrum bias", "text": spectrum + "."})
+    if not prov.get("synthetic"):      # both describe patients and readers; a phantom has neither
+        _clinical_biases(out, by, pan)
     series = series_kind(study.get("series"))
     sel = []
     if _finite(pim) and _finite(pan) and pim > pan:
@@ -159,7 +166,7 @@ def limitations(results):
     elif not series:
         sel.append("how participants were selected is not stated (study.toml: series)" if not study.get("series")
                    else "the series is not stated as consecutive, random or convenience (study.toml: series)")
-    if _finite(pa) and _finite(na) and pa > na:
+    if sel and _finite(pa) and _finite(na) and pa > na:     # alone, that is the clustering of "Correlated pairs"
         sel.append(f"patients with more CXRs contribute more pairs ({fmt_num(pa)} pairs of {fmt_num(na)} patients)")
     if sel:
         out.append({"kind": "Selection bias", "text": "The analysed pairs may not represent the eligible population: "
@@ -182,3 +189,16 @@ def limitations(results):
     return out
 
 
+def _clinical_biases(out, by, pan):
+    """The incorporation and spectrum biases of a clinical study (the original design: readers compare the CXRs)."""
+    out.append({"kind": "Incorporation bias", "text": "The reference standard (Worse, Stable, Improved) is a reading "
+                "of the same two CXRs whose pixels the index test scores, so the index test's input is part of the "
+                "reference standard; agreement between them can be inflated compared with an outcome judged "
+                "independently of the images (for example clinical deterioration)."})
+    spectrum = ("The index test was trained on CheXpert, a general hospital population; the test pairs come from patients imaged at least twice, who tend "
+                "to be sicker than those imaged once. Accuracy in this spectrum need not carry over to another "
+                "setting")
+    if _finite(pan) and by:
+        shares = ", ".join(f"{o} {100 * by[o].get('pairs', 0) / pan:.0f}%" for o in OUTCOMES if o in by and pan)
+        spectrum += f" or to another mix of outcomes (here {shares})"
+    out.append({"kind": "Spectrum bias", "text": spectrum + "."})

@@ -15,7 +15,7 @@ from covreport.errors import ReportError
 from covreport.report.context import build_context, display_path, plain_results, scrub_paths
 from covreport.report.format import (
     TBC, Citations, cite, fmt_auc, fmt_ci, fmt_count, fmt_est, fmt_est_text, fmt_num, fmt_p, fmt_pct, fmt_pp,
-    STYLES, fmt_p_below, fmt_prop_text, fmt_ratio, fmt_signed, italic_p, use_style,
+    STYLES, capfirst, fmt_p_below, fmt_prop_text, fmt_ratio, fmt_signed, italic_p, use_style,
 )
 from covreport.report import sandbox
 from covreport.report.revalidation_view import REVALIDATION_FIGURE
@@ -76,7 +76,7 @@ def make_environment(templates=None):
     env.filters.update({"num": fmt_num, "auc": fmt_auc, "p": fmt_p, "pp": fmt_pp, "ci": fmt_ci, "est": fmt_est,
                         "est_text": fmt_est_text, "prop_text": fmt_prop_text, "whole": fmt_count,
                         "signed": fmt_signed, "p_below": fmt_p_below, "pct": fmt_pct, "ratio": fmt_ratio, "display_path": display_path,
-                        "scrub_paths": scrub_paths, "pluck": _pluck})
+                        "scrub_paths": scrub_paths, "pluck": _pluck, "capfirst": capfirst})
     env.globals.update({"cite": cite, "TBC": TBC})
     return env
 

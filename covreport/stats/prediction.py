@@ -50,7 +50,8 @@ def _penalised_method(features_from, engine):
     fitted = _ENGINES.get(engine, engine)
     checked = "" if engine == "sklearn" else " (checked against scikit-learn in the tests)"
     return (
-        f"Primary protocol, leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
+        f"{'Primary protocol' if features_from == 'first' else 'Reversed-order control with the primary protocol'}"
+        f", leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
         "features, Worse (positive) vs Improved: inside each training fold only, every feature standardised "
         "with the fold's mean and SD (features constant in the fold dropped), then an L2-penalised logistic "
         "regression (intercept unpenalised, all features, no univariate pre-selection: invariant to the "
@@ -173,11 +174,16 @@ CV_BOOTSTRAP_METHOD = (
     "patient-level bootstrap refitting the whole protocol (feature selection, standardisation and penalty "
     "tuning included): {n:,} resamples of the patients with replacement (numpy SeedSequence(seed).spawn, one "
     "stream per resample), the copies of a patient kept in one leave-one-patient-out fold, the cross-validated "
-    "measure recomputed in each resample; {level:g}% interval = estimate +/- z x the SD of the resamples in "
-    "which it is defined, clipped to [0, 1] (centred on the estimate: resamples hold about 63% distinct "
-    "patients, so their cross-validated measures are biased low and their percentiles would be shifted); it "
-    "accounts for the patient clustering and for the variability of the cross-validation (Davison & Hinkley "
-    "1997, section 3.8 and 6.4; Efron & Tibshirani 1997, J Am Stat Assoc 92:548-560)"
+    "measure recomputed in each resample, their SD the standard error of the estimate (Davison & Hinkley 1997, "
+    "section 3.8 and 6.4; Efron & Tibshirani 1997, J Am Stat Assoc 92:548-560); it accounts for the patient "
+    "clustering and for the variability of the cross-validation. {level:g}% interval, never clipped: for "
+    "accuracy, sensitivity, specificity, PPV and NPV, Clopper-Pearson on the effective sample size "
+    "n_eff = p(1 - p)/SE^2, at most the pairs in the denominator (design effect at least 1; Korn & Graubard "
+    "1998), so never narrower than the exact interval on pairs; for balanced accuracy and AUC, "
+    "expit(logit(estimate) +/- z SE/(estimate(1 - estimate))), the SE of balanced accuracy at least the "
+    "binomial SE of the mean of sensitivity and specificity (design effect at least 1); where the estimate is 0 or 1, the percentile "
+    "interval of the resamples (centred intervals use the estimate, not the resamples' percentiles: resamples "
+    "hold about 63% distinct patients, so their cross-validated measures are biased low)"
 )
 
 DEGENERATE_METHOD = (
@@ -337,6 +343,58 @@ def bootstrap_draws(values, yf, codes, G, protocol, solver, threshold, seed, B, 
     return draws
 
 
+#: The measures that are proportions of pairs (Clopper-Pearson on the effective sample size).
+PROPORTIONS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+
+
+def _denominator(measure, estimates, y):
+    """Pairs in the denominator of a proportion, from the outcomes and the full-data estimates (None otherwise)."""
+    n_pos = float(np.sum(y))
+    n_neg = float(len(y)) - n_pos
+    se, sp = estimates.get("sensitivity"), estimates.get("specificity")
+    known = se is not None and sp is not None and np.isfinite(se) and np.isfinite(sp)
+    positive = round(se * n_pos + (1.0 - sp) * n_neg) if known else None
+    return {"accuracy": float(len(y)), "sensitivity": n_pos, "specificity": n_neg,
+            "ppv": positive, "npv": None if positive is None else len(y) - positive}.get(measure)
+
+
+def _balanced_se(estimates, y):
+    """SE of (sensitivity + specificity) / 2 with the pairs independent: the floor of its bootstrap SE."""
+    se_, sp = estimates.get("sensitivity"), estimates.get("specificity")
+    n_pos = float(np.sum(y))
+    n_neg = float(len(y)) - n_pos
+    if se_ is None or sp is None or not (np.isfinite(se_) and np.isfinite(sp)) or not (n_pos and n_neg):
+        return None
+    return 0.5 * math.sqrt(se_ * (1 - se_) / n_pos + sp * (1 - sp) / n_neg)
+
+
+def _cv_interval(measure, est, se, percentile, n, alpha, floor_se=None):
+    """(low, high, extra record keys) of one measure's refitting-bootstrap interval (CV_BOOTSTRAP_METHOD).
+
+    Korn EL, Graubard BI. Confidence intervals for proportions with small expected number of positive
+    counts estimated from survey data. Survey Methodology 1998;24:193-201.
+    """
+    from scipy.stats import beta
+
+    if se <= 0:
+        return est, est, {}
+    if not 0.0 < est < 1.0:
+        return percentile[0], percentile[1], {"interval": "bootstrap percentile (estimate at 0 or 1)"}
+    if measure in PROPORTIONS and n:
+        n_eff = min(float(n), est * (1.0 - est) / se ** 2)
+        x = est * n_eff
+        return (float(beta.ppf(alpha / 2, x, n_eff - x + 1)), float(beta.ppf(1 - alpha / 2, x + 1, n_eff - x)),
+                {"interval": "Clopper-Pearson on the effective sample size", "effective_n": n_eff,
+                 "design_effect": float(n) / n_eff})
+    extra = {"interval": "logit-transformed"}
+    if measure == "balanced_accuracy" and floor_se and floor_se > se:
+        se = floor_se
+        extra["interval"] = "logit-transformed, with the binomial SE of the two proportions (design effect 1)"
+    z = float(special.ndtri(1 - alpha / 2))
+    centre, half = math.log(est / (1.0 - est)), z * se / (est * (1.0 - est))
+    return float(special.expit(centre - half)), float(special.expit(centre + half)), extra
+
+
 def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, threshold):
     """The records of :func:`cv_bootstrap` from its resamples' measures."""
     B = len(draws)
@@ -357,11 +415,10 @@ def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, 
             rec["note"] = "not estimable on all pairs"
         else:
             sd = float(np.std(d[ok], ddof=1)) if ok.sum() > 1 else 0.0
-            z = float(special.ndtri(1 - alpha / 2))
-            lo, hi = max(0.0, est - z * sd), min(1.0, est + z * sd)
-            rec["ci_low"], rec["ci_high"], rec["bootstrap_se"] = lo, hi, sd
-            rec["bootstrap_percentile"] = [float(v) for v in np.percentile(d[ok], [100 * alpha / 2,
-                                                                              100 * (1 - alpha / 2)])]
+            pct = [float(v) for v in np.percentile(d[ok], [100 * alpha / 2, 100 * (1 - alpha / 2)])]
+            lo, hi, extra = _cv_interval(key, est, sd, pct, _denominator(key, estimates, yf), alpha,
+                                         _balanced_se(estimates, yf) if key == "balanced_accuracy" else None)
+            rec.update(ci_low=lo, ci_high=hi, bootstrap_se=sd, bootstrap_percentile=pct, **extra)
             if hi - lo <= 1e-12:
                 if hit is None:
                     hit = lopo_predict(values, yf, codes, protocol=protocol, solver=solver,
