@@ -280,7 +280,8 @@ def _vancouver_formats():
     assert fmt_p(None) == "n/a"
     assert fmt_pp(0.0004) == "p < 0.001" and fmt_pp(0.043) == "p = 0.043"
     assert fmt_num(-0.0001, 3) == "0.000" and fmt_num(-0.004, 2) == "0.00" and fmt_num(-0.006, 2) == "-0.01"
-    assert fmt_ci(-0.0001, 0.5) == f"0.000{EN}0.500"
+    # a non-zero bound keeps its sign and one significant digit instead of printing as (negative) zero
+    assert fmt_ci(-0.0001, 0.5) == "-0.0001 to 0.500" and fmt_ci(0.0, 0.5) == f"0.000{EN}0.500"
     assert fmt_ci(0.1234, 0.5678) == f"0.123{EN}0.568"
     assert fmt_ci(-0.5, 0.25, 2) == "-0.50 to 0.25"
 

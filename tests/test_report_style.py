@@ -164,3 +164,14 @@ def test_a_hostile_style_is_an_error_naming_the_field():
     with pytest.raises(ReportError, match=r"provenance.report_options.style is '<script>'; it must be one of "
                                           r"radiology, vancouver \(covreport run --style\)"):
         render_html(_styled("<script>"))
+
+
+def test_halves_round_up_and_small_bounds_are_not_printed_as_zero():
+    # AMA 11th ed. 20.9 / Radiology: round half up (Python's format rounds an exact half to even: 62.5 -> 62).
+    with f.use_style("radiology"):
+        assert f.fmt_pct(5, 8) == "5 (63%)" and f.fmt_pct(3, 8) == "3 (38%)"
+        assert f.fmt_prop_text({"estimate": 0.625, "ci_low": 0.245, "ci_high": 0.915}, 5, 8) == \
+            "63% (5 of 8; 95% CI: 25%, 92%)"
+        # a lower limit of 0.0037 is not "0.00" (reviewer, issue 20); a true 0 stays 0.00
+        assert f.fmt_ci(0.0037, 0.18, 2) == "0.004, 0.18" and f.fmt_ci(0.0, 0.5, 2) == "0.00, 0.50"
+        assert f.fmt_ci(-0.004, 0.2, 2) == MINUS + "0.004, 0.20"

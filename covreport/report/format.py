@@ -279,6 +279,24 @@ def _fixed(x, nd):
     return _minus(text)
 
 
+def _half_up(x, nd=0):
+    """``x`` rounded half up to ``nd`` decimals, as text (87.5 -> "88", 62.5 -> "63"; Python's format rounds
+    an exact half to even)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return str(Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-nd), rounding=ROUND_HALF_UP))
+
+
+def _bound(x, nd):
+    """A CI bound with ``nd`` decimals, or more where a non-zero bound would print as zero (0.0037 -> "0.004")."""
+    text = _fixed(x, nd)
+    more = nd
+    while float(x) != 0 and float(text.replace("\u2212", "-")) == 0 and more < nd + 3:
+        more += 1
+        text = _fixed(x, more)
+    return text
+
+
 def _integer(x):
     return _minus(f"{int(x):,}")  # thousands separated, as everywhere in the report
 
@@ -368,7 +386,7 @@ def fmt_ci(lo, hi, nd=3):
     """A CI: "lo, hi" (radiology); "lo\u2013hi" (an en dash), or "lo to hi" when a bound is negative (vancouver)."""
     if not (_finite(lo) and _finite(hi)):
         return "n/a"
-    a, b = _fixed(lo, nd), _fixed(hi, nd)
+    a, b = _bound(lo, nd), _bound(hi, nd)
     if _radiology():
         return f"{a}, {b}"
     sep = " to " if (a.startswith("-") or b.startswith("-")) else "\u2013"
@@ -382,9 +400,13 @@ def fmt_est(rec, nd=3, est="estimate", label=""):
     """
     if not rec or not _finite(rec.get(est)):
         return "n/a"
+    x = float(rec[est])
+    text = fmt_num(x, nd)
+    if x != 0 and float(text.replace("\u2212", "-")) == 0:
+        text = _bound(x, nd)                       # 0.0003, not 0.000 beside a bound of 0.0001
     if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
-        return f"{fmt_num(float(rec[est]), nd)} ({label}{fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
-    return fmt_num(float(rec[est]), nd)
+        return f"{text} ({label}{fmt_ci(rec['ci_low'], rec['ci_high'], nd)})"
+    return text
 
 
 def fmt_est_text(rec, nd=3, est="estimate", level=95):
@@ -402,7 +424,7 @@ def fmt_prop_text(rec, k, n, nd=3):
         return fmt_est(rec, nd)
     if not (rec and _finite(rec.get("estimate")) and _finite(k) and _finite(n) and n > 0):
         return fmt_est_text(rec, nd)
-    pct = lambda x: f"{100 * float(x):.0f}%"  # noqa: E731 - whole percentages, as Radiology prints them
+    pct = lambda x: f"{_half_up(100 * float(x))}%"  # noqa: E731 - whole percentages, as Radiology prints them
     text = f"{pct(rec['estimate'])} ({_integer(k)} of {_integer(n)}"
     if _finite(rec.get("ci_low")) and _finite(rec.get("ci_high")):
         text += f"; 95% CI: {pct(rec['ci_low'])}, {pct(rec['ci_high'])}"
@@ -417,7 +439,7 @@ def fmt_pct(k, n, nd=None):
         return _integer(k) if isinstance(k, numbers.Integral) else str(k)
     nd = (0 if n < 100 else 1) if nd is None else nd
     shown = _integer(k) if float(k).is_integer() else str(k)
-    return f"{shown} ({100.0 * k / n:.{nd}f}%)"
+    return f"{shown} ({_half_up(100.0 * k / n, nd)}%)"
 
 
 _P_MARK = re.compile(r"(?<![\w.&;])P(?= (?:=|&lt;|&gt;|<|>) \.?\d)")
