@@ -205,7 +205,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     pairs = canonical_pairs(pairs)
     demo = pairs[["patient_id", "outcome", "age", "sex"]]
     t1 = table_one(demo, reference)
-    t1["unit"] = np.where(t1["counted_by"] == "pair", "pair", "image")
+    t1["unit"] = t1["counted_by"].map({"pair": "pair", "patient": "patient"}).fillna("image")
     t1_patients = table_one_patients(demo, reference)
     changes = pairs[["patient_id", "outcome"]].copy()
     for lab in labels:

@@ -297,7 +297,7 @@ def test_table_one_patients_counts_each_patient_once_per_group():
     assert t.loc["Stable", "patients"] == 1 and t.loc["Stable", "pairs"] == 2
     assert t.loc["Improved", "patients"] == 2
     assert (t["counted_by"] == "patient").all() and (t["unit"] == "patient").all()
-    assert "1 patient(s) have pairs in more than one outcome group" in t.loc["Worse", "note"]
+    assert "1 patient has pairs in more than one outcome group" in t.loc["Worse", "note"]
     # Worse (a 50, b 60) vs patients without a Worse pair (c 70, d 40): reference scipy ttest_ind
     assert t.loc["Worse", "p_age"] == pytest.approx(sps.ttest_ind([50, 60], [70, 40]).pvalue, rel=1e-12)
 

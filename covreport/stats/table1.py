@@ -350,7 +350,8 @@ def table_one_patients(pairs, reference=None):
     first = df.drop_duplicates("patient_id", keep="first").set_index("patient_id")
     groups_of = df.groupby("patient_id", sort=True)["outcome"].agg(lambda s: set(s))
     several = int((groups_of.map(len) > 1).sum())
-    note = (f"{several} patient(s) have pairs in more than one outcome group and count in each"
+    note = (f"{several} {'patient has' if several == 1 else 'patients have'} pairs in more than one outcome group "
+            "and count in each"
             if several else None)
     patients = first.reset_index()[["patient_id", "age", "sex"]]
     rows = []
