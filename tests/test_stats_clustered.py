@@ -231,6 +231,9 @@ def test_cluster_bootstrap_against_explicit_resamples():
                 x = e.loc[e.outcome == g1, lab].to_numpy()
                 y = e.loc[e.outcome == g2, lab].to_numpy()
                 gd.setdefault((f"{g1} vs {g2}", lab, "cohen_d"), []).append(_d(x, y))
+                # Hedges' g = J d, J = 1 - 3/(4 N - 9) with N the resample's pairs (Hedges & Olkin 1985)
+                gd.setdefault((f"{g1} vs {g2}", lab, "hedges_g"), []).append(
+                    (1 - 3 / (4 * (len(x) + len(y)) - 9)) * _d(x, y))
                 md = np.median(x) - np.median(y) if len(x) and len(y) else math.nan
                 gd.setdefault((f"{g1} vs {g2}", lab, "median_difference"), []).append(md)
     for metric in BOOTSTRAP_METRICS:
@@ -240,7 +243,7 @@ def test_cluster_bootstrap_against_explicit_resamples():
         assert got["not_estimable"] == int((~ok).sum())
         lo, hi = np.percentile(v[ok], [2.5, 97.5])
         assert (got["ci_low"], got["ci_high"]) == pytest.approx((lo, hi), rel=1e-12, abs=1e-12)
-    assert len(res["group_differences"]) == len(CONTRASTS) * 2 * 2
+    assert len(res["group_differences"]) == len(CONTRASTS) * 2 * 3
     for rec in res["group_differences"]:
         v = np.array(gd[(rec["contrast"], rec["label"], rec["quantity"])], dtype=float)
         ok = np.isfinite(v)
@@ -250,7 +253,8 @@ def test_cluster_bootstrap_against_explicit_resamples():
         g1, g2 = rec["contrast"].split(" vs ")
         x = df.loc[df.outcome == g1, rec["label"]].to_numpy()
         y = df.loc[df.outcome == g2, rec["label"]].to_numpy()
-        want = _d(x, y) if rec["quantity"] == "cohen_d" else np.median(x) - np.median(y)
+        want = {"cohen_d": _d(x, y), "hedges_g": (1 - 3 / (4 * (len(x) + len(y)) - 9)) * _d(x, y)}.get(
+            rec["quantity"], np.median(x) - np.median(y))
         assert rec["estimate"] == pytest.approx(want, rel=1e-12)
         assert rec["unit"] == "patient" and "cluster bootstrap" in rec["method"]
 

@@ -373,6 +373,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "t1p_letters": t1p_letters,
         "t1p_notes": t1p_notes,
         "boot_gd": boot_gd,
+        "boot_g": any(q == "hedges_g" for (_c, _l, q) in boot_gd),
         "boot_pred": boot_pred,
         "boot_pred_keys": boot_keys,
         "metric_names": METRIC_NAMES,

@@ -15,7 +15,7 @@ pair-level results (which replicate the original study) stay; beside them:
   (anti-conservative with few patients: ``benchmarks/bench_clustered_null.py``);
 - :func:`cluster_bootstrap`: patients drawn with replacement, each with all
   its pairs; percentile intervals of the prediction metrics (the out-of-fold
-  predictions resampled, not refitted), Cohen's d and the difference in
+  predictions resampled, not refitted), Cohen's d, Hedges' g and the difference in
   medians;
 - :func:`primary_analysis`: which unit the report leads with.
 
@@ -594,6 +594,13 @@ def _group_draws(counts, G, sides, group1, group2, label, alpha, method):
     lo, hi, bad = _percentile(d, alpha)
     out = [{**base, "quantity": "cohen_d", "estimate": est_d, "ci_low": lo, "ci_high": hi,
             "not_estimable": bad}]
+    # Hedges' g = J d, J = 1 - 3/(4(n1 + n2) - 9) (Hedges & Olkin 1985), J from each resample's pairs
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = (1.0 - 3.0 / (4.0 * (k1 + k2) - 9.0)) * d
+    lo, hi, bad = _percentile(g, alpha)
+    n = len(x) + len(y)
+    out.append({**base, "quantity": "hedges_g", "estimate": (1.0 - 3.0 / (4.0 * n - 9.0)) * est_d if n > 2 else math.nan,
+                "ci_low": lo, "ci_high": hi, "not_estimable": bad})
     # difference in medians: weighted medians of the sorted values
     if len(xs) and len(ys):
         md = _weighted_medians(xs, counts[:, cxs]) - _weighted_medians(ys, counts[:, cys])
