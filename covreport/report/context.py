@@ -117,6 +117,23 @@ def _recorded_methods(results):
     return [{"method": m, "where": _places(w)} for m, w in seen.items()]
 
 
+def calibration_gaps(blocks):
+    """Where each block's flexible calibration curve is farthest from the diagonal: {name: {probability, observed}}.
+
+    ICI and E50 average the gap over the pairs, so a gap where few pairs lie (often in the middle of the range)
+    weighs little in them; the report names its place beside them.
+    """
+    out = {}
+    for b in blocks:
+        curve = (b["block"].get("calibration") or {}).get("curve") or {}
+        p, o = curve.get("probability") or [], curve.get("observed") or []
+        pts = [(abs(oi - pi), pi, oi) for pi, oi in zip(p, o) if oi is not None and pi is not None]
+        if pts:
+            gap, pi, oi = max(pts)
+            out[b["name"]] = {"gap": gap, "probability": pi, "observed": oi}
+    return out
+
+
 def _footnotes(rows, keys):
     """Letters for the distinct method strings of ``keys`` in ``rows``: ({method: letter}, [(letter, method)])."""
     letters = {}
@@ -372,6 +389,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "mw_methods_text": _mw_methods_text(gd),
         "t1p_letters": t1p_letters,
         "t1p_notes": t1p_notes,
+        "cal_gaps": calibration_gaps(blocks),
         "boot_gd": boot_gd,
         "boot_g": any(q == "hedges_g" for (_c, _l, q) in boot_gd),
         "boot_pred": boot_pred,
