@@ -117,10 +117,8 @@ def limitations(results):
                     f"(nested), an optimism of {fmt_signed(ag - an)}")
             if _finite(un) and _finite(ug):
                 text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {fmt_signed(ug - un)})"
-            free = "the primary (penalised, no selection) and the nested protocols" if pred.get("penalised") else \
-                "the nested protocol"
-            text += f". Only {free} are free of selection leakage " if pred.get("penalised") else \
-                f". Only {free} is free of selection leakage "
+            text += (". Only the primary (penalised, no selection) and the nested protocols are free of selection "
+                     "leakage " if pred.get("penalised") else ". Only the nested estimate is free of selection leakage ")
             text += cite_mark("ambroise") + "."
             out.append({"kind": "Optimism of the global protocol", "text": text})
     if head and _finite(head["block"].get("permutation_p")) and head["block"]["permutation_p"] >= ALPHA:

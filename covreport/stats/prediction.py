@@ -181,8 +181,8 @@ CV_BOOTSTRAP_METHOD = (
     "n_eff = p(1 - p)/SE^2, at most the pairs in the denominator (design effect at least 1; Korn & Graubard "
     "1998), so never narrower than the exact interval on pairs; for balanced accuracy and AUC, "
     "expit(logit(estimate) +/- z SE/(estimate(1 - estimate))), the SE of balanced accuracy at least the "
-    "binomial SE of the mean of sensitivity and specificity (design effect at least 1); where the estimate is 0 or 1, the percentile "
-    "interval of the resamples (centred intervals use the estimate, not the resamples' percentiles: resamples "
+    "binomial SE of the mean of sensitivity and specificity (design effect at least 1); where the estimate "
+    "is 0 or 1, the percentile interval of the resamples (centred intervals use the estimate, not the resamples' percentiles: resamples "
     "hold about 63% distinct patients, so their cross-validated measures are biased low)"
 )
 
