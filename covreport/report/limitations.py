@@ -115,7 +115,10 @@ def limitations(results):
             text = (f"Selecting features once on all pairs, as the original study did (global protocol), "
                     f"gave an accuracy of {fmt_auc(ag)} against {fmt_auc(an)} with selection inside each fold "
                     f"(nested), an optimism of {fmt_signed(ag - an)}")
-            if _finite(un) and _finite(ug):
+            if _finite(un) and _finite(ug) and (ag, ug) == (an, un):
+                text += " (AUC the same, " + fmt_auc(ug) + "): none on these data, which does not show that it is " \
+                    "absent elsewhere"
+            elif _finite(un) and _finite(ug):
                 text += f" (AUC {fmt_auc(ug)} vs {fmt_auc(un)}, {fmt_signed(ug - un)})"
             text += (". Only the primary (penalised, no selection) and the nested protocols are free of selection "
                      "leakage " if pred.get("penalised") else ". Only the nested estimate is free of selection leakage ")
