@@ -1,6 +1,7 @@
 """Benchmark: the parallel layer (issue 23), 1 worker against every core, side by side in one run.
 
-Run:  python benchmarks/bench_parallel.py [--permutations N] [--bootstrap N] [--big-permutations N] [--no-big]
+Run:  python benchmarks/bench_parallel.py [--permutations N] [--bootstrap N] [--big-permutations N]
+                                         [--no-big | --no-small]
 
 Prints
   (a) the 100-pair / 60-patient study (1,024 features; bench_lopo.py's
@@ -92,11 +93,13 @@ def main(argv=None):
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--big-permutations", type=int, default=100)
     ap.add_argument("--no-big", action="store_true", help="skip (b)")
+    ap.add_argument("--no-small", action="store_true", help="skip (a)")
     args = ap.parse_args(argv)
     set_quiet(True)
     cores = parallel.available_cores()
     print(f"{cores} cores; load average {os.getloadavg()[0]:.1f}")
-    bench_study(args, cores)
+    if not args.no_small:
+        bench_study(args, cores)
     if not args.no_big:
         bench_big(args, cores)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
