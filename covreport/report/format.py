@@ -204,8 +204,11 @@ class Citations:
         return found
 
     def text(self, text):
-        """``text`` with the numbers of the works it mentions by author appended (and placeholders resolved)."""
-        text = self.resolve(text)
+        """``text`` with the numbers of the works it mentions by author appended (and placeholders resolved).
+
+        Method strings are ASCII in results.json; "+/-" is printed as the plus-minus sign.
+        """
+        text = self.resolve(text).replace("+/-", "\u00b1")
         keys = self.keys_in(text)
         if not keys:
             return text
