@@ -87,7 +87,7 @@ def _recorded_methods(results):
         if where not in seen[str(m)]:
             seen[str(m)].append(where)
 
-    def walk(obj, where, key=""):
+    def walk(obj, where):
         if isinstance(obj, dict):
             for k, v in obj.items():
                 if k == "pairs":
@@ -101,10 +101,10 @@ def _recorded_methods(results):
                     add(where + (f", {part}" if part else ""), v)
                 elif isinstance(v, (dict, list)):
                     part = _PREDICTION_PARTS.get(k) if where.startswith("prediction") else None
-                    walk(v, f"{where}, {part}" if part and part not in where else where, k)
+                    walk(v, f"{where}, {part}" if part and part not in where else where)
         elif isinstance(obj, list):
             for item in obj:
-                walk(item, where, key)
+                walk(item, where)
 
     for top, value in results.items():
         if top in ("provenance", "study", "pairs") or not isinstance(value, (dict, list)):
@@ -340,9 +340,11 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
     endpoint = endpoint_summary(results)
     dca = decision_view(results, blocks, ((blocks[0]["block"].get("threshold") or {}).get("value")
                                           if blocks else None))
-    has = {key: any(b["block"].get(key) is not None for b in blocks) for key in ("cv_intervals", "calibration")}
-    shown = (("cv", has["cv_intervals"]), ("cluster", bool(boot_pred) and not has["cv_intervals"]),
-             ("calibration", has["calibration"]), ("net_benefit", bool(dca)))
+    def any_block_has(key):
+        return any(b["block"].get(key) is not None for b in blocks)
+
+    shown = (("cv", any_block_has("cv_intervals")), ("cluster", bool(boot_pred) and not any_block_has("cv_intervals")),
+             ("calibration", any_block_has("calibration")), ("net_benefit", bool(dca)))
     t4 = {}
     for name, present in shown:                  # the prediction tables after Table 4, lettered as they appear
         if present:
@@ -402,7 +404,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
                                  {}),
         "pair_note_marks": _marks(r.get("note") for r in gd),
         "mixed_note_marks": _marks(r.get("note") for r in results.get("mixed_model") or []),
-        "any_block_has": lambda key: any(b["block"].get(key) is not None for b in blocks),
+        "any_block_has": any_block_has,
         "any_metric": lambda key: any(key in (b["block"].get("metrics") or {}) for b in blocks),
         "fig_no": figure_numbers,
         "running_title": running_title(title),

@@ -127,16 +127,18 @@ def _check_ci(ci):
     return ci
 
 
-def _interval(auc, se, z, ci):
+def _interval(auc, se, alpha, ci):
     """(low, high, note) of the DeLong interval; see :func:`delong_auc`."""
+    from covreport.stats.effect_sizes import logit_interval
+
     if ci == "wald":
+        z = z_quantile(alpha)
         return max(0.0, auc - z * se), min(1.0, auc + z * se), ""
     if not (0.0 < auc < 1.0):
         return math.nan, math.nan, SEPARATION_NOTE.format(auc=auc)
     if not se > 0:
         return math.nan, math.nan, ZERO_SE_NOTE
-    centre, half = math.log(auc / (1.0 - auc)), z * se / (auc * (1.0 - auc))
-    return 1.0 / (1.0 + math.exp(half - centre)), 1.0 / (1.0 + math.exp(-centre - half)), ""
+    return (*logit_interval(auc, se, math.inf, alpha), "")
 
 
 def delong_auc(y_true, y_score, alpha=0.05, ci="logit"):
@@ -195,7 +197,7 @@ def delong_auc(y_true, y_score, alpha=0.05, ci="logit"):
                 f"(got {n_pos} and {n_neg})")
     else:
         se = math.sqrt(max(var, 0.0))
-        low, high, note = _interval(auc, se, z_quantile(alpha), ci)
+        low, high, note = _interval(auc, se, alpha, ci)
     return {"auc": auc, "se": se, "ci_low": low, "ci_high": high,
             "n_pos": n_pos, "n_neg": n_neg, "method": AUC_CI_METHODS[ci], "note": note}
 

@@ -201,11 +201,11 @@ def hodges_lehmann(x, y, alpha=0.05):
 
 
 def logit_interval(theta, se, df, alpha=0.05):
-    """Logit-transformed interval of a probability of superiority with a t reference.
+    """Logit-transformed interval of a probability (an AUC, a probability of superiority) with a t reference.
 
-    ``expit(logit(theta) -/+ t_{df, 1-alpha/2} se / (theta (1 - theta)))``:
-    always inside (0, 1), never clipped; NaN when theta is 0 or 1, se is not
-    positive or df < 1.
+    ``expit(logit(theta) -/+ t_{df, 1-alpha/2} se / (theta (1 - theta)))``,
+    the normal quantile when ``df`` is infinite: always inside (0, 1), never
+    clipped; NaN when theta is 0 or 1, se is not positive or df < 1.
 
     Returns
     -------
@@ -213,8 +213,9 @@ def logit_interval(theta, se, df, alpha=0.05):
     """
     if not (0.0 < theta < 1.0) or not (se > 0) or not (df >= 1) or not math.isfinite(se):
         return math.nan, math.nan
+    q = sps.norm.ppf(1 - alpha / 2) if math.isinf(df) else sps.t.ppf(1 - alpha / 2, df)
     centre = math.log(theta / (1.0 - theta))
-    half = float(sps.t.ppf(1 - alpha / 2, df)) * se / (theta * (1.0 - theta))
+    half = float(q) * se / (theta * (1.0 - theta))
     return 1.0 / (1.0 + math.exp(-(centre - half))), 1.0 / (1.0 + math.exp(-(centre + half)))
 
 

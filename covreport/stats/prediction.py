@@ -376,6 +376,8 @@ def _cv_interval(measure, est, se, percentile, n, alpha, floor_se=None):
     """
     from scipy.stats import beta
 
+    from covreport.stats.effect_sizes import logit_interval
+
     if se <= 0:
         return est, est, {}
     if not 0.0 < est < 1.0:
@@ -390,9 +392,7 @@ def _cv_interval(measure, est, se, percentile, n, alpha, floor_se=None):
     if measure == "balanced_accuracy" and floor_se and floor_se > se:
         se = floor_se
         extra["interval"] = "logit-transformed, with the binomial SE of the two proportions (design effect 1)"
-    z = float(special.ndtri(1 - alpha / 2))
-    centre, half = math.log(est / (1.0 - est)), z * se / (est * (1.0 - est))
-    return float(special.expit(centre - half)), float(special.expit(centre + half)), extra
+    return (*logit_interval(est, se, math.inf, alpha), extra)
 
 
 def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, threshold):
