@@ -836,6 +836,51 @@ def summary(folder, as_json, as_config):
         click.echo(format_summary(summarise(folder)), nl=False)
 
 
+# --- plan (sample size) -------------------------------------------------------
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--half-width", type=_OPEN_UNIT, default=0.05, show_default=True,
+              help="Target half-width of the 95% CIs of sensitivity, specificity and AUC.")
+@click.option("--power", type=_OPEN_UNIT, default=0.8, show_default=True,
+              help="Target power of each label's change contrast.")
+@click.option("--alpha", type=_OPEN_UNIT, default=0.05, show_default=True,
+              help="Two-sided significance level of the change contrasts, divided by the labels tested.")
+@click.option("--shrinkage", type=_OPEN_UNIT, default=0.9, show_default=True,
+              help="Target expected shrinkage of the prediction model (Riley et al. 2020, criterion 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of the table.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write plan.json (default: beside results.json).")
+@click.option("--force", is_flag=True, help="Replace an existing plan.json that covreport did not write.")
+def plan(folder, half_width, power, alpha, shrinkage, as_json, out, force):
+    """How many more pairs and patients a revalidation needs.
+
+    FOLDER holds results.json (or is that file) from `covreport run`. For
+    the headline protocol: the pairs for the target half-width of the CIs of
+    sensitivity and specificity at the observed prevalence (Buderer 1996) and
+    of the AUC (Hanley-McNeil); for each label's change contrast, the power
+    at 1, 2, 5 and 10 times the pairs and the pairs for the target power
+    (Noether 1987); the minimum size of the prediction model for its
+    candidate predictors (Riley et al. BMJ 2020). Each times the design effect
+    measured in the study, in patients at the observed pairs per patient.
+    Prints a table and writes plan.json.
+
+    \b
+    Example:
+      covreport plan covreport-demo/report --half-width 0.1
+    """
+    from covreport.plan import format_plan, plan_folder, write_plan
+
+    result, path = plan_folder(folder, half_width=half_width, power=power, alpha=alpha, shrinkage=shrinkage)
+    written = write_plan(result, path, out, force=force)
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(format_plan(result))
+        click.echo(f"Plan        {written}")
+
+
 # --- verify (reviewer) ---------------------------------------------------------
 
 _VERIFY_LIST_LIMIT = 50

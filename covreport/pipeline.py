@@ -163,6 +163,9 @@ def run(opts: RunOptions) -> Path:
         from covreport.revalidation import compare
 
         results["revalidation"] = compare(results, previous)
+    from covreport.plan import make_plan
+
+    results["sample_size"] = make_plan(results)
     # Which pairs the activation maps show depends on the scores and the prediction only, so it is stored in
     # results.json (and the report's text comes from there); the maps themselves need the model.
     selection = _cam_pairs(pairs, labels, results.get("prediction"))
@@ -649,6 +652,12 @@ def _write_tables(results, folder):
             write_csv(pd.DataFrame(rows), folder / "bootstrap_prediction.csv")
         if boot.get("group_differences"):
             write_csv(pd.DataFrame(boot["group_differences"]), folder / "bootstrap_group_differences.csv")
+    if results.get("sample_size"):
+        from covreport.plan import plan_rows
+
+        rows = plan_rows(results["sample_size"])
+        if rows:
+            write_csv(pd.DataFrame(rows), folder / "sample_size.csv")
     for key in ("subgroups", "failure_analysis"):
         if (results.get(key) or {}).get("rows"):
             write_csv(pd.DataFrame(results[key]["rows"]), folder / f"{key}.csv")

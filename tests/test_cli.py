@@ -37,7 +37,7 @@ def test_every_command_is_documented_in_the_readme(command):
 def test_the_commands_are_the_issue_list():
     # Commands that are not built are absent, never placeholders.
     assert set(main.commands) == {"validate", "diagnostic", "run", "score", "train", "demo", "pairs",
-                                  "verify", "summary"}
+                                  "verify", "summary", "plan"}
 
 
 def test_readme_says_once_and_truly_which_commands_take_quiet():

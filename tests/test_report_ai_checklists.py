@@ -156,8 +156,11 @@ def test_subgroup_numbers_equal_independent_computations():
             assert row[f"{name}_ci_low"] == pytest.approx(lo, abs=1e-9), (row["subgroup"], name)
             assert row[f"{name}_ci_high"] == pytest.approx(hi, abs=1e-9), (row["subgroup"], name)
         assert row["auc"] == pytest.approx(roc_auc_score(yy, pp), abs=1e-12)   # scikit-learn's AUC
-        if row["auc"] in (0.0, 1.0):   # complete separation: DeLong's SE is 0, no zero-width interval
-            assert row["auc_ci_low"] is None and "AUC without CI: complete separation" in row["note"]
+        if row["auc"] in (0.0, 1.0):   # complete separation: DeLong's SE is 0; the exact interval instead
+            n = min(yy.sum(), (~yy).sum())   # comparisons sharing no case; reference: scipy's Clopper-Pearson
+            exact = binomtest(int(n), int(n)).proportion_ci(0.95, method="exact")
+            assert (row["auc_ci_low"], row["auc_ci_high"]) == pytest.approx((exact.low, exact.high), abs=1e-13)
+            assert f"AUC {row['auc']:g} (complete separation): exact Clopper-Pearson interval" in row["note"]
         else:
             assert 0 < row["auc_ci_low"] <= row["auc"] <= row["auc_ci_high"] < 1
 

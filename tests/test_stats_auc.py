@@ -97,13 +97,17 @@ def test_logit_ci_stays_inside_unit_interval_where_wald_is_clipped():
     assert 0.0 < res["ci_low"] < res["auc"] < res["ci_high"] < 1.0
 
 
-def test_perfect_separation_gives_no_zero_width_interval():
-    res = delong_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+def test_perfect_separation_gives_the_exact_interval_of_disjoint_comparisons():
+    res = delong_auc([0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.8, 0.9])
     assert res["auc"] == 1.0 and res["se"] == 0.0
-    assert math.isnan(res["ci_low"]) and math.isnan(res["ci_high"])
-    assert res["note"] == ("no interval: complete separation (AUC = 1) makes DeLong's SE 0, and a "
-                           "zero-width interval is never right for a finite sample")
-    assert delong_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1])["note"].startswith("no interval: complete separation (AUC = 0)")
+    # Reference: the Clopper-Pearson interval of 2 of 2 (min(positives, negatives) comparisons sharing no
+    # case), lower bound Beta(0.025; 2, 1) by scipy (binomtest's root finder agrees to 3e-14 only).
+    low = sps.beta.ppf(0.025, 2, 1)
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx((low, 1.0), abs=1e-15)
+    assert res["note"] == ("complete separation (AUC = 1) makes DeLong's SE 0: the interval is the exact "
+                           "Clopper-Pearson interval of 2 of 2 comparisons that share no case (conservative)")
+    zero = delong_auc([0, 0, 0, 1, 1], [0.9, 0.8, 0.7, 0.2, 0.1])
+    assert zero["auc"] == 0.0 and (zero["ci_low"], zero["ci_high"]) == pytest.approx((0.0, 1 - low), abs=1e-15)
     wald = delong_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], ci="wald")  # pROC's interval, kept for replication
     assert wald["ci_low"] == wald["ci_high"] == 1.0
 
@@ -193,9 +197,13 @@ def test_properties(data):
     neg = delong_auc(y, -s)
     assert neg["auc"] == pytest.approx(1 - res["auc"], abs=1e-12)
     assert neg["se"] == pytest.approx(res["se"], abs=1e-12)
-    # The interval contains the estimate strictly inside (0, 1), or there is none and the note says why.
+    # The interval contains the estimate strictly inside (0, 1); at separation it is the exact one;
+    # otherwise there is none and the note says why.
     if res["se"] > 0 and 0 < res["auc"] < 1:
         assert 0.0 < res["ci_low"] <= res["auc"] <= res["ci_high"] < 1.0 and res["note"] == ""
+    elif res["auc"] in (0.0, 1.0):
+        assert res["ci_low"] <= res["auc"] <= res["ci_high"] and 0 < res["ci_high"] - res["ci_low"] < 1
+        assert res["note"].startswith("complete separation")
     else:
         assert math.isnan(res["ci_low"]) and math.isnan(res["ci_high"]) and res["note"].startswith("no interval")
     # Row order does not matter.
@@ -312,7 +320,18 @@ def test_delong_matches_proc(rec):
     assert wald["se"] ** 2 == pytest.approx(rec["var"], abs=1e-14)
     assert (wald["ci_low"], wald["ci_high"]) == pytest.approx((rec["wald_low"], rec["wald_high"]), abs=1e-14)
     res = delong_auc(y, s)
-    if rec["logit_low"] is None:   # AUC 1: pROC warns its 1-1 interval "can be misleading"; covreport gives none
-        assert math.isnan(res["ci_low"]) and res["note"].startswith("no interval: complete separation")
-    else:
-        assert (res["ci_low"], res["ci_high"]) == pytest.approx((rec["logit_low"], rec["logit_high"]), abs=1e-14)
+    # At AUC 1 pROC warns its 1-1 interval "can be misleading"; the fixture holds R's binom.test(N, N) there.
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx((rec["logit_low"], rec["logit_high"]), abs=1e-14)
+
+
+PROC_TEST = json.loads((Path(__file__).parent / "fixtures" / "r_proc_roctest.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("case", PROC_TEST["cases"], ids=lambda c: c["case"])
+def test_delong_test_matches_proc_roc_test(case):
+    # Reference: R pROC 1.18.0 roc.test(method = "delong", paired = TRUE), tests/fixtures/r_proc_roctest.R.
+    res = delong_test(case["y"], case["a"], case["b"])
+    assert res["auc_a"] == pytest.approx(case["auc_a"], abs=1e-14)
+    assert res["auc_b"] == pytest.approx(case["auc_b"], abs=1e-14)
+    assert res["z"] == pytest.approx(case["z"], abs=1e-13)
+    assert res["p"] == pytest.approx(case["p"], abs=1e-13)

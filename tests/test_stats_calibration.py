@@ -109,6 +109,8 @@ def test_ici_e50_e90_emax_against_statsmodels_lowess():
         assert res["e50"] == pytest.approx(np.median(err), rel=1e-10)
         assert res["e90"] == pytest.approx(np.percentile(err, 90), rel=1e-10)
         assert res["emax"] == pytest.approx(err.max(), rel=1e-10)
+        at = p[np.argmax(err)]
+        assert res["emax_probability"] == at and res["emax_beyond"] == min((p < at).sum(), (p > at).sum())
         assert res["ici"] > 0.02                                   # miscalibrated by construction
         grid = np.asarray(res["curve"]["probability"])
         assert grid[0] == pytest.approx(p.min()) and grid[-1] == pytest.approx(p.max())
@@ -133,8 +135,10 @@ def test_patient_bootstrap_band_and_intervals_are_seeded_and_cover_the_estimates
     c = calibration(y, p, groups=groups, n_resamples=60, seed=4)
     assert a["curve"] == b["curve"] and a["ici_ci_low"] == b["ici_ci_low"]
     assert a["ici_ci_low"] != c["ici_ci_low"]
-    for key in ("brier", "ici", "e50", "e90", "emax"):
+    for key in ("brier", "ici", "e50", "e90"):
         assert a[f"{key}_ci_low"] <= a[f"{key}_ci_high"]
+    # Emax is a maximum: no bootstrap interval (Bickel & Freedman 1981), but where it lies
+    assert math.isnan(a["emax_ci_low"]) and math.isnan(a["emax_ci_high"]) and "Bickel & Freedman" in a["method"]
     lo, hi, obs = (np.array([np.nan if v is None else v for v in a["curve"][k]], float)
                    for k in ("lower", "upper", "observed"))
     ok = np.isfinite(lo) & np.isfinite(hi)

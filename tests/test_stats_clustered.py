@@ -21,12 +21,13 @@ from statsmodels.stats.multitest import multipletests
 
 from covreport.constants import CONTRASTS, IMPROVED, STABLE, WORSE
 from covreport.errors import StatsError
-from covreport.stats.auc import delong_auc
+from covreport.stats.auc import delong_auc, delong_test
 from covreport.stats.clustered import (
     BOOTSTRAP_METRICS,
     cluster_bootstrap,
     group_differences_clustered,
     obuchowski_auc,
+    obuchowski_compare,
     primary_analysis,
     resample_counts,
 )
@@ -414,9 +415,13 @@ def test_constant_label_is_not_tested_and_separation_stays_in_the_family():
     # pair level, separation: the exact Mann-Whitney p (reference: scipy exact)
     x, y = df.loc[df.outcome == WORSE, "sep"], df.loc[df.outcome == IMPROVED, "sep"]
     assert pair.loc["sep", "p"] == pytest.approx(sps.mannwhitneyu(x, y, method="exact").pvalue, rel=1e-12)
-    # clustered, separation: SE 0, no interval, no Wald p, but the permutation p (>= 1/(B+1))
+    # clustered, separation: SE 0, no Wald p, but the permutation p (>= 1/(B+1)) and the exact interval
+    # of the 6 comparisons of 12 distinct patients (6 Worse, 6 Improved); reference: scipy's Clopper-Pearson
     s = clus.loc["sep"]
-    assert s.theta == 1.0 and s.se == 0 and math.isnan(s.ci_low) and math.isnan(s.p_wald)
+    exact = sps.binomtest(6, 6).proportion_ci(0.95, method="exact")
+    assert s.theta == 1.0 and s.se == 0 and math.isnan(s.p_wald)
+    assert (s.ci_low, s.ci_high) == pytest.approx((exact.low, exact.high), abs=1e-13)   # binomtest's root finder: 3e-14
+    assert "Clopper-Pearson interval of 6 of 6 comparisons that share no patient" in s.note
     assert s.p >= 1 / 5000 and "stays in the family" in s.note
     assert clus.loc["sep", "analysis"].startswith("primary")
 
@@ -442,3 +447,102 @@ def test_interval_is_not_clipped_near_zero():
     r = group_differences_clustered(df, ["A"], df["patient_id"], contrasts=[(STABLE, IMPROVED)]).iloc[0]
     assert r.theta < 0.3 and 0 < r.ci_low < r.theta < r.ci_high < 1
     assert r.theta - 1.959963984540054 * r.se < 0 < r.ci_low     # where a clipped Wald interval would sit at 0
+
+
+def test_disjoint_comparisons_is_the_largest_patient_disjoint_matching():
+    # Brute force: the most comparisons (a in group 1, b in group 2, a != b) that use each patient once.
+    from itertools import product
+
+    from covreport.stats.effect_sizes import disjoint_comparisons
+
+    for mask in product((0, 1, 2, 3), repeat=5):   # each of 5 patients: in neither, group 1, group 2, both
+        g1 = frozenset(i for i, m in enumerate(mask) if m in (1, 3))
+        g2 = frozenset(i for i, m in enumerate(mask) if m in (2, 3))
+        assert disjoint_comparisons(len(g1), len(g2), len(g1 | g2)) == _matching(g1, g2), mask
+
+
+def _matching(g1, g2):
+    """Maximum matching of group-1 to group-2 patients, no patient twice (exhaustive search)."""
+    best = 0
+
+    def go(left, used, count):
+        nonlocal best
+        best = max(best, count)
+        for i, a in enumerate(left):
+            if a in used:
+                continue
+            for b in g2:
+                if b != a and b not in used:
+                    go(left[i + 1:], used | {a, b}, count + 1)
+    go(sorted(g1), frozenset(), 0)
+    return best
+
+
+# --- two correlated clustered AUCs (issue 22.3) -----------------------------------------------------
+
+
+def _obuchowski_two_explicit(y, a, b, clusters):
+    """Obuchowski 1997 (section 2, two tests on the same units) written out with O(N M) kernels:
+    per test k the cluster sums V10^k(X_i.), V01^k(Y_i.); covariance of tests k and l
+    S10 = I10/((I10-1)N) sum_i (V10^k_i - n_i t_k)(V10^l_i - n_i t_l), S01 likewise over M,
+    S11 = I/(I-1) sum_i (V10^k_i - n_i t_k)(V01^l_i - m_i t_l), cov = S10/N + S01/M + (S11^kl + S11^lk)/(NM)."""
+    y = np.asarray(y, bool)
+    ids = sorted(set(clusters))
+    cl = np.array([ids.index(c) for c in clusters])
+    out = []
+    for s in (np.asarray(a, float), np.asarray(b, float)):
+        x, w = s[y], s[~y]
+        psi = (x[:, None] > w[None, :]) + 0.5 * (x[:, None] == w[None, :])
+        v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+        t = psi.mean()
+        A = np.array([v10[cl[y] == i].sum() - t * (cl[y] == i).sum() for i in range(len(ids))])
+        B = np.array([v01[cl[~y] == i].sum() - t * (cl[~y] == i).sum() for i in range(len(ids))])
+        out.append((t, A, B))
+    N, M, n_i = y.sum(), (~y).sum(), len(ids)
+    i10, i01 = len(set(cl[y])), len(set(cl[~y]))
+
+    def cov(k, l):
+        s10 = i10 / ((i10 - 1) * N) * out[k][1] @ out[l][1]
+        s01 = i01 / ((i01 - 1) * M) * out[k][2] @ out[l][2]
+        s11 = n_i / (n_i - 1) * (out[k][1] @ out[l][2] + out[l][1] @ out[k][2])
+        return s10 / N + s01 / M + s11 / (N * M)
+
+    return out[0][0] - out[1][0], math.sqrt(cov(0, 0) + cov(1, 1) - 2 * cov(0, 1))
+
+
+def test_obuchowski_compare_matches_the_formulas_written_out():
+    rng = np.random.default_rng(8)
+    clusters = [f"P{i}" for i in range(25) for _ in range(1 + i % 3)]
+    n = len(clusters)
+    patient = {c: rng.normal() for c in set(clusters)}
+    y = np.array([int(patient[c] + rng.normal() > 0) for c in clusters])
+    a = np.round(y + rng.normal(0, 1, n), 2)
+    b = np.round(0.5 * a + rng.normal(0, 1, n), 1)  # correlated with a, with ties
+    res = obuchowski_compare(y, a, b, clusters)
+    diff, se = _obuchowski_two_explicit(y, a, b, clusters)
+    assert res["difference"] == pytest.approx(diff, abs=1e-14)
+    assert res["se"] == pytest.approx(se, rel=1e-12)
+    assert res["z"] == pytest.approx(diff / se, rel=1e-12)
+    assert res["p"] == pytest.approx(2 * sps.norm.sf(abs(diff / se)), rel=1e-12)
+    assert res["ci_low"] == pytest.approx(diff - sps.norm.ppf(0.975) * se, rel=1e-12)
+    assert res["clusters"] == 25 and res["unit"] == "patient"
+
+
+def test_obuchowski_compare_is_paired_delong_with_one_pair_per_patient():
+    # Reference: with one unit per cluster Obuchowski's covariance is DeLong's (Obuchowski 1997, section 2),
+    # and covreport's delong_test is tied to pROC's roc.test (test_stats_auc.py).
+    rng = np.random.default_rng(9)
+    y = np.array([1] * 20 + [0] * 25)
+    a = y + rng.normal(0, 1, 45)
+    b = 0.7 * a + rng.normal(0, 0.8, 45)
+    res = obuchowski_compare(y, a, b, [f"P{i}" for i in range(45)])
+    ref = delong_test(y, a, b)
+    for key in ("difference", "se", "z", "p"):
+        assert res[key] == pytest.approx(ref[key], rel=1e-12)
+
+
+def test_obuchowski_compare_refuses_or_explains():
+    with pytest.raises(StatsError, match="both classes"):
+        obuchowski_compare([1, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1], ["a", "b", "c"])
+    res = obuchowski_compare([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2], [0.9, 0.1, 0.8, 0.2], ["a", "a", "b", "b"])
+    assert res["difference"] == 0 and math.isnan(res["p"]) and "zero" in res["note"]

@@ -89,8 +89,11 @@ def test_rank_biserial_interval_is_the_logit_interval_of_delong():
     assert (res["ci_low"], res["ci_high"]) == pytest.approx((2 * lo - 1, 2 * hi - 1), rel=1e-10)
 
 
-def test_rank_biserial_separation_has_no_interval_and_logit_is_never_clipped():
+def test_rank_biserial_separation_has_the_exact_interval_and_logit_is_never_clipped():
     res = rank_biserial([5.0, 6.0, 7.0], [1.0, 2.0])
-    assert res["r"] == 1.0 and math.isnan(res["ci_low"]) and "separation" in res["note"]
+    # 2 x (Clopper-Pearson of 2 of 2 comparisons sharing no pair) - 1; reference: scipy binomtest
+    exact = sps.binomtest(2, 2).proportion_ci(0.95, method="exact")   # to 3e-14: brentq
+    assert res["r"] == 1.0 and "separation" in res["note"]
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx((2 * exact.low - 1, 1.0), abs=1e-13)
     lo, hi = logit_interval(0.97, 0.05, 10)
     assert 0 < lo < 0.97 < hi < 1

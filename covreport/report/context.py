@@ -38,7 +38,7 @@ METHOD_PLACES = {
     "mixed_model": "mixed model (sensitivity analysis)", "trend_test": "trend test (sensitivity analysis)",
     "subgroups": "subgroup performance", "failure_analysis": "failure analysis",
     "patient_separation": "patient separation", "class_activation_maps": "class activation maps",
-    "projection_changes": "projection changes",
+    "projection_changes": "projection changes", "sample_size": "sample size for revalidation",
 }
 #: Sub-records of a prediction block, in words.
 _PREDICTION_PARTS = {"cv_intervals": "intervals refitting the protocol", "permutation_monte_carlo": "permutation test",

@@ -141,6 +141,24 @@ REFERENCES = {
                 "are present in one ranking. Indag Math 1952;14:327-333.",
     "hollander": "Hollander M, Wolfe DA, Chicken E. Nonparametric Statistical Methods. 3rd ed. Hoboken, NJ: "
                  "Wiley; 2014.",
+    "bickel_freedman": "Bickel PJ, Freedman DA. Some asymptotic theory for the bootstrap. Ann Stat "
+                       "1981;9:1196-1217.",
+    "buderer": "Buderer NMF. Statistical methodology: I. Incorporating the prevalence of disease into the sample "
+               "size calculation for sensitivity and specificity. Acad Emerg Med 1996;3:895-900.",
+    "hanley_mcneil": "Hanley JA, McNeil BJ. The meaning and use of the area under a receiver operating "
+                     "characteristic (ROC) curve. Radiology 1982;143:29-36.",
+    "noether": "Noether GE. Sample size determination for some common nonparametric tests. J Am Stat Assoc "
+               "1987;82:645-647.",
+    "riley2020": "Riley RD, Ensor J, Snell KIE, et al. Calculating the sample size required for developing a "
+                 "clinical prediction model. BMJ 2020;368:m441.",
+    "riley2021": "Riley RD, Van Calster B, Collins GS. A note on estimating the Cox-Snell R2 from a reported C "
+                 "statistic (AUROC) to inform sample size calculations for developing a prediction model with a "
+                 "binary outcome. Stat Med 2021;40:859-864.",
+    "pmsampsize": "Ensor J, Martin EC, Riley RD. pmsampsize: calculates the minimum sample size required for "
+                  "developing a multivariable prediction model. R package version 1.1.3; 2023.",
+    "epir": "Stevenson M, Sergeant E. epiR: tools for the analysis of epidemiological data. R package version "
+            "2.0.57; 2023.",
+    "kish": "Kish L. Survey Sampling. New York: Wiley; 1965.",
     "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
                "diagnostic accuracy studies. Ann Intern Med 2011;155:529-536.",
 }
@@ -154,13 +172,17 @@ AUTHOR_YEAR = (
     (r"Brier", "brier"), (r"Welch", "welch"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
     (r"Mann[- ](?:&|and )?Whitney", "mw"), (r"Fisher", "fisher"), (r"Brodersen", "brodersen"),
     (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
-    (r"Ambroise", "ambroise"), (r"Van Calster|Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
+    (r"Ambroise", "ambroise"), (r"(?<!Riley, )Van Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
     (r"Zhou et al\.? 2016", "cam"), (r"Pearson'?s? chi|chi-square test", "pearson"), (r"Student'?s? t", "student"),
     (r"Austin 2009", "austin_smd"), (r"Austin (?:&|and) Steyerberg", "austin_ici"),
     (r"Vickers (?:&|and) Elkin", "vickers"), (r"Vickers,? (?:AJ, )?Van Calster", "vickers2016"),
     (r"Hodges (?:&|and) Lehmann", "hodges_lehmann"), (r"Bauer 1972", "bauer"), (r"Steiger", "steiger"),
     (r"Laird (?:&|and) Ware", "laird_ware"), (r"Jonckheere", "jonckheere"), (r"Terpstra", "terpstra"),
     (r"Hollander", "hollander"), (r"Pepe 2003", "pepe"), (r"Korn (?:&|and) Graubard", "korn"),
+    (r"Bickel (?:&|and) Freedman", "bickel_freedman"), (r"Buderer", "buderer"),
+    (r"Hanley[- ](?:(?:&|and) )?McNeil", "hanley_mcneil"), (r"Noether", "noether"),
+    (r"Riley et al\.?,? (?:\(?BMJ )?2020|Riley RD et al", "riley2020"), (r"Riley, Van Calster", "riley2021"),
+    (r"pmsampsize", "pmsampsize"), (r"\bepiR\b", "epir"), (r"\bKish\b", "kish"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]
@@ -170,6 +192,19 @@ _MARK = re.compile(r"\[\[cite:([a-z0-9_,]+)\]\]")
 def cite_mark(*keys):
     """A citation placeholder for text built before rendering; :meth:`Citations.resolve` numbers it."""
     return "[[cite:" + ",".join(keys) + "]]"
+
+
+_SIGNS = ((re.compile(r"\+/-"), "\u00b1"), (re.compile(r"-/\+"), "\u2213"), (re.compile(r"(?<= )-(?= )"), "\u2212"),
+          (re.compile(r"(?<=\()1-(?=[A-Za-z(])"), "1\u2212"), (re.compile(r">="), "\u2265"),
+          (re.compile(r"<="), "\u2264"), (re.compile(r"(?<= )x(?= )"), "\u00d7"))
+
+
+def math_signs(text):
+    """An ASCII formula as printed: +/- as the plus-minus sign, a spaced or (1-x) minus as U+2212,
+    >= and <= as the inequality signs and a spaced x as the multiplication sign."""
+    for pattern, sign in _SIGNS:
+        text = pattern.sub(sign, text)
+    return text
 
 
 class Citations:
@@ -206,9 +241,10 @@ class Citations:
     def text(self, text):
         """``text`` with the numbers of the works it mentions by author appended (and placeholders resolved).
 
-        Method strings are ASCII in results.json; "+/-" is printed as the plus-minus sign.
+        Method strings are ASCII in results.json; their formulas are printed with
+        the mathematical signs (:func:`math_signs`).
         """
-        text = self.resolve(text).replace("+/-", "\u00b1")
+        text = math_signs(self.resolve(text))
         keys = self.keys_in(text)
         if not keys:
             return text

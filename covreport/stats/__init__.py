@@ -25,6 +25,7 @@ from covreport.stats.clustered import (
     cluster_bootstrap,
     group_differences_clustered,
     obuchowski_auc,
+    obuchowski_compare,
     primary_analysis,
 )
 from covreport.stats.diagnostic import MEASURES, clopper_pearson, diagnostic_metrics
@@ -46,6 +47,7 @@ __all__ = [
     "group_differences_clustered",
     "lopo_predict",
     "obuchowski_auc",
+    "obuchowski_compare",
     "permutation_p",
     "predict_outcome",
     "primary_analysis",

@@ -30,11 +30,13 @@ from covreport.errors import ScoresError, StatsError
 from covreport.stats._util import check_alpha, show, z_quantile
 
 AUC_METHOD = ("DeLong (Sun & Xu 2014 fast algorithm); logit-transformed Wald CI "
-              "expit(logit(AUC) +/- z SE/(AUC(1-AUC))), inside (0, 1) without clipping (Pepe 2003, 5.2.3)")
+              "expit(logit(AUC) +/- z SE/(AUC(1-AUC))), inside (0, 1) without clipping (Pepe 2003, 5.2.3); "
+              "at AUC 0 or 1 (complete separation, SE 0) the exact Clopper-Pearson interval of N of N "
+              "comparisons that share no case, N = min(positives, negatives)")
 AUC_WALD_METHOD = "DeLong (Sun & Xu 2014 fast algorithm); Wald CI clipped to [0, 1] (as pROC ci.auc)"
 AUC_CI_METHODS = {"logit": AUC_METHOD, "wald": AUC_WALD_METHOD}
-SEPARATION_NOTE = ("no interval: complete separation (AUC = {auc:g}) makes DeLong's SE 0, and a "
-                   "zero-width interval is never right for a finite sample")
+SEPARATION_NOTE = ("complete separation (AUC = {auc:g}) makes DeLong's SE 0: the interval is the exact "
+                   "Clopper-Pearson interval of {n:,} of {n:,} comparisons that share no case (conservative)")
 ZERO_SE_NOTE = "no interval: DeLong's SE is 0 (the scores do not vary between the cases)"
 TEST_METHOD = "DeLong test for two correlated AUCs (Sun & Xu 2014 fast algorithm), two-sided"
 
@@ -127,15 +129,16 @@ def _check_ci(ci):
     return ci
 
 
-def _interval(auc, se, alpha, ci):
+def _interval(auc, se, alpha, ci, n_pos, n_neg):
     """(low, high, note) of the DeLong interval; see :func:`delong_auc`."""
-    from covreport.stats.effect_sizes import logit_interval
+    from covreport.stats.effect_sizes import disjoint_comparisons, logit_interval, separation_interval
 
     if ci == "wald":
         z = z_quantile(alpha)
         return max(0.0, auc - z * se), min(1.0, auc + z * se), ""
     if not (0.0 < auc < 1.0):
-        return math.nan, math.nan, SEPARATION_NOTE.format(auc=auc)
+        n = disjoint_comparisons(n_pos, n_neg)
+        return (*separation_interval(auc, n, alpha), SEPARATION_NOTE.format(auc=auc, n=n))
     if not se > 0:
         return math.nan, math.nan, ZERO_SE_NOTE
     return (*logit_interval(auc, se, math.inf, alpha), "")
@@ -148,8 +151,11 @@ def delong_auc(y_true, y_score, alpha=0.05, ci="logit"):
     computed from midranks. Its variance is DeLong's (1988), computed with the
     O(n log n) algorithm of Sun & Xu (2014). The default interval (``ci="logit"``)
     is expit(logit(AUC) +/- z SE / (AUC (1 - AUC))) (Pepe 2003): inside (0, 1)
-    without clipping, and none when the AUC is 0 or 1 (complete separation,
-    SE 0), where a Wald interval has zero width. ``ci="wald"`` gives
+    without clipping. At an AUC of 0 or 1 (complete separation) the SE is 0
+    and a Wald interval has zero width: the interval is then the exact
+    Clopper-Pearson interval of N of N comparisons that share no case, N =
+    min(positives, negatives) (:func:`covreport.stats.effect_sizes.separation_interval`;
+    conservative), and ``note`` says so. ``ci="wald"`` gives
     AUC +/- z * SE clipped to [0, 1], as pROC's ``ci.auc(method="delong")``.
     Higher scores mean positive; the direction is never guessed.
 
@@ -168,8 +174,8 @@ def delong_auc(y_true, y_score, alpha=0.05, ci="logit"):
     dict
         ``auc``, ``se``, ``ci_low``, ``ci_high``, ``n_pos``, ``n_neg``,
         ``method`` and ``note`` ("" unless there is no interval: the SE is
-        undefined because a class holds a single case (se NaN), or the AUC
-        is 0 or 1 with ``ci="logit"``; the CI is then NaN).
+        undefined because a class holds a single case (se NaN, CI NaN), or
+        the AUC is 0 or 1 with ``ci="logit"`` (the exact interval above)).
 
     Raises
     ------
@@ -197,7 +203,7 @@ def delong_auc(y_true, y_score, alpha=0.05, ci="logit"):
                 f"(got {n_pos} and {n_neg})")
     else:
         se = math.sqrt(max(var, 0.0))
-        low, high, note = _interval(auc, se, alpha, ci)
+        low, high, note = _interval(auc, se, alpha, ci, n_pos, n_neg)
     return {"auc": auc, "se": se, "ci_low": low, "ci_high": high,
             "n_pos": n_pos, "n_neg": n_neg, "method": AUC_CI_METHODS[ci], "note": note}
 

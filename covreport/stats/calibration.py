@@ -22,6 +22,8 @@ References
    scatterplots. J Am Stat Assoc 1979;74:829-836.
 .. [6] Collins GS, Moons KGM, Dhiman P, et al. TRIPOD+AI statement.
    BMJ 2024;385:e078378.
+.. [7] Bickel PJ, Freedman DA. Some asymptotic theory for the bootstrap.
+   Ann Stat 1981;9:1196-1217 (section 6: the bootstrap of a maximum fails).
 """
 
 import math
@@ -49,7 +51,7 @@ CURVE_RESAMPLES = 200
 CURVE_POINTS = 51
 
 REFERENCE = ("Brier 1950; Cox 1958; Van Calster B et al. BMC Med 2019;17:230; Austin PC, Steyerberg EW. "
-             "Stat Med 2019;38:4051-4065; Cleveland WS. J Am Stat Assoc 1979;74:829-836")
+             "Stat Med 2019;38:4051-4065; Cleveland WS. J Am Stat Assoc 1979;74:829-836; Bickel PJ, Freedman DA. Ann Stat 1981;9:1196-1217")
 
 METHOD = (
     "Brier score = mean (probability - outcome)^2; calibration slope: logistic regression of the "
@@ -62,8 +64,9 @@ METHOD = (
     "flexible calibration curve: lowess of the outcome on the probability (statsmodels, local linear, "
     "tricube weights, frac {frac:g}, no robustness iterations; Cleveland 1979), every pair; ICI = mean, "
     "E50 = median, E90 = 90th percentile and Emax = maximum of |probability - smoothed observed| over the "
-    "pairs (Austin & Steyerberg 2019); {level:g}% percentile intervals of the Brier score, ICI, E50, E90 "
-    "and Emax and the pointwise band of the curve from {boot}; bins: up to 10 groups of equal size by "
+    "pairs (Austin & Steyerberg 2019), with the probability where Emax lies; {level:g}% percentile intervals "
+    "of the Brier score, ICI, E50 and E90 and the pointwise band of the curve from {boot} (none for Emax: "
+    "the bootstrap is not consistent for a maximum, Bickel & Freedman 1981); bins: up to 10 groups of equal size by "
     "predicted probability (at least 5 pairs each), mean predicted against observed proportion"
 )
 
@@ -129,15 +132,20 @@ def flexible_errors(y, p, frac=LOWESS_FRAC):
     -------
     dict
         ``ici``, ``e50``, ``e90``, ``emax`` (NaN when the smoother cannot be
-        fitted) and ``smoothed`` (per pair, input order).
+        fitted), ``emax_probability`` (the probability where Emax lies),
+        ``emax_beyond`` (pairs with a probability farther out on that side: fewer
+        of them below or above it) and ``smoothed`` (per pair, input order).
     """
     p = np.asarray(p, dtype=float)
     s = smoothed_observed(y, p, frac)
     err = np.abs(p - s)[np.isfinite(s)]
     if not len(err):
-        return {"ici": math.nan, "e50": math.nan, "e90": math.nan, "emax": math.nan, "smoothed": s}
+        return {"ici": math.nan, "e50": math.nan, "e90": math.nan, "emax": math.nan,
+                "emax_probability": math.nan, "emax_beyond": None, "smoothed": s}
+    at = float(p[np.isfinite(s)][int(np.argmax(err))])
     return {"ici": float(err.mean()), "e50": float(np.median(err)), "e90": float(np.quantile(err, 0.9)),
-            "emax": float(err.max()), "smoothed": s}
+            "emax": float(err.max()), "emax_probability": at,
+            "emax_beyond": int(min((p < at).sum(), (p > at).sum())), "smoothed": s}
 
 
 def _curve_at(p, s, grid):
@@ -196,7 +204,9 @@ def calibration(y_true, probability, *, alpha=0.05, groups=None, folds=None, one
     -------
     dict
         ``brier``, ``intercept``, ``slope``, ``ici``, ``e50``, ``e90``,
-        ``emax``, each with ``*_ci_low`` and ``*_ci_high``; ``curve``
+        ``emax``, each with ``*_ci_low`` and ``*_ci_high`` (NaN for Emax:
+        see :func:`_bootstrap`), ``emax_probability`` and ``emax_beyond``
+        (:func:`flexible_errors`); ``curve
         (``probability``, ``observed``, ``lower``, ``upper`` lists on a grid),
         ``bins``, ``n``, ``n_fit`` (pairs in the intercept and slope fits),
         ``excluded_from_fit``, ``one_class_pairs``, ``one_class_folds``
@@ -248,6 +258,7 @@ def calibration(y_true, probability, *, alpha=0.05, groups=None, folds=None, one
            "resamples": B, "seed": int(seed), "bins": [], "curve": None}
     for key, _name, _ideal in MEASURES:
         out.update({key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan})
+    out.update(emax_probability=math.nan, emax_beyond=None)
     out.update(n_fit=0, excluded_from_fit=0, one_class_pairs=int(flags.sum()), one_class_folds=[],
                drawable=False, not_drawn=None, note=None)
     if flags.any():
@@ -297,7 +308,7 @@ def calibration(y_true, probability, *, alpha=0.05, groups=None, folds=None, one
                 b, se = float(fit.params[1]), float(fit.bse[1])
                 out.update(slope=b, slope_ci_low=b - z * se, slope_ci_high=b + z * se)
     flex = flexible_errors(y, p, frac)
-    for key in ("ici", "e50", "e90", "emax"):
+    for key in ("ici", "e50", "e90", "emax", "emax_probability", "emax_beyond"):
         out[key] = flex[key]
     if not math.isfinite(flex["ici"]):
         notes.append("flexible calibration curve not estimable (fewer than 3 pairs or one distinct probability)")
@@ -314,8 +325,12 @@ def calibration(y_true, probability, *, alpha=0.05, groups=None, folds=None, one
 
 
 def _bootstrap(out, curve, y, p, groups, B, seed, alpha, frac, grid):
-    """Percentile intervals of the Brier score, ICI, E50, E90, Emax and the curve's pointwise band."""
-    keys = ("brier", "ici", "e50", "e90", "emax")
+    """Percentile intervals of the Brier score, ICI, E50 and E90 and the curve's pointwise band.
+
+    None for Emax: the bootstrap distribution of a maximum does not approach
+    its sampling distribution (Bickel & Freedman 1981, section 6).
+    """
+    keys = ("brier", "ici", "e50", "e90")
     draws = np.full((B, len(keys)), np.nan)
     band = np.full((B, len(grid)), np.nan)
     for b, rows in enumerate(patient_resample_rows(groups, len(y), B, seed)):
@@ -360,11 +375,13 @@ def calibration_rows(protocol, record):
     for key, name, ideal in MEASURES:
         est = record.get(key)
         wald = key in ("intercept", "slope")
+        interval = ("Wald (GLM)" if wald else
+                    "none: the bootstrap is not consistent for a maximum (Bickel & Freedman 1981); at "
+                    f"probability {record.get('emax_probability')}" if key == "emax" else
+                    f"bootstrap percentile ({record.get('resamples')} resamples of {record.get('interval_unit')}s)")
         rows.append({"protocol": protocol, "measure": name, "estimate": est,
                      "ci_low": record.get(f"{key}_ci_low"), "ci_high": record.get(f"{key}_ci_high"),
-                     "ideal": ideal, "interval": ("Wald (GLM)" if wald else
-                                                  f"bootstrap percentile ({record.get('resamples')} resamples of "
-                                                  f"{record.get('interval_unit')}s)"),
+                     "ideal": ideal, "interval": interval,
                      "n": record.get("n"), "n_fit": record.get("n_fit") if wald else record.get("n"),
                      "one_class_pairs": record.get("one_class_pairs"), "unit": record.get("unit"),
                      "method": record.get("method"), "reference": record.get("reference"),

@@ -41,16 +41,20 @@ from scipy import stats as _sps
 from covreport import progress
 from covreport.constants import CONTRAST_NAMES, CONTRASTS, IMPROVED, WORSE
 from covreport.errors import StatsError
-from covreport.stats._util import check_alpha
-from covreport.stats.effect_sizes import logit_interval
+from covreport.stats._util import check_alpha, z_quantile
+from covreport.stats.effect_sizes import SEPARATION_CI, disjoint_comparisons, logit_interval, separation_interval
 from covreport.stats.groups import NOT_TESTED_CONSTANT, TESTED, adjust_within, check_changes, is_constant
 
 OBUCHOWSKI_METHOD = (
     "nonparametric AUC (probability of superiority, ties count 1/2) with Obuchowski's clustered "
     "variance (Obuchowski 1997, Biometrics 53:567-578), the patient as the cluster; "
     "95% logit-transformed interval expit(logit(AUC) +/- t(patients - 2) SE/(AUC(1-AUC))), not clipped "
-    "(Qin & Hotilovac 2008); z = (AUC - 1/2)/SE"
+    "(Qin & Hotilovac 2008); at AUC 0 or 1 (complete separation, SE 0) the exact Clopper-Pearson interval "
+    "of N of N comparisons that share no patient, N = min(patients with positives, with negatives, all "
+    "patients // 2); z = (AUC - 1/2)/SE"
 )
+
+SEPARATION_NOTE = "complete separation of the groups (theta = 0 or 1, zero standard error)"
 
 #: Cluster permutations of :func:`group_differences_clustered` (Monte Carlo, p = (1 + b)/(1 + B)).
 N_CLUSTER_PERMUTATIONS = 9999
@@ -68,8 +72,9 @@ CLUSTER_PERMUTATION_DESIGN = (
 CLUSTERED_MW_METHOD = (
     "clustered Mann-Whitney test: theta = U/(n1 n2) = P(change in group 1 > change in group 2) + "
     "P(tie)/2 with Obuchowski's clustered variance (Obuchowski 1997), the patient as the cluster; "
-    "95% logit-transformed interval expit(logit(theta) +/- t(patients - 2) SE/(theta(1-theta))), not clipped "
-    "(none when theta is 0 or 1); two-sided p = (1 + #{|theta* - 1/2| >= |theta - 1/2|})/(1 + B) over B = "
+    "95% logit-transformed interval expit(logit(theta) +/- t(patients - 2) SE/(theta(1-theta))), not clipped; "
+    "at theta 0 or 1 (complete separation, SE 0) the exact Clopper-Pearson interval of N of N comparisons "
+    "that share no patient, N = min(patients in group 1, in group 2, all patients // 2); two-sided p = (1 + #{|theta* - 1/2| >= |theta - 1/2|})/(1 + B) over B = "
     "{B} " + CLUSTER_PERMUTATION_DESIGN + "; p_wald: the z test (theta - 1/2)/SE, for reference only; "
     "p adjusted across labels within the contrast by Holm and by Benjamini-Hochberg (statsmodels "
     "multipletests); a label whose change is the same in every pair of the contrast is not tested and not "
@@ -89,6 +94,13 @@ SECONDARY = "secondary: other contrasts, patients as clusters"
 #: Prediction metrics of :func:`cluster_bootstrap`, in order.
 BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
                      "lr_positive", "lr_negative")
+
+
+COMPARE_METHOD = ("difference of two correlated nonparametric AUCs of the same units (probability of superiority, "
+                  "ties count 1/2) with Obuchowski's clustered variance of the difference (Obuchowski 1997, "
+                  "Biometrics 53:567-578), the patient as the cluster; z = difference / SE, two-sided normal p; "
+                  "95% Wald interval of the difference, not clipped; with one unit per cluster it is DeLong's "
+                  "paired test")
 
 
 def _codes(clusters, n):
@@ -135,27 +147,36 @@ def obuchowski_components(x, cx, y, cy):
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     N, M = len(x), len(y)
+    used, inv = np.unique(np.concatenate([cx, cy]), return_inverse=True)
+    ix, iy = inv[:N], inv[N:]
+    n_clusters = len(used)
+    theta, a, b = _cluster_sums(x, ix, y, iy, n_clusters)
+    i10, i01 = len(np.unique(ix)), len(np.unique(iy))
+    var = _clustered_var(a, b, N, M, i10, i01, n_clusters) if i10 >= 2 and i01 >= 2 else math.nan
+    return {"theta": theta, "var": var, "n1": N, "n2": M, "clusters1": i10, "clusters2": i01,
+            "clusters": n_clusters}
+
+
+def _cluster_sums(x, cx, y, cy, n_clusters):
+    """theta and the centred per-cluster sums V10(X_i.) - n_i theta and V01(Y_i.) - m_i theta, from sorted scores."""
+    N, M = len(x), len(y)
     ys, xs = np.sort(y), np.sort(x)
     lo, hi = np.searchsorted(ys, x, "left"), np.searchsorted(ys, x, "right")
     v10 = (lo + 0.5 * (hi - lo)) / M
     lo, hi = np.searchsorted(xs, y, "left"), np.searchsorted(xs, y, "right")
     v01 = ((N - hi) + 0.5 * (hi - lo)) / N
     theta = float(v10.sum() / N)
-    used, inv = np.unique(np.concatenate([cx, cy]), return_inverse=True)
-    ix, iy = inv[:N], inv[N:]
-    n_clusters = len(used)
-    a = np.bincount(ix, weights=v10, minlength=n_clusters) - theta * np.bincount(ix, minlength=n_clusters)
-    b = np.bincount(iy, weights=v01, minlength=n_clusters) - theta * np.bincount(iy, minlength=n_clusters)
-    i10, i01 = len(np.unique(ix)), len(np.unique(iy))
-    if i10 < 2 or i01 < 2:
-        var = math.nan
-    else:
-        s10 = i10 / ((i10 - 1) * N) * float(a @ a)
-        s01 = i01 / ((i01 - 1) * M) * float(b @ b)
-        s11 = n_clusters / (n_clusters - 1) * float(a @ b)
-        var = s10 / N + s01 / M + 2.0 * s11 / (N * M)
-    return {"theta": theta, "var": var, "n1": N, "n2": M, "clusters1": i10, "clusters2": i01,
-            "clusters": n_clusters}
+    a = np.bincount(cx, weights=v10, minlength=n_clusters) - theta * np.bincount(cx, minlength=n_clusters)
+    b = np.bincount(cy, weights=v01, minlength=n_clusters) - theta * np.bincount(cy, minlength=n_clusters)
+    return theta, a, b
+
+
+def _clustered_var(a, b, N, M, i10, i01, n_clusters):
+    """Obuchowski's S10 / N + S01 / M + 2 S11 / (N M) from the centred cluster sums (see obuchowski_components)."""
+    s10 = i10 / ((i10 - 1) * N) * float(a @ a)
+    s01 = i01 / ((i01 - 1) * M) * float(b @ b)
+    s11 = n_clusters / (n_clusters - 1) * float(a @ b)
+    return s10 / N + s01 / M + 2.0 * s11 / (N * M)
 
 
 def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
@@ -210,13 +231,82 @@ def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
     codes = _codes(clusters, len(y))
     comp = obuchowski_components(s[y], codes[y], s[~y], codes[~y])
     out = _wald(comp, alpha)
-    if out["note"] and "separation" in out["note"]:
-        out["note"] = "complete separation (AUC = 0 or 1, zero standard error): no logit interval and no z test"
     return {"auc": comp["theta"], "se": out["se"], "ci_low": out["ci_low"], "ci_high": out["ci_high"],
             "z": out["z"], "p": out["p"], "n_pos": comp["n1"], "n_neg": comp["n2"],
             "clusters": comp["clusters"], "clusters_pos": comp["clusters1"],
             "clusters_neg": comp["clusters2"], "unit": "patient", "method": OBUCHOWSKI_METHOD,
             "note": out["note"]}
+
+
+def obuchowski_compare(y_true, score_a, score_b, clusters, *, alpha=0.05):
+    """Compare two correlated AUCs measured on the same clustered units (Obuchowski 1997).
+
+    The variance of theta_a - theta_b is Obuchowski's clustered variance of
+    the difference of the two tests' structural components: with ``d10_i`` and
+    ``d01_i`` the per-cluster sums of V10 and V01 of test a minus those of
+    test b (each centred at its theta), ``var = S10(d)/N + S01(d)/M + 2 S11(d)/(N M)``
+    as in :func:`obuchowski_components`, which is ``var_a + var_b - 2 cov_ab``.
+
+    Parameters
+    ----------
+    y_true : array_like of 0/1
+    score_a, score_b : array_like of float
+        The two scores of every unit (e.g. the combined and the clinical model).
+    clusters : array_like
+        Cluster (patient) of each unit.
+    alpha : float
+
+    Returns
+    -------
+    dict
+        ``auc_a``, ``auc_b``, ``difference`` (a - b), ``se``, ``z``, ``p``,
+        ``ci_low``, ``ci_high``, ``n_pos``, ``n_neg``, ``clusters``,
+        ``clusters_pos``, ``clusters_neg``, ``unit`` ("patient"), ``method``,
+        ``note`` (None, or why there is no test).
+
+    References
+    ----------
+    Obuchowski NA. Biometrics 1997;53:567-578.
+    """
+    alpha = check_alpha(alpha)
+    y = np.asarray(y_true)
+    a = np.asarray(score_a, dtype=float)
+    b = np.asarray(score_b, dtype=float)
+    if y.ndim != 1 or a.shape != y.shape or b.shape != y.shape:
+        raise StatsError(f"y_true, score_a and score_b must be one-dimensional and aligned, got {y.shape}, "
+                         f"{a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise StatsError("score_a or score_b has missing or infinite values; drop those units first")
+    if not np.isin(y, (0, 1)).all():
+        raise StatsError("y_true must hold 0 (negative) and 1 (positive) only")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise StatsError(f"the AUC needs both classes, but all {len(y)} units are "
+                         f"{'positive' if y.all() else 'negative'}")
+    codes = _codes(clusters, len(y))
+    k = int(codes.max()) + 1
+    cx, cy = codes[y], codes[~y]
+    ta, a10, a01 = _cluster_sums(a[y], cx, a[~y], cy, k)
+    tb, b10, b01 = _cluster_sums(b[y], cx, b[~y], cy, k)
+    n, m = int(y.sum()), int((~y).sum())
+    i10, i01 = len(np.unique(cx)), len(np.unique(cy))
+    diff = ta - tb
+    out = {"auc_a": ta, "auc_b": tb, "difference": diff, "se": math.nan, "z": math.nan, "p": math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "n_pos": n, "n_neg": m, "clusters": k,
+           "clusters_pos": i10, "clusters_neg": i01, "unit": "patient", "method": COMPARE_METHOD, "note": None}
+    if i10 < 2 or i01 < 2:
+        out["note"] = (f"no test: Obuchowski's variance needs at least 2 patients in each group "
+                       f"(got {i10} and {i01})")
+        return out
+    var = _clustered_var(a10 - b10, a01 - b01, n, m, i10, i01, k)
+    if not var > 0:
+        out["note"] = "no test: the variance of the difference is zero (the two scores rank the units alike)"
+        return out
+    se = math.sqrt(var)
+    q = z_quantile(alpha)
+    out.update(se=se, z=diff / se, p=float(2.0 * _sps.norm.sf(abs(diff / se))), ci_low=diff - q * se,
+               ci_high=diff + q * se)
+    return out
 
 
 def _wald(comp, alpha):
@@ -230,10 +320,15 @@ def _wald(comp, alpha):
     se = math.sqrt(max(var, 0.0))
     df = comp["clusters"] - 2
     low, high = logit_interval(theta, se, df, alpha)
-    if se == 0.0 or theta in (0.0, 1.0):
+    if theta in (0.0, 1.0):
+        n = disjoint_comparisons(comp["clusters1"], comp["clusters2"], comp["clusters"])
+        low, high = separation_interval(theta, n, alpha)
         return {"se": se, "ci_low": low, "ci_high": high, "z": math.nan, "p": math.nan, "df": df,
-                "note": ("complete separation of the groups (theta = 0 or 1, zero standard error): no logit "
-                         "interval and no z test")}
+                "note": SEPARATION_NOTE + ": the interval is " + SEPARATION_CI.format(unit="patient", n=n)
+                + "; no z test"}
+    if se == 0.0:
+        return {"se": se, "ci_low": math.nan, "ci_high": math.nan, "z": math.nan, "p": math.nan, "df": df,
+                "note": "zero standard error: no logit interval and no z test"}
     note = None if math.isfinite(low) else f"no interval: {comp['clusters']} patients leave no t degrees of freedom"
     z = (theta - 0.5) / se
     return {"se": se, "ci_low": low, "ci_high": high, "z": z, "p": float(2.0 * _sps.norm.sf(abs(z))),

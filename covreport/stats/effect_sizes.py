@@ -51,7 +51,8 @@ HL_METHOD = (
 RB_METHOD = (
     "rank-biserial r = 2 theta - 1 (Kerby 2014), theta = U/(n1 n2) = P(group 1 > group 2) + P(tie)/2; "
     "CI = 2 x (logit-transformed interval of theta: logit(theta) +/- t(n1+n2-2) SE/(theta(1-theta)), "
-    "SE from DeLong's placement values, pairs independent) - 1; not defined when theta is 0 or 1"
+    "SE from DeLong's placement values, pairs independent) - 1; at theta 0 or 1 (complete separation, SE 0) "
+    "2 x (the exact Clopper-Pearson interval of N of N comparisons that share no pair, N = min(n1, n2)) - 1"
 )
 G_METHOD = (
     "Hedges' g = J d, d = (mean1 - mean2) / pooled SD (ddof 1), J = 1 - 3/(4(n1+n2) - 9) (Hedges & Olkin 1985, "
@@ -219,6 +220,44 @@ def logit_interval(theta, se, df, alpha=0.05):
     return 1.0 / (1.0 + math.exp(-(centre - half))), 1.0 / (1.0 + math.exp(-(centre + half)))
 
 
+def separation_interval(theta, n_comparisons, alpha=0.05):
+    """Exact interval of a probability of superiority at complete separation (theta 0 or 1).
+
+    There the SE is 0 and a Wald or logit interval has zero width or none.
+    Any ``n_comparisons`` = N comparisons that share no unit (no patient, when
+    clustered) are N independent Bernoulli(theta) trials, and at separation
+    all N favour the same group, so the Clopper-Pearson interval for N of N,
+    ``((alpha/2)^(1/N), 1)`` (mirrored at theta 0), is exact and conservative
+    (it ignores the other comparisons). NaN for another theta or N < 1.
+
+    Returns
+    -------
+    (float, float)
+
+    References
+    ----------
+    Clopper CJ, Pearson ES. Biometrika 1934;26:404-413.
+    """
+    if theta not in (0.0, 1.0) or not n_comparisons >= 1:
+        return math.nan, math.nan
+    low = (alpha / 2.0) ** (1.0 / n_comparisons)
+    return (low, 1.0) if theta == 1.0 else (0.0, 1.0 - low)
+
+
+def disjoint_comparisons(units1, units2, units=None):
+    """How many comparisons of a group-1 with a group-2 unit can share no unit.
+
+    ``units1`` and ``units2`` count the units (patients) with an observation
+    in each group, ``units`` those in either (``units1 + units2`` when no unit
+    is in both): min(units1, units2, units // 2).
+    """
+    units = units1 + units2 if units is None else units
+    return int(min(units1, units2, units // 2))
+
+
+SEPARATION_CI = "the exact Clopper-Pearson interval of {n:,} of {n:,} comparisons that share no {unit} (conservative)"
+
+
 def _delong_var(x, y):
     """theta = U/(n1 n2) and DeLong's variance (units independent)."""
     n1, n2 = len(x), len(y)
@@ -243,9 +282,13 @@ def rank_biserial(x, y, alpha=0.05):
     theta, var = _delong_var(x, y)
     low, high = logit_interval(theta, math.sqrt(max(var, 0.0)), len(x) + len(y) - 2, alpha)
     note = None
-    if not math.isfinite(low):
-        note = ("no interval for the rank-biserial r: complete separation of the groups (r = -1 or 1)"
-                if theta in (0.0, 1.0) else "no interval for the rank-biserial r: zero standard error")
+    if theta in (0.0, 1.0):
+        n = disjoint_comparisons(len(x), len(y))
+        low, high = separation_interval(theta, n, alpha)
+        note = ("complete separation of the groups (r = \u22121 or 1): the rank-biserial interval is twice "
+                + SEPARATION_CI.format(unit="pair", n=n) + " minus 1")
+    elif not math.isfinite(low):
+        note = "no interval for the rank-biserial r: zero standard error"
     return {"r": 2 * theta - 1, "ci_low": 2 * low - 1, "ci_high": 2 * high - 1, "note": note}
 
 

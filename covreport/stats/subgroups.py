@@ -118,10 +118,12 @@ def _performance(y, p, hit, patients, alpha):
     else:
         auc = delong_auc(y.astype(int), p, alpha=alpha)
         row["auc"] = auc["auc"]
-        if auc["note"]:
-            notes.append("AUC without CI: " + auc["note"].split(": ", 1)[-1])
-        else:
+        if math.isfinite(auc["ci_low"]):
             row["auc_ci_low"], row["auc_ci_high"] = auc["ci_low"], auc["ci_high"]
+            if auc["note"]:   # complete separation: the exact interval of the comparisons sharing no case
+                notes.append(f"AUC {auc['auc']:g} (complete separation): exact Clopper-Pearson interval")
+        else:
+            notes.append("AUC without CI: " + auc["note"].split(": ", 1)[-1])
     row["note"] = "; ".join(notes)
     return row
 
