@@ -860,7 +860,7 @@ def plan(folder, half_width, power, alpha, shrinkage, as_json, out, force):
     the headline protocol: the pairs for the target half-width of the CIs of
     sensitivity and specificity at the observed prevalence (Buderer 1996) and
     of the AUC (Hanley-McNeil); for each label's change contrast, the power
-    at 1, 2, 5 and 10 times the pairs and the pairs for the target power
+    at 2, 5 and 10 times the pairs and the pairs for the target power
     (Noether 1987); the minimum size of the prediction model for its
     candidate predictors (Riley et al. BMJ 2020). Each times the design effect
     measured in the study, in patients at the observed pairs per patient.

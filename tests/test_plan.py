@@ -62,7 +62,7 @@ def test_run_stores_the_plan_at_the_default_targets(folder):
     assert json.loads(json.dumps(make_plan(results))) == stored
     assert stored["targets"] == {"half_width": 0.05, "power": 0.8, "alpha": 0.05, "shrinkage": 0.9}
     table = pd.read_csv(Path(folder) / "tables" / "sample_size.csv")
-    assert set(table["part"]) == {"accuracy", "change", "model"}
+    assert set(table["part"]) == {"accuracy", "change", "change, prespecified theta", "model"}
 
 
 def test_accuracy_sizes_follow_buderer_and_hanley_mcneil(folder):
@@ -82,15 +82,17 @@ def test_accuracy_sizes_follow_buderer_and_hanley_mcneil(folder):
         m = pd.Series([p["patient_id"] for p in block["pairs"] if p["outcome"] == cls]).value_counts()
         largest = float((m ** 2).sum() / m.sum())  # Kish's design effect at intra-patient correlation 1
         assert r["design_effect"] == min(max(cv["design_effect"], 1.0), largest)
-        n = ss.diagnostic_n(r["planning_value"], share, 0.05)
-        assert r["pairs"] == math.ceil(n * r["design_effect"] - 1e-9)
-        assert r["patients"] == math.ceil(r["pairs"] / per_patient - 1e-9)
+        assert r["conservative_value"] == min(max(0.5, cv["ci_low"]), cv["ci_high"])
+        for value, key in ((r["estimate"], ""), (r["conservative_value"], "_conservative")):
+            n = ss.diagnostic_n(value, share, 0.05)
+            assert r["pairs" + key] == math.ceil(n * r["design_effect"] - 1e-9)
+            assert r["patients" + key] == math.ceil(r["pairs" + key] / per_patient - 1e-9)
     auc = rows["auc"]
     m = pd.Series([p["patient_id"] for p in block["pairs"]]).value_counts()
     largest = float((m ** 2).sum() / m.sum())
     assert auc["design_effect"] == pytest.approx(
         min(max((block["auc_clustered"]["se"] / block["auc"]["se"]) ** 2, 1.0), largest), rel=1e-12)
-    n = ss.auc_n(auc["planning_value"], prev, 0.05)
+    n = ss.auc_n(auc["estimate"], prev, 0.05)
     assert auc["pairs"] == math.ceil(n * auc["design_effect"] - 1e-9)
 
 
@@ -122,10 +124,22 @@ def test_change_power_follows_noether_with_the_measured_design_effect(folder):
             min(max(g["se"] ** 2 / _delong_var_explicit(x, y), 1.0), largest), rel=1e-9)
         a = 0.05 / len(tested)
         assert r["alpha_per_test"] == a
-        n = ss.noether_n(r["planning_value"], g["n1"] / (g["n1"] + g["n2"]), a, 0.8)
+        c = g["n1"] / (g["n1"] + g["n2"])
+        n = ss.noether_n(g["theta"], c, a, 0.8)
         assert r["pairs_for_power"] == math.ceil(n * r["design_effect"] - 1e-9)
+        bound = min(max(0.5, g["ci_low"]), g["ci_high"])
+        assert r["conservative_value"] == bound
+        if bound == 0.5:
+            assert r["pairs_for_power_conservative"] is None
+        else:
+            n = ss.noether_n(bound, c, a, 0.8)
+            assert r["pairs_for_power_conservative"] == math.ceil(n * r["design_effect"] - 1e-9)
         powers = [p["power"] for p in r["power_at"]]
-        assert powers == sorted(powers) and [p["multiple"] for p in r["power_at"]] == [1, 2, 5, 10]
+        assert powers == sorted(powers) and [p["multiple"] for p in r["power_at"]] == [2, 5, 10]
+    grid = [x for x in plan["change"]["grid"] if x["contrast"] == "Worse vs Improved"]
+    deff = max(r["design_effect"] for r in rows if r["note"] is None)
+    assert [x["theta"] for x in grid] == [0.65, 0.7, 0.8]
+    assert all(x["design_effect"] == deff for x in grid)
 
 
 def test_model_size_follows_riley(folder):
@@ -134,9 +148,12 @@ def test_model_size_follows_riley(folder):
     mo = plan["model"]
     block = results["prediction"][results["prediction"]["headline"]]
     assert mo["candidate_predictors"] == block["events_per_candidate_predictor"]["candidate_predictors"]
+    assert (mo["planning_value"], mo["planning_source"]) == (mo["cstatistic"], "estimate")
     r2 = ss.cstatistic_to_r2(mo["planning_value"], mo["prevalence"])
     assert mo["n_independent"] == ss.riley_binary(r2, mo["candidate_predictors"], mo["prevalence"])["n"]
     assert mo["pairs"] == math.ceil(mo["n_independent"] * mo["design_effect"] - 1e-9)
+    minority = min(mo["prevalence"], 1 - mo["prevalence"])  # events: the less frequent class
+    assert mo["events_per_parameter"] == mo["n_independent"] * minority / mo["candidate_predictors"]
 
 
 def test_an_estimate_of_one_is_planned_at_its_ci_bound():
@@ -148,7 +165,8 @@ def test_an_estimate_of_one_is_planned_at_its_ci_bound():
                                                     else "Improved"} for i in range(20)]}}}
     plan = make_plan(results)
     sens = plan["accuracy"]["rows"][0]
-    assert (sens["planning_value"], sens["planning_source"]) == (0.69, "CI bound")
+    assert sens["conservative_value"] == 0.69 and sens["pairs"] is None  # no variance at 1: only the CI value
+    assert sens["pairs_conservative"] == math.ceil(ss.diagnostic_n(0.69, 0.5, 0.05) * 2.0 - 1e-9)
     # no measured design effect: the largest, 2 pairs per patient -> 2
     assert (sens["design_effect"], sens["design_effect_source"]) == (2.0, "largest (intra-patient correlation 1)")
     assert plan["model"]["not_available"] == "results.json has no valid prediction.events_per_candidate_predictor" \
@@ -163,7 +181,7 @@ def test_no_model_plan_on_a_protocol_below_chance():
              "auc": {"auc": 0.43, "se": 0.1}, "events_per_candidate_predictor": {"candidate_predictors": 8},
              "pairs": [{"patient_id": f"P{i}", "outcome": "Worse" if i < 10 else "Improved"} for i in range(20)]}
     results = {"prediction": {"headline": "p", "positive_class": "Worse", "negative_class": "Improved", "p": block}}
-    assert "not above 0.5" in make_plan(results)["model"]["not_available"]
+    assert "no value above 0.5" in make_plan(results)["model"]["not_available"]
     block["informative"] = False
     assert "not informative" in make_plan(results)["model"]["not_available"]
 
@@ -185,7 +203,7 @@ def test_untrusted_results_give_reasons_not_tracebacks(results):
 def test_cli_prints_the_table_and_writes_plan_json_beside_results(folder, tmp_path):
     res = CliRunner().invoke(main, ["plan", str(folder), "--half-width", "0.1"])
     assert res.exit_code == 0, res.output
-    assert "Sensitivity".lower() in res.output and "Prediction model (Riley et al. 2020)" in res.output
+    assert "sensitivity" in res.output and "Prediction model, developed anew (Riley et al. 2020)" in res.output
     written = Path(folder) / "plan.json"
     plan = json.loads(written.read_text(encoding="utf-8"))
     assert plan["targets"]["half_width"] == 0.1

@@ -131,9 +131,15 @@ def test_cstatistic_to_r2_matches_a_large_logistic_fit():
     assert ss.cstatistic_to_r2(0.5, 0.3) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_planning_value():
-    assert ss.planning_value(0.8, 0.6, 0.9) == (0.8, "estimate")
-    assert ss.planning_value(1.0, 0.87, 1.0) == (0.87, "CI bound")
-    assert ss.planning_value(0.0, 0.0, 0.2) == (0.2, "CI bound")
-    value, reason = ss.planning_value(1.0, None, None)
-    assert value is None and "boundary" in reason
+def test_conservative_value_is_the_ci_point_nearest_one_half():
+    assert ss.conservative_value(0.6, 0.9) == 0.6
+    assert ss.conservative_value(0.05, 0.3) == 0.3
+    assert ss.conservative_value(0.4, 0.7) == 0.5  # the interval holds 1/2
+    assert ss.conservative_value(0.87, 1.0) == 0.87
+    assert ss.conservative_value(None, 0.3) is None
+
+
+def test_noether_at_complete_separation():
+    # theta 1 is a valid planning value (Noether's formula needs only theta != 1/2).
+    n = ss.noether_n(1.0, 0.5)
+    assert n == pytest.approx((sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) ** 2 / (12 * 0.25 * 0.25), rel=1e-12)

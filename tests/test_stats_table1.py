@@ -271,3 +271,17 @@ def test_standardised_differences_match_tableone():
         pairs[worse].age, rest.age, (pairs[worse].sex == "M").sum(), pairs[worse].sex.notna().sum(),
         (rest.sex == "M").sum(), rest.sex.notna().sum())
     assert (row.smd_age, row.smd_sex) == (pytest.approx(exp_age), pytest.approx(exp_sex))
+
+
+def test_reference_row_smd_is_the_reference_minus_all_pairs():
+    # The footnote's definition: the SMD of a row is that row minus the group named under it ("All pairs" for
+    # the reference row), so an older, more often male reference has positive SMDs.
+    pairs = pd.DataFrame({"patient_id": [f"P{i}" for i in range(8)], "outcome": ["Worse", "Improved"] * 4,
+                          "age": [40, 50, 45, 55, 42, 48, 52, 44], "sex": ["F", "F", "M", "F", "F", "M", "F", "F"]})
+    reference = pd.DataFrame({"age": [60, 70, 65, 75, 62, 68], "sex": ["M", "M", "F", "M", "M", "F"]})
+    t1 = table_one(pairs, reference=reference)
+    ref = t1[t1["group"] == "Reference (CheXpert)"].iloc[0]
+    assert ref["compared_with"] == "All pairs"
+    assert ref["smd_age"] > 0 and ref["smd_sex"] > 0
+    a, b = reference["age"], pairs["age"]
+    assert ref["smd_age"] == pytest.approx((a.mean() - b.mean()) / np.sqrt((a.var() + b.var()) / 2), rel=1e-12)

@@ -109,6 +109,8 @@ def _recorded_methods(results):
     for top, value in results.items():
         if top in ("provenance", "study", "pairs") or not isinstance(value, (dict, list)):
             continue
+        if top == "class_activation_maps" and reviewer_mode(results):
+            continue  # no maps are drawn without the model, so their method was not used
         if top == "prediction" and isinstance(value, dict):
             for b in _prediction_blocks(results):
                 walk(b["block"], f"prediction ({b['name']})")

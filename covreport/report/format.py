@@ -159,6 +159,8 @@ REFERENCES = {
     "epir": "Stevenson M, Sergeant E. epiR: tools for the analysis of epidemiological data. R package version "
             "2.0.57; 2023.",
     "kish": "Kish L. Survey Sampling. New York: Wiley; 1965.",
+    "hoenig": "Hoenig JM, Heisey DM. The abuse of power: the pervasive fallacy of power calculations for data "
+              "analysis. Am Stat 2001;55:19-24.",
     "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
                "diagnostic accuracy studies. Ann Intern Med 2011;155:529-536.",
 }
@@ -182,7 +184,7 @@ AUTHOR_YEAR = (
     (r"Bickel (?:&|and) Freedman", "bickel_freedman"), (r"Buderer", "buderer"),
     (r"Hanley[- ](?:(?:&|and) )?McNeil", "hanley_mcneil"), (r"Noether", "noether"),
     (r"Riley et al\.?,? (?:\(?BMJ )?2020|Riley RD et al", "riley2020"), (r"Riley, Van Calster", "riley2021"),
-    (r"pmsampsize", "pmsampsize"), (r"\bepiR\b", "epir"), (r"\bKish\b", "kish"),
+    (r"pmsampsize", "pmsampsize"), (r"\bepiR\b", "epir"), (r"\bKish\b", "kish"), (r"Hoenig", "hoenig"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),
 )
 _AUTHOR_YEAR = [(re.compile(p), k) for p, k in AUTHOR_YEAR]

@@ -188,9 +188,10 @@ CV_BOOTSTRAP_METHOD = (
 
 DEGENERATE_METHOD = (
     "Clopper-Pearson interval on the effective sample size n / design effect, with the design effect at its "
-    "largest (intra-patient correlation 1: sum of squared pairs per patient / pairs; Kish 1965), because every "
-    "bootstrap resample gave {value:g}: a resample distribution with no spread carries no information on the "
-    "correlation, and a zero-width interval is never right for a finite sample"
+    "largest (intra-patient correlation 1: sum of squared pairs per patient / pairs; Kish 1965), because the "
+    "bootstrap interval has zero width (its 2.5th and 97.5th percentiles are both {value:g}): resamples without "
+    "spread there carry no information on the correlation, and a zero-width interval is never right for a "
+    "finite sample"
 )
 
 
@@ -275,9 +276,10 @@ def cv_bootstrap(X, y, groups, *, protocol, n_resamples=CV_BOOTSTRAP_MAX, seed=0
     pairs; the copies of a drawn patient form one patient of the resample,
     so they are left out together and never train the model that predicts
     them. The protocol is rerun from scratch (selection and tuning
-    included) and its out-of-fold measures recomputed. Where every resample
-    gives the same value (e.g. sensitivity 1.0 each time), the interval is
-    Clopper-Pearson on the effective sample size (:data:`DEGENERATE_METHOD`).
+    included) and its out-of-fold measures recomputed. Where the bootstrap
+    interval has zero width (e.g. sensitivity 1.0 in nearly every resample),
+    the interval is Clopper-Pearson on the effective sample size
+    (:data:`DEGENERATE_METHOD`).
     """
     from covreport import parallel
 
@@ -426,9 +428,9 @@ def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, 
                 clo, chi, info = _degenerate_interval(key, est, yf, hit, codes, alpha)
                 if clo is not None:
                     rec.update(ci_low=clo, ci_high=chi, degenerate=True, **info,
-                               method=DEGENERATE_METHOD.format(value=float(d[ok][0])),
-                               note=f"every resample gave {d[ok][0]:g}; Clopper-Pearson on the effective sample "
-                                    "size")
+                               method=DEGENERATE_METHOD.format(value=pct[0]),
+                               note=f"the bootstrap interval has zero width (percentiles both {pct[0]:g}); "
+                                    "Clopper-Pearson on the effective sample size")
         out[key] = rec
     return out
 
@@ -827,7 +829,7 @@ def _one_class_folds(y, groups):
 REVERSED_METHOD = (
     "reversed-order control, descriptive: the same prediction from the second CXR of each pair, on "
     "which the outcome was read; its accuracy is set beside the majority rate (the accuracy of "
-    "always predicting the more frequent outcome) with its permutation p"
+    "always predicting the more frequent outcome), with its permutation p when it is informative"
 )
 
 

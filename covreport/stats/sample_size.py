@@ -11,7 +11,7 @@
   of a binary prediction model (Riley et al. 2020, the criteria of R
   ``pmsampsize`` 1.1.3), the anticipated Cox-Snell R-squared from a C-statistic
   (Riley, Van Calster & Collins 2021).
-- :func:`planning_value`: the value a plan assumes for an estimate at 0 or 1.
+- :func:`conservative_value`: the least favourable value a CI supports (nearest 1/2).
 
 The design effect (the clustered over the independent variance) multiplies
 every size by the caller (:mod:`covreport.plan`): these are the sizes for
@@ -134,7 +134,7 @@ def auc_n(auc, prevalence, half_width, alpha=0.05):
 
 
 def _theta(theta):
-    t = _probability(theta, "theta")
+    t = _probability(theta, "theta", open_=False)
     if t == 0.5:
         raise StatsError("theta is 0.5 (no effect): no sample size gives power above alpha")
     return t
@@ -161,7 +161,7 @@ def noether_power(theta, fraction, n, alpha=0.05):
     ``Phi(sqrt(12 c (1 - c) n) |theta - 1/2| - z_{1-alpha/2})``, the inverse of
     :func:`noether_n` (the far tail neglected, as there).
     """
-    t = _probability(theta, "theta")
+    t = _probability(theta, "theta", open_=False)
     c = _probability(fraction, "fraction")
     n = _positive(n, "n")
     za = z_quantile(check_alpha(alpha))
@@ -269,18 +269,16 @@ def riley_binary(r2, parameters, prevalence, shrinkage=0.9):
             "events_per_parameter": n * p / parameters, "max_r2": largest}
 
 
-def planning_value(estimate, ci_low, ci_high):
-    """The value a plan assumes for an estimated proportion, AUC or probability of superiority.
+def conservative_value(ci_low, ci_high):
+    """The least favourable value of a proportion, AUC or probability of superiority that its CI supports.
 
-    The estimate itself inside (0, 1). At 0 or 1 its variance (and every size
-    above) would be 0, so the plan takes the CI bound nearer 1/2, the least
-    favourable value the data support. Returns ``(value, source)`` with source
-    ``"estimate"`` or ``"CI bound"``, or ``(None, reason)``.
+    The point of ``[ci_low, ci_high]`` nearest 1/2, where the variance of a
+    proportion (and the sample size for a precision or a power) is largest:
+    1/2 itself when the interval holds it. ``None`` when a bound is missing.
     """
-    est = float(estimate)
-    if 0.0 < est < 1.0:
-        return est, "estimate"
-    bound = ci_low if est >= 1.0 else ci_high
-    if bound is None or not (0.0 < float(bound) < 1.0):
-        return None, "the estimate is at the boundary and its CI gives no bound inside (0, 1)"
-    return float(bound), "CI bound"
+    if ci_low is None or ci_high is None:
+        return None
+    low, high = float(ci_low), float(ci_high)
+    if not (0.0 <= low <= high <= 1.0):
+        return None
+    return min(max(0.5, low), high)

@@ -258,7 +258,7 @@ def _reference_row(reference, analysed, analysed_name, who):
     if by_patient:
         ref = ref.drop_duplicates("patient_id", keep="first")
     row = _describe(REFERENCE, ref, "patient" if by_patient else "CSV row")
-    _compare(row, analysed, ref, analysed_name)
+    _compare(row, ref, analysed, analysed_name)  # the row (the reference) minus the group named under it
     return row
 
 
