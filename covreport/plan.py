@@ -440,8 +440,8 @@ def format_plan(plan):
         for c in mo["criteria"]:
             lines.append(f"  {c['criterion']:<24} {c['n']:>9,} {c['shrinkage']:>9.3f} {c['events']:>9,.1f} "
                          f"{c['events_per_parameter']:>7.2f}")
-        lines.append(f"  minimum: {mo['n_independent']:,} independent pairs; x design effect {mo['design_effect']:.2f} = "
-                     f"{mo['pairs']:,} pairs ({mo['patients']:,} patients at the observed pairs per patient); events "
+        lines.append(f"  minimum: {mo['n_independent']:,} independent pairs; x design effect "
+                     f"{mo['design_effect']:.2f} = {mo['pairs']:,} pairs ({mo['patients']:,} patients at the observed pairs per patient); events "
                      "are pairs of the less frequent class")
         lines.append("")
     return "\n".join(lines)

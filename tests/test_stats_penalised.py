@@ -260,3 +260,19 @@ def test_cv_interval_rules_written_out():
     h = z95 * floor / (0.75 * 0.25)
     assert (lo, hi) == pytest.approx((1 / (1 + math.exp(h - math.log(3))), 1 / (1 + math.exp(-math.log(3) - h))))
     assert "binomial" in extra["interval"]
+
+
+def test_cv_interval_at_an_estimate_of_one_is_never_narrower_than_exact_on_pairs():
+    # Reviewer: a nested AUC of 1 had the percentile interval (0.991, 1.000), narrower than the exact bound for
+    # its 8 negatives. Reference: Clopper-Pearson of N of N, lower bound (alpha/2)^(1/N) (scipy beta quantile).
+    from scipy.stats import beta
+
+    lo, hi, extra = pr._cv_interval("auc", 1.0, 0.002, [0.991, 1.0], None, 0.05, n_exact=8)
+    assert lo == pytest.approx(beta.ppf(0.025, 8, 1), abs=1e-15) and hi == 1.0
+    assert extra["interval"].startswith("the wider of")
+    lo, hi, _ = pr._cv_interval("sensitivity", 1.0, 0.01, [0.80, 1.0], 44.0, 0.05, n_exact=44.0)
+    assert (lo, hi) == (0.80, 1.0)  # the percentile interval is already the wider
+    lo, hi, _ = pr._cv_interval("specificity", 0.0, 0.01, [0.0, 0.02], 10.0, 0.05, n_exact=10.0)
+    assert lo == 0.0 and hi == pytest.approx(1 - beta.ppf(0.025, 10, 1), abs=1e-15)
+    # a zero-width percentile interval is left for the degenerate rule (the largest design effect)
+    assert pr._cv_interval("auc", 1.0, 0.0, [1.0, 1.0], None, 0.05, n_exact=8)[:2] == (1.0, 1.0)

@@ -182,8 +182,11 @@ CV_BOOTSTRAP_METHOD = (
     "1998), so never narrower than the exact interval on pairs; for balanced accuracy and AUC, "
     "expit(logit(estimate) +/- z SE/(estimate(1 - estimate))), the SE of balanced accuracy at least the "
     "binomial SE of the mean of sensitivity and specificity (design effect at least 1); where the estimate "
-    "is 0 or 1, the percentile interval of the resamples (centred intervals use the estimate, not the resamples' percentiles: resamples "
-    "hold about 63% distinct patients, so their cross-validated measures are biased low)"
+    "is 0 or 1, the wider of the percentile interval of the resamples and the exact Clopper-Pearson interval "
+    "of N of N pairs (N the pairs in the denominator; for balanced accuracy and AUC the smaller class), so "
+    "again never narrower than the exact interval on pairs (centred intervals use the estimate, not the "
+    "resamples' percentiles: resamples hold about 63% distinct patients, so their cross-validated measures are "
+    "biased low)"
 )
 
 DEGENERATE_METHOD = (
@@ -370,8 +373,11 @@ def _balanced_se(estimates, y):
     return 0.5 * math.sqrt(se_ * (1 - se_) / n_pos + sp * (1 - sp) / n_neg)
 
 
-def _cv_interval(measure, est, se, percentile, n, alpha, floor_se=None):
+def _cv_interval(measure, est, se, percentile, n, alpha, floor_se=None, n_exact=None):
     """(low, high, extra record keys) of one measure's refitting-bootstrap interval (CV_BOOTSTRAP_METHOD).
+
+    ``n`` is the pairs in a proportion's denominator; ``n_exact`` the N of the exact N-of-N interval
+    an estimate of 0 or 1 is never narrower than (``n`` for a proportion, the smaller class otherwise).
 
     Korn EL, Graubard BI. Confidence intervals for proportions with small expected number of positive
     counts estimated from survey data. Survey Methodology 1998;24:193-201.
@@ -383,7 +389,15 @@ def _cv_interval(measure, est, se, percentile, n, alpha, floor_se=None):
     if se <= 0:
         return est, est, {}
     if not 0.0 < est < 1.0:
-        return percentile[0], percentile[1], {"interval": "bootstrap percentile (estimate at 0 or 1)"}
+        low, high = percentile
+        if high - low <= 1e-12 or not n_exact:  # (a zero-width one goes to _degenerate_interval)
+            return low, high, {"interval": "bootstrap percentile (estimate at 0 or 1)"}
+        from covreport.stats.effect_sizes import separation_interval
+
+        exact = separation_interval(est, n_exact, alpha)
+        return (float(min(low, exact[0])), float(max(high, exact[1])),
+                {"interval": "the wider of the bootstrap percentile interval and the exact interval of N of N "
+                             "pairs (estimate at 0 or 1)"})
     if measure in PROPORTIONS and n:
         n_eff = min(float(n), est * (1.0 - est) / se ** 2)
         x = est * n_eff
@@ -418,8 +432,10 @@ def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, 
         else:
             sd = float(np.std(d[ok], ddof=1)) if ok.sum() > 1 else 0.0
             pct = [float(v) for v in np.percentile(d[ok], [100 * alpha / 2, 100 * (1 - alpha / 2)])]
-            lo, hi, extra = _cv_interval(key, est, sd, pct, _denominator(key, estimates, yf), alpha,
-                                         _balanced_se(estimates, yf) if key == "balanced_accuracy" else None)
+            n = _denominator(key, estimates, yf)
+            lo, hi, extra = _cv_interval(key, est, sd, pct, n, alpha,
+                                         _balanced_se(estimates, yf) if key == "balanced_accuracy" else None,
+                                         n_exact=n if key in PROPORTIONS else min(yf.sum(), len(yf) - yf.sum()))
             rec.update(ci_low=lo, ci_high=hi, bootstrap_se=sd, bootstrap_percentile=pct, **extra)
             if hi - lo <= 1e-12:
                 if hit is None:
