@@ -104,6 +104,17 @@ COMPARE_METHOD = ("difference of two correlated nonparametric AUCs of the same u
                   "paired test")
 
 
+def _both_classes(y):
+    """``y`` (0/1) as booleans, checked to hold both classes."""
+    if not np.isin(y, (0, 1)).all():
+        raise StatsError("y_true must hold 0 (negative) and 1 (positive) only")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise StatsError(f"the AUC needs both classes, but all {len(y)} units are "
+                         f"{'positive' if y.all() else 'negative'}")
+    return y
+
+
 def _codes(clusters, n):
     clusters = pd.Series(np.asarray(clusters, dtype=object))
     if len(clusters) != n:
@@ -223,12 +234,7 @@ def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
         raise StatsError(f"y_true and y_score must be one-dimensional and aligned, got {y.shape} and {s.shape}")
     if not np.isfinite(s).all():
         raise StatsError("y_score has missing or infinite values; drop those units first")
-    if not np.isin(y, (0, 1)).all():
-        raise StatsError("y_true must hold 0 (negative) and 1 (positive) only")
-    y = y.astype(bool)
-    if y.all() or not y.any():
-        raise StatsError(f"the AUC needs both classes, but all {len(y)} units are "
-                         f"{'positive' if y.all() else 'negative'}")
+    y = _both_classes(y)
     codes = _codes(clusters, len(y))
     comp = obuchowski_components(s[y], codes[y], s[~y], codes[~y])
     out = _wald(comp, alpha)
@@ -278,12 +284,7 @@ def obuchowski_compare(y_true, score_a, score_b, clusters, *, alpha=0.05):
                          f"{a.shape} and {b.shape}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise StatsError("score_a or score_b has missing or infinite values; drop those units first")
-    if not np.isin(y, (0, 1)).all():
-        raise StatsError("y_true must hold 0 (negative) and 1 (positive) only")
-    y = y.astype(bool)
-    if y.all() or not y.any():
-        raise StatsError(f"the AUC needs both classes, but all {len(y)} units are "
-                         f"{'positive' if y.all() else 'negative'}")
+    y = _both_classes(y)
     codes = _codes(clusters, len(y))
     k = int(codes.max()) + 1
     cx, cy = codes[y], codes[~y]
