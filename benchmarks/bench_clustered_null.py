@@ -16,8 +16,9 @@ Design (one replicate):
 For each replicate: the two-sided 5% rejection of (a) the cluster permutation p
 (``clustered_mw_permutation_p``, ``--permutations`` draws), (b) the old Wald z test
 on Obuchowski's SE, (c) the pair-level Mann-Whitney (pairs as independent, R's rule),
-and the coverage of (d) the logit-transformed interval with t on (patients - 2) df
-(``logit_interval``) and (e) the old Wald interval clipped to [0, 1]. Coverage is
+and the coverage of (d) the logit-transformed interval with t on covreport's
+Welch-Satterthwaite df (``logit_interval``, ``obuchowski_components``' ``df``; beside it the
+earlier t on patients - 2 df) and (e) the old Wald interval clipped to [0, 1]. Coverage is
 measured at delta = 0 (truth 1/2) and at delta = 0.5, whose true theta is the
 probability of superiority of two pairs of different patients, Phi(delta/2) = 0.5987
 (the estimator also compares the pairs of one patient, whose difference is
@@ -75,11 +76,13 @@ def replicate(rng, n, delta, theta0, n_perm):
     p_perm = clustered_mw_permutation_p(values, worse, pid, n_perm, rng)
     p_wald = 2 * sps.norm.sf(abs(theta - 0.5) / se) if se > 0 else 0.0
     p_pair = mannwhitney(values[worse], values[~worse])[1]
-    lo, hi = logit_interval(theta, se, comp["clusters"] - 2)
+    lo, hi = logit_interval(theta, se, comp["df"])              # covreport's df (Welch-Satterthwaite)
+    klo, khi = logit_interval(theta, se, comp["clusters"] - 2)   # the df before issue 20's second review
     z = sps.norm.ppf(0.975)
     wlo, whi = max(0.0, theta - z * se), min(1.0, theta + z * se)
     return (p_perm <= 0.05, p_wald <= 0.05, p_pair <= 0.05,
-            bool(lo <= theta0 <= hi), bool(wlo <= theta0 <= whi), bool(hi < theta0), bool(lo > theta0))
+            bool(lo <= theta0 <= hi), bool(wlo <= theta0 <= whi), bool(hi < theta0), bool(lo > theta0),
+            bool(klo <= theta0 <= khi))
 
 
 def main(argv=None):
@@ -103,7 +106,8 @@ def main(argv=None):
             label = "null" if delta == 0 else f"delta={delta}"
             print(f"patients={n:3d} {label:10s} reject: permutation {r[0]:.4f} (+/- {1.96 * se(r[0]):.4f}), "
                   f"Wald z {r[1]:.4f}, pair-level MW {r[2]:.4f}; coverage: logit-t {r[3]:.4f} "
-                  f"(misses below {r[5]:.4f}, above {r[6]:.4f}), Wald clipped {r[4]:.4f}; "
+                  f"(misses below {r[5]:.4f}, above {r[6]:.4f}), t(patients - 2) {r[7]:.4f}, "
+                  f"Wald clipped {r[4]:.4f}; "
                   f"redraws {draw.redraws}; {time.perf_counter() - start:.1f} s", flush=True)
 
 

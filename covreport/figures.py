@@ -46,6 +46,8 @@ _RC = {
     "path.simplify": True,
 }
 INDEX_STAGE = "index test not done"
+#: The flow diagram's eligibility stage when no exclusion criterion removed a pair.
+ELIGIBLE = "eligible"
 #: Box-plot whiskers reach the most extreme pair within this many IQRs of the box (Tukey 1977).
 WHISKER_IQR = 1.5
 FLOW_WIDTH = 6.4  # inches; x positions below are in % of the width
@@ -132,8 +134,10 @@ def flow_diagram(results):
     category of the analysed pairs (Worse, Stable, Improved, with the pairs
     whose projection changed); then, for the prediction of Worse vs Improved,
     the index test's results (positive, negative, inconclusive) each with the
-    reference standard of its pairs. A side box is drawn only for a stage that
-    excluded pairs.
+    reference standard of its pairs. As in STARD's diagram every stage has its
+    side box of exclusions, with n = 0 where none were excluded; without an
+    exclusion criterion that removed a pair, an "Eligible" box stands for the
+    eligibility stage.
 
     Parameters
     ----------
@@ -148,6 +152,8 @@ def flow_diagram(results):
     counts = flow.get("exclusion_counts") or []
     stages = [s for s in dict.fromkeys(c["stage"] for c in counts)
               if s not in (INDEX_STAGE, REFERENCE_STAGE)]
+    if not any(c["pairs"] for c in counts if c["stage"] not in (INDEX_STAGE, REFERENCE_STAGE)):
+        stages = [ELIGIBLE]      # STARD's "eligible" box, with its "excluded (n = 0)" side box
     stages += [INDEX_STAGE, REFERENCE_STAGE]
     block, name = _headline_block(results)
     projection = projection_counts(results)
@@ -181,10 +187,12 @@ def flow_diagram(results):
             rows = [c for c in counts if c["stage"] == stage]
             n_ex = int(sum(c["pairs"] for c in rows))
             remaining -= n_ex
-            if stage == INDEX_STAGE:
+            if stage == ELIGIBLE:
+                text = f"Eligible\nn = {_n(remaining, 'pair')}"
+                side = f"Excluded, n = {_n(0, 'pair')}\n- no pair met an exclusion criterion"
+            elif stage == INDEX_STAGE:
                 text = "Index test performed on both CXRs\n" + f"n = {_n(remaining, 'pair')}"
                 side = f"Index test not performed, n = {_n(n_ex, 'pair')}"
-                text += "" if n_ex else " (not performed: 0)"
                 if flow.get("images_scored") is not None:
                     text += f"\n{flow['images_scored']} images scored"
                     if flow.get("images_from_cache"):
@@ -193,26 +201,25 @@ def flow_diagram(results):
                 text = ("Reference standard available: analysed\n"
                         f"n = {flow['pairs_analysed']} pairs of {flow['patients_analysed']} patients")
                 side = f"Reference standard not available, n = {_n(n_ex, 'pair')}"
-                text += "" if n_ex else "\n(not available: 0)"
             else:
                 if not n_ex:
                     continue
                 text = f"Eligible\nn = {_n(remaining, 'pair')}"
                 side = f"Excluded: {_plain(stage)}, n = {_n(n_ex, 'pair')}"
             h_next = half(text)
-            y_next = y - h_prev - (0.8 if n_ex else 0.45) - h_next
+            y_next = y - h_prev - 0.8 - h_next
             ax.annotate("", xy=(MAIN_X, y_next + h_next), xytext=(MAIN_X, y - h_prev), arrowprops=arrow)
-            if n_ex:
-                y_side = (y - h_prev + y_next + h_next) / 2
-                ax.annotate("", xy=(SIDE_X - 1, y_side), xytext=(MAIN_X, y_side), arrowprops=arrow)
-                lines = [side]
-                shown = rows[:4]
-                for c in shown:
-                    lines.append(f"- {_wrap(c['reason'], 46)} (n = {c['pairs']})".replace("\n", "\n   "))
-                if len(rows) > len(shown):
-                    more = sum(c["pairs"] for c in rows[len(shown):])
-                    lines.append(f"- {len(rows) - len(shown)} other reasons (n = {more}); see the exclusions table")
-                ax.text(SIDE_X, y_side, "\n".join(lines), ha="left", va="center", fontsize=6.5, bbox=side_box)
+            # STARD draws every exclusion box, with n = 0 where nothing was excluded
+            y_side = (y - h_prev + y_next + h_next) / 2
+            ax.annotate("", xy=(SIDE_X - 1, y_side), xytext=(MAIN_X, y_side), arrowprops=arrow)
+            lines = [side]
+            shown = rows[:4]
+            for c in shown:
+                lines.append(f"- {_wrap(c['reason'], 46)} (n = {c['pairs']})".replace("\n", "\n   "))
+            if len(rows) > len(shown):
+                more = sum(c["pairs"] for c in rows[len(shown):])
+                lines.append(f"- {len(rows) - len(shown)} other reasons (n = {more}); see the exclusions table")
+            ax.text(SIDE_X, y_side, "\n".join(lines), ha="left", va="center", fontsize=6.5, bbox=side_box)
             ax.text(MAIN_X, y_next, text, ha="center", va="center", fontsize=8,
                     fontweight="bold" if stage == REFERENCE_STAGE else "normal", bbox=main_box)
             y, h_prev = y_next, h_next
@@ -433,7 +440,7 @@ def change_boxplots(results, ncols=5):
 
 
 #: Panel titles of the known protocols (others are shown by their name).
-PROTOCOL_TITLES = {"penalised": "Penalised (primary)", "nested": "Nested (replication)",
+PROTOCOL_TITLES = {"penalised": "Penalised (main)", "nested": "Nested (replication)",
                    "global": "Global (replication, OPTIMISTIC)", "reversed": "Reversed order (control)"}
 
 

@@ -157,7 +157,7 @@ def test_cam_pairs_follow_the_stated_rule():
     assert got["Stable"] == f"p{12 + np.argmin(np.abs(s - np.median(s)))}"
 
 
-def test_flow_diagram_without_exclusions_draws_no_empty_side_box(results):
+def test_flow_diagram_without_exclusions_draws_the_stard_boxes_with_zero(results):
     r = copy.deepcopy(results)
     r["flow"].update(exclusion_counts=[], pairs_in_manifest=r["flow"]["pairs_analysed"])
     r["projection_changes"] = [{"outcome": o, "projection_change": kind, "pairs": n}
@@ -165,8 +165,11 @@ def test_flow_diagram_without_exclusions_draws_no_empty_side_box(results):
                                                   ("Stable", "same", 8), ("Improved", "changed", 1),
                                                   ("Improved", "same", 7))]
     text = _texts(flow_diagram(r))
-    assert "not performed, n =" not in text and "not available, n =" not in text
-    assert "(not performed: 0)" in text and "(not available: 0)" in text
+    # STARD 2015's diagram: eligible, and every exclusion box with its n, here 0
+    n = r["flow"]["pairs_analysed"]
+    assert f"Eligible\nn = {n} pairs" in text
+    assert "Excluded, n = 0 pairs\n- no pair met an exclusion criterion" in text
+    assert "Index test not performed, n = 0 pairs" in text and "Reference standard not available, n = 0 pairs" in text
     assert "Worse\n44 pairs of 34 patients\nprojection changed: 5" in text
     assert "Stable\n8 pairs of 8 patients\nprojection changed: 0" in text
     assert "projection changed: 1" in text

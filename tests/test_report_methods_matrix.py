@@ -284,7 +284,7 @@ def check_validation_auc(results, m):
 def check_accuracy_cis(results, m):
     """Accuracy, sensitivity and specificity: the interval recorded in Table 4's records."""
     return _proportion_cis(results, m, ("accuracy", "sensitivity", "specificity"),
-                           r"[Aa]ccuracy, sensitivity and specificity|sensitivity and specificity have")
+                           r"[Aa]ccuracy, sensitivity,? (?:and )?specificity|sensitivity and specificity have")
 
 
 def check_predictive_values(results, m):
@@ -330,16 +330,16 @@ def check_protocol(results, m):
     if named != [pred.get("headline")]:
         problems.append(f"results.json headline protocol {pred.get('headline')!r}, the methods name {named}")
     pen = pred.get("penalised")
-    paragraphs = m.para("Prediction, primary protocol")
+    paragraphs = m.para("Prediction, main protocol")
     if pen and pen.get("method"):
         first = _norm(pen["method"].split(":")[0])
         if not any(first in p for p in paragraphs):
-            problems.append(f"the penalised protocol ran ({first!r}) but no 'Prediction, primary protocol' "
+            problems.append(f"the penalised protocol ran ({first!r}) but no 'Prediction, main protocol' "
                             f"paragraph describes it")
         if pred.get("primary") != "penalised":
             problems.append(f"the penalised protocol is described as primary, results.json: {pred.get('primary')!r}")
     elif paragraphs:
-        problems.append("a 'Prediction, primary protocol' paragraph, but no penalised protocol ran")
+        problems.append("a 'Prediction, main protocol' paragraph, but no penalised protocol ran")
     blocks = _blocks(results)
     for name, word in (("nested", r"\bnested\b"), ("global", r"\bglobal\b")):
         if name in blocks and blocks[name].get("method") and not re.search(word, m.text):

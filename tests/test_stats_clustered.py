@@ -28,14 +28,19 @@ from covreport.stats.clustered import (
     group_differences_clustered,
     obuchowski_auc,
     obuchowski_compare,
+    bca_interval,
     primary_analysis,
     resample_counts,
 )
 from covreport.stats.table1 import table_one_patients
 
 
-def _plain_obuchowski(x, cx, y, cy):
-    """Obuchowski 1997, section 2, written out with loops (reference)."""
+def _plain_obuchowski(x, cx, y, cy, parts=False):
+    """Obuchowski 1997, section 2, written out with loops (reference).
+
+    With ``parts`` also the Welch-Satterthwaite df of S10/N (I10 - 1 df) and S01/M (I01 - 1 df),
+    at most I - 2 (Satterthwaite 1946, his equation for a linear combination of variance estimates).
+    """
     def psi(a, b):
         return 1.0 if a > b else (0.5 if a == b else 0.0)
 
@@ -58,7 +63,11 @@ def _plain_obuchowski(x, cx, y, cy):
     S10 = I10 / ((I10 - 1) * N) * sum((V10[c] - n[c] * theta) ** 2 for c in clusters if n[c] > 0)
     S01 = I01 / ((I01 - 1) * M) * sum((V01[c] - m[c] * theta) ** 2 for c in clusters if m[c] > 0)
     S11 = I / (I - 1) * sum((V10[c] - n[c] * theta) * (V01[c] - m[c] * theta) for c in clusters)
-    return theta, S10 / N + S01 / M + 2 * S11 / (M * N)
+    var = S10 / N + S01 / M + 2 * S11 / (M * N)
+    if not parts:
+        return theta, var
+    a, b = S10 / N, S01 / M
+    return theta, var, min((a + b) ** 2 / (a ** 2 / (I10 - 1) + b ** 2 / (I01 - 1)), I - 2)
 
 
 def _clustered_data(seed, n_patients=15, ties=False):
@@ -80,8 +89,9 @@ def test_obuchowski_matches_formulas_written_out(seed, ties):
     df = _clustered_data(seed, ties=ties)
     res = obuchowski_auc(df.y, df.score, df.patient)
     pos, neg = df[df.y == 1], df[df.y == 0]
-    theta, var = _plain_obuchowski(pos.score.tolist(), pos.patient.tolist(), neg.score.tolist(),
-                                   neg.patient.tolist())
+    theta, var, dof = _plain_obuchowski(pos.score.tolist(), pos.patient.tolist(), neg.score.tolist(),
+                                        neg.patient.tolist(), parts=True)
+    assert 1 <= dof <= df.patient.nunique() - 2
     assert res["auc"] == pytest.approx(theta, rel=1e-12)
     assert res["se"] == pytest.approx(math.sqrt(var), rel=1e-10)
     # theta = U / (n1 n2) (reference: scipy.stats.mannwhitneyu)
@@ -90,8 +100,8 @@ def test_obuchowski_matches_formulas_written_out(seed, ties):
     z = (theta - 0.5) / math.sqrt(var)
     assert res["z"] == pytest.approx(z, rel=1e-10)
     assert res["p"] == pytest.approx(2 * sps.norm.sf(abs(z)), rel=1e-9)
-    # logit-transformed interval, t on (patients - 2) df, written out (reference: scipy's t quantile)
-    half = sps.t.ppf(0.975, df.patient.nunique() - 2) * math.sqrt(var) / (theta * (1 - theta))
+    # logit-transformed interval, t on the Welch-Satterthwaite df, written out (reference: scipy's t quantile)
+    half = sps.t.ppf(0.975, dof) * math.sqrt(var) / (theta * (1 - theta))
     logit = math.log(theta / (1 - theta))
     assert res["ci_low"] == pytest.approx(1 / (1 + math.exp(half - logit)), rel=1e-10)
     assert res["ci_high"] == pytest.approx(1 / (1 + math.exp(-half - logit)), rel=1e-10)
@@ -148,12 +158,14 @@ def test_group_differences_clustered_against_written_out_formulas():
     for r in out.itertuples(index=False):
         x = df[df.outcome == r.group1]
         y = df[df.outcome == r.group2]
-        theta, var = _plain_obuchowski(x[r.label].tolist(), x.patient_id.tolist(),
-                                       y[r.label].tolist(), y.patient_id.tolist())
+        theta, var, dof = _plain_obuchowski(x[r.label].tolist(), x.patient_id.tolist(),
+                                            y[r.label].tolist(), y.patient_id.tolist(), parts=True)
         assert r.theta == pytest.approx(theta, rel=1e-12)
         assert r.se == pytest.approx(math.sqrt(var), rel=1e-10)
         assert r.p_wald == pytest.approx(2 * sps.norm.sf(abs(theta - 0.5) / math.sqrt(var)), rel=1e-9)
-        assert 0 < r.ci_low < theta < r.ci_high < 1 and r.df == r.clusters - 2
+        assert 0 < r.ci_low < theta < r.ci_high < 1 and r.df == pytest.approx(dof, rel=1e-10)
+        half = sps.t.ppf(0.975, dof) * math.sqrt(var) / (theta * (1 - theta))
+        assert r.ci_low == pytest.approx(1 / (1 + math.exp(half - math.log(theta / (1 - theta)))), rel=1e-10)
         assert 1 / 10000 <= r.p <= 1 and r.p_method.startswith("cluster permutation")
         assert (r.n1, r.n2) == (len(x), len(y))
         assert r.clusters1 == x.patient_id.nunique() and r.clusters2 == y.patient_id.nunique()
@@ -245,19 +257,62 @@ def test_cluster_bootstrap_against_explicit_resamples():
         lo, hi = np.percentile(v[ok], [2.5, 97.5])
         assert (got["ci_low"], got["ci_high"]) == pytest.approx((lo, hi), rel=1e-12, abs=1e-12)
     assert len(res["group_differences"]) == len(CONTRASTS) * 2 * 3
+
+    def quantity(q, x, y):
+        return {"cohen_d": lambda: _d(x, y), "hedges_g": lambda: (1 - 3 / (4 * (len(x) + len(y)) - 9)) * _d(x, y),
+                "median_difference": lambda: np.median(x) - np.median(y)}[q]()
+
     for rec in res["group_differences"]:
         v = np.array(gd[(rec["contrast"], rec["label"], rec["quantity"])], dtype=float)
         ok = np.isfinite(v)
         assert rec["not_estimable"] == int((~ok).sum()), rec
         lo, hi = np.percentile(v[ok], [2.5, 97.5])
-        assert (rec["ci_low"], rec["ci_high"]) == pytest.approx((lo, hi), rel=1e-9, abs=1e-12)
+        assert (rec["percentile_low"], rec["percentile_high"]) == pytest.approx((lo, hi), rel=1e-9, abs=1e-12)
         g1, g2 = rec["contrast"].split(" vs ")
-        x = df.loc[df.outcome == g1, rec["label"]].to_numpy()
-        y = df.loc[df.outcome == g2, rec["label"]].to_numpy()
-        want = {"cohen_d": _d(x, y), "hedges_g": (1 - 3 / (4 * (len(x) + len(y)) - 9)) * _d(x, y)}.get(
-            rec["quantity"], np.median(x) - np.median(y))
-        assert rec["estimate"] == pytest.approx(want, rel=1e-12)
+        sub = df[df.outcome.isin([g1, g2])]
+        x = sub.loc[sub.outcome == g1, rec["label"]].to_numpy()
+        y = sub.loc[sub.outcome == g2, rec["label"]].to_numpy()
+        est = quantity(rec["quantity"], x, y)
+        assert rec["estimate"] == pytest.approx(est, rel=1e-12)
+        # BCa written out (Efron & Tibshirani 1993, eqs 14.10, 14.14 and 14.15): the jackknife leaves out
+        # each patient of the contrast in turn
+        jack = []
+        for pid in sorted(set(sub.patient_id)):
+            rest = sub[sub.patient_id != pid]
+            jack.append(quantity(rec["quantity"], rest.loc[rest.outcome == g1, rec["label"]].to_numpy(),
+                                 rest.loc[rest.outcome == g2, rec["label"]].to_numpy()))
+        jack = np.array([j for j in jack if np.isfinite(j)])
+        w = v[ok]
+        z0 = sps.norm.ppf(min(max((np.sum(w < est) + 0.5 * np.sum(w == est)) / len(w), 1 / (len(w) + 1)),
+                              len(w) / (len(w) + 1)))
+        dev = jack.mean() - jack
+        acc = (dev ** 3).sum() / (6 * ((dev ** 2).sum()) ** 1.5)
+        a1, a2 = (sps.norm.cdf(z0 + (z0 + zz) / (1 - acc * (z0 + zz))) for zz in (-1.959963984540054,
+                                                                               1.959963984540054))
+        blo, bhi = np.percentile(w, [100 * a1, 100 * a2])
+        assert (rec["bca_low"], rec["bca_high"]) == pytest.approx((blo, bhi), rel=1e-9, abs=1e-12)
+        assert rec["acceleration"] == pytest.approx(acc, rel=1e-9, abs=1e-14)
+        # d and g take the BCa interval, the difference of medians the percentile one
+        bca = rec["quantity"] != "median_difference"
+        assert rec["interval"] == ("BCa" if bca else "percentile")
+        assert (rec["ci_low"], rec["ci_high"]) == ((rec["bca_low"], rec["bca_high"]) if bca else (lo, hi))
         assert rec["unit"] == "patient" and "cluster bootstrap" in rec["method"]
+        assert ("BCa" in rec["method"]) == bca
+
+
+def test_bca_interval_equals_scipy_bootstrap():
+    # reference: scipy.stats.bootstrap(method="BCa") on its own resamples of a skewed sample
+    rng = np.random.default_rng(1)
+    x = rng.exponential(size=25)
+    ref = sps.bootstrap((x,), np.mean, method="BCa", n_resamples=3000, random_state=np.random.default_rng(5))
+    jack = np.array([np.delete(x, i).mean() for i in range(len(x))])
+    lo, hi, bad, z0, acc = bca_interval(ref.bootstrap_distribution, float(x.mean()), jack, 0.05)
+    assert (lo, hi) == pytest.approx(tuple(ref.confidence_interval), rel=1e-12)
+    assert bad == 0 and acc > 0            # a right-skewed mean accelerates
+    # non-finite draws are counted and left out; equal jackknife values give acceleration 0
+    lo2, hi2, bad2, _, acc2 = bca_interval(np.r_[ref.bootstrap_distribution, np.nan], float(x.mean()),
+                                           np.ones(5), 0.05)
+    assert bad2 == 1 and acc2 == 0.0 and lo2 < hi2
 
 
 def test_cluster_bootstrap_counts_not_estimable_resamples():

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from covreport.constants import IMPROVED, STABLE, WORSE
 from covreport.stats.mixed import (
@@ -40,12 +41,26 @@ def test_mixed_model_contrasts_match_r_nlme():
         # reference: nlme's fixef and vcov (REML); the optimisers differ, hence 1e-5
         assert row.estimate == pytest.approx(est, rel=1e-5)
         assert row.se == pytest.approx(se, rel=1e-5)
-        assert row.ci_low == pytest.approx(est - 1.959963984540054 * se, rel=1e-4)
+        # t on nlme's between/within DF (summary(fit)$tTable[, "DF"]) and its two-sided p
+        assert row.df == REF["df"]["outcomeWorse"] == REF["df"]["outcomeStable"]
+        assert row.t == pytest.approx(est / se, rel=1e-4)
+        assert row.p == pytest.approx(REF["p_t"][contrast], rel=1e-3)
+        assert row.ci_low == pytest.approx(est - sps.t.ppf(0.975, row.df) * se, rel=1e-4)
         assert row.random_effect_variance == pytest.approx(REF["random_effect_variance"], rel=1e-4)
         assert row.residual_variance == pytest.approx(REF["residual_variance"], rel=1e-5)
         assert row.n_pairs == REF["n"] and row.unit == "patient" and row.converged
         assert "np.log(interval_days)" in row.formula and "projection_change" in row.formula
         assert row.formula in row.method and row.analysis.startswith("sensitivity")
+
+
+def test_a_between_patient_outcome_takes_nlmes_outer_df():
+    # reference: the same lme with each patient's outcome set to that of its first pair (r_mixed.R)
+    d = _data()
+    d["outcome"] = d.groupby("patient_id")["outcome"].transform("first")
+    out = mixed_model_contrasts(d, ["change"])
+    assert (out.df == REF["df_between_outcome"]["outcomeWorse"]).all()
+    assert REF["df_between_outcome"]["outcomeWorse"] < REF["df_between_outcome"]["log(interval_days)"]
+    assert "t test" in out.method[0] and "Pinheiro & Bates" in out.method[0]
 
 
 def test_terms_that_cannot_be_estimated_are_left_out_and_said():

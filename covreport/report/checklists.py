@@ -181,7 +181,7 @@ NEEDS = {
                   "no reference population in Table 1 (covreport run --reference-csv)", None),
     "final_model": (lambda r: any(isinstance(b, dict) and b.get("final_model")
                                   for b in (r.get("prediction") or {}).values()),
-                    "no model refitted on all pairs (the primary protocol was not run)", None),
+                    "no model refitted on all pairs (the main protocol was not run)", None),
     "interval": (lambda r: bool(r.get("interval_days")), "no CXR dates or offsets in the manifest", None),
     # Reviewer mode: covreport read a scores file, so what it would record of the model comes from the authors.
     "model": (lambda r: not reviewer_mode(r), "covreport read a scores file and did not run the model",

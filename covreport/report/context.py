@@ -16,9 +16,10 @@ from covreport.report.format import METRIC_NAMES, current_style
 from covreport.report.limitations import limitations
 from covreport.report.revalidation_view import revalidation_view
 from covreport.report.training import training_text
+from covreport.stats.clustered import SIMULATION_CHECK
 from covreport.report.summaries import (
     ALPHA, IMBALANCE_RATIO, SMALL_GROUP, WIDE_CI, _group_summary, endpoint_summary, _prediction_blocks, _threshold,
-    _validation_summary,
+    _validation_summary, mixed_summary,
 )
 from covreport.study import STUDY_FIELDS, validate_study
 
@@ -395,7 +396,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "t1p_notes": t1p_notes,
         "cal_gaps": calibration_gaps(blocks),
         "boot_gd": boot_gd,
-        "boot_g": any(q == "hedges_g" for (_c, _l, q) in boot_gd),
+        "clustered_check": SIMULATION_CHECK,
         "boot_pred": boot_pred,
         "boot_pred_keys": boot_keys,
         "metric_names": METRIC_NAMES,
@@ -412,6 +413,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "running_title": running_title(title),
         "contrasts": endpoint["order"],
         "endpoint": endpoint,
+        "mixed_view": mixed_summary(results, endpoint),
         "validation": _validation_summary(results),
         "groups": _group_summary(results),
         "provenance": prov,

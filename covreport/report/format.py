@@ -114,6 +114,12 @@ REFERENCES = {
     "obuchowski": "Obuchowski NA. Nonparametric analysis of clustered ROC curve data. Biometrics 1997;53:567-578.",
     "davison": "Davison AC, Hinkley DV. Bootstrap Methods and their Application. Cambridge: Cambridge University "
                "Press; 1997.",
+    "qin": "Qin G, Hotilovac L. Comparison of non-parametric confidence intervals for the area under the ROC curve "
+           "of a continuous-scale diagnostic test. Stat Methods Med Res 2008;17:207-221.",
+    "pinheiro_bates": "Pinheiro JC, Bates DM. Mixed-Effects Models in S and S-PLUS. New York: Springer; 2000.",
+    "efron_bca": "Efron B. Better bootstrap confidence intervals. J Am Stat Assoc 1987;82:171-185.",
+    "satterthwaite": "Satterthwaite FE. An approximate distribution of estimates of variance components. "
+                     "Biometrics Bull 1946;2:110-114.",
     "brier": "Brier GW. Verification of forecasts expressed in terms of probability. Mon Weather Rev 1950;78:1-3.",
     "cox": "Cox DR. Two further applications of a model for binary regression. Biometrika 1958;45:562-565.",
     "cleveland": "Cleveland WS. Robust locally weighted regression and smoothing scatterplots. J Am Stat Assoc "
@@ -171,7 +177,9 @@ AUTHOR_YEAR = (
     (r"Mercaldo", "mercaldo"), (r"Simel", "simel"), (r"Altman et al\.?,? 2000|Altman,? Machin", "altman2000"),
     (r"Altman (?:&|and) Bland", "altman_bland"), (r"Clopper", "cp"), (r"Kerby", "kerby"),
     (r"Phipson", "phipson"), (r"Obuchowski", "obuchowski"), (r"Davison", "davison"), (r"Cox,? \(?1958", "cox"),
-    (r"Brier", "brier"), (r"Welch", "welch"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
+    (r"Brier", "brier"), (r"Welch", "welch"),
+    (r"Satterthwaite", "satterthwaite"), (r"Efron 1987", "efron_bca"),
+    (r"Qin (?:&|and) Hotilovac", "qin"), (r"Pinheiro (?:&|and) Bates", "pinheiro_bates"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
     (r"Mann[- ](?:&|and )?Whitney", "mw"), (r"Fisher", "fisher"), (r"Brodersen", "brodersen"),
     (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
     (r"Ambroise", "ambroise"), (r"(?<!Riley, )Van Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),
@@ -349,6 +357,15 @@ def fmt_num(x, nd=2):
     if isinstance(x, numbers.Integral):
         return _integer(x)
     return _fixed(x, nd)
+
+
+def fmt_sig(x, digits=2):
+    """A number with ``digits`` significant figures, positional (0.2154 -> "0.22", 100 -> "100", 0.0001 -> "0.0001")."""
+    if not _finite(x):
+        return "n/a"
+    import numpy as np
+
+    return _minus(np.format_float_positional(float(x), precision=digits, unique=False, fractional=False, trim="-"))
 
 
 def fmt_count(x, nd=1):

@@ -15,7 +15,7 @@ from covreport.errors import ReportError
 from covreport.report.context import build_context, display_path, plain_results, scrub_paths
 from covreport.report.format import (
     TBC, Citations, cite, fmt_auc, fmt_ci, fmt_count, fmt_est, fmt_est_text, fmt_num, fmt_p, fmt_pct, fmt_pp,
-    STYLES, capfirst, fmt_p_below, fmt_prop_text, fmt_ratio, fmt_signed, italic_p, use_style,
+    STYLES, capfirst, fmt_p_below, fmt_prop_text, fmt_ratio, fmt_sig, fmt_signed, italic_p, use_style,
 )
 from covreport.report import sandbox
 from covreport.report.revalidation_view import REVALIDATION_FIGURE
@@ -76,9 +76,30 @@ def make_environment(templates=None):
     env.filters.update({"num": fmt_num, "auc": fmt_auc, "p": fmt_p, "pp": fmt_pp, "ci": fmt_ci, "est": fmt_est,
                         "est_text": fmt_est_text, "prop_text": fmt_prop_text, "whole": fmt_count,
                         "signed": fmt_signed, "p_below": fmt_p_below, "pct": fmt_pct, "ratio": fmt_ratio, "display_path": display_path,
-                        "scrub_paths": scrub_paths, "pluck": _pluck, "capfirst": capfirst})
+                        "scrub_paths": scrub_paths, "pluck": _pluck, "capfirst": capfirst,
+                        "words": _words, "plain_terms": _plain_terms, "sig": fmt_sig})
     env.globals.update({"cite": cite, "TBC": TBC})
     return env
+
+
+def _words(items):
+    """'A', 'A and B', 'A, B and C'."""
+    items = [str(i) for i in items]
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+#: Model terms of covreport.stats.mixed in words, for the report's table notes (the code is in Appendix E).
+_TERMS = (("C(outcome, Treatment('Improved'))", "the outcome (reference Improved)"),
+          ("np.log1p(interval_days)", "log(1 + days between the CXRs)"),
+          ("np.log(interval_days)", "log(days between the CXRs)"),
+          ("C(projection_change, Treatment('same'))", "the change of projection"),
+          ("projection_change", "the change of projection"), ("'same'", "the same projection"))
+
+
+def _plain_terms(text):
+    for code, words in _TERMS:
+        text = str(text).replace(code, words)
+    return text
 
 
 # --- figures ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ REVALIDATION_FIGURE = "revalidation_trend"
 #: Characters of a SHA-256 shown in the report (the full value is in results.json).
 SHA_SHOWN = 12
 
-_PROTOCOL_TITLES = {"penalised": "penalised protocol (primary)", "nested": "nested protocol", "global": "global protocol (original study; OPTIMISTIC)",
+_PROTOCOL_TITLES = {"penalised": "penalised protocol (main)", "nested": "nested protocol", "global": "global protocol (original study; OPTIMISTIC)",
                     "reversed": "reversed-order control (second CXR)"}
 _PREDICTION_ORDER = ("accuracy", "sensitivity", "specificity", "AUC")
 _WVI_D = f"{WORSE} vs {IMPROVED} Cohen's d"

@@ -28,7 +28,7 @@ def _prediction_blocks(results):
               "nested": "Replication: nested (feature selection inside each fold)",
               "global": "Replication: global selection (original study; OPTIMISTIC)",
               "reversed": "Reversed-order control (second CXR)"}
-    short = {"penalised": "Penalised (primary)", "nested": "Nested", "global": "Global (OPTIMISTIC)",
+    short = {"penalised": "Penalised (main)", "nested": "Nested", "global": "Global (OPTIMISTIC)",
              "reversed": "Reversed order (control)"}
     blocks = []
     for name in ("penalised", "nested", "global", "reversed"):
@@ -108,6 +108,26 @@ def endpoint_summary(results):
     return {"contrast": contrast, "contrast_source": pa.get("contrast_source", "default"), "unit": unit,
             "order": order, "primary": primary, "other": families[1:], "secondary": secondary,
             "tests_total": sum(f["tests"] for f in families)}
+
+
+def mixed_summary(results, endpoint):
+    """What the mixed model (sensitivity analysis) says about the primary contrast, for one results sentence.
+
+    Returns None without a fitted mixed model; else ``contrast``, ``labels`` (fitted), ``boundary``
+    (labels whose patient variance is estimated at 0, so the fit is least squares of the pairs),
+    ``significant`` (labels at P < .05 in the mixed model), ``primary`` (labels significant after Holm
+    in the primary analysis), ``only_mixed`` and ``only_primary``.
+    """
+    contrast = endpoint.get("contrast")
+    rows = [r for r in results.get("mixed_model") or [] if r.get("contrast") == contrast and _finite(r.get("p"))]
+    if not rows:
+        return None
+    sig = [r["label"] for r in rows if r["p"] < ALPHA]
+    primary = [r["label"] for r in (endpoint.get("primary") or {}).get("holm_rows", [])]
+    return {"contrast": contrast, "labels": [r["label"] for r in rows],
+            "boundary": [r["label"] for r in rows if "estimated at 0" in str(r.get("note") or "")],
+            "significant": sig, "primary": primary,
+            "only_mixed": [x for x in sig if x not in primary], "only_primary": [x for x in primary if x not in sig]}
 
 
 def _group_summary(results):

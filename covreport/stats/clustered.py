@@ -5,7 +5,7 @@ pair-level results (which replicate the original study) stay; beside them:
 
 - :func:`obuchowski_auc`: the nonparametric AUC (probability of superiority)
   with Obuchowski's (1997) clustered variance, a logit-transformed interval
-  with a t reference on (patients - 2) df (never clipped) and the z test
+  with a t reference on Welch-Satterthwaite df (at most patients - 2; never clipped) and the z test
   against 1/2;
 - :func:`group_differences_clustered`: for each label and contrast of the
   change in probability, theta with that interval and a cluster permutation
@@ -15,8 +15,8 @@ pair-level results (which replicate the original study) stay; beside them:
   (anti-conservative with few patients: ``benchmarks/bench_clustered_null.py``);
 - :func:`cluster_bootstrap`: patients drawn with replacement, each with all
   its pairs; percentile intervals of the prediction metrics (the out-of-fold
-  predictions resampled, not refitted), Cohen's d, Hedges' g and the difference in
-  medians;
+  predictions resampled, not refitted) and the difference in medians, BCa
+  intervals (:func:`bca_interval`) of Cohen's d and Hedges' g;
 - :func:`primary_analysis`: which unit the report leads with.
 
 References
@@ -30,6 +30,10 @@ References
    Cambridge University Press, 1997, section 3.8 (resampling clusters).
 .. [4] Field CA, Welsh AH. Bootstrapping clustered data. J R Stat Soc B
    2007;69:369-390.
+.. [5] Efron B. Better bootstrap confidence intervals. J Am Stat Assoc
+   1987;82:171-185 (BCa).
+.. [6] Satterthwaite FE. An approximate distribution of estimates of variance
+   components. Biometrics Bull 1946;2:110-114.
 """
 
 import math
@@ -48,10 +52,11 @@ from covreport.stats.groups import NOT_TESTED_CONSTANT, TESTED, adjust_within, c
 OBUCHOWSKI_METHOD = (
     "nonparametric AUC (probability of superiority, ties count 1/2) with Obuchowski's clustered "
     "variance (Obuchowski 1997, Biometrics 53:567-578), the patient as the cluster; "
-    "95% logit-transformed interval expit(logit(AUC) +/- t(patients - 2) SE/(AUC(1-AUC))), not clipped "
-    "(Qin & Hotilovac 2008); at AUC 0 or 1 (complete separation, SE 0) the exact Clopper-Pearson interval "
-    "of N of N comparisons that share no patient, N = min(patients with positives, with negatives, all "
-    "patients // 2); z = (AUC - 1/2)/SE"
+    "95% logit-transformed interval expit(logit(AUC) +/- t(df) SE/(AUC(1-AUC))), not clipped "
+    "(Qin & Hotilovac 2008), df the Welch-Satterthwaite df (Satterthwaite 1946) of the two groups' variance "
+    "terms, at most patients - 2; at AUC 0 or 1 (complete separation, SE 0) the exact Clopper-Pearson interval "
+    "of N of N comparisons that share no patient, N = min(patients with positives, with negatives, half the "
+    "patients rounded down); z = (AUC - 1/2)/SE"
 )
 
 SEPARATION_NOTE = "complete separation of the groups (theta = 0 or 1, zero standard error)"
@@ -72,9 +77,11 @@ CLUSTER_PERMUTATION_DESIGN = (
 CLUSTERED_MW_METHOD = (
     "clustered Mann-Whitney test: theta = U/(n1 n2) = P(change in group 1 > change in group 2) + "
     "P(tie)/2 with Obuchowski's clustered variance (Obuchowski 1997), the patient as the cluster; "
-    "95% logit-transformed interval expit(logit(theta) +/- t(patients - 2) SE/(theta(1-theta))), not clipped; "
+    "95% logit-transformed interval expit(logit(theta) +/- t(df) SE/(theta(1-theta))), not clipped, df the "
+    "Welch-Satterthwaite df (Satterthwaite 1946) of the two groups' variance terms, at most patients - 2; "
     "at theta 0 or 1 (complete separation, SE 0) the exact Clopper-Pearson interval of N of N comparisons "
-    "that share no patient, N = min(patients in group 1, in group 2, all patients // 2); "
+    "that share no patient, N = min(patients in group 1, in group 2, half the patients "
+    "rounded down); "
     "two-sided p = (1 + #{|theta* - 1/2| >= |theta - 1/2|})/(1 + B) over B = "
     "{B} " + CLUSTER_PERMUTATION_DESIGN + "; p_wald: the z test (theta - 1/2)/SE, for reference only; "
     "p adjusted across labels within the contrast by Holm and by Benjamini-Hochberg (statsmodels "
@@ -140,7 +147,7 @@ def obuchowski_components(x, cx, y, cy):
     -------
     dict
         ``theta``, ``var`` (NaN when fewer than 2 clusters hold a unit of a
-        group), ``n1``, ``n2``, ``clusters1`` (I10), ``clusters2`` (I01),
+        group), ``df`` (:func:`satterthwaite_df`), ``n1``, ``n2``, ``clusters1`` (I10), ``clusters2`` (I01),
         ``clusters`` (I).
 
     Notes
@@ -164,8 +171,11 @@ def obuchowski_components(x, cx, y, cy):
     n_clusters = len(used)
     theta, a, b = _cluster_sums(x, ix, y, iy, n_clusters)
     i10, i01 = len(np.unique(ix)), len(np.unique(iy))
-    var = _clustered_var(a, b, N, M, i10, i01, n_clusters) if i10 >= 2 and i01 >= 2 else math.nan
-    return {"theta": theta, "var": var, "n1": N, "n2": M, "clusters1": i10, "clusters2": i01,
+    var, df = math.nan, math.nan
+    if i10 >= 2 and i01 >= 2:
+        var, v10, v01 = _clustered_var(a, b, N, M, i10, i01, n_clusters, parts=True)
+        df = satterthwaite_df(v10, v01, i10, i01, n_clusters)
+    return {"theta": theta, "var": var, "df": df, "n1": N, "n2": M, "clusters1": i10, "clusters2": i01,
             "clusters": n_clusters}
 
 
@@ -183,12 +193,32 @@ def _cluster_sums(x, cx, y, cy, n_clusters):
     return theta, a, b
 
 
-def _clustered_var(a, b, N, M, i10, i01, n_clusters):
-    """Obuchowski's S10 / N + S01 / M + 2 S11 / (N M) from the centred cluster sums (see obuchowski_components)."""
+def _clustered_var(a, b, N, M, i10, i01, n_clusters, parts=False):
+    """Obuchowski's S10 / N + S01 / M + 2 S11 / (N M) from the centred cluster sums (see obuchowski_components).
+
+    With ``parts`` also the two groups' terms S10 / N and S01 / M (for :func:`satterthwaite_df`).
+    """
     s10 = i10 / ((i10 - 1) * N) * float(a @ a)
     s01 = i01 / ((i01 - 1) * M) * float(b @ b)
     s11 = n_clusters / (n_clusters - 1) * float(a @ b)
-    return s10 / N + s01 / M + 2.0 * s11 / (N * M)
+    var = s10 / N + s01 / M + 2.0 * s11 / (N * M)
+    return (var, s10 / N, s01 / M) if parts else var
+
+
+def satterthwaite_df(var10, var01, i10, i01, n_clusters):
+    """Welch-Satterthwaite degrees of freedom of the clustered variance, at most patients - 2.
+
+    ``(v10 + v01)^2 / (v10^2 / (I10 - 1) + v01^2 / (I01 - 1))`` with v10 = S10 / N
+    estimated from the I10 patients of group 1 and v01 = S01 / M from the I01 of
+    group 2 (the covariance term is left out of the df); it falls towards
+    I10 - 1 when one group's patients carry the variance. At 5 or 8 patients in
+    one group against 28 the logit-t interval covers 94.7-96.2% with these df
+    and 92.3-95.5% with patients - 2 (``benchmarks/bench_clustered_few.py``).
+    """
+    den = var10 ** 2 / (i10 - 1) + var01 ** 2 / (i01 - 1)
+    if not den > 0:
+        return float(n_clusters - 2)
+    return float(min((var10 + var01) ** 2 / den, n_clusters - 2))
 
 
 def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
@@ -208,7 +238,8 @@ def obuchowski_auc(y_true, y_score, clusters, *, alpha=0.05):
     -------
     dict
         ``auc``, ``se``, ``ci_low``, ``ci_high`` (logit-transformed, t on
-        patients - 2 df, not clipped), ``z`` and ``p`` (two-sided Wald, of AUC = 1/2), ``n_pos``, ``n_neg``,
+        Welch-Satterthwaite df, at most patients - 2, not clipped), ``z`` and
+        ``p`` (two-sided Wald, of AUC = 1/2), ``n_pos``, ``n_neg``,
         ``clusters``, ``clusters_pos``, ``clusters_neg``, ``unit``
         ("patient"), ``method``, ``note`` (None, or why the SE is missing).
 
@@ -320,7 +351,7 @@ def _wald(comp, alpha):
                 "note": (f"no standard error: Obuchowski's variance needs at least 2 patients in each "
                          f"group (got {comp['clusters1']} and {comp['clusters2']})")}
     se = math.sqrt(max(var, 0.0))
-    df = comp["clusters"] - 2
+    df = comp["df"]
     low, high = logit_interval(theta, se, df, alpha)
     if theta in (0.0, 1.0):
         n = disjoint_comparisons(comp["clusters1"], comp["clusters2"], comp["clusters"])
@@ -435,7 +466,7 @@ def group_differences_clustered(changes, labels, clusters, *, outcome_column="ou
     pandas.DataFrame
         Columns :data:`CLUSTERED_COLUMNS`: theta = P(change in group 1 >
         change in group 2) + P(tie)/2 (= U/(n1 n2)) with Obuchowski's
-        clustered SE, its logit-t CI on ``df`` = patients - 2, z =
+        clustered SE, its logit-t CI on ``df`` (:func:`satterthwaite_df`), z =
         (theta - 1/2)/SE with its normal ``p_wald``, and ``p`` the cluster
         permutation p, Holm and BH adjusted within each contrast; ``unit``
         "patient". A constant label has ``status`` "not tested: constant"
@@ -579,6 +610,29 @@ BOOTSTRAP_METHOD = (
 )
 
 
+#: How Cohen's d and Hedges' g get their cluster-bootstrap interval (added to BOOTSTRAP_METHOD for them).
+BCA_NOTE = (
+    "for Cohen's d and Hedges' g the bias-corrected and accelerated (BCa) interval (Efron 1987) instead of the "
+    "percentile one: bias z0 from the share of resamples below the estimate, acceleration from the "
+    "leave-one-patient-out jackknife; with 5 or 8 patients in one group it covered 89.0-93.8% against 86.5-93.0% "
+    "for the percentile interval (benchmarks/bench_clustered_few.py), so it is not shown in the patient-clustered "
+    "table"
+)
+
+#: What covreport's benchmarks measured for the clustered test and intervals (the report's Methods cite it):
+#: benchmarks/bench_clustered_null.py (15 and 40 patients) and bench_clustered_few.py (5 or 8 against 28).
+SIMULATION_CHECK = {
+    "design": ("15 or 40 patients with 1 to 5 pairs each, or 5 or 8 patients with an Improved pair against 28 "
+               "with Worse pairs only, normal or skewed changes, intra-patient correlation 0.5, 2,000 studies "
+               "per design"),
+    "few_design": ("5 or 8 patients with an Improved pair against 28 with Worse pairs only (normal or skewed "
+                   "changes, intra-patient correlation 0.5, 2,000 studies per design)"),
+    "size": "4.4-5.8%",
+    "coverage": "94.5-96.6%",
+    "g_bca": "89.0-93.8%",
+}
+
+
 def cluster_bootstrap(patients, prediction=None, changes=None, labels=(), *, n_resamples=2000, seed=0,
                       alpha=0.05, contrasts=CONTRASTS, outcome_column="outcome"):
     """Patient-level cluster bootstrap of the prediction metrics and the group differences.
@@ -608,9 +662,14 @@ def cluster_bootstrap(patients, prediction=None, changes=None, labels=(), *, n_r
         ``{"resamples", "seed", "unit": "patient", "method", "prediction":
         {protocol: {metric: {"ci_low", "ci_high", "not_estimable"}}},
         "group_differences": [{"contrast", "label", "quantity", "estimate",
-        "ci_low", "ci_high", "not_estimable", "unit", "method"}]}``; quantity
-        is ``cohen_d`` (pooled SD, ddof 1) or ``median_difference`` (median of
-        group 1 minus median of group 2).
+        "ci_low", "ci_high", "not_estimable", "interval", "unit", "method"}]}``;
+        quantity is ``cohen_d`` (pooled SD, ddof 1), ``hedges_g`` or
+        ``median_difference`` (median of group 1 minus median of group 2);
+        ``interval`` is "percentile" for the prediction metrics and the
+        difference of medians (which covered 93.6-96.3% in
+        ``benchmarks/bench_clustered_few.py``) and "BCa" for d and g; each
+        group record keeps both (``percentile_low``, ``percentile_high``,
+        ``bca_low``, ``bca_high``, ``bias_z0``, ``acceleration``).
 
     References
     ----------
@@ -664,10 +723,15 @@ def cluster_bootstrap(patients, prediction=None, changes=None, labels=(), *, n_r
             "prediction": pred_out, "group_differences": groups_out}
 
 
-def _group_draws(counts, G, sides, group1, group2, label, alpha, method):
+def _group_stats(counts, G, sides):
+    """Cohen's d, Hedges' g and the difference in medians of each weighting of the clusters.
+
+    ``counts`` (R, G) says how often each cluster is taken in each row (a
+    bootstrap resample, a leave-one-cluster-out jackknife row, or ones for the
+    sample itself); ``sides`` are the two groups' (values, codes, sorted
+    values, their codes). Undefined values are NaN.
+    """
     (x, cx, xs, cxs), (y, cy, ys, cys) = sides
-    contrast = f"{group1} vs {group2}"
-    base = {"contrast": contrast, "label": label, "unit": "patient", "method": method}
     # Cohen's d from per-patient sums (n, sum, sum of squares) of values centred on the
     # pooled mean (d does not change; the sums of squares lose less to cancellation)
     centre = float(np.concatenate([x, y]).mean()) if len(x) + len(y) else 0.0
@@ -681,33 +745,88 @@ def _group_draws(counts, G, sides, group1, group2, label, alpha, method):
         pooled = ss / (k1 + k2 - 2)
         d = (s1 / k1 - s2 / k2) / np.sqrt(pooled)
         scale = (q1 + q2) / np.maximum(k1 + k2, 1)
-    # a pooled SD of 0 (all values equal within each group) leaves d undefined
-    d[(k1 < 2) | (k2 < 2) | ~(pooled > 1e-12 * scale)] = np.nan
+        # a pooled SD of 0 (all values equal within each group) leaves d undefined
+        d[(k1 < 2) | (k2 < 2) | ~(pooled > 1e-12 * scale)] = np.nan
+        # Hedges' g = J d, J = 1 - 3/(4(n1 + n2) - 9) (Hedges & Olkin 1985), J from each row's pairs
+        g = (1.0 - 3.0 / (4.0 * (k1 + k2) - 9.0)) * d
+    if len(xs) and len(ys):   # difference in medians: weighted medians of the sorted values
+        md = _weighted_medians(xs, counts[:, cxs]) - _weighted_medians(ys, counts[:, cys])
+    else:
+        md = np.full(len(counts), np.nan)
+    return {"cohen_d": d, "hedges_g": g, "median_difference": md}
+
+
+def bca_interval(draws, estimate, jackknife, alpha):
+    """Bias-corrected and accelerated (BCa) bootstrap interval (Efron 1987; Davison & Hinkley 1997, 5.3.2).
+
+    Parameters
+    ----------
+    draws : ndarray
+        The statistic in each resample (non-finite values are left out).
+    estimate : float
+        The statistic in the sample.
+    jackknife : ndarray
+        The statistic with each resampling unit (here: patient) left out in turn.
+    alpha : float
+
+    Returns
+    -------
+    (low, high, not_estimable, z0, a)
+        z0 = Phi^-1(#{draw < estimate} + #{draw = estimate}/2) / B), the
+        proportion kept within [1/(B + 1), B/(B + 1)];
+        a = sum(m - j_i)^3 / (6 (sum(m - j_i)^2)^(3/2)), m the mean of the
+        jackknife values j_i (0 when they are all equal); the bounds are the
+        Phi(z0 + (z0 + z)/(1 - a (z0 + z))) quantiles of the draws, z = -+z_(1-alpha/2).
+    """
+    finite = np.isfinite(draws)
+    bad = int((~finite).sum())
+    v = np.asarray(draws)[finite]
+    jack = np.asarray(jackknife, dtype=float)
+    jack = jack[np.isfinite(jack)]
+    if not len(v) or not math.isfinite(estimate):
+        return math.nan, math.nan, bad, math.nan, math.nan
+    B = len(v)
+    share = (np.sum(v < estimate) + 0.5 * np.sum(v == estimate)) / B
+    z0 = float(_sps.norm.ppf(min(max(share, 1.0 / (B + 1)), B / (B + 1.0))))
+    dev = jack.mean() - jack if len(jack) else np.zeros(1)
+    ssq = float(dev @ dev)
+    acc = float((dev ** 3).sum() / (6.0 * ssq ** 1.5)) if ssq > 0 else 0.0
+    z = z_quantile(alpha)
+    qs = []
+    for zz in (-z, z):
+        w = z0 + zz
+        qs.append(float(_sps.norm.cdf(z0 + w / (1.0 - acc * w))))
+    lo, hi = np.percentile(v, [100 * qs[0], 100 * qs[1]])
+    return float(lo), float(hi), bad, z0, acc
+
+
+def _group_draws(counts, G, sides, group1, group2, label, alpha, method):
+    x, y = sides[0][0], sides[1][0]
+    base = {"contrast": f"{group1} vs {group2}", "label": label, "unit": "patient", "method": method}
+    draws = _group_stats(counts, G, sides)
+    present = np.unique(np.concatenate([sides[0][1], sides[1][1]]))
+    leave_out = np.ones((len(present), G))
+    leave_out[np.arange(len(present)), present] = 0.0
+    jack = _group_stats(leave_out, G, sides)
     est_d = math.nan
     if len(x) >= 2 and len(y) >= 2:
         pv = ((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / (len(x) + len(y) - 2)
         if pv > 0:
             est_d = float((x.mean() - y.mean()) / math.sqrt(pv))
-    lo, hi, bad = _percentile(d, alpha)
-    out = [{**base, "quantity": "cohen_d", "estimate": est_d, "ci_low": lo, "ci_high": hi,
-            "not_estimable": bad}]
-    # Hedges' g = J d, J = 1 - 3/(4(n1 + n2) - 9) (Hedges & Olkin 1985), J from each resample's pairs
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g = (1.0 - 3.0 / (4.0 * (k1 + k2) - 9.0)) * d
-    lo, hi, bad = _percentile(g, alpha)
     n = len(x) + len(y)
-    out.append({**base, "quantity": "hedges_g", "estimate": (1.0 - 3.0 / (4.0 * n - 9.0)) * est_d if n > 2 else math.nan,
-                "ci_low": lo, "ci_high": hi, "not_estimable": bad})
-    # difference in medians: weighted medians of the sorted values
-    if len(xs) and len(ys):
-        md = _weighted_medians(xs, counts[:, cxs]) - _weighted_medians(ys, counts[:, cys])
-        est = float(np.median(x) - np.median(y))
-    else:
-        md = np.full(len(counts), np.nan)
-        est = math.nan
-    lo, hi, bad = _percentile(md, alpha)
-    out.append({**base, "quantity": "median_difference", "estimate": est, "ci_low": lo, "ci_high": hi,
-                "not_estimable": bad})
+    estimates = {"cohen_d": est_d,
+                 "hedges_g": (1.0 - 3.0 / (4.0 * n - 9.0)) * est_d if n > 2 else math.nan,
+                 "median_difference": float(np.median(x) - np.median(y)) if len(x) and len(y) else math.nan}
+    out = []
+    for quantity, est in estimates.items():
+        lo, hi, bad = _percentile(draws[quantity], alpha)
+        blo, bhi, _, z0, acc = bca_interval(draws[quantity], est, jack[quantity], alpha)
+        rec = {**base, "quantity": quantity, "estimate": est, "ci_low": lo, "ci_high": hi, "not_estimable": bad,
+               "interval": "percentile", "percentile_low": lo, "percentile_high": hi, "bca_low": blo,
+               "bca_high": bhi, "bias_z0": z0, "acceleration": acc}
+        if quantity != "median_difference":   # BCa for the standardised differences (see BCA_NOTE)
+            rec.update(ci_low=blo, ci_high=bhi, interval="BCa", method=method + "; " + BCA_NOTE)
+        out.append(rec)
     return out
 
 
@@ -761,5 +880,5 @@ def primary_analysis(patient_ids, contrast=None):
 __all__ = [
     "BOOTSTRAP_METRICS", "cluster_bootstrap", "cluster_permutations", "clustered_mw_permutation_p",
     "group_differences_clustered", "obuchowski_auc",
-    "obuchowski_components", "primary_analysis", "resample_counts",
+    "obuchowski_components", "primary_analysis", "resample_counts", "satterthwaite_df", "bca_interval",
 ]

@@ -4,7 +4,7 @@
   ``change ~ C(outcome) + np.log(interval_days) + projection_change`` with a
   random intercept per patient (statsmodels ``MixedLM.from_formula``), and its
   outcome contrasts (Worse vs Improved, Worse vs Stable, Stable vs Improved)
-  with Wald CIs; terms that cannot be estimated (no dates, one projection
+  with t CIs and tests on nlme's between/within df; terms that cannot be estimated (no dates, one projection
   pattern) are left out and the formula says so;
 - :func:`projection_changes`: counts of the projection of the first and second
   CXR per outcome group (``first_view``, ``second_view`` of the manifest);
@@ -22,6 +22,8 @@ References
    against trend, when ties are present in one ranking. Indag Math 1952;14:327-333.
 .. [4] Hollander M, Wolfe DA, Chicken E. Nonparametric Statistical Methods,
    3rd ed. Wiley 2014, section 6.2 (variance with ties).
+.. [5] Pinheiro JC, Bates DM. Mixed-Effects Models in S and S-PLUS. Springer
+   2000, section 4.2.2 (denominator degrees of freedom).
 """
 
 import math
@@ -33,7 +35,7 @@ from scipy import stats as sps
 
 from covreport.constants import CONTRASTS, IMPROVED, OUTCOMES, STABLE, WORSE
 from covreport.errors import StatsError
-from covreport.stats._util import check_alpha, z_quantile
+from covreport.stats._util import check_alpha
 from covreport.stats.clustered import _codes, cluster_permutations
 from covreport.stats.effect_sizes import mw_null_counts
 
@@ -41,7 +43,7 @@ from covreport.stats.effect_sizes import mw_null_counts
 TREND_ORDER = (IMPROVED, STABLE, WORSE)
 
 MIXED_COLUMNS = (
-    "label", "contrast", "group1", "group2", "estimate", "se", "ci_low", "ci_high", "z", "p",
+    "label", "contrast", "group1", "group2", "estimate", "se", "ci_low", "ci_high", "t", "df", "p",
     "n_pairs", "n_patients", "formula", "terms_left_out", "random_effect_variance", "residual_variance",
     "converged", "unit", "analysis", "method", "note",
 )
@@ -51,9 +53,11 @@ MIXED_METHOD = (
     "'{formula}', groups=patient_id), keeping the highest REML log-likelihood of three optimiser starts "
     "(statsmodels' default, Powell and Nelder-Mead, each finished by L-BFGS): a random intercept per patient; "
     "contrast = difference of the "
-    "outcome coefficients (reference Improved) with its Wald {level:g}% CI and two-sided z test "
+    "outcome coefficients (reference Improved) with its {level:g}% CI and two-sided t test "
     "from the covariance (X' V^-1 X)^-1 of the fixed effects at the REML variance estimates (as R's "
-    "nlme vcov(lme(...))); not adjusted for multiplicity"
+    "nlme vcov(lme(...))), on nlme's between/within degrees of freedom (Pinheiro & Bates 2000, section "
+    "4.2.2: pairs - patients - terms that vary within a patient, or patients - 1 - terms constant within "
+    "every patient); not adjusted for multiplicity"
 )
 
 SENSITIVITY = "sensitivity: adjusted for the interval between the CXRs and projection changes"
@@ -149,7 +153,7 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
     labels : sequence of str
     contrasts : sequence of (str, str)
     alpha : float
-        1 - confidence level of the Wald intervals.
+        1 - confidence level of the t intervals.
 
     Returns
     -------
@@ -175,7 +179,6 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
     if missing:
         raise StatsError(f"the changes table lacks column(s) {missing}")
     level = round(100 * (1 - alpha), 6)
-    zq = z_quantile(alpha)
     rows = []
     for label in labels:
         df, formula, left_out = _design(changes, label, outcome_column)
@@ -191,7 +194,7 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
         for group1, group2 in contrasts:
             row = {**base, "contrast": f"{group1} vs {group2}", "group1": group1, "group2": group2,
                    "estimate": math.nan, "se": math.nan, "ci_low": math.nan, "ci_high": math.nan,
-                   "z": math.nan, "p": math.nan, "random_effect_variance": math.nan,
+                   "t": math.nan, "df": math.nan, "p": math.nan, "random_effect_variance": math.nan,
                    "residual_variance": math.nan, "converged": None, "note": note}
             if fit is not None and {group1, group2} <= present:
                 names = list(fit.fe_params.index)
@@ -203,8 +206,11 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
                 cov = _gls_cov(fit)
                 est = float(vec @ fit.fe_params.to_numpy())
                 se = float(math.sqrt(vec @ cov @ vec))
-                row.update({"estimate": est, "se": se, "ci_low": est - zq * se, "ci_high": est + zq * se,
-                            "z": est / se, "p": float(2 * sps.norm.sf(abs(est / se))),
+                dof = float(min(_nlme_df(fit.model)[vec != 0]))
+                q = sps.t.ppf(1 - alpha / 2, dof) if dof >= 1 else math.nan
+                row.update({"estimate": est, "se": se, "ci_low": est - q * se, "ci_high": est + q * se,
+                            "t": est / se, "df": dof,
+                            "p": float(2 * sps.t.sf(abs(est / se), dof)) if dof >= 1 else math.nan,
                             "random_effect_variance": float(fit.cov_re.iloc[0, 0]),
                             "residual_variance": float(fit.scale), "converged": bool(fit.converged)})
             elif fit is not None:
@@ -245,6 +251,25 @@ def _best_fit(model):
         notes.append("the random-intercept variance is estimated at 0 (the boundary), so the fit equals "
                      "ordinary least squares of the pairs")
     return best, "; ".join(notes) or None
+
+
+def _nlme_df(model):
+    """nlme's denominator degrees of freedom of each fixed-effect column, one level of grouping.
+
+    A column that varies within some patient is estimated within patients:
+    N - M - (the number of such columns); one constant within every patient
+    is estimated between patients: M - 1 - (the number of such columns, the
+    intercept not counted); the intercept takes the within df. N pairs, M
+    patients (Pinheiro & Bates 2000, section 4.2.2; R nlme's ``getFixDF``).
+    """
+    X = model.exog
+    N, p = X.shape
+    groups = list(model.row_indices.values())
+    M = len(groups)
+    inner = np.array([any(np.ptp(X[rows, j]) > 0 for rows in groups) for j in range(p)])
+    intercept = np.array([bool(np.all(X[:, j] == 1.0)) for j in range(p)])
+    outer = ~inner & ~intercept
+    return np.where(outer, M - 1 - int(outer.sum()), N - M - int(inner.sum())).astype(float)
 
 
 def _gls_cov(fit):

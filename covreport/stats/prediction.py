@@ -49,8 +49,12 @@ _ENGINES = {
 def _penalised_method(features_from, engine):
     fitted = _ENGINES.get(engine, engine)
     checked = "" if engine == "sklearn" else " (checked against scikit-learn in the tests)"
+    if features_from != "first":   # the main protocol's method (prediction.penalised.method), not repeated
+        return (f"Reversed-order control: the main protocol (the same standardisation, penalty tuning and "
+                f"leave-one-patient-out cross-validation, fitted by {fitted}) on the {features_from} CXR's pooled "
+                f"DenseNet features, Worse (positive) vs Improved ({PENALISED_REFERENCE}).")
     return (
-        f"{'Primary protocol' if features_from == 'first' else 'Reversed-order control with the primary protocol'}"
+        "Main protocol"
         f", leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
         "features, Worse (positive) vs Improved: inside each training fold only, every feature standardised "
         "with the fold's mean and SD (features constant in the fold dropped), then an L2-penalised logistic "
@@ -636,7 +640,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             block["permutations_requested"] = int(n_permutations)
             block["permutation_note"] = (f"{n_perm:,} of the {n_permutations:,} permutations requested: each "
                                          "permutation reruns the inner tuning of the penalty "
-                                         f"(at most {PRIMARY_MAX_PERMUTATIONS} for the primary protocol)")
+                                         f"(at most {PRIMARY_MAX_PERMUTATIONS} for the main protocol)")
         if protocol == PRIMARY_PROTOCOL:
             block.update(_penalised_details(res, y, fitted, groups_k))
         block["cv_intervals"] = boots.get(key)
@@ -689,7 +693,7 @@ def _resampling(tasks, fits, feats, keep, order, y, groups, *, n_permutations, n
 
 
 #: How each block is labelled in results.json and the report.
-_LABELS = {"penalised": "primary: standardised L2-penalised logistic regression, penalty tuned by nested "
+_LABELS = {"penalised": "main: standardised L2-penalised logistic regression, penalty tuned by nested "
                         "patient-grouped cross-validation",
            "nested": "replication of the original study: chi-square selection inside each fold",
            "global": "replication of the original study: chi-square selection once on all pairs (optimistic)",
@@ -754,7 +758,7 @@ def _penalised_details(res, y, fitted, groups):
                              for f, m, v, k, c, r in zip(final["features"], final["mean"], final["sd"], keep,
                                                          coef_std, coef_raw)],
             "unit": "pair",
-            "method": "the primary protocol refitted on all analysed pairs: standardisation on all pairs, C tuned "
+            "method": "the main protocol refitted on all analysed pairs: standardisation on all pairs, C tuned "
                       "by the same inner patient-grouped cross-validation, logit P(Worse) = intercept + "
                       "sum coefficient x z (TRIPOD+AI item 22)",
             "reference": PENALISED_REFERENCE,
