@@ -701,7 +701,7 @@ def _default_weights_or_explain():
               help="Folder of templates overriding the built-in report templates.")
 @click.option("--protocol", type=click.Choice(["penalised", "nested", "global"]), default="penalised",
               show_default=True,
-              help="Headline prediction protocol: penalised (primary: standardised L2 logistic regression, "
+              help="Headline prediction protocol: penalised (main: standardised L2 logistic regression, "
                    "penalty tuned by nested patient-grouped CV; its permutation tests run at most 200 "
                    "permutations), or the original study's chi-square recipe, replicated: nested (selection "
                    "inside each fold) or global (once on all pairs).")
@@ -720,6 +720,11 @@ def _default_weights_or_explain():
                    "least this (prespecified; the decision curve shows every threshold from 0.05 to 0.95).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the permutation tests and the bootstrap.")
+@click.option("--predictors", default="", metavar="LIST",
+              help="Clinical predictors measured at the first CXR, manifest columns separated by commas: NAME "
+                   "(numeric) or NAME=LEVEL1/LEVEL2 (categorical, the first level the reference), e.g. "
+                   "'age,sex=F/M,spo2'; interval_days and projection_change may be named too. Adds the "
+                   "clinical, imaging and combined models and what the images add (AUC, Brier, NRI, IDI).")
 @click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
               "standardised differences (journals ask for SMDs instead; the p-values are in results.json).")
 @click.option("--style", type=click.Choice(["radiology", "vancouver"]), default="radiology", show_default=True,
@@ -744,8 +749,8 @@ def _default_weights_or_explain():
 @parallel_options
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
-        protocol, permutations, bootstrap, predictive_ci, threshold, seed, cache, no_cache, strict, no_pdf, out,
-        force, previous, table1_tests, style, jobs, dask_scheduler):
+        protocol, permutations, bootstrap, predictive_ci, threshold, seed, predictors, cache, no_cache, strict,
+        no_pdf, out, force, previous, table1_tests, style, jobs, dask_scheduler):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -762,7 +767,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
-                      threshold=threshold,
+                      threshold=threshold, predictors=predictors,
                       table1_tests=table1_tests, style=style,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())

@@ -24,9 +24,9 @@ import pandas as pd
 from covreport import __version__, progress
 from covreport._io import sha256_file
 from covreport.constants import (
-    CONTRAST_NAMES, CONTRASTS, FEATURE_PREFIX, IMAGE_COLUMN, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
+    CONTRAST_NAMES, CONTRASTS, FEATURE_PREFIX, IMAGE_COLUMN, IMPROVED, OUTCOMES, STAGE_INDEX_TEST_NOT_DONE, WORSE,
 )
-from covreport.errors import CovreportError, ReportError, ScoresError
+from covreport.errors import CovreportError, ReportError, ScoresError, StatsError
 
 PACKAGES = (
     "torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "statsmodels",
@@ -59,6 +59,7 @@ class RunOptions:
     bootstrap: int = 2000
     predictive_ci: str = "exact"
     threshold: float = 0.5
+    predictors: str = ""
     table1_tests: bool = False
     style: str = "radiology"
     previous: tuple = ()
@@ -98,6 +99,7 @@ def run(opts: RunOptions) -> Path:
         with progress.stage(f"Reading manifest {opts.manifest}"):
             manifest = read_manifest(opts.manifest, strict=opts.strict, check_images=False)
         _check_out(opts, _manifest_image_paths(manifest))
+        _check_predictors(manifest, opts)
         scores = read_scores(opts.scores, require_features=True)
         manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], strict=opts.strict)
     else:
@@ -107,6 +109,7 @@ def run(opts: RunOptions) -> Path:
         with progress.stage(f"Reading manifest {opts.manifest}"):
             manifest = read_manifest(opts.manifest, strict=opts.strict)
         _check_out(opts, _manifest_image_paths(manifest))
+        _check_predictors(manifest, opts)
         loaded = load_checkpoint(weights)
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache, progress=True)
         from covreport.distributed import is_main
@@ -235,6 +238,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     )
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     checks = _ai_checks(pairs, prediction)
+    added = _added_value(pairs, first, opts) if opts.predictors else None
     bootstrap = None
     if opts.bootstrap:
         predicted = {}
@@ -259,7 +263,67 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         "decision_curve": decision,
         "bootstrap": bootstrap,
         **checks,
+        **({"added_value": added} if added is not None else {}),
     }
+
+
+def predictor_specs(text):
+    """The ``--predictors`` list: comma-separated ``name`` or ``name=LEVEL1/LEVEL2`` items."""
+    return [p.strip() for p in str(text or "").split(",") if p.strip()]
+
+
+def _predictor_frame(pairs):
+    """The pairs' columns a predictor may name: the manifest's, plus ``projection_change`` (same/changed)."""
+    from covreport.stats.mixed import _projection
+
+    frame = pairs.copy()
+    if "projection_change" not in frame and {"first_view", "second_view"} <= set(frame):
+        change = _projection(frame["first_view"], frame["second_view"])
+        frame["projection_change"] = np.where(change == "unknown", "", change)
+    return frame
+
+
+def _check_predictors(manifest, opts):
+    """--predictors checked on every manifest row before any image is scored (file, line, column, fix)."""
+    if not opts.predictors:
+        return
+    from covreport.stats.added_value import predictor_matrix
+
+    try:
+        predictor_matrix(_predictor_frame(manifest.pairs), predictor_specs(opts.predictors))
+    except StatsError as exc:
+        raise StatsError(f"{opts.manifest}: --predictors: {exc}") from None
+
+
+def _added_value(pairs, first, opts):
+    """Clinical, imaging and combined models on the Worse/Improved pairs with every predictor (issue 22)."""
+    from covreport.stats.added_value import added_value, blank_mask, predictor_matrix
+
+    keep = pairs["outcome"].isin([WORSE, IMPROVED]).to_numpy()
+    frame = _predictor_frame(pairs.loc[keep].reset_index(drop=True))
+    X, complete, specs = predictor_matrix(frame, predictor_specs(opts.predictors))
+    blanks = {s["name"]: blank_mask(frame[s["name"]]) for s in specs}
+    missing = [{"pair_id": str(frame["pair_id"][i]), "patient_id": str(frame["patient_id"][i]),
+                "reason": "missing " + ", ".join(name for name, b in blanks.items() if b[i])}
+               for i in np.flatnonzero(~complete)]
+    sub = frame.loc[complete].reset_index(drop=True)
+    y = (sub["outcome"] == WORSE).to_numpy(dtype=int)
+    record = {"predictors": specs, "pairs_in_prediction": int(len(frame)), "pairs_analysed": int(len(sub)),
+              "patients_analysed": int(sub["patient_id"].nunique()), "excluded": missing, "unit": "pair",
+              "interval_unit": "patient", "note": None}
+    if len(sub) < 4 or y.sum() < 2 or (1 - y).sum() < 2 or sub["patient_id"].nunique() < 3:
+        record["note"] = (f"not run: {len(sub)} pairs ({int(y.sum())} Worse, {int((1 - y).sum())} Improved) of "
+                          f"{sub['patient_id'].nunique()} patients have every predictor; the models need at least "
+                          "2 of each class and 3 patients")
+        return record
+    res = added_value(first[keep][complete], X.loc[complete].to_numpy(), y, sub["patient_id"].to_numpy(),
+                      n_resamples=opts.bootstrap, seed=opts.seed)
+    probs = {name: m.pop("probabilities") for name, m in res["models"].items()}
+    record.update(res)
+    record["pairs"] = [{"pair_id": str(sub["pair_id"][i]), "patient_id": str(sub["patient_id"][i]),
+                        "outcome": str(sub["outcome"][i]), **{f"p_{k}": v[i] for k, v in probs.items()}}
+                       for i in range(len(sub))]
+    return record
 
 
 def _ai_checks(pairs, prediction):
@@ -500,7 +564,8 @@ def _is_phantom(manifest):
 
 #: RunOptions fields that change a number of results.json: recorded in
 #: ``provenance.options`` so that a rerun (``covreport verify``) can repeat them.
-NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "threshold", "strict")
+NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "threshold", "strict",
+                  "predictors")
 
 
 def portable_path(path, base):
@@ -658,6 +723,8 @@ def _write_tables(results, folder):
         rows = plan_rows(results["sample_size"])
         if rows:
             write_csv(pd.DataFrame(rows), folder / "sample_size.csv")
+    if (results.get("added_value") or {}).get("comparison"):
+        write_csv(pd.DataFrame(results["added_value"]["comparison"]), folder / "model_comparison.csv")
     for key in ("subgroups", "failure_analysis"):
         if (results.get(key) or {}).get("rows"):
             write_csv(pd.DataFrame(results[key]["rows"]), folder / f"{key}.csv")

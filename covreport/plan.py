@@ -42,8 +42,9 @@ from covreport._io import OUTPUT_MARKER, atomic_write_text, check_out_file, writ
 from covreport.errors import StatsError
 from covreport.inputs import safe_text
 from covreport.stats import sample_size as ss
+from covreport.stats._util import kish_design_effect
 from covreport.stats.effect_sizes import _delong_var
-from covreport.summary import ResultsError, read_results
+from covreport.summary import ResultsError, _dict, read_results
 
 #: Default targets (``covreport plan`` options and the report's section).
 HALF_WIDTH = 0.05
@@ -111,15 +112,9 @@ def _opt(obj, key, lo=None, hi=None):
         return None
 
 
-def _dict(x):
-    return x if isinstance(x, dict) else {}
-
-
 def _kish(patient_ids):
     """Design effect at intra-patient correlation 1: sum of squared pairs per patient / pairs."""
-    counts = Counter(patient_ids).values()
-    n = sum(counts)
-    return sum(c * c for c in counts) / n if n else None
+    return kish_design_effect(patient_ids)[0]
 
 
 def _design_effect(measured, largest):

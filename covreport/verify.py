@@ -207,11 +207,13 @@ _OPTION_RULES = {
     "predictive_ci": (lambda v: v in ("exact", "logit"), "'exact' or 'logit'"),
     "threshold": (lambda v: type(v) in (int, float) and 0 < v < 1, "a number strictly between 0 and 1"),
     "strict": (lambda v: type(v) is bool, "true or false"),
+    "predictors": (lambda v: type(v) is str and len(v) <= 2000 and v.isprintable(),
+                   "a list of manifest columns as --predictors takes it"),
 }
 
 
 #: Options added after results.json first recorded its options, with the value every run had before.
-_OPTION_BEFORE = {"threshold": 0.5}
+_OPTION_BEFORE = {"threshold": 0.5, "predictors": ""}
 
 
 def _check_options(options, path):

@@ -346,3 +346,12 @@ def test_cli_non_integer_is_usage_error():
     res = CliRunner().invoke(main, ["diagnostic", "--tp", "1.5", "--fp", "5", "--fn", "1", "--tn", "3"])
     assert res.exit_code == 2
     assert "Invalid value for '--tp': '1.5' is not a valid integer range." in res.output
+
+
+def test_kish_design_effect_at_correlation_one():
+    # Kish 1965: deff = sum n_i^2 / sum n_i; 3 patients with 1, 2 and 3 pairs -> 14 / 6
+    from covreport.stats._util import kish_design_effect
+
+    assert kish_design_effect(["a", "b", "b", "c", "c", "c"]) == (14 / 6, 6)
+    assert kish_design_effect(["a", "b", "c"]) == (1.0, 3)      # one pair per patient: no inflation
+    assert kish_design_effect([]) == (None, 0)

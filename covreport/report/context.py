@@ -347,11 +347,12 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         return any(b["block"].get(key) is not None for b in blocks)
 
     shown = (("cv", any_block_has("cv_intervals")), ("cluster", bool(boot_pred) and not any_block_has("cv_intervals")),
-             ("calibration", any_block_has("calibration")), ("net_benefit", bool(dca)))
+             ("calibration", any_block_has("calibration")), ("net_benefit", bool(dca)),
+             ("added_value", bool((results.get("added_value") or {}).get("models"))))
     t4 = {}
     for name, present in shown:                  # the prediction tables after Table 4, lettered as they appear
         if present:
-            t4[name] = f"4{'bcdef'[len(t4)]}"
+            t4[name] = f"4{'bcdefg'[len(t4)]}"
     inputs = prov.get("inputs") or {}
     model = prov.get("model") or {}
     training = model.get("training") if isinstance(model.get("training"), dict) else None
@@ -397,6 +398,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "cal_gaps": calibration_gaps(blocks),
         "boot_gd": boot_gd,
         "clustered_check": SIMULATION_CHECK,
+        "hl_levels": [g["hl_conf_level"] for g in gd if g.get("hl_ci_method") == "exact"
+                      and isinstance(g.get("hl_conf_level"), (int, float))],
         "boot_pred": boot_pred,
         "boot_pred_keys": boot_keys,
         "metric_names": METRIC_NAMES,

@@ -117,6 +117,11 @@ REFERENCES = {
     "qin": "Qin G, Hotilovac L. Comparison of non-parametric confidence intervals for the area under the ROC curve "
            "of a continuous-scale diagnostic test. Stat Methods Med Res 2008;17:207-221.",
     "pinheiro_bates": "Pinheiro JC, Bates DM. Mixed-Effects Models in S and S-PLUS. New York: Springer; 2000.",
+    "pencina2008": "Pencina MJ, D'Agostino RB Sr, D'Agostino RB Jr, Vasan RS. Evaluating the added predictive ability "
+                   "of a new marker: from area under the ROC curve to reclassification and beyond. Stat Med "
+                   "2008;27:157-172.",
+    "pencina2011": "Pencina MJ, D'Agostino RB Sr, Steyerberg EW. Extensions of net reclassification improvement "
+                   "calculations to measure usefulness of new biomarkers. Stat Med 2011;30:11-21.",
     "efron_bca": "Efron B. Better bootstrap confidence intervals. J Am Stat Assoc 1987;82:171-185.",
     "satterthwaite": "Satterthwaite FE. An approximate distribution of estimates of variance components. "
                      "Biometrics Bull 1946;2:110-114.",
@@ -179,7 +184,8 @@ AUTHOR_YEAR = (
     (r"Phipson", "phipson"), (r"Obuchowski", "obuchowski"), (r"Davison", "davison"), (r"Cox,? \(?1958", "cox"),
     (r"Brier", "brier"), (r"Welch", "welch"),
     (r"Satterthwaite", "satterthwaite"), (r"Efron 1987", "efron_bca"),
-    (r"Qin (?:&|and) Hotilovac", "qin"), (r"Pinheiro (?:&|and) Bates", "pinheiro_bates"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
+    (r"Qin (?:&|and) Hotilovac", "qin"), (r"Pinheiro (?:&|and) Bates", "pinheiro_bates"),
+    (r"Pencina et al\.? 2008", "pencina2008"), (r"Pencina et al\.? 2011", "pencina2011"), (r"\bHolm\b", "holm"), (r"Benjamini", "bh"),
     (r"Mann[- ](?:&|and )?Whitney", "mw"), (r"Fisher", "fisher"), (r"Brodersen", "brodersen"),
     (r"Ojala", "ojala"), (r"Tukey", "tukey"), (r"Cleveland|[Ll]owess|LOWESS", "cleveland"),
     (r"Ambroise", "ambroise"), (r"(?<!Riley, )Van Calster", "vancalster"), (r"Gourdeau|Duchesne", "duchesne"),

@@ -137,7 +137,11 @@ def limitations(results):
                        "independent, so their precision is overstated."
                        if results.get("group_differences_clustered") else
                        "but the Mann-Whitney tests and the CIs treat pairs as independent, so their precision is "
-                       "overstated.")})
+                       "overstated.")
+                    + (" The cluster permutation test assumes that, under the null, the pairs of a patient are "
+                       "exchangeable; where a patient's course ties the outcome to the order of its pairs (worse, "
+                       "then better), this holds only if the change of a label does not depend on that order "
+                       "otherwise than through the outcome." if results.get("group_differences_clustered") else "")})
     iv = results.get("interval_days")
     if iv and _finite(iv.get("min")) and _finite(iv.get("max")) and iv["max"] > iv["min"]:
         out.append({"kind": "Non-uniform intervals", "text": f"The interval between the two CXRs ranged from "

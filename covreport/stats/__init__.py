@@ -14,6 +14,7 @@ The statistics read no files: CheXpert's CSVs are read by :mod:`covreport.chexpe
 """
 
 from covreport.stats._util import records
+from covreport.stats.added_value import added_value, predictor_matrix
 from covreport.stats.auc import (
     delong_auc,
     delong_test,
@@ -31,13 +32,16 @@ from covreport.stats.clustered import (
 from covreport.stats.diagnostic import MEASURES, clopper_pearson, diagnostic_metrics
 from covreport.stats.groups import compare_groups
 from covreport.stats.lopo import lopo_predict
+from covreport.stats.model_comparison import compare_models, reclassification
 from covreport.stats.permutation import permutation_p
 from covreport.stats.prediction import predict_outcome
 from covreport.stats.table1 import table_one, table_one_patients
 
 __all__ = [
     "MEASURES",
+    "added_value",
     "calibration",
+    "compare_models",
     "clopper_pearson",
     "cluster_bootstrap",
     "compare_groups",
@@ -49,8 +53,10 @@ __all__ = [
     "obuchowski_auc",
     "obuchowski_compare",
     "permutation_p",
+    "predictor_matrix",
     "predict_outcome",
     "primary_analysis",
+    "reclassification",
     "records",
     "roc_curve_points",
     "table_one",

@@ -158,3 +158,15 @@ def patient_resample_rows(groups, n, n_resamples, seed):
     for child in np.random.SeedSequence(seed).spawn(n_resamples):
         pick = np.random.default_rng(child).integers(0, G, size=G)
         yield np.concatenate([rows_of[g] for g in pick])
+
+
+def kish_design_effect(patient_ids):
+    """Design effect at intra-patient correlation 1 (Kish 1965): sum of squared pairs per patient / pairs.
+
+    Returns ``(deff, pairs)``, or ``(None, 0)`` without pairs. Computed on the integer counts, so the
+    value is the correctly rounded quotient whichever caller asks.
+    """
+    counts = pd.Series(np.asarray(patient_ids, dtype=object)).astype(str).value_counts().to_numpy()
+    n = int(counts.sum())
+    return (int((counts.astype(np.int64) ** 2).sum()) / n, n) if n else (None, 0)
+

@@ -25,7 +25,7 @@ from scipy import special
 from covreport.constants import IMPROVED, OUTCOMES, WORSE
 from covreport.errors import StatsError
 from covreport.stats._logistic import _newton_batch  # noqa: F401  (re-exported)
-from covreport.stats._util import canonical_order, check_alpha, to_python
+from covreport.stats._util import canonical_order, check_alpha, kish_design_effect, to_python
 from covreport.stats.lopo import (  # noqa: F401  (re-exported)
     PRIMARY_PROTOCOL, PROTOCOLS, SELECTION_ALPHA, SOLVERS, THRESHOLD, _check_protocol, _feature_matrix, _Lopo,
     lopo_predict, protocol_role,
@@ -92,8 +92,7 @@ def _pipeline_method(protocol, features_from, alpha, engine):
     )
 
 
-BALANCED_METHOD = ("balanced accuracy = (sensitivity + specificity) / 2; no pair-level interval "
-                   "(see the patient-level cluster bootstrap)")
+BALANCED_METHOD = "balanced accuracy = (sensitivity + specificity) / 2 (Brodersen et al. 2010)"
 
 
 def _metrics_block(confusion, alpha, predictive_ci="exact"):
@@ -238,11 +237,10 @@ def _degenerate_interval(measure, value, y, hit, groups, alpha):
     from scipy.stats import beta
 
     rows = _denominator_rows(measure, y, hit)
-    sizes = pd.Series(np.asarray(groups, dtype=object)[rows]).astype(str).value_counts().to_numpy(dtype=float)
-    if not len(sizes):
+    deff, n = kish_design_effect(np.asarray(groups, dtype=object)[rows])
+    if deff is None:
         return None, None, None
-    deff = float((sizes ** 2).sum() / sizes.sum())
-    n_eff = sizes.sum() / deff
+    n_eff = n / deff
     x = value * n_eff
     lo = 0.0 if x <= 0 else float(beta.ppf(alpha / 2, x, n_eff - x + 1))
     hi = 1.0 if x >= n_eff else float(beta.ppf(1 - alpha / 2, x + 1, n_eff - x))
