@@ -625,6 +625,41 @@ def decision_curve_figure(results):
     return fig
 
 
+def added_value_decision_figure(results):
+    """Decision curves of the clinical, imaging and combined models on one panel (issue 22, section 3).
+
+    The models differ by line style (clinical dash-dot, imaging dashed, combined solid, all black), beside
+    treat all (grey, dashed) and treat none (grey, dotted at 0), from ``results["added_value"]["decision_curve"]``.
+    """
+    rows = (results.get("added_value") or {}).get("decision_curve") or []
+    if not rows:
+        raise ReportError("nothing to plot: results.json holds no decision curve of the added-value models")
+    styles = {"clinical": ("-.", 1.0), "imaging": ("--", 1.0), "combined": ("-", 1.4)}
+    with matplotlib.rc_context(_RC):
+        fig = _figure(5.2, 3.2)
+        ax = fig.add_axes((0.12, 0.2, 0.85, 0.75))
+        first = None
+        for name, (style, width) in styles.items():
+            rs = sorted((r for r in rows if r.get("model") == name), key=lambda r: r["threshold"])
+            if not rs:
+                continue
+            t = np.array([r["threshold"] for r in rs], dtype=float)
+            ax.plot(t, [r["net_benefit"] for r in rs], linestyle=style, color="black", linewidth=width,
+                    label=f"{name} model")
+            first = first or rs
+        t = np.array([r["threshold"] for r in first], dtype=float)
+        ax.plot(t, [r["treat_all"] for r in first], linestyle="--", color="0.6", linewidth=0.9, label="treat all")
+        ax.plot(t, np.zeros(len(t)), linestyle=":", color="0.6", linewidth=0.9, label="treat none")
+        top = max(r["net_benefit"] for r in rows)
+        ax.set_xlim(float(t.min()), float(t.max()))
+        ax.set_ylim(-0.1, max(top, first[0]["treat_all"]) + 0.05)
+        ax.set_xlabel("threshold probability")
+        ax.set_ylabel("net benefit")
+        ax.tick_params(length=2, labelsize=6)
+        ax.legend(loc="lower left", frameon=False, fontsize=6.5)
+    return fig
+
+
 # --- class activation maps -----------------------------------------------------
 
 

@@ -62,6 +62,8 @@ def test_models_comparisons_and_exclusions_are_recorded(predictors_run):
     assert set(table.comparison) == {"combined vs clinical", "imaging vs clinical"}
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Added value of the images over the clinical predictors" in page and 'id="table-model-comparison"' in page
+    assert "Decision curves of the clinical (dash-dot), imaging (dashed) and combined (solid) models" in page
+    assert (out / "figures" / "added_value_decision_curve.png").is_file()
 
 
 @pytest.mark.parametrize("predictors,message", [

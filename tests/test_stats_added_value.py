@@ -12,6 +12,7 @@ import pytest
 
 from covreport.errors import StatsError
 from covreport.stats.added_value import added_value, predictor_matrix
+from covreport.stats.decision_curve import THRESHOLDS
 from covreport.stats.lopo import lopo_predict
 from covreport.stats.model_comparison import compare_models
 
@@ -69,6 +70,16 @@ def test_added_value_models_are_lopo_on_the_same_pairs_and_the_comparison_is_com
     assert np.allclose(got[["estimate", "lower", "upper"]].to_numpy(dtype=float),
                        ref[["estimate", "lower", "upper"]].to_numpy(dtype=float), equal_nan=True)
     assert set(comp.comparison) == {"combined vs clinical", "imaging vs clinical"}
+    # decision curves: net benefit = TP/n - FP/n x t/(1 - t) (Vickers & Elkin 2006), written out
+    curve = pd.DataFrame(out["decision_curve"])
+    assert len(curve) == 3 * len(THRESHOLDS)
+    p = np.asarray(out["models"]["combined"]["probabilities"])
+    for t in (0.2, 0.5, 0.8):
+        row = curve[(curve.model == "combined") & np.isclose(curve.threshold, t)].iloc[0]
+        hit = p >= t
+        want = (hit & (y == 1)).sum() / len(y) - (hit & (y == 0)).sum() / len(y) * t / (1 - t)
+        assert row.net_benefit == pytest.approx(want, abs=1e-12)
+        assert row.treat_all == pytest.approx(y.mean() - (1 - y.mean()) * t / (1 - t), abs=1e-12)
 
 
 def test_added_value_recovers_the_known_answer():

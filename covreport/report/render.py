@@ -124,6 +124,8 @@ def _make_figures(results, cams, folder):
         todo.append(("calibration", lambda: figures.calibration_figure(results), "png"))
     if (results.get("decision_curve") or {}).get("rows"):
         todo.append(("decision_curve", lambda: figures.decision_curve_figure(results), "png"))
+    if (results.get("added_value") or {}).get("decision_curve"):
+        todo.append(("added_value_decision_curve", lambda: figures.added_value_decision_figure(results), "png"))
     if cams:
         todo.append(("class_activation_maps", lambda: figures.cam_figure(cams), "png"))
     rev = results.get("revalidation")

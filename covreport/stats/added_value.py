@@ -19,6 +19,7 @@ import pandas as pd
 
 from covreport.errors import StatsError
 from covreport.stats.auc import delong_auc
+from covreport.stats.decision_curve import THRESHOLDS, net_benefit
 from covreport.stats.lopo import lopo_predict
 from covreport.stats.model_comparison import compare_models
 
@@ -151,7 +152,9 @@ def added_value(images, clinical, y, patients, *, n_resamples=2000, seed=0, alph
         its CI), "brier", "probabilities" (out-of-fold, input order),
         "features", "engine"}}; ``comparison``: the records of
         :func:`compare_models` for "combined vs clinical" and "imaging vs
-        clinical"; ``n_pairs``, ``n_patients``, ``events``, ``method``.
+        clinical"; ``decision_curve``: the net benefit of each model and of
+        treating all at the thresholds 0.05-0.95 (Vickers & Elkin 2006);
+        ``n_pairs``, ``n_patients``, ``events``, ``method``.
     """
     y = np.asarray(y).astype(int)
     clin = np.asarray(clinical, dtype=float)
@@ -175,7 +178,13 @@ def added_value(images, clinical, y, patients, *, n_resamples=2000, seed=0, alph
         compare_models(y, models[new]["probabilities"], models["clinical"]["probabilities"], groups,
                        name=f"{new} vs clinical", n_resamples=n_resamples, seed=seed, alpha=alpha)
         for new in ("combined", "imaging")], ignore_index=True)
-    return {"models": models, "comparison": comparison.to_dict("records"), "n_pairs": int(len(y)),
+    curves = []
+    for name, m in models.items():   # the three models' decision curves, on one figure in the report
+        nb = net_benefit(y, m["probabilities"], THRESHOLDS)
+        curves += [{"model": name, "threshold": t, "net_benefit": float(v), "treat_all": float(a)}
+                   for t, v, a in zip(THRESHOLDS, nb["net_benefit"], nb["treat_all"])]
+    return {"models": models, "comparison": comparison.to_dict("records"), "decision_curve": curves,
+            "n_pairs": int(len(y)),
             "n_patients": int(len(set(map(str, groups)))), "events": int(y.sum()), "method": ADDED_VALUE_METHOD}
 
 

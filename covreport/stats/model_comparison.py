@@ -173,7 +173,8 @@ def compare_models(y, p_new, p_old, patients, *, name="combined vs clinical", n_
     note = BOOT_NOTE.format(n=n_resamples, seed=seed) if n_resamples else "; no interval (no bootstrap resamples)"
     methods = {"brier_difference": BRIER_METHOD, "nri": NRI_METHOD,
                "nri_events": "the events' part of the category-free NRI: P(up | event) - P(down | event)",
-               "nri_nonevents": "the non-events' part of the category-free NRI: P(down | non-event) - P(up | non-event)",
+               "nri_nonevents": ("the non-events' part of the category-free NRI: "
+                                 "P(down | non-event) - P(up | non-event)"),
                "idi": IDI_METHOD}
     for measure, method in methods.items():
         lo, hi, _bad = _percentile(np.asarray(draws[measure], dtype=float), alpha)
