@@ -57,12 +57,13 @@ def test_methods_name_the_df_and_the_simulated_size_and_coverage():
             f"the interval of theta covered the true value in {SIMULATION_CHECK['coverage']}") in text
 
 
-def _mixed(label, p, note=None):
-    return {"label": label, "contrast": "Worse vs Improved", "p": p, "note": note}
+def _mixed(label, p, tau2=0.01):
+    return {"label": label, "contrast": "Worse vs Improved", "p": p, "random_effect_variance": tau2,
+            "residual_variance": 0.02}
 
 
 def test_mixed_summary_counts_the_primary_contrast():
-    boundary = "the random-intercept variance is estimated at 0 (the boundary), so the fit equals ordinary ..."
+    boundary = 0.0      # a patient variance at the boundary (mixed.BOUNDARY times the residual variance, or less)
     results = {"mixed_model": [_mixed("A", 0.001, boundary), _mixed("B", 0.03), _mixed("C", 0.4, boundary),
                                {**_mixed("A", 0.0001), "contrast": "Worse vs Stable"}]}
     endpoint = {"contrast": "Worse vs Improved", "primary": {"holm_rows": [{"label": "A"}, {"label": "C"}]}}

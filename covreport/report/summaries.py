@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from covreport.constants import CONTRAST_NAMES, WORSE
 from covreport.report.format import _finite
+from covreport.stats.mixed import BOUNDARY
 
 #: Thresholds of the limitations derived from the numbers.
 SMALL_GROUP = 20          # pairs in an outcome group
@@ -114,7 +115,8 @@ def mixed_summary(results, endpoint):
     """What the mixed model (sensitivity analysis) says about the primary contrast, for one results sentence.
 
     Returns None without a fitted mixed model; else ``contrast``, ``labels`` (fitted), ``boundary``
-    (labels whose patient variance is estimated at 0, so the fit is least squares of the pairs),
+    (labels whose patient variance is at the boundary, :data:`covreport.stats.mixed.BOUNDARY`, so the fit is
+    least squares of the pairs),
     ``significant`` (labels at P < .05 in the mixed model), ``primary`` (labels significant after Holm
     in the primary analysis), ``only_mixed`` and ``only_primary``.
     """
@@ -125,7 +127,9 @@ def mixed_summary(results, endpoint):
     sig = [r["label"] for r in rows if r["p"] < ALPHA]
     primary = [r["label"] for r in (endpoint.get("primary") or {}).get("holm_rows", [])]
     return {"contrast": contrast, "labels": [r["label"] for r in rows],
-            "boundary": [r["label"] for r in rows if "estimated at 0" in str(r.get("note") or "")],
+            "boundary": [r["label"] for r in rows if _finite(r.get("random_effect_variance"))
+                         and _finite(r.get("residual_variance"))
+                         and r["random_effect_variance"] <= BOUNDARY * r["residual_variance"]],
             "significant": sig, "primary": primary,
             "only_mixed": [x for x in sig if x not in primary], "only_primary": [x for x in primary if x not in sig]}
 
