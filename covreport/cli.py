@@ -781,8 +781,8 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
               show_default=True, help="Folder for the phantom study, weights, cache and report.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the phantom and the training.")
-@click.option("--quick", is_flag=True, help="A first look: a smaller phantom, 1 epoch, 100 permutations and "
-              "100 resamples (kept apart: study-quick/, report-quick/).")
+@click.option("--quick", is_flag=True, help="A first look: a smaller phantom, 1 epoch, 50 permutations and "
+              "50 resamples (kept apart: study-quick/, report-quick/).")
 @quiet_option
 def demo(out, seed, quick):
     """Run the whole study on a synthetic phantom: generate, train, score, test, report.

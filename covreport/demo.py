@@ -32,12 +32,12 @@ DEMO_STUDY_TOML = Path(__file__).with_name("demo_study.toml")
 
 
 #: ``covreport demo --quick``: a first look on 2 cores. A smaller phantom (640 training images),
-#: one epoch of batches of 16, 100 permutations and 100 bootstrap resamples (each resample of the
+#: one epoch of batches of 16, 50 permutations and 50 bootstrap resamples (each resample of the
 #: primary protocol refits its tuning: the cost of the run); kept apart from the full demo
 #: (``study-quick``, ``report-quick``, its own weights).
 QUICK = {"study": {"image_size": 64, "n_train": 640, "n_valid": 150, "n_patients": 40},
          "training": {"image_size": 64, "epochs": 1, "batch_size": 16, "lr": 1e-3, "init": "none"},
-         "permutations": 100, "bootstrap": 100}
+         "permutations": 50, "bootstrap": 50}
 
 
 @dataclass

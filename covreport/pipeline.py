@@ -239,6 +239,11 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     checks = _ai_checks(pairs, prediction)
     added = _added_value(pairs, first, opts) if opts.predictors else None
+    if opts.predictors:
+        from covreport.stats.added_value import predictor_summary
+
+        t1_predictors = predictor_summary(_predictor_frame(pairs), predictor_specs(opts.predictors),
+                                          pairs["outcome"].to_numpy())
     bootstrap = None
     if opts.bootstrap:
         predicted = {}
@@ -256,6 +261,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         "primary_analysis": endpoint,
         "table1": _records(t1),
         "table1_patients": _records(t1_patients),
+        **({"table1_predictors": _records(t1_predictors)} if opts.predictors else {}),
         "group_differences": _records(groups),
         "group_differences_clustered": _records(clustered),
         **sensitivity,
@@ -705,8 +711,8 @@ def _write_tables(results, folder):
     from covreport._io import write_csv_atomic as write_csv
 
     folder.mkdir()
-    for key in ("table1", "table1_patients", "group_differences", "group_differences_clustered",
-                "mixed_model", "trend_test", "projection_changes", "validation_auc", "pairs"):
+    for key in ("table1", "table1_patients", "table1_predictors", "group_differences",
+                "group_differences_clustered", "mixed_model", "trend_test", "projection_changes", "validation_auc", "pairs"):
         if results.get(key):
             write_csv(pd.DataFrame(results[key]), folder / f"{key}.csv")
     boot = results.get("bootstrap")

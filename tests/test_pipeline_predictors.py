@@ -64,6 +64,13 @@ def test_models_comparisons_and_exclusions_are_recorded(predictors_run):
     assert "Added value of the images over the clinical predictors" in page and 'id="table-model-comparison"' in page
     assert "Decision curves of the clinical (dash-dot), imaging (dashed) and combined (solid) models" in page
     assert (out / "figures" / "added_value_decision_curve.png").is_file()
+    # Table 1c: the predictors per outcome group, all analysed pairs (Stable included), counted by pair
+    t1c = pd.read_csv(out / "tables" / "table1_predictors.csv")
+    spo2 = t1c[(t1c.predictor == "spo2") & (t1c.group == "All pairs")].iloc[0]
+    assert (spo2.pairs, spo2.n, spo2.missing) == (len(results["pairs"]), len(results["pairs"]) - 1, 1)
+    assert set(t1c.group) == {"All pairs", "Worse", "Stable", "Improved"}
+    assert results["table1_predictors"][0]["method"].startswith("descriptive, counted by pair")
+    assert 'id="table1-predictors"' in page and "spo2, missing" not in page and "sex = F" in page
 
 
 @pytest.mark.parametrize("predictors,message", [

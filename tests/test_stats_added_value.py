@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from covreport.errors import StatsError
-from covreport.stats.added_value import added_value, predictor_matrix
+from covreport.stats.added_value import added_value, predictor_matrix, predictor_summary
 from covreport.stats.decision_curve import THRESHOLDS
 from covreport.stats.lopo import lopo_predict
 from covreport.stats.model_comparison import compare_models
@@ -101,3 +101,30 @@ def test_added_value_needs_complete_predictors():
     clinical.iloc[0, 0] = np.nan
     with pytest.raises(StatsError, match="missing values"):
         added_value(images, clinical, y, pid, n_resamples=10)
+
+
+def test_predictor_summary_is_pandas_describe_and_value_counts_per_group():
+    # reference: pandas' mean, std (ddof 1), quantile (linear) and value_counts of the same columns
+    rng = np.random.default_rng(4)
+    n = 30
+    frame = pd.DataFrame({"spo2": [str(v) for v in rng.integers(85, 99, n)],
+                          "sex": rng.choice(["F", "M"], n).astype(object),
+                          "outcome": rng.choice(["Worse", "Stable", "Improved"], n)})
+    frame.loc[[3, 7], "spo2"] = ""
+    frame.loc[5, "sex"] = " "
+    out = predictor_summary(frame, ["spo2", "sex=F/M"], frame["outcome"])
+    assert list(out.group.unique()) == ["All pairs", "Worse", "Stable", "Improved"]
+    for group in out.group.unique():
+        sub = frame if group == "All pairs" else frame[frame.outcome == group]
+        v = pd.to_numeric(sub.spo2.replace("", np.nan)).dropna()
+        row = out[(out.predictor == "spo2") & (out.group == group)].iloc[0]
+        assert (row.pairs, row.n, row.missing) == (len(sub), len(v), len(sub) - len(v))
+        assert row["mean"] == pytest.approx(v.mean(), rel=1e-14) and row.sd == pytest.approx(v.std(), rel=1e-14)
+        assert (row.q1, row["median"], row.q3) == pytest.approx(tuple(v.quantile([0.25, 0.5, 0.75])), rel=1e-14)
+        known = sub.sex[sub.sex.str.strip() != ""]
+        for level in ("F", "M"):
+            row = out[(out.predictor == "sex") & (out.level == level) & (out.group == group)].iloc[0]
+            assert row["count"] == (known == level).sum() and row.n == len(known)
+            assert row.percent == pytest.approx(100 * (known == level).mean(), rel=1e-14)
+            assert row.missing == len(sub) - len(known)
+    assert out.loc[out.kind == "numeric", "count"].isna().all() and out.note.notna().all()

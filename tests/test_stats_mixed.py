@@ -38,19 +38,43 @@ def test_mixed_model_contrasts_match_r_nlme():
     out = mixed_model_contrasts(_data(), ["change"]).set_index("contrast")
     for contrast, (est, se) in REF["contrasts"].items():
         row = out.loc[contrast]
-        # reference: nlme's fixef and vcov (REML); the optimisers differ, hence 1e-5
-        assert row.estimate == pytest.approx(est, rel=1e-5)
-        assert row.se == pytest.approx(se, rel=1e-5)
+        # reference: nlme's fixef and vcov (REML); nlme stops at its own tolerance (measured 5e-9 apart)
+        assert row.estimate == pytest.approx(est, rel=1e-7)
+        assert row.se == pytest.approx(se, rel=1e-7)
         # t on nlme's between/within DF (summary(fit)$tTable[, "DF"]) and its two-sided p
         assert row.df == REF["df"]["outcomeWorse"] == REF["df"]["outcomeStable"]
         assert row.t == pytest.approx(est / se, rel=1e-4)
-        assert row.p == pytest.approx(REF["p_t"][contrast], rel=1e-3)
+        assert row.p == pytest.approx(REF["p_t"][contrast], rel=1e-6)
         assert row.ci_low == pytest.approx(est - sps.t.ppf(0.975, row.df) * se, rel=1e-4)
         assert row.random_effect_variance == pytest.approx(REF["random_effect_variance"], rel=1e-4)
-        assert row.residual_variance == pytest.approx(REF["residual_variance"], rel=1e-5)
+        assert row.residual_variance == pytest.approx(REF["residual_variance"], rel=1e-7)
         assert row.n_pairs == REF["n"] and row.unit == "patient" and row.converged
         assert "np.log(interval_days)" in row.formula and "projection_change" in row.formula
         assert row.formula in row.method and row.analysis.startswith("sensitivity")
+
+
+def test_the_reml_profile_is_statsmodels_loglike():
+    # reference: statsmodels MixedLM.loglike(params, profile_fe=True) with reml=True at the same variance
+    # ratio, and the best of statsmodels' own fits (three optimisers) is not higher than ours
+    import warnings
+
+    from statsmodels.regression.mixed_linear_model import MixedLM, MixedLMParams
+
+    from covreport.stats.mixed import _best_fit, _design, _reml_profile
+
+    df, formula, _ = _design(_data(), "change", "outcome")
+    model = MixedLM.from_formula(formula, data=df, groups=df["patient_id"])
+    fit, note = _best_fit(model)
+    gamma = float(fit.cov_re.iloc[0, 0] / fit.scale)
+    profile = _reml_profile(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = max(model.fit(reml=True, method=m).llf for m in (["bfgs"], ["powell", "lbfgs"], ["nm", "lbfgs"]))
+    model.reml, model.cov_pen, model.fe_pen = True, None, None     # what MixedLM.fit sets before loglike
+    for g in (gamma, 1.5 * gamma, 0.3, 1e-6):     # (statsmodels answers inf at exactly 0)
+        params = MixedLMParams.from_components(fe_params=np.zeros(model.k_fe), cov_re=np.array([[g]]))
+        assert profile(g)[2] == pytest.approx(model.loglike(params, profile_fe=True), rel=1e-12, abs=1e-12)
+    assert fit.llf >= theirs - 1e-12 and note is None and fit.converged
 
 
 def test_a_between_patient_outcome_takes_nlmes_outer_df():
@@ -157,7 +181,7 @@ def test_a_variance_at_the_boundary_is_reached_and_said():
     # Reference: statsmodels OLS of the same formula. When the REML random-intercept variance is 0, the
     # fixed effects are those of ordinary least squares. On this draw (no patient effect) statsmodels'
     # default optimiser stops short (lower REML log-likelihood, fixed effects 0.007 off OLS); the
-    # derivative-free starts reach the boundary.
+    # profiled search includes the boundary and reaches it.
     import warnings
 
     import statsmodels.formula.api as smf

@@ -34,7 +34,7 @@ OUTCOME_DEFINITIONS = {
 METHOD_PLACES = {
     "validation_auc": "validation AUC", "group_differences": "group differences, pairs as units",
     "group_differences_clustered": "group differences, patients as clusters", "table1": "Table 1",
-    "table1_patients": "Table 1b", "interval_days": "interval between CXRs", "bootstrap": "cluster bootstrap",
+    "table1_patients": "Table 1b", "table1_predictors": "Table 1c", "interval_days": "interval between CXRs", "bootstrap": "cluster bootstrap",
     "decision_curve": "decision curve", "revalidation": "comparison with the previous validation",
     "mixed_model": "mixed model (sensitivity analysis)", "trend_test": "trend test (sensitivity analysis)",
     "subgroups": "subgroup performance", "failure_analysis": "failure analysis",
@@ -135,6 +135,23 @@ def calibration_gaps(blocks):
             gap, pi, oi = max(pts)
             out[b["name"]] = {"gap": gap, "probability": pi, "observed": oi}
     return out
+
+
+def predictor_table(rows):
+    """Table 1c's layout: the groups (columns) and one line per numeric predictor or categorical level."""
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    lines = {}
+    for r in rows:
+        line = lines.setdefault((r["predictor"], r.get("level")), {"predictor": r["predictor"], "kind": r["kind"],
+                                                                   "level": r.get("level"), "cells": {}})
+        line["cells"][r["group"]] = r
+    lines = list(lines.values())
+    for i, line in enumerate(lines):     # a categorical predictor's last level carries its missing count
+        line["last"] = i + 1 == len(lines) or lines[i + 1]["predictor"] != line["predictor"]
+        line["missing"] = any((c.get("missing") or 0) > 0 for c in line["cells"].values())
+    return {"groups": groups, "lines": lines,
+            "missing": any((r.get("missing") or 0) > 0 for r in rows),
+            "method": rows[0]["method"] if rows else None}
 
 
 def _footnotes(rows, keys):
@@ -395,6 +412,7 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "mw_rule": "; ".join(mw_rules),
         "mw_methods_text": _mw_methods_text(gd),
         "t1p_letters": t1p_letters,
+        "t1_predictors": predictor_table(results.get("table1_predictors") or []),
         "t1p_notes": t1p_notes,
         "cal_gaps": calibration_gaps(blocks),
         "boot_gd": boot_gd,

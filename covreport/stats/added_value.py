@@ -14,6 +14,8 @@ wired yet: this module is what they will call.
 """
 
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -116,6 +118,71 @@ def predictor_matrix(frame, predictors):
             for level in s["levels"][1:]:
                 columns[f"{s['name']}[{level}]"] = np.where(blank, np.nan, (text == level).astype(float))
     return pd.DataFrame(columns, index=frame.index), complete, specs
+
+
+#: Columns of :func:`predictor_summary` (one row per predictor, level and outcome group).
+SUMMARY_COLUMNS = ("predictor", "kind", "level", "group", "pairs", "n", "missing", "mean", "sd", "median", "q1",
+                   "q3", "count", "percent", "unit", "method", "note")
+
+SUMMARY_METHOD = ("descriptive, counted by pair (pairs of one patient are not independent): numeric predictors "
+                  "as mean and sample SD (ddof 1), median and quartiles (linear interpolation, numpy's default); "
+                  "categorical ones as count and percentage of the pairs with the predictor recorded; blank "
+                  "cells counted as missing; no baseline tests")
+
+
+def predictor_summary(frame, predictors, outcome):
+    """Table 1 rows of the clinical predictors: each predictor per outcome group, counted by pair.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        One row per analysed pair with the predictor columns.
+    predictors : sequence of str
+        As :func:`predictor_matrix` (``name`` or ``name=A/B``).
+    outcome : array-like
+        Outcome group of each pair (Worse/Stable/Improved).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`SUMMARY_COLUMNS`; groups "All pairs" then each outcome
+        present. A numeric predictor has one row per group (``n`` recorded,
+        ``missing``, mean, SD, median, quartiles); a categorical one has a row
+        per level and group (``count``, ``percent`` of the ``n`` recorded).
+    """
+    from covreport.constants import OUTCOMES
+
+    X, _complete, specs = predictor_matrix(frame, predictors)
+    outcome = np.asarray(outcome, dtype=object)
+    groups = [("All pairs", np.ones(len(frame), dtype=bool))]
+    groups += [(o, outcome == o) for o in OUTCOMES if (outcome == o).any()]
+    rows = []
+    for s in specs:
+        blank = blank_mask(frame[s["name"]])
+        for group, inside in groups:
+            recorded = inside & ~blank
+            base = {"predictor": s["name"], "kind": s["kind"], "group": group, "pairs": int(inside.sum()),
+                    "n": int(recorded.sum()), "missing": int((inside & blank).sum()), "unit": "pair",
+                    "method": SUMMARY_METHOD}
+            if s["kind"] == "numeric":
+                v = X[s["name"]].to_numpy()[recorded]
+                q1, med, q3 = (np.percentile(v, [25, 50, 75]) if len(v) else (math.nan,) * 3)
+                note = "count and percent: categorical predictors only"
+                if len(v) < 2:
+                    note += f"; {len(v)} pair(s) with the predictor recorded: no " + ("SD" if len(v) else "summary")
+                rows.append({**base, "level": None, "mean": float(v.mean()) if len(v) else math.nan,
+                             "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan, "median": float(med),
+                             "q1": float(q1), "q3": float(q3), "note": note})
+                continue
+            text = np.array([str(v).strip() for v in frame[s["name"]]], dtype=object)
+            for level in s["levels"]:
+                count = int((recorded & (text == level)).sum())
+                note = "mean, SD, median and quartiles: numeric predictors only"
+                if not base["n"]:
+                    note += "; no pair with the predictor recorded: no percent"
+                rows.append({**base, "level": level, "count": count,
+                             "percent": 100.0 * count / base["n"] if base["n"] else math.nan, "note": note})
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
 def _non_negative(X):

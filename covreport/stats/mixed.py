@@ -2,7 +2,8 @@
 
 - :func:`mixed_model_contrasts`: for each label the linear mixed model
   ``change ~ C(outcome) + np.log(interval_days) + projection_change`` with a
-  random intercept per patient (statsmodels ``MixedLM.from_formula``), and its
+  random intercept per patient (design by statsmodels ``MixedLM.from_formula``,
+  REML by a profiled one-parameter search, :func:`_best_fit`), and its
   outcome contrasts (Worse vs Improved, Worse vs Stable, Stable vs Improved)
   with t CIs and tests on nlme's between/within df; terms that cannot be estimated (no dates, one projection
   pattern) are left out and the formula says so;
@@ -27,7 +28,6 @@ References
 """
 
 import math
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -49,9 +49,10 @@ MIXED_COLUMNS = (
 )
 
 MIXED_METHOD = (
-    "linear mixed model (Laird & Ware 1982) fitted by REML with statsmodels MixedLM.from_formula("
-    "'{formula}', groups=patient_id), keeping the highest REML log-likelihood of three optimiser starts "
-    "(statsmodels' default, Powell and Nelder-Mead, each finished by L-BFGS): a random intercept per patient; "
+    "linear mixed model (Laird & Ware 1982) with a random intercept per patient, design of statsmodels "
+    "MixedLM.from_formula('{formula}', groups=patient_id), fitted by REML: the residual variance profiled "
+    "out, the ratio of the two variances maximised over 0 and a grid of 121 values from 1e-8 to 1e4, the "
+    "best refined by Brent's method; "
     "contrast = difference of the "
     "outcome coefficients (reference Improved) with its {level:g}% CI and two-sided t test "
     "from the covariance (X' V^-1 X)^-1 of the fixed effects at the REML variance estimates (as R's "
@@ -219,38 +220,92 @@ def mixed_model_contrasts(changes, labels, *, outcome_column="outcome", contrast
     return pd.DataFrame(rows, columns=list(MIXED_COLUMNS))
 
 
-#: Optimisers tried for each model (statsmodels ``MixedLM.fit(method=...)``); the fit with the highest
-#: REML log-likelihood is kept. statsmodels' default (BFGS first) often stops short of a variance at
-#: the boundary (0) and warns; the derivative-free starts reach it.
-OPTIMISERS = (None, ("powell", "lbfgs"), ("nm", "lbfgs"))
+#: The REML profile of the variance ratio gamma = tau^2 / sigma^2 is evaluated on this grid of log10(gamma)
+#: (and at gamma = 0, the boundary); the best point is refined by Brent's method between its neighbours.
+GAMMA_GRID = tuple(float(v) for v in np.linspace(-8.0, 4.0, 121))
 
 #: A random-intercept variance at most this fraction of the residual variance is reported as at the boundary.
 BOUNDARY = 1e-6
 
 
+class RemlFit:
+    """The REML fit of a random-intercept model: the attributes of statsmodels' ``MixedLMResults`` used here."""
+
+    def __init__(self, model, beta, tau2, sigma2, llf):
+        self.model = model
+        self.fe_params = pd.Series(beta, index=list(model.exog_names))
+        self.cov_re = pd.DataFrame([[tau2]])
+        self.scale = sigma2
+        self.llf = llf
+        self.converged = True
+
+
+def _reml_profile(model):
+    """The profiled REML log-likelihood of ``gamma`` and the fit at a ``gamma``, for one random intercept.
+
+    With V_i = sigma^2 (I + gamma J) per patient, V_i^-1 = (I - c_i J) / sigma^2 with
+    c_i = gamma / (1 + n_i gamma), so every term needs only the patients' sums of the design and the
+    outcome. sigma^2 is profiled out (sigma^2 = r' V^-1 r / (N - p), V in units of sigma^2); the value
+    is statsmodels' ``MixedLM.loglike`` with ``reml=True`` (tests check the two agree).
+    """
+    X, y = np.asarray(model.exog, float), np.asarray(model.endog, float)
+    groups = list(model.row_indices.values())
+    n_i = np.array([len(r) for r in groups], float)
+    S = np.array([X[r].sum(axis=0) for r in groups])
+    XtX, Xty, T = X.T @ X, X.T @ y, np.array([y[r].sum() for r in groups])
+    N, p = X.shape
+    dof = N - p
+
+    def fit(gamma):
+        c = gamma / (1.0 + n_i * gamma)
+        xvx = XtX - S.T @ (c[:, None] * S)
+        xvy = Xty - S.T @ (c * T)
+        beta = np.linalg.solve(xvx, xvy)
+        res = y - X @ beta
+        qf = float(res @ res - (c * np.array([res[r].sum() for r in groups]) ** 2).sum())
+        _sign, logdet = np.linalg.slogdet(xvx)
+        llf = -0.5 * (np.log1p(n_i * gamma).sum() + dof * math.log(qf) + logdet
+                      + dof * math.log(2 * math.pi) - dof * math.log(dof) + dof)
+        return beta, qf / dof, llf
+
+    return fit
+
+
 def _best_fit(model):
-    """The REML fit of ``model`` with the highest log-likelihood over :data:`OPTIMISERS`, and its note."""
-    best, failed = None, []
-    for method in OPTIMISERS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                fit = model.fit(reml=True) if method is None else model.fit(reml=True, method=list(method))
-            except (np.linalg.LinAlgError, ValueError) as exc:
-                failed.append(str(exc))
-                continue
-        if np.isfinite(fit.llf) and (best is None or fit.llf > best.llf + 1e-9):
-            best = fit
-    if best is None:
-        return None, f"not fitted: {failed[0] if failed else 'no optimiser converged'}"
-    notes = []
-    if not best.converged:
-        notes.append("the optimiser did not report convergence (highest REML log-likelihood of "
-                     f"{len(OPTIMISERS)} starts kept)")
-    if float(best.cov_re.iloc[0, 0]) <= BOUNDARY * float(best.scale):
-        notes.append("the random-intercept variance is estimated at 0 (the boundary), so the fit equals "
-                     "ordinary least squares of the pairs")
-    return best, "; ".join(notes) or None
+    """The REML fit of ``model`` (one random intercept) and its note.
+
+    The profiled REML log-likelihood of gamma = tau^2 / sigma^2 is evaluated
+    at 0 and on :data:`GAMMA_GRID`; the best grid point is refined by bounded
+    Brent minimisation between its neighbours. One parameter, so the global
+    maximum on the grid's range is found (statsmodels' gradient optimisers
+    often stop short of a variance at the boundary).
+    """
+    from scipy.optimize import minimize_scalar
+
+    if model.exog.shape[0] <= model.exog.shape[1] or np.linalg.matrix_rank(model.exog) < model.exog.shape[1]:
+        return None, "not fitted: the fixed effects cannot be estimated (too few pairs or collinear terms)"
+    fit = _reml_profile(model)
+    grid = np.array(GAMMA_GRID)
+    values = np.array([fit(10.0 ** g)[2] for g in grid])
+    best = int(np.argmax(values))
+    gamma = 10.0 ** grid[best]
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    opt = minimize_scalar(lambda g: -fit(10.0 ** g)[2], bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-10})
+    if -opt.fun > values[best]:
+        gamma = 10.0 ** float(opt.x)
+    beta, sigma2, llf = fit(gamma)
+    beta0, sigma20, llf0 = fit(0.0)
+    if llf0 >= llf:
+        gamma, beta, sigma2, llf = 0.0, beta0, sigma20, llf0
+    if not (np.isfinite(llf) and sigma2 > 0):
+        return None, "not fitted: the REML log-likelihood is not finite"
+    best_fit = RemlFit(model, beta, gamma * sigma2, sigma2, llf)
+    note = None
+    if gamma <= BOUNDARY:
+        note = ("the random-intercept variance is estimated at 0 (the boundary), so the fit equals ordinary "
+                "least squares of the pairs")
+    return best_fit, note
 
 
 def _nlme_df(model):
