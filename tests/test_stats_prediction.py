@@ -168,6 +168,18 @@ def test_lopo_matches_sklearn_pipeline(protocol, solver):
     assert lib_ref["selected_features"] == fast["selected_features"]
 
 
+@pytest.mark.parametrize("protocol", ["nested", "global"])
+def test_chord_on_many_pairs_reaches_the_newton_optimum(protocol):
+    # 500 patients: most folds share one feature set and its Hessian (_chord_shared, which stops on the
+    # extrapolated remaining steps); reference: exact damped Newton fold by fold (solver="newton"), itself
+    # tied to scikit-learn above
+    X, y, groups = _study(11, n_patients=500, n_features=40, signal=0.3)
+    chord = lopo_predict(X, y, groups, protocol=protocol, solver="chord")
+    newton = lopo_predict(X, y, groups, protocol=protocol, solver="newton")
+    assert chord["engine"] == "chord" and newton["engine"] == "newton"
+    np.testing.assert_allclose(chord["probabilities"], newton["probabilities"], atol=1e-8)
+
+
 def test_selected_feature_counts_match_sklearn():
     X, y, groups = _study(4, n_patients=8, n_features=30)
     res = lopo_predict(X, y, groups, protocol="nested")

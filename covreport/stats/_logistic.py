@@ -28,10 +28,13 @@ from scipy import special
 
 # Convergence of the solvers: Newton stops after the step whose decrement
 # g' H^-1 g (twice the objective gap, to second order) is below _NEWTON_TOL;
-# chord iterations stop when a step moves no linear predictor by more than _CHORD_TOL.
+# chord iterations stop when a step moves no linear predictor by more than _CHORD_TOL, or (targets
+# sharing a Hessian) when the steps still to come, extrapolated from the contraction of the last two
+# (chord iterations converge linearly), would move none by more than _CHORD_TOL * _CHORD_AHEAD in all.
 _NEWTON_TOL = 1e-12
 _NEWTON_MAX_ITER = 100
 _CHORD_TOL = 1e-6
+_CHORD_AHEAD = 1e-2
 _CHORD_MAX_ITER = 40
 # BLAS threads of the fast path (see _blas_limits).
 _BLAS_THREADS = 1
@@ -39,6 +42,18 @@ _BLAS_THREADS = 1
 _SHARED_MIN = 8
 # "fast" uses chord iterations above this many pairs.
 _CHORD_MIN_PAIRS = 400
+def _residual(z, y):
+    """expit(z) - y[:, None], in place of ``z`` (n, T): expit as 0.5 + 0.5 tanh(z / 2), numpy's vectorised
+    tanh, about 3x scipy's expit on this machine and within 2.3e-16 of it (an absolute error, harmless
+    in a gradient)."""
+    z *= 0.5
+    np.tanh(z, out=z)
+    z *= 0.5
+    z += 0.5
+    z -= y[:, None]
+    return z
+
+
 def _spd_solve(M, b):
     """Solve M x = b for a batch of symmetric positive-definite M.
 
@@ -258,14 +273,14 @@ def _chord_shared(ctx, ib, rows, row_valid, w0, g0):
 
         w = out[sl]
         act = np.arange(nb)
+        before = np.full(nb, np.nan)                                 # each target's previous move
         for it in range(_CHORD_MAX_ITER):
             if len(act) == 0:
                 break
             if it == 0 and g0 is not None:
                 g = g0[sl]
             else:
-                R = special.expit(AS @ w[act].T)                     # (n, na)
-                R -= y[:, None]
+                R = _residual(AS @ w[act].T, y)                      # (n, na)
                 if rmax:
                     ra = rws[act]
                     R[ra, np.broadcast_to(np.arange(len(act))[:, None], ra.shape)] = 0.0
@@ -276,7 +291,11 @@ def _chord_shared(ctx, ib, rows, row_valid, w0, g0):
             moved = (np.abs(step) * cmax).sum(axis=1)
             bad = ~np.isfinite(moved)
             failed.extend(act[bad] + s)
-            act = act[~bad & (moved > _CHORD_TOL)]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rate = moved / before[act]                           # NaN on a target's first step
+                ahead = np.where(rate < 0.5, moved * rate / (1.0 - rate), np.inf)
+            before[act] = moved
+            act = act[~bad & (moved > _CHORD_TOL) & (ahead > _CHORD_TOL * _CHORD_AHEAD)]
         failed.extend(act + s)
         out[sl] = w
     return out, np.array(sorted(failed), dtype=np.int64)
@@ -327,8 +346,7 @@ def _chord_each(ctx, idx, rows, row_valid, w0, g0):
                 Wfull = np.zeros((u2, len(act)))
                 Wfull[ia.T, ca[None, :]] = w[act].T
                 Wfull[dummy] = 0.0
-                R = special.expit(A @ Wfull)
-                R -= y[:, None]
+                R = _residual(A @ Wfull, y)
                 if rws.shape[1]:
                     ra = rws[act]
                     R[ra, np.broadcast_to(ca[:, None], ra.shape)] = 0.0   # held-out pairs
