@@ -284,6 +284,7 @@ def flow_diagram(results):
                               "linewidth": 0.9})
                 low = min(low, y2 - half(t2, 7))
             bottom = low - 0.1
+            bottom = _added_value_box(ax, results.get("added_value"), bottom, half, main_box)
         counted = sum((by.get(o) or {}).get("patients", 0) for o in OUTCOMES)
         note = ""
         if counted != flow.get("patients_analysed"):
@@ -302,6 +303,28 @@ def flow_diagram(results):
         ax.set_ylim(bottom, top_edge)
         fig.set_size_inches(FLOW_WIDTH, top_edge - bottom)
     return fig
+
+
+def _added_value_box(ax, added, bottom, half, box):
+    """The pairs of the clinical, imaging and combined models (``--predictors``) and those missing a
+    predictor, below the index test's results; returns the new bottom."""
+    if not added:
+        return bottom
+    names = ", ".join(s["name"] for s in added.get("predictors") or [])
+    missing = {}
+    for row in added.get("excluded") or []:
+        missing[row["reason"]] = missing.get(row["reason"], 0) + 1
+    text = (f"Added value of the images: clinical, imaging and combined models\n(clinical predictors: "
+            f"{names})\n{_n(added.get('pairs_analysed') or 0, 'pair')} of "
+            f"{_n(added.get('patients_analysed') or 0, 'patient')} with every predictor\n"
+            f"Not in these models, missing a predictor: {_n(len(added.get('excluded') or []), 'pair')}")
+    for reason, n in sorted(missing.items(), key=lambda kv: (-kv[1], kv[0]))[:3]:
+        text += f"\n- {_wrap(reason, 60)} (n = {n})"
+    if len(missing) > 3:
+        text += f"\n- {len(missing) - 3} other reasons; see results.json added_value.excluded"
+    y = bottom - 0.35 - half(text, 7)
+    ax.text(50, y, text, ha="center", va="center", fontsize=7, bbox={**box, "linestyle": "--"})
+    return y - half(text, 7) - 0.1
 
 
 def _headline_block(results):

@@ -188,3 +188,17 @@ def test_flow_diagram_has_the_stard_boxes(results):
     by = results["flow"]["by_outcome"]
     counted = sum(g["patients"] for g in by.values())
     assert f"the groups count {counted} patients for {results['flow']['patients_analysed']} patients" in text
+
+
+def test_flow_diagram_counts_the_pairs_missing_a_clinical_predictor(results):
+    # issue 22.1: a pair missing a predictor is left out of the added-value models and counted with its reason
+    res = copy.deepcopy(results)
+    res["added_value"] = {"predictors": [{"name": "age"}, {"name": "spo2"}], "pairs_analysed": 40,
+                          "patients_analysed": 30, "excluded": [
+                              {"pair_id": "a", "patient_id": "P1", "reason": "missing spo2"},
+                              {"pair_id": "b", "patient_id": "P2", "reason": "missing spo2"},
+                              {"pair_id": "c", "patient_id": "P3", "reason": "missing age, spo2"}]}
+    text = _texts(flow_diagram(res))
+    assert "(clinical predictors: age, spo2)\n40 pairs of 30 patients with every predictor" in text
+    assert "Not in these models, missing a predictor: 3 pairs\n- missing spo2 (n = 2)\n- missing age, spo2 (n = 1)" in text
+    assert "Added value of the images" not in _texts(flow_diagram(results))
