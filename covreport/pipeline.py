@@ -711,8 +711,8 @@ def _write_tables(results, folder):
     from covreport._io import write_csv_atomic as write_csv
 
     folder.mkdir()
-    for key in ("table1", "table1_patients", "table1_predictors", "group_differences",
-                "group_differences_clustered", "mixed_model", "trend_test", "projection_changes", "validation_auc", "pairs"):
+    for key in ("table1", "table1_patients", "table1_predictors", "group_differences", "group_differences_clustered",
+                "mixed_model", "trend_test", "projection_changes", "validation_auc", "pairs"):
         if results.get(key):
             write_csv(pd.DataFrame(results[key]), folder / f"{key}.csv")
     boot = results.get("bootstrap")

@@ -34,7 +34,8 @@ OUTCOME_DEFINITIONS = {
 METHOD_PLACES = {
     "validation_auc": "validation AUC", "group_differences": "group differences, pairs as units",
     "group_differences_clustered": "group differences, patients as clusters", "table1": "Table 1",
-    "table1_patients": "Table 1b", "table1_predictors": "Table 1c", "interval_days": "interval between CXRs", "bootstrap": "cluster bootstrap",
+    "table1_patients": "Table 1b", "table1_predictors": "Table 1c", "interval_days": "interval between CXRs",
+    "bootstrap": "cluster bootstrap",
     "decision_curve": "decision curve", "revalidation": "comparison with the previous validation",
     "mixed_model": "mixed model (sensitivity analysis)", "trend_test": "trend test (sensitivity analysis)",
     "subgroups": "subgroup performance", "failure_analysis": "failure analysis",
@@ -149,9 +150,7 @@ def predictor_table(rows):
     for i, line in enumerate(lines):     # a categorical predictor's last level carries its missing count
         line["last"] = i + 1 == len(lines) or lines[i + 1]["predictor"] != line["predictor"]
         line["missing"] = any((c.get("missing") or 0) > 0 for c in line["cells"].values())
-    return {"groups": groups, "lines": lines,
-            "missing": any((r.get("missing") or 0) > 0 for r in rows),
-            "method": rows[0]["method"] if rows else None}
+    return {"groups": groups, "lines": lines, "missing": any(line["missing"] for line in lines)}
 
 
 def _footnotes(rows, keys):

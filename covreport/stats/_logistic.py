@@ -42,6 +42,8 @@ _BLAS_THREADS = 1
 _SHARED_MIN = 8
 # "fast" uses chord iterations above this many pairs.
 _CHORD_MIN_PAIRS = 400
+
+
 def _residual(z, y):
     """expit(z) - y[:, None], in place of ``z`` (n, T): expit as 0.5 + 0.5 tanh(z / 2), numpy's vectorised
     tanh, about 3x scipy's expit on this machine and within 2.3e-16 of it (an absolute error, harmless

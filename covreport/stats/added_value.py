@@ -159,6 +159,7 @@ def predictor_summary(frame, predictors, outcome):
     rows = []
     for s in specs:
         blank = blank_mask(frame[s["name"]])
+        text = np.array([str(v).strip() for v in frame[s["name"]]], dtype=object)
         for group, inside in groups:
             recorded = inside & ~blank
             base = {"predictor": s["name"], "kind": s["kind"], "group": group, "pairs": int(inside.sum()),
@@ -174,7 +175,6 @@ def predictor_summary(frame, predictors, outcome):
                              "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan, "median": float(med),
                              "q1": float(q1), "q3": float(q3), "note": note})
                 continue
-            text = np.array([str(v).strip() for v in frame[s["name"]]], dtype=object)
             for level in s["levels"]:
                 count = int((recorded & (text == level)).sum())
                 note = "mean, SD, median and quartiles: numeric predictors only"

@@ -249,12 +249,16 @@ def _reml_profile(model):
     is statsmodels' ``MixedLM.loglike`` with ``reml=True`` (tests check the two agree).
     """
     X, y = np.asarray(model.exog, float), np.asarray(model.endog, float)
-    groups = list(model.row_indices.values())
-    n_i = np.array([len(r) for r in groups], float)
-    S = np.array([X[r].sum(axis=0) for r in groups])
-    XtX, Xty, T = X.T @ X, X.T @ y, np.array([y[r].sum() for r in groups])
     N, p = X.shape
     dof = N - p
+    codes = np.empty(N, dtype=np.int64)                       # the patient of each row
+    for i, rows in enumerate(model.row_indices.values()):
+        codes[rows] = i
+    G = int(codes.max()) + 1
+    n_i = np.bincount(codes, minlength=G).astype(float)
+    S = np.zeros((G, p))
+    np.add.at(S, codes, X)                                    # the patients' column sums
+    XtX, Xty, T = X.T @ X, X.T @ y, np.bincount(codes, weights=y, minlength=G)
 
     def fit(gamma):
         c = gamma / (1.0 + n_i * gamma)
@@ -262,7 +266,7 @@ def _reml_profile(model):
         xvy = Xty - S.T @ (c * T)
         beta = np.linalg.solve(xvx, xvy)
         res = y - X @ beta
-        qf = float(res @ res - (c * np.array([res[r].sum() for r in groups]) ** 2).sum())
+        qf = float(res @ res - (c * np.bincount(codes, weights=res, minlength=G) ** 2).sum())
         _sign, logdet = np.linalg.slogdet(xvx)
         llf = -0.5 * (np.log1p(n_i * gamma).sum() + dof * math.log(qf) + logdet
                       + dof * math.log(2 * math.pi) - dof * math.log(dof) + dof)
