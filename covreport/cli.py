@@ -725,6 +725,13 @@ def _default_weights_or_explain():
                    "(numeric) or NAME=LEVEL1/LEVEL2 (categorical, the first level the reference), e.g. "
                    "'age,sex=F/M,spo2'; interval_days and projection_change may be named too. Adds the "
                    "clinical, imaging and combined models and what the images add (AUC, Brier, NRI, IDI).")
+@click.option("--target", default="", metavar="COLUMN",
+              help="Predict the binary clinical outcome held in this manifest column (e.g. intubation or death "
+                   "within 14 days of the first CXR) instead of Worse vs Improved, on every analysed pair with "
+                   "it recorded; the change analysis keeps the radiological outcome. Needs --positive.")
+@click.option("--positive", default="", metavar="VALUE",
+              help="The --target column's value of the positive class (e.g. 1 or yes); its one other value "
+                   "is the negative class, a blank cell not recorded.")
 @click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
               "standardised differences (journals ask for SMDs instead; the p-values are in results.json).")
 @click.option("--style", type=click.Choice(["radiology", "vancouver"]), default="radiology", show_default=True,
@@ -749,8 +756,8 @@ def _default_weights_or_explain():
 @parallel_options
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
-        protocol, permutations, bootstrap, predictive_ci, threshold, seed, predictors, cache, no_cache, strict,
-        no_pdf, out, force, previous, table1_tests, style, jobs, dask_scheduler):
+        protocol, permutations, bootstrap, predictive_ci, threshold, seed, predictors, target, positive, cache,
+        no_cache, strict, no_pdf, out, force, previous, table1_tests, style, jobs, dask_scheduler):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -767,7 +774,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
-                      threshold=threshold, predictors=predictors,
+                      threshold=threshold, predictors=predictors, target=target, positive=positive,
                       table1_tests=table1_tests, style=style,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())

@@ -104,24 +104,31 @@ def projection_counts(results):
     return out
 
 
-def _index_results(block):
+def _classes(results):
+    """The prediction's (positive, negative) classes: Worse and Improved, or a clinical target's."""
+    pred = results.get("prediction") or {}
+    return str(pred.get("positive_class") or WORSE), str(pred.get("negative_class") or IMPROVED)
+
+
+def _index_results(block, classes=(WORSE, IMPROVED)):
     """Counts of the index test's results in the prediction subset, with the reference standard of each.
 
-    ``{"positive": {WORSE: tp, IMPROVED: fp}, "negative": {...}, "inconclusive": {...}}`` from the
+    ``{"positive": {pos: tp, neg: fp}, "negative": {...}, "inconclusive": {...}}`` from the
     stored pairs (``predicted`` None: inconclusive), else from the confusion matrix.
     """
-    out = {k: {WORSE: 0, IMPROVED: 0} for k in ("positive", "negative", "inconclusive")}
+    pos, neg = classes
+    out = {k: {pos: 0, neg: 0} for k in ("positive", "negative", "inconclusive")}
     pairs = block.get("pairs") or []
     if pairs:
         for p in pairs:
-            kind = ("positive" if p.get("predicted") == WORSE else "negative" if p.get("predicted") == IMPROVED
+            kind = ("positive" if p.get("predicted") == pos else "negative" if p.get("predicted") == neg
                     else "inconclusive")
-            if p.get("outcome") in (WORSE, IMPROVED):
+            if p.get("outcome") in (pos, neg):
                 out[kind][p["outcome"]] += 1
     else:
         c = block.get("confusion") or {}
-        out["positive"] = {WORSE: c.get("tp", 0), IMPROVED: c.get("fp", 0)}
-        out["negative"] = {WORSE: c.get("fn", 0), IMPROVED: c.get("tn", 0)}
+        out["positive"] = {pos: c.get("tp", 0), neg: c.get("fp", 0)}
+        out["negative"] = {pos: c.get("fn", 0), neg: c.get("tn", 0)}
     return out
 
 
@@ -246,37 +253,48 @@ def flow_diagram(results):
                           "linestyle": {WORSE: "-", STABLE: "--", IMPROVED: ":"}[outcome]})
             group_box[outcome] = (x, y_g - half(text))
             bottom = min(bottom, y_g - half(text))
-        # the prediction of Worse vs Improved: index test results, then the reference standard of each
+        # the prediction of Worse vs Improved (or of a clinical target): index test results, then the
+        # reference standard of each
         if block:
-            res = _index_results(block)
+            pos, neg = _classes(results)
+            res = _index_results(block, (pos, neg))
             pairs = block.get("pairs") or []
             n_pairs = block.get("n_pairs") or sum(sum(v.values()) for v in res.values())
             n_pat = block.get("n_patients") or len({p.get("patient_id") for p in pairs})
-            head = (f"Prediction of {WORSE} vs {IMPROVED} from the first CXR ({name})\n"
-                    f"{_n(n_pairs, 'pair')} of {_n(n_pat, 'patient')} ({WORSE} and {IMPROVED}; "
-                    f"{STABLE} not included)")
+            target = results.get("prediction_target")
+            if target:
+                left_out = len(target.get("excluded") or [])
+                head = (f"Prediction of {_plain(pos)} vs {_plain(neg)} from the first CXR ({name})\n"
+                        f"{_n(n_pairs, 'pair')} of {_n(n_pat, 'patient')} (every category; "
+                        f"{_plain(target.get('column'))} not recorded: {_n(left_out, 'pair')}, not included)")
+                sources = ((WORSE, -8), (STABLE, 0), (IMPROVED, 8))
+            else:
+                head = (f"Prediction of {WORSE} vs {IMPROVED} from the first CXR ({name})\n"
+                        f"{_n(n_pairs, 'pair')} of {_n(n_pat, 'patient')} ({WORSE} and {IMPROVED}; "
+                        f"{STABLE} not included)")
+                sources = ((WORSE, -8), (IMPROVED, 8))
             y_head = bottom - 0.45 - half(head, 7.5)
-            for outcome in (WORSE, IMPROVED):
+            for outcome, dx in sources:
                 x, y_top = group_box[outcome]
-                ax.annotate("", xy=(50 + (-8 if outcome == WORSE else 8), y_head + half(head, 7.5)),
-                            xytext=(x, y_top), arrowprops=arrow)
+                ax.annotate("", xy=(50 + dx, y_head + half(head, 7.5)), xytext=(x, y_top), arrowprops=arrow)
             ax.text(50, y_head, head, ha="center", va="center", fontsize=7.5, bbox=main_box)
             y_bar2 = y_head - half(head, 7.5) - 0.3
             ax.plot([xs[0], xs[-1]], [y_bar2, y_bar2], color="black", linewidth=0.9)
             ax.plot([50, 50], [y_head - half(head, 7.5), y_bar2], color="black", linewidth=0.9)
-            titles = {"positive": f"Index test positive\n(predicts {WORSE})",
-                      "negative": f"Index test negative\n(predicts {IMPROVED})",
+            titles = {"positive": f"Index test positive\n(predicts {_plain(pos)})",
+                      "negative": f"Index test negative\n(predicts {_plain(neg)})",
                       "inconclusive": "Index test inconclusive\n(no prediction)"}
             low = y_bar2
             for x, kind in zip(xs, ("positive", "negative", "inconclusive")):
                 k = res[kind]
-                t1 = f"{titles[kind]}\nn = {_n(k[WORSE] + k[IMPROVED], 'pair')}"
+                t1 = f"{titles[kind]}\nn = {_n(k[pos] + k[neg], 'pair')}"
                 y1 = y_bar2 - 0.35 - half(t1, 7)
                 ax.annotate("", xy=(x, y1 + half(t1, 7)), xytext=(x, y_bar2), arrowprops=arrow)
                 ax.text(x, y1, t1, ha="center", va="center", fontsize=7,
                         bbox={"boxstyle": "square,pad=0.5", "facecolor": "white", "edgecolor": "black",
                               "linewidth": 0.9})
-                t2 = f"Reference standard\n{WORSE}: {k[WORSE]}\n{IMPROVED}: {k[IMPROVED]}"
+                t2 = (f"{'Target' if target else 'Reference standard'}\n{_plain(pos)}: {k[pos]}\n"
+                      f"{_plain(neg)}: {k[neg]}")
                 y2 = y1 - half(t1, 7) - 0.35 - half(t2, 7)
                 ax.annotate("", xy=(x, y2 + half(t2, 7)), xytext=(x, y1 - half(t1, 7)), arrowprops=arrow)
                 ax.text(x, y2, t2, ha="center", va="center", fontsize=7,
@@ -490,7 +508,8 @@ def calibration_drawable(block):
 
 
 def calibration_figure(results):
-    """Flexible calibration curves of the out-of-fold probability of Worse, one panel per protocol.
+    """Flexible calibration curves of the out-of-fold probability of Worse (or of a target's positive
+    class), one panel per protocol.
 
     Each panel shows the lowess calibration curve stored in
     ``prediction[protocol].calibration.curve`` with its patient-bootstrap
@@ -526,6 +545,7 @@ def calibration_figure(results):
     if not names:
         raise ReportError("nothing to plot: no prediction protocol has a drawable calibration record")
     pred = results["prediction"]
+    pos, _neg = _classes(results)
     nrows, ncols = _grid(len(names), ncols=2)
     with matplotlib.rc_context(_RC):
         fig = _figure(max(2.6 * ncols + 0.4, 5.2), 2.6 * nrows + 0.6)
@@ -547,7 +567,7 @@ def calibration_figure(results):
                     ax.fill_between(x[band], lo[band], hi[band], color="0.85", linewidth=0,
                                     label="95% bootstrap band")
                 ax.plot(x, obs, color="black", linewidth=1.2, label="lowess curve")
-            rows = [(float(p["probability"]), 1.0 if p.get("outcome") == WORSE else 0.0)
+            rows = [(float(p["probability"]), 1.0 if p.get("outcome") == pos else 0.0)
                     for p in block.get("pairs") or [] if p.get("probability") is not None]
             if rows:
                 px, py = np.array(rows).T
@@ -563,7 +583,7 @@ def calibration_figure(results):
             ax.set_ylim(-0.06, 1.06)
             ax.set_aspect("equal")
             ax.set_title(PROTOCOL_TITLES.get(name, name) + (" [headline]" if name == head else ""), fontsize=7.5)
-            ax.set_xlabel(f"predicted probability of {WORSE}")
+            ax.set_xlabel(f"predicted probability of {_plain(pos)}")
             ax.tick_params(length=2, labelsize=6)
             txt = [f"{label} {_fmt(cal.get(key), nd)}" for key, label, nd in
                    (("brier", "Brier", 3), ("intercept", "intercept", 2), ("slope", "slope", 2), ("ici", "ICI", 3),
@@ -572,7 +592,7 @@ def calibration_figure(results):
                     transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5,
                                                   "pad": 1.5})
         for ax in grid[:, 0]:
-            ax.set_ylabel(f"observed proportion {WORSE}")
+            ax.set_ylabel(f"observed proportion {_plain(pos)}")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=6.5)
         fig.subplots_adjust(left=0.1, right=0.98, top=1 - 0.25 / (2.6 * nrows + 0.6),

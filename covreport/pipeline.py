@@ -60,6 +60,8 @@ class RunOptions:
     predictive_ci: str = "exact"
     threshold: float = 0.5
     predictors: str = ""
+    target: str = ""
+    positive: str = ""
     table1_tests: bool = False
     style: str = "radiology"
     previous: tuple = ()
@@ -100,6 +102,7 @@ def run(opts: RunOptions) -> Path:
             manifest = read_manifest(opts.manifest, strict=opts.strict, check_images=False)
         _check_out(opts, _manifest_image_paths(manifest))
         _check_predictors(manifest, opts)
+        _check_target(manifest, opts)
         scores = read_scores(opts.scores, require_features=True)
         manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], strict=opts.strict)
     else:
@@ -110,6 +113,7 @@ def run(opts: RunOptions) -> Path:
             manifest = read_manifest(opts.manifest, strict=opts.strict)
         _check_out(opts, _manifest_image_paths(manifest))
         _check_predictors(manifest, opts)
+        _check_target(manifest, opts)
         loaded = load_checkpoint(weights)
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache, progress=True)
         from covreport.distributed import is_main
@@ -228,17 +232,20 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     by_image = scores.set_index(IMAGE_COLUMN)
     first = by_image.loc[pairs["first_image"], feats].to_numpy(dtype=float)
     second = by_image.loc[pairs["second_image"], feats].to_numpy(dtype=float)
+    task, target = _prediction_outcome(pairs, opts)
     prediction = predict_outcome(
         pd.DataFrame(first, columns=feats), pd.DataFrame(second, columns=feats),
-        pairs["outcome"].to_numpy(), pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
+        task, pairs["patient_id"].to_numpy(), pairs["pair_id"].to_numpy(),
         order_keys=_order_keys(pairs).drop(columns=["patient_id"]),
         headline=opts.protocol, n_permutations=opts.permutations, seed=opts.seed,
         predictive_ci=opts.predictive_ci, n_bootstrap=opts.bootstrap, threshold=opts.threshold,
         calibration_resamples=min(opts.bootstrap, CURVE_RESAMPLES),
+        classes=(target["positive_class"], target["negative_class"]) if target else None,
     )
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     checks = _ai_checks(pairs, prediction)
-    added = _added_value(pairs, first, opts) if opts.predictors else None
+    classes = (prediction["positive_class"], prediction["negative_class"])
+    added = _added_value(pairs, first, opts, task, classes) if opts.predictors else None
     if opts.predictors:
         from covreport.stats.added_value import predictor_summary
 
@@ -246,14 +253,14 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
                                           pairs["outcome"].to_numpy())
     bootstrap = None
     if opts.bootstrap:
-        predicted = {}
+        predicted, positive = {}, prediction["positive_class"]
         for key in ("penalised", "nested", "global", "reversed"):
             block = prediction.get(key) or {}
             rows = [r for r in block.get("pairs", []) if r["predicted"] is not None]
             if rows:
                 predicted[key] = {"patient_id": [r["patient_id"] for r in rows],
-                                  "outcome": [r["outcome"] == WORSE for r in rows],
-                                  "predicted": [r["predicted"] == WORSE for r in rows]}
+                                  "outcome": [r["outcome"] == positive for r in rows],
+                                  "predicted": [r["predicted"] == positive for r in rows]}
         bootstrap = cluster_bootstrap(pairs["patient_id"], predicted, changes, labels,
                                       n_resamples=opts.bootstrap, seed=opts.seed)
         bootstrap["group_differences"] = _records(pd.DataFrame(bootstrap["group_differences"]))
@@ -262,6 +269,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         "table1": _records(t1),
         "table1_patients": _records(t1_patients),
         **({"table1_predictors": _records(t1_predictors)} if opts.predictors else {}),
+        **({"prediction_target": target} if target else {}),
         "group_differences": _records(groups),
         "group_differences_clustered": _records(clustered),
         **sensitivity,
@@ -301,11 +309,50 @@ def _check_predictors(manifest, opts):
         raise StatsError(f"{opts.manifest}: --predictors: {exc}") from None
 
 
-def _added_value(pairs, first, opts):
-    """Clinical, imaging and combined models on the Worse/Improved pairs with every predictor (issue 22)."""
+def _prediction_outcome(pairs, opts):
+    """The prediction's outcome per pair and the ``prediction_target`` record (None without ``--target``).
+
+    By default the radiological outcome (Worse vs Improved, Stable left out);
+    with ``--target`` the class of the target column on every analysed pair
+    (None where it is blank).
+    """
+    if not opts.target:
+        return pairs["outcome"].to_numpy(), None
+    from covreport.stats.target import target_classes, target_record
+
+    try:
+        classes, record = target_classes(pairs, opts.target, opts.positive)
+    except StatsError as exc:
+        raise StatsError(f"--target, among the {len(pairs)} analysed pairs: {exc}") from None
+    return classes, target_record(pairs, classes, record)
+
+
+def _check_target(manifest, opts):
+    """--target and --positive checked on every manifest row before any image is scored."""
+    if not opts.target and not opts.positive:
+        return
+    if not opts.target:
+        raise StatsError(f"--positive {opts.positive} is given without --target: name the manifest column "
+                         "that holds the target with --target COLUMN")
+    from covreport.stats.target import target_classes
+
+    try:
+        target_classes(manifest.pairs, opts.target, opts.positive)
+    except StatsError as exc:
+        raise StatsError(f"{opts.manifest}: {exc}") from None
+
+
+def _added_value(pairs, first, opts, task, classes):
+    """Clinical, imaging and combined models on the pairs of the prediction with every predictor (issue 22).
+
+    ``task`` is the prediction's outcome per pair (:func:`_prediction_outcome`)
+    and ``classes`` its (positive, negative) classes: the models predict the
+    same outcome as the prediction, on its pairs.
+    """
     from covreport.stats.added_value import added_value, blank_mask, predictor_matrix
 
-    keep = pairs["outcome"].isin([WORSE, IMPROVED]).to_numpy()
+    task = np.asarray(task, dtype=object)
+    keep = np.isin(task, classes)
     frame = _predictor_frame(pairs.loc[keep].reset_index(drop=True))
     X, complete, specs = predictor_matrix(frame, predictor_specs(opts.predictors))
     blanks = {s["name"]: blank_mask(frame[s["name"]]) for s in specs}
@@ -313,12 +360,14 @@ def _added_value(pairs, first, opts):
                 "reason": "missing " + ", ".join(name for name, b in blanks.items() if b[i])}
                for i in np.flatnonzero(~complete)]
     sub = frame.loc[complete].reset_index(drop=True)
-    y = (sub["outcome"] == WORSE).to_numpy(dtype=int)
+    task = task[keep][complete]
+    y = (task == classes[0]).astype(int)
     record = {"predictors": specs, "pairs_in_prediction": int(len(frame)), "pairs_analysed": int(len(sub)),
               "patients_analysed": int(sub["patient_id"].nunique()), "excluded": missing, "unit": "pair",
               "interval_unit": "patient", "note": None}
     if len(sub) < 4 or y.sum() < 2 or (1 - y).sum() < 2 or sub["patient_id"].nunique() < 3:
-        record["note"] = (f"not run: {len(sub)} pairs ({int(y.sum())} Worse, {int((1 - y).sum())} Improved) of "
+        record["note"] = (f"not run: {len(sub)} pairs ({int(y.sum())} {classes[0]}, {int((1 - y).sum())} "
+                          f"{classes[1]}) of "
                           f"{sub['patient_id'].nunique()} patients have every predictor; the models need at least "
                           "2 of each class and 3 patients")
         return record
@@ -327,7 +376,7 @@ def _added_value(pairs, first, opts):
     probs = {name: m.pop("probabilities") for name, m in res["models"].items()}
     record.update(res)
     record["pairs"] = [{"pair_id": str(sub["pair_id"][i]), "patient_id": str(sub["patient_id"][i]),
-                        "outcome": str(sub["outcome"][i]), **{f"p_{k}": v[i] for k, v in probs.items()}}
+                        "outcome": str(task[i]), **{f"p_{k}": v[i] for k, v in probs.items()}}
                        for i in range(len(sub))]
     return record
 
@@ -339,12 +388,15 @@ def _ai_checks(pairs, prediction):
     )
 
     name = prediction.get("headline")
+    classes = (prediction.get("positive_class", WORSE), prediction.get("negative_class", IMPROVED))
     records = [r for r in (prediction.get(name) or {}).get("pairs") or [] if r.get("probability") is not None]
     covariates = pairs.set_index("pair_id").reindex([r["pair_id"] for r in records])
     dates = [v for c in ("first_date", "second_date") if c in pairs for v in pairs[c]]  # every analysed pair
     return {"subgroups": {"protocol": name, "method": SUBGROUP_METHOD,
-                          "rows": subgroup_performance(records, covariates.reset_index(drop=True))},
-            "failure_analysis": {"protocol": name, "method": FAILURE_METHOD, "rows": failure_analysis(records)},
+                          "rows": subgroup_performance(records, covariates.reset_index(drop=True),
+                                                       classes=classes)},
+            "failure_analysis": {"protocol": name, "method": FAILURE_METHOD.format(positive=classes[0]),
+                                 "rows": failure_analysis(records, positive=classes[0])},
             "patient_separation": {"protocol": name, **patient_separation(records, dates=dates)}}
 
 
@@ -571,7 +623,7 @@ def _is_phantom(manifest):
 #: RunOptions fields that change a number of results.json: recorded in
 #: ``provenance.options`` so that a rerun (``covreport verify``) can repeat them.
 NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "threshold", "strict",
-                  "predictors")
+                  "predictors", "target", "positive")
 
 
 def portable_path(path, base):
@@ -770,7 +822,8 @@ def _write_prediction_tables(results, folder, write_csv):
 
     blocks = _prediction_blocks(results.get("prediction"))
     rows = [{"pair_id": r["pair_id"], "patient_id": r["patient_id"], "protocol": name,
-             "outcome": int(r["outcome"] == WORSE), "probability": r["probability"], "fold": r.get("fold"),
+             "outcome": int(r["outcome"] == results["prediction"].get("positive_class", WORSE)),
+             "probability": r["probability"], "fold": r.get("fold"),
              "one_class_fold": r.get("one_class_fold")}
             for name, block in blocks for r in block["pairs"] if r.get("probability") is not None]
     if rows:
@@ -815,6 +868,8 @@ def _write_outputs(results, out, opts, cams):
     from covreport.report import render_report
 
     target = _check_out(opts)
+    # The tables and the report are made from what results.json holds (NaN as null), as verify remakes them.
+    results = _clean(results)
     try:
         with staged_dir(target, force=opts.force, error_class=ReportError,
                         swap=lambda *a, **k: _replace_dir(*a, **k)) as tmp:

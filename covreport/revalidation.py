@@ -311,6 +311,9 @@ def _comparability(old, new):
         diffs = [f"{k}: {old_pre.get(k)!r} -> {new_pre.get(k)!r}" for k in keys if old_pre.get(k) != new_pre.get(k)]
         detail = "; ".join(diffs) if diffs else f"{old_pre!r} -> {new_pre!r}"
         reasons.append(f"different preprocessing ({detail})")
+    targets = [str((r.get("prediction") or {}).get("positive_class") or WORSE) for r in (old, new)]
+    if targets[0] != targets[1]:
+        reasons.append(f"different prediction target: previous {targets[0]!r}, new {targets[1]!r} (--target)")
     if reasons:
         return False, "; ".join(reasons)
     return True, f"same weights (SHA-256 {new_sha}) and preprocessing"

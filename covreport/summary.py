@@ -150,7 +150,9 @@ def _prediction(results, unit, missing):
         missing.append("'prediction.headline' (the headline protocol)")
         return None
     block = pred.get(protocol)
-    out = {"protocol": _text(protocol, limit=60), "n_pairs": None, "n_patients": None, "permutation_p": None}
+    out = {"protocol": _text(protocol, limit=60), "n_pairs": None, "n_patients": None, "permutation_p": None,
+           "classes": [_text(pred.get(k) or d, limit=80) for k, d in (("positive_class", "Worse"),
+                                                                      ("negative_class", "Improved"))]}
     if not isinstance(block, dict) or not isinstance(block.get("metrics"), dict):
         out["note"] = f"the {out['protocol']} protocol has no results (it could not run)"
         return out
@@ -295,7 +297,8 @@ def format_summary(summary):
             for key, word in _METRICS:
                 rec = pred[key]
                 parts.append(f"{word} {_num(rec['estimate'])} ({_ci(rec)}, {rec['unit']} level)")
-            lines.append(f"Prediction  {pred['protocol']} protocol, {_count(pred['n_pairs'], 'Worse/Improved pair')}: "
+            pos, neg = pred.get("classes") or ("Worse", "Improved")
+            lines.append(f"Prediction  {pred['protocol']} protocol, {_count(pred['n_pairs'], f'{pos}/{neg} pair')}: "
                          + "; ".join(parts)
                          + ("" if pred["permutation_p"] is None else f"; permutation p {_p(pred['permutation_p'])}"))
     for text in s["missing"]:

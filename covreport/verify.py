@@ -209,11 +209,13 @@ _OPTION_RULES = {
     "strict": (lambda v: type(v) is bool, "true or false"),
     "predictors": (lambda v: type(v) is str and len(v) <= 2000 and v.isprintable(),
                    "a list of manifest columns as --predictors takes it"),
+    "target": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a manifest column name or ''"),
+    "positive": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a value of the target or ''"),
 }
 
 
 #: Options added after results.json first recorded its options, with the value every run had before.
-_OPTION_BEFORE = {"threshold": 0.5, "predictors": ""}
+_OPTION_BEFORE = {"threshold": 0.5, "predictors": "", "target": "", "positive": ""}
 
 
 def _check_options(options, path):

@@ -265,9 +265,18 @@ def fill_checklist(items, results):
 def tripod_checklist(results):
     """The TRIPOD+AI 2024 checklist (52 sub-items), filled from the results and ``results["study"]``.
 
-    Rows as :func:`fill_checklist`'s; ``applies`` is D, E or D;E.
+    Rows as :func:`fill_checklist`'s; ``applies`` is D, E or D;E. With a
+    clinical target (``prediction_target``), item 8a names it: its
+    definition and time horizon are the authors' (``reference_standard``).
     """
-    return fill_checklist(tripod_items(), results)
+    items = tripod_items()
+    target = results.get("prediction_target")
+    if isinstance(target, dict):
+        said = (f"the clinical target predicted: the manifest column {target.get('column')!s} "
+                f"({target.get('positive_class')!s} vs {target.get('negative_class')!s}); the outcome categories "
+                "(Worse, Stable, Improved) with their definitions for the change analysis")
+        items = [dict(it, covreport=said) if it["id"] == "8a" else it for it in items]
+    return fill_checklist(items, results)
 
 
 def claim_checklist(results):

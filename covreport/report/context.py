@@ -358,6 +358,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         if stem in (figures or {}) or (stem == "class_activation_maps" and cams_expected):
             figure_numbers[stem] = len(figure_numbers) + 1
     endpoint = endpoint_summary(results)
+    pos = str((results.get("prediction") or {}).get("positive_class") or WORSE)
+    neg = str((results.get("prediction") or {}).get("negative_class") or IMPROVED)
     dca = decision_view(results, blocks, ((blocks[0]["block"].get("threshold") or {}).get("value")
                                           if blocks else None))
     def any_block_has(key):
@@ -387,8 +389,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "figures": figures or {},
         "blocks": blocks,
         "headline": blocks[0] if blocks else None,
-        "threshold": (((blocks[0]["block"].get("threshold") or {}).get("value") or _threshold(blocks[0]["block"]))
-                      if blocks else None),
+        "threshold": (((blocks[0]["block"].get("threshold") or {}).get("value")
+                       or _threshold(blocks[0]["block"], pos)) if blocks else None),
         "threshold_record": (blocks[0]["block"].get("threshold") or None) if blocks else None,
         "dca": dca,
         "t4": t4,
@@ -459,6 +461,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
         "outcome_defs": OUTCOME_DEFINITIONS,
         "outcomes": OUTCOMES,
         "WORSE": WORSE, "STABLE": STABLE, "IMPROVED": IMPROVED,
+        # The prediction's classes: Worse and Improved, or a clinical target's (--target; prediction_target)
+        "POS": pos, "NEG": neg, "target": results.get("prediction_target") or None,
         "thresholds": {"small": SMALL_GROUP, "wide": WIDE_CI, "imbalance": IMBALANCE_RATIO, "alpha": ALPHA},
         "style": current_style(),
     }

@@ -75,11 +75,13 @@ def limitations(results):
         if npos and nneg:
             ratio = max(npos, nneg) / min(npos, nneg)
             if ratio >= IMBALANCE_RATIO:
-                major = WORSE if npos >= nneg else IMPROVED
+                pos, neg = ((results.get("prediction") or {}).get("positive_class", WORSE),
+                            (results.get("prediction") or {}).get("negative_class", IMPROVED))
+                major = pos if npos >= nneg else neg
                 nir = max(npos, nneg) / (npos + nneg)
                 acc = (b.get("metrics") or {}).get("accuracy", {}).get("estimate")
-                out.append({"kind": "Class imbalance", "text": f"The prediction task has {fmt_num(npos)} {WORSE} and {fmt_num(nneg)} "
-                            f"{IMPROVED} pairs (ratio {fmt_num(ratio, 1)}:1). Always predicting {major} would be "
+                out.append({"kind": "Class imbalance", "text": f"The prediction task has {fmt_num(npos)} {pos} and {fmt_num(nneg)} "
+                            f"{neg} pairs (ratio {fmt_num(ratio, 1)}:1). Always predicting {major} would be "
                             f"{fmt_auc(nir)} accurate; the {head['name']} accuracy of {fmt_auc(acc)} must be "
                             "read against that rate, and sensitivity and specificity together."})
     ep = endpoint_summary(results)

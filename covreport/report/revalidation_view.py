@@ -77,6 +77,8 @@ def _reval_groups(rev, results):
     labels = list(results.get("labels") or [])
     head = rev.get("headline_protocol") or (results.get("prediction") or {}).get("headline") or "nested"
     protocols = [head] + [p for p in ("penalised", "nested", "global", "reversed") if p != head]
+    pred = results.get("prediction") or {}
+    task = f"{pred.get('positive_class') or WORSE} vs {pred.get('negative_class') or IMPROVED}"
     prefix = None
     previous = rev.get("previous") or []
     if previous and previous[-1].get("comparable") is False:
@@ -91,7 +93,7 @@ def _reval_groups(rev, results):
         if protocol is not None and q in _PREDICTION_ORDER:
             rank = protocols.index(protocol) if protocol in protocols else len(protocols)
             key = (0, rank, str(protocol))
-            title = (f"Prediction of {WORSE} vs {IMPROVED}, "
+            title = (f"Prediction of {task}, "
                      + _PROTOCOL_TITLES.get(protocol, f"{protocol} protocol")
                      + (" [headline]" if protocol == head else ""))
             name = q if q == "AUC" else q.capitalize()

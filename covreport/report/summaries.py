@@ -43,10 +43,10 @@ def _prediction_blocks(results):
     return blocks
 
 
-def _threshold(block):
+def _threshold(block, positive=WORSE):
     """The probability cut-off implied by the stored predictions, if it is 0.5."""
     rows = [p for p in block.get("pairs", []) if _finite(p.get("probability"))]
-    if rows and all((p["probability"] >= 0.5) == (p["predicted"] == WORSE) for p in rows):
+    if rows and all((p["probability"] >= 0.5) == (p["predicted"] == positive) for p in rows):
         return 0.5
     return None
 

@@ -9,8 +9,8 @@
   pairs, and the comparisons combined vs clinical and imaging vs clinical
   (:func:`covreport.stats.model_comparison.compare_models`).
 
-The CLI option, the report section and the demo's clinical columns are not
-wired yet: this module is what they will call.
+``covreport run --predictors`` (:mod:`covreport.pipeline`) calls them; the
+report's "Added value of the images" section shows them.
 """
 
 

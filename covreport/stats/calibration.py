@@ -100,8 +100,8 @@ def _glm(y, exog, offset=None):
         try:
             fit = sm.GLM(y, exog, family=sm.families.Binomial(), offset=offset).fit()
         except (PerfectSeparationError, PerfectSeparationWarning):
-            return None, ("perfect separation: the logit of the probability separates Worse from Improved "
-                          "pairs, so the maximum-likelihood estimate is infinite")
+            return None, ("perfect separation: the logit of the probability separates the pairs of the two "
+                          "classes, so the maximum-likelihood estimate is infinite")
         except (np.linalg.LinAlgError, ValueError) as exc:
             return None, f"the fit failed: {exc}".split("\n")[0]
     if not np.all(np.isfinite(fit.params)) or not np.all(np.isfinite(fit.bse)):

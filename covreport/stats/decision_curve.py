@@ -34,8 +34,8 @@ REFERENCE = ("Vickers AJ, Elkin EB. Med Decis Making 2006;26:565-574; Vickers AJ
              "BMJ 2016;352:i6")
 
 METHOD = (
-    "Decision-curve analysis (Vickers & Elkin 2006) of the out-of-fold probabilities of Worse: at each "
-    "threshold probability pt ({span}), a pair is treated as Worse when its probability is >= pt; net benefit "
+    "Decision-curve analysis (Vickers & Elkin 2006) of the out-of-fold probabilities of {positive}: at each "
+    "threshold probability pt ({span}), a pair is treated as {positive} when its probability is >= pt; net benefit "
     "= TP/n - FP/n x pt/(1 - pt), against treating every pair (prevalence - (1 - prevalence) x pt/(1 - pt)) "
     "and none (0); net interventions avoided per 100 pairs = (NB - NB treat-all) x 100 x (1 - pt)/pt; "
     "{band}; the numbers agree with dcurves' dca (tested)"
@@ -205,13 +205,14 @@ def decision_curves(prediction, *, thresholds=None, n_resamples=RESAMPLES, seed=
     t = check_thresholds(thresholds)
     alpha = check_alpha(alpha)
     frames, protocols = [], {}
+    positive = (prediction or {}).get("positive_class", WORSE)
     for name, block in (prediction or {}).items():
         if not isinstance(block, dict):
             continue
         pairs = [r for r in block.get("pairs") or [] if r.get("probability") is not None]
         if not pairs:
             continue
-        y = np.array([r.get("outcome") == WORSE for r in pairs], dtype=float)
+        y = np.array([r.get("outcome") == positive for r in pairs], dtype=float)
         p = np.array([float(r["probability"]) for r in pairs])
         g = [r.get("patient_id") for r in pairs]
         df = decision_curve(y, p, groups=g, thresholds=t, n_resamples=n_resamples, seed=seed, alpha=alpha)
@@ -231,6 +232,6 @@ def decision_curves(prediction, *, thresholds=None, n_resamples=RESAMPLES, seed=
     return {"rows": rows[list(COLUMNS)].to_dict("records"), "protocols": protocols,
             "thresholds": [float(v) for v in t], "resamples": int(n_resamples), "seed": int(seed),
             "level": 1 - alpha, "unit": "pair", "interval_unit": "patient",
-            "method": METHOD.format(span=span, band=band),
+            "method": METHOD.format(span=span, band=band, positive=positive),
             "reference": REFERENCE,
             "note": None if frames else "not computed: no protocol has out-of-fold probabilities"}

@@ -1,7 +1,8 @@
 """The ``prediction`` block of ``results.json``: LOPO prediction of the pair outcome.
 
-Binary task: Worse (positive, 1) against Improved (0), from one CXR's pooled
-DenseNet features, by leave-one-patient-out cross-validation
+Binary task: Worse (positive, 1) against Improved (0), or the two classes of
+a clinical target (``--target``, :mod:`covreport.stats.target`), from one
+CXR's pooled DenseNet features, by leave-one-patient-out cross-validation
 (:mod:`covreport.stats.lopo`) with a permutation test of the accuracy
 (:mod:`covreport.stats.permutation`), for the primary ``penalised`` protocol
 (:mod:`covreport.stats.penalised`), the ``nested`` and ``global`` protocols
@@ -46,17 +47,17 @@ _ENGINES = {
 }
 
 
-def _penalised_method(features_from, engine):
+def _penalised_method(features_from, engine, classes=(WORSE, IMPROVED)):
     fitted = _ENGINES.get(engine, engine)
     checked = "" if engine == "sklearn" else " (checked against scikit-learn in the tests)"
     if features_from != "first":   # the main protocol's method (prediction.penalised.method), not repeated
         return (f"Reversed-order control: the main protocol (the same standardisation, penalty tuning and "
                 f"leave-one-patient-out cross-validation, fitted by {fitted}) on the {features_from} CXR's pooled "
-                f"DenseNet features, Worse (positive) vs Improved ({PENALISED_REFERENCE}).")
+                f"DenseNet features, {classes[0]} (positive) vs {classes[1]} ({PENALISED_REFERENCE}).")
     return (
         "Main protocol"
         f", leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
-        "features, Worse (positive) vs Improved: inside each training fold only, every feature standardised "
+        f"features, {classes[0]} (positive) vs {classes[1]}: inside each training fold only, every feature standardised "
         "with the fold's mean and SD (features constant in the fold dropped), then an L2-penalised logistic "
         "regression (intercept unpenalised, all features, no univariate pre-selection: invariant to the "
         f"features' units) whose penalty C was chosen from {len(PENALTY_GRID)} values log-spaced "
@@ -64,15 +65,15 @@ def _penalised_method(features_from, engine):
         f"cross-validation (GroupKFold; leave-one-patient-out below {2 * INNER_FOLDS} training patients; "
         "standardisation redone in each inner training fold) minimising the summed held-out log loss "
         f"(deviance), C = {FALLBACK_C:g} where no inner fold holds both classes; fitted by {fitted}{checked}; "
-        "a pair is predicted Worse when its out-of-fold probability is >= the classification threshold (the "
-        "block's threshold record); a training fold holding one "
+        f"a pair is predicted {classes[0]} when its out-of-fold probability is >= the classification threshold "
+        "(the block's threshold record); a training fold holding one "
         f"class predicts that class ({PENALISED_REFERENCE})."
     )
 
 
-def _pipeline_method(protocol, features_from, alpha, engine):
+def _pipeline_method(protocol, features_from, alpha, engine, classes=(WORSE, IMPROVED)):
     if protocol == PRIMARY_PROTOCOL:
-        return _penalised_method(features_from, engine)
+        return _penalised_method(features_from, engine, classes)
     where = ("inside each fold, on the training pairs only" if protocol == "nested" else
              "once on all pairs before the cross-validation (optimistic: the held-out pairs "
              "take part in the selection)")
@@ -80,11 +81,11 @@ def _pipeline_method(protocol, features_from, alpha, engine):
     checked = "" if engine == "sklearn" else " (checked against scikit-learn in the tests)"
     return (
         f"Leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
-        f"features, Worse (positive) vs Improved: chi-square feature selection (scikit-learn chi2, "
+        f"features, {classes[0]} (positive) vs {classes[1]}: chi-square feature selection (scikit-learn chi2, "
         f"keep p < {alpha:g}, else the single feature with the lowest p) {where}; then "
         "LogisticRegression() with scikit-learn's defaults (L2 penalty, C = 1, intercept "
         f"unpenalised), fitted by {fitted}{checked}; replication of the original study's recipe "
-        "(Duchesne et al. 2020); a pair is predicted Worse when its "
+        f"(Duchesne et al. 2020); a pair is predicted {classes[0]} when its "
         "out-of-fold probability is >= the classification threshold (the block's threshold record); all "
         "pairs of the held-out patient are left out of "
         "selection and fitting; a training fold holding one class predicts that class; pairs "
@@ -455,7 +456,7 @@ def _cv_intervals(draws, values, yf, codes, protocol, alpha, solver, estimates, 
 
 def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None, headline=PRIMARY_PROTOCOL,
                     n_permutations=1000, seed=0, alpha=0.05, solver="fast", predictive_ci="exact",
-                    n_jobs=None, n_bootstrap=0, threshold=THRESHOLD, calibration_resamples=None):
+                    n_jobs=None, n_bootstrap=0, threshold=THRESHOLD, calibration_resamples=None, classes=None):
     """The ``prediction`` block of ``results.json`` (docs/RESULTS.md).
 
     Parameters
@@ -465,7 +466,9 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         with ``outcome``).
     outcome : array_like of str
         ``Worse``, ``Stable`` or ``Improved`` per pair; Stable pairs are left
-        out (binary task Worse vs Improved).
+        out (binary task Worse vs Improved). With ``classes``, the class of
+        each pair's target instead; a pair whose value is neither class (None
+        where the target was not recorded) is left out.
     groups : array_like
         Patient id per pair.
     pair_ids : array_like
@@ -485,7 +488,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         the penalised protocol's tests run min(n_permutations,
         :data:`PRIMARY_MAX_PERMUTATIONS`) (each reruns the inner tuning).
     threshold : float
-        Classification threshold: a pair is predicted Worse when its
+        Classification threshold: a pair is predicted positive (Worse) when its
         out-of-fold probability is >= threshold (0.5, prespecified, by
         default); used by the metrics, the permutation tests and the
         refitting bootstrap, and recorded in each block's ``threshold``.
@@ -493,6 +496,11 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         Requested resamples of the refitting patient bootstrap of each
         first-CXR protocol's measures (:func:`cv_bootstrap`); min(n_bootstrap,
         :data:`CV_BOOTSTRAP_MAX`) run; 0 skips it.
+    classes : (str, str), optional
+        The positive and the negative class of a target other than the
+        radiological outcome (``--target``; :func:`covreport.stats.target.target_classes`);
+        default (Worse, Improved). They name the classes in every record and
+        method text.
     calibration_resamples : int, optional
         Patient-bootstrap resamples of each calibration curve's band and of
         the intervals of its measures (:func:`covreport.stats.calibration.calibration`;
@@ -536,7 +544,8 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             raise StatsError(f"{name} has {len(arr)} values but there are {n} outcomes; they must be aligned")
     if order_keys is not None and len(order_keys) != n:
         raise StatsError(f"order_keys has {len(order_keys)} rows but there are {n} pairs; they must be aligned")
-    unknown = [i for i, o in enumerate(outcome) if o not in OUTCOMES]
+    unknown = [] if classes is not None else [i for i, o in enumerate(outcome) if o not in OUTCOMES]
+    classes = (WORSE, IMPROVED) if classes is None else (str(classes[0]), str(classes[1]))
     if unknown:
         i = unknown[0]
         raise StatsError(f"pair {pair_ids[i]!r} has outcome {outcome[i]!r}; outcomes must be one of "
@@ -546,7 +555,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         if len(X) != n:
             raise StatsError(f"the {which} CXR's features have {len(X)} rows but there are {n} pairs")
         feats[which] = X
-    keep = np.flatnonzero(np.isin(outcome, (WORSE, IMPROVED)))
+    keep = np.flatnonzero(np.isin(outcome, classes))
     keys = pd.DataFrame({"patient": np.asarray(groups, dtype=object)[keep]})
     if order_keys is not None:
         extra = pd.DataFrame(order_keys).iloc[keep].reset_index(drop=True)
@@ -557,10 +566,11 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
     # everything below is in canonical order
     groups_k = np.asarray(groups, dtype=object)[keep][order]
     pairs_k = np.asarray(pair_ids, dtype=object)[keep][order]
-    y = (outcome[keep][order] == WORSE).astype(np.int64)
+    y = (outcome[keep][order] == classes[0]).astype(np.int64)
     n_patients = len(set(groups_k.tolist()))
 
-    out = {"headline": headline, "primary": PRIMARY_PROTOCOL, "positive_class": WORSE, "negative_class": IMPROVED}
+    out = {"headline": headline, "primary": PRIMARY_PROTOCOL, "positive_class": classes[0],
+           "negative_class": classes[1]}
     specs = (("penalised", "penalised", "first"), ("nested", "nested", "first"), ("global", "global", "first"),
              ("reversed", headline, "second"))
     fits, tasks = {}, {}
@@ -569,11 +579,11 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
         if n_patients < 2:
             if len(y):
                 _feature_matrix(X)                      # still report bad features
-            out[key] = _empty_block(protocol, source, len(y), n_patients, pairs_k, groups_k, y)
+            out[key] = _empty_block(protocol, source, len(y), n_patients, pairs_k, groups_k, y, classes)
             out[key].update(_role(key, protocol), cv_intervals=None, informative=False,
                             not_informative=out[key]["note"], informative_method=NOT_INFORMATIVE_METHOD)
             if key == "reversed":
-                _describe_reversed(out[key], y)
+                _describe_reversed(out[key], y, classes)
             continue
         fits[key] = lopo_predict(X, y, groups_k, protocol=protocol, solver=solver)
         out[key] = None                                  # keeps the key order
@@ -610,7 +620,7 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
                                        predicted=pred, seed=seed,
                                        n_resamples=CURVE_RESAMPLES if calibration_resamples is None
                                        else int(calibration_resamples)),
-            "threshold": threshold_record(threshold),
+            "threshold": threshold_record(threshold, classes[0]),
             "selected_features": [{"feature": f, "folds_selected": c, "fraction": c / n_folds}
                                   for f, c in selected],
             "features_selected": _features_block(fitted),
@@ -621,12 +631,12 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
             "permutation_monte_carlo": (monte_carlo_error(perms[key]["n_at_least_observed"], n_perm)
                                         if n_perm else None),
             "pairs": [{"pair_id": to_python(pid), "patient_id": to_python(pat),
-                       "outcome": WORSE if yy else IMPROVED, "probability": float(pr),
-                       "predicted": WORSE if hit else IMPROVED, "fold": int(f), "one_class_fold": bool(one)}
+                       "outcome": classes[1 - yy], "probability": float(pr),
+                       "predicted": classes[1 - hit], "fold": int(f), "one_class_fold": bool(one)}
                       for pid, pat, yy, pr, hit, f, one in zip(pairs_k, groups_k, y, prob, pred, fold,
                                                                one_class_row)],
             "solver": res["engine"],
-            "method": _pipeline_method(protocol, source, SELECTION_ALPHA, res["engine"]),
+            "method": _pipeline_method(protocol, source, SELECTION_ALPHA, res["engine"], classes),
             "note": None,
         }
         block.update(_role(key, protocol))
@@ -640,13 +650,13 @@ def predict_outcome(first, second, outcome, groups, pair_ids, *, order_keys=None
                                          "permutation reruns the inner tuning of the penalty "
                                          f"(at most {PRIMARY_MAX_PERMUTATIONS} for the main protocol)")
         if protocol == PRIMARY_PROTOCOL:
-            block.update(_penalised_details(res, y, fitted, groups_k))
+            block.update(_penalised_details(res, y, fitted, groups_k, classes[0]))
         block["cv_intervals"] = boots.get(key)
         if key in boots:
             block["cv_bootstrap_requested"] = int(n_bootstrap)
-        _informative(block, pred)
+        _informative(block, pred, classes)
         if key == "reversed":
-            _describe_reversed(block, y)
+            _describe_reversed(block, y, classes)
         out[key] = block
     return out
 
@@ -710,7 +720,7 @@ def _role(key, protocol):
     return {"role": role, "label": _LABELS[key], "reference": reference, "role_reason": why}
 
 
-def _penalised_details(res, y, fitted, groups):
+def _penalised_details(res, y, fitted, groups, positive=WORSE):
     """Per-fold tuning, events per candidate predictor and the final model (TRIPOD+AI 12c, 22)."""
     from covreport.stats.lopo import _group_codes
 
@@ -757,7 +767,7 @@ def _penalised_details(res, y, fitted, groups):
                                                          coef_std, coef_raw)],
             "unit": "pair",
             "method": "the main protocol refitted on all analysed pairs: standardisation on all pairs, C tuned "
-                      "by the same inner patient-grouped cross-validation, logit P(Worse) = intercept + "
+                      f"by the same inner patient-grouped cross-validation, logit P({positive}) = intercept + "
                       "sum coefficient x z (TRIPOD+AI item 22)",
             "reference": PENALISED_REFERENCE,
         }
@@ -787,12 +797,12 @@ def _not_informative(res, y, threshold):
     return auc is not None and auc < 0.5
 
 
-def _informative(block, pred):
+def _informative(block, pred, classes=(WORSE, IMPROVED)):
     """Mark a block's AUC "not informative" where it is degenerate (one predicted class, or below 0.5)."""
     pred = np.asarray(pred)
     reasons = []
     if len(pred) and (pred.min() == pred.max()):
-        reasons.append(f"the protocol predicts {WORSE if pred[0] else IMPROVED} for every pair")
+        reasons.append(f"the protocol predicts {classes[0] if pred[0] else classes[1]} for every pair")
     auc = (block.get("auc") or {}).get("auc")
     if auc is not None and auc < 0.5:
         reasons.append(f"its AUC ({auc:.3f}) is below chance")
@@ -802,18 +812,18 @@ def _informative(block, pred):
 
 
 THRESHOLD_METHOD = (
-    "classification threshold {value:g}: a pair is predicted Worse when its out-of-fold probability is >= "
+    "classification threshold {value:g}: a pair is predicted {positive} when its out-of-fold probability is >= "
     "{value:g}; {source}; the decision curve shows the net benefit at every threshold from 0.05 to 0.95"
 )
 
 
-def threshold_record(threshold):
+def threshold_record(threshold, positive=WORSE):
     """The ``threshold`` record of a prediction block: the value, where it comes from, method, unit, reference."""
     t = float(threshold)
     source = ("prespecified (covreport's default, the original study's cut-off; not tuned on these data)"
               if t == THRESHOLD else "prespecified by the user (--threshold); not tuned on these data")
     return {"value": t, "source": "prespecified", "unit": "probability",
-            "method": THRESHOLD_METHOD.format(value=t, source=source),
+            "method": THRESHOLD_METHOD.format(value=t, source=source, positive=positive),
             "reference": "Vickers AJ, Elkin EB. Med Decis Making 2006;26:565-574 (the threshold probability)"}
 
 
@@ -851,19 +861,19 @@ REVERSED_METHOD = (
 )
 
 
-def _describe_reversed(block, y):
+def _describe_reversed(block, y, classes=(WORSE, IMPROVED)):
     n = len(y)
     n_worse = int(y.sum())
     block["majority_rate"] = max(n_worse, n - n_worse) / n if n else None
-    block["majority_class"] = (WORSE if n_worse >= n - n_worse else IMPROVED) if n else None
+    block["majority_class"] = (classes[0] if n_worse >= n - n_worse else classes[1]) if n else None
     block["control_method"] = REVERSED_METHOD
 
 
-def _empty_block(protocol, source, n_pairs, n_patients, pair_ids, patients, y):
+def _empty_block(protocol, source, n_pairs, n_patients, pair_ids, patients, y, classes=(WORSE, IMPROVED)):
     """A prediction block that could not be computed (fewer than 2 patients), with the reason."""
     from covreport.stats.calibration import calibration
 
-    reason = (f"not computed: leave-one-patient-out needs Worse or Improved pairs of at least 2 "
+    reason = (f"not computed: leave-one-patient-out needs {classes[0]} or {classes[1]} pairs of at least 2 "
               f"patients, got {n_pairs} pair(s) of {n_patients} patient(s)")
     cal = calibration([], [])
     cal["note"] = reason
@@ -880,9 +890,9 @@ def _empty_block(protocol, source, n_pairs, n_patients, pair_ids, patients, y):
         "one_class_folds": 0, "permutation_p": None, "permutations": 0,
         "permutation_method": None,
         "pairs": [{"pair_id": to_python(pid), "patient_id": to_python(pat),
-                   "outcome": WORSE if yy else IMPROVED, "probability": None, "predicted": None}
+                   "outcome": classes[0] if yy else classes[1], "probability": None, "predicted": None}
                   for pid, pat, yy in zip(pair_ids, patients, y)],
         "solver": None,
-        "method": _pipeline_method(protocol, source, SELECTION_ALPHA, "none"),
+        "method": _pipeline_method(protocol, source, SELECTION_ALPHA, "none", classes),
         "note": reason,
     }

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from covreport.constants import WORSE
+from covreport.constants import IMPROVED, WORSE
 from covreport.stats.auc import delong_auc
 from covreport.stats.diagnostic import CLOPPER_PEARSON, clopper_pearson
 
@@ -47,8 +47,8 @@ SUBGROUP_METHOD = (f"out-of-fold predictions of the headline protocol by subgrou
                    f"specificity with {CLOPPER_PEARSON} 95% CIs (Clopper & Pearson 1934), AUC with DeLong's 95% CI "
                    f"(DeLong et al. 1988); age bands {', '.join(b[0] for b in AGE_BANDS)}; interval bands "
                    f"{', '.join(b[0] for b in INTERVAL_BANDS)}; exploratory, not adjusted for multiplicity")
-FAILURE_METHOD = ("the pairs with the largest absolute error |y - p| of the out-of-fold probability p of Worse "
-                  "(y = 1 for Worse, 0 for Improved), ties in the pairs' canonical order")
+FAILURE_METHOD = ("the pairs with the largest absolute error |y - p| of the out-of-fold probability p of "
+                  "{positive} (y = 1 for {positive}, else 0), ties in the pairs' canonical order")
 NOT_RECORDED = "not recorded"
 _SEX = {"F": "female", "M": "male"}
 
@@ -101,7 +101,7 @@ def _proportion(x, n, alpha):
     return x / n, lo, hi
 
 
-def _performance(y, p, hit, patients, alpha):
+def _performance(y, p, hit, patients, alpha, classes=(WORSE, IMPROVED)):
     """The measures of one subgroup: counts, three proportions and the AUC, with the reasons for any n/a."""
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     correct = int((hit == y).sum())
@@ -112,7 +112,7 @@ def _performance(y, p, hit, patients, alpha):
     row["auc"] = row["auc_ci_low"] = row["auc_ci_high"] = None
     notes = []
     if n_pos == 0 or n_neg == 0:
-        only = "Worse" if n_neg == 0 else "Improved"
+        only = classes[0] if n_neg == 0 else classes[1]
         missing = "specificity" if n_neg == 0 else "sensitivity"
         notes.append(f"{missing} and AUC n/a: one class only (all {len(y)} pairs {only})")
     else:
@@ -128,7 +128,7 @@ def _performance(y, p, hit, patients, alpha):
     return row
 
 
-def subgroup_performance(records, covariates, *, alpha=0.05):
+def subgroup_performance(records, covariates, *, alpha=0.05, classes=(WORSE, IMPROVED)):
     """Accuracy, sensitivity, specificity and AUC of out-of-fold predictions by subgroup.
 
     Parameters
@@ -141,6 +141,10 @@ def subgroup_performance(records, covariates, *, alpha=0.05):
         Aligned with ``records``: see :func:`subgroup_labels`.
     alpha : float
         1 - confidence level.
+    classes : (str, str)
+        The positive and negative class of the records' ``outcome`` and
+        ``predicted`` (the prediction's ``positive_class`` and
+        ``negative_class``; ``n_worse`` and ``n_improved`` count them).
 
     Returns
     -------
@@ -159,9 +163,9 @@ def subgroup_performance(records, covariates, *, alpha=0.05):
     if not recs:
         return []
     labels = subgroup_labels(pd.DataFrame(covariates).iloc[keep].reset_index(drop=True))
-    y = np.array([r["outcome"] == WORSE for r in recs], dtype=bool)
+    y = np.array([r["outcome"] == classes[0] for r in recs], dtype=bool)
     p = np.array([float(r["probability"]) for r in recs], dtype=float)
-    hit = np.array([r["predicted"] == WORSE for r in recs], dtype=bool)
+    hit = np.array([r["predicted"] == classes[0] for r in recs], dtype=bool)
     patients = np.array([r["patient_id"] for r in recs], dtype=object)
     order = {"age band": [b[0] for b in AGE_BANDS], "interval band": [b[0] for b in INTERVAL_BANDS]}
     rows = []
@@ -181,11 +185,11 @@ def subgroup_performance(records, covariates, *, alpha=0.05):
         for level in levels:
             mask = np.array([v == level if level is not None else v is None for v in lab], dtype=bool)
             rows.append({"variable": var, "subgroup": NOT_RECORDED if level is None else level,
-                         **_performance(y[mask], p[mask], hit[mask], patients[mask], alpha)})
+                         **_performance(y[mask], p[mask], hit[mask], patients[mask], alpha, classes)})
     return rows
 
 
-def failure_analysis(records, n=N_WORST):
+def failure_analysis(records, n=N_WORST, positive=WORSE):
     """The ``n`` pairs with the largest ``|y - p|``, worst first.
 
     Parameters
@@ -194,6 +198,8 @@ def failure_analysis(records, n=N_WORST):
         Pair records of one protocol, in canonical order (ties keep it).
     n : int
         How many pairs to list (all when fewer).
+    positive : str
+        The positive class of the records' ``outcome`` (y = 1).
 
     Returns
     -------
@@ -203,7 +209,7 @@ def failure_analysis(records, n=N_WORST):
         ``predicted``, ``error`` (``|y - p|``), ``correct``.
     """
     recs = [r for r in records if r.get("probability") is not None]
-    err = np.array([abs(float(r["outcome"] == WORSE) - float(r["probability"])) for r in recs], dtype=float)
+    err = np.array([abs(float(r["outcome"] == positive) - float(r["probability"])) for r in recs], dtype=float)
     worst = np.argsort(-err, kind="stable")[:n]
     return [{"rank": k + 1, "pair_id": recs[i]["pair_id"], "patient_id": recs[i]["patient_id"],
              "outcome": recs[i]["outcome"], "probability": float(recs[i]["probability"]),
