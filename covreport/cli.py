@@ -732,6 +732,10 @@ def _default_weights_or_explain():
 @click.option("--positive", default="", metavar="VALUE",
               help="The --target column's value of the positive class (e.g. 1 or yes); its one other value "
                    "is the negative class, a blank cell not recorded.")
+@click.option("--site", default="source", show_default=True, metavar="COLUMN",
+              help="Manifest column naming each pair's site: with 2 or more sites the report adds the "
+                   "performance per site and a random-effects meta-analysis of the AUC and the calibration "
+                   "slope (tau^2, I^2, prediction interval) with a forest plot. '' turns it off.")
 @click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
               "standardised differences (journals ask for SMDs instead; the p-values are in results.json).")
 @click.option("--style", type=click.Choice(["radiology", "vancouver"]), default="radiology", show_default=True,
@@ -756,8 +760,8 @@ def _default_weights_or_explain():
 @parallel_options
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
-        protocol, permutations, bootstrap, predictive_ci, threshold, seed, predictors, target, positive, cache,
-        no_cache, strict, no_pdf, out, force, previous, table1_tests, style, jobs, dask_scheduler):
+        protocol, permutations, bootstrap, predictive_ci, threshold, seed, predictors, target, positive, site,
+        cache, no_cache, strict, no_pdf, out, force, previous, table1_tests, style, jobs, dask_scheduler):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -774,7 +778,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       validation_csv=validation_csv, validation_scores=validation_scores,
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
-                      threshold=threshold, predictors=predictors, target=target, positive=positive,
+                      threshold=threshold, predictors=predictors, target=target, positive=positive, site=site,
                       table1_tests=table1_tests, style=style,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())

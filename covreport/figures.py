@@ -668,6 +668,63 @@ def decision_curve_figure(results):
     return fig
 
 
+def site_forest_figure(results):
+    """Forest plots of the AUC and the calibration slope by site, with their random-effects pooling.
+
+    From ``results["sites"]`` (issue 22, section 4): per site the estimate (a square whose area follows
+    its random-effects weight) and its 95% CI; below, the pooled estimate of the main estimator as a
+    diamond spanning its CI and the 95% prediction interval as a line with end ticks. Black and gray
+    only. Sites not pooled (one class, an AUC of 0 or 1, no site recorded) are drawn hollow.
+    """
+    rec = results.get("sites") or {}
+    rows = [r for r in rec.get("rows") or []]
+    if not rows:
+        raise ReportError("nothing to plot: results.json holds no performance by site")
+    panels = (("auc", "AUC", "auc", "auc_ci_low", "auc_ci_high", 0.5),
+              ("calibration_slope", "calibration slope", "slope", "slope_ci_low", "slope_ci_high", 1.0))
+    height = 0.32 * (len(rows) + 3) + 0.9
+    with matplotlib.rc_context(_RC):
+        fig = _figure(6.4, height)
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, (key, title, est, lo, hi, ref) in zip(axes, panels):
+            meta = (rec.get("meta") or {}).get(key) or {}
+            main = (meta.get("estimators") or {}).get(meta.get("primary")) or {}
+            pooled = dict(zip(meta.get("sites") or [], main.get("weights") or []))
+            for i, r in enumerate(rows):
+                yy = len(rows) - i + 1
+                if r.get(est) is None:
+                    ax.text(ref, yy, "n/a", ha="center", va="center", fontsize=6.5, color="0.4")
+                    continue
+                if r.get(lo) is not None and r.get(hi) is not None:
+                    ax.plot([r[lo], r[hi]], [yy, yy], color="black", linewidth=0.9)
+                w = pooled.get(r["site"])
+                ax.plot([r[est]], [yy], marker="s", markersize=4 + 10 * math.sqrt(w) if w else 4,
+                        color="black", markerfacecolor="black" if w else "white", linestyle="none")
+            if main:
+                yd = 0.6
+                c, a, b = main["estimate"], main["ci_low"], main["ci_high"]
+                ax.fill([a, c, b, c], [yd, yd + 0.25, yd, yd - 0.25], color="0.35", edgecolor="black",
+                        linewidth=0.8)
+                if main.get("pi_low") is not None:
+                    ax.plot([main["pi_low"], main["pi_high"]], [yd - 0.45, yd - 0.45], color="black",
+                            linewidth=0.8)
+                    for x in (main["pi_low"], main["pi_high"]):
+                        ax.plot([x, x], [yd - 0.55, yd - 0.35], color="black", linewidth=0.8)
+                ax.set_title(f"{title}\n{meta.get('primary')}: tau\u00b2 {main['tau2']:.3g}, "
+                             f"I\u00b2 {100 * main['i2']:.0f}%", fontsize=7.5)
+            else:
+                ax.set_title(f"{title}\n{_plain(meta.get('note') or 'not pooled')}", fontsize=7)
+            ax.axvline(ref, color="0.6", linestyle=":", linewidth=0.8)
+            ax.tick_params(labelsize=6.5, length=2)
+            ax.set_xlabel(title)
+        labels = [f"{_plain(r['site'])} ({r['n_pairs']} pairs)" for r in rows]
+        axes[0].set_yticks([len(rows) - i + 1 for i in range(len(rows))] + [0.6, 0.15])
+        axes[0].set_yticklabels(labels + ["pooled (random effects)", "95% prediction interval"], fontsize=6.5)
+        axes[0].set_ylim(-0.3, len(rows) + 1.6)
+        fig.subplots_adjust(left=0.3, right=0.98, top=1 - 0.55 / height, bottom=0.45 / height, wspace=0.12)
+    return fig
+
+
 def added_value_decision_figure(results):
     """Decision curves of the clinical, imaging and combined models on one panel (issue 22, section 3).
 

@@ -62,6 +62,7 @@ class RunOptions:
     predictors: str = ""
     target: str = ""
     positive: str = ""
+    site: str = "source"     # DEFAULT_SITE
     table1_tests: bool = False
     style: str = "radiology"
     previous: tuple = ()
@@ -103,6 +104,7 @@ def run(opts: RunOptions) -> Path:
         _check_out(opts, _manifest_image_paths(manifest))
         _check_predictors(manifest, opts)
         _check_target(manifest, opts)
+        _check_site(manifest, opts)
         scores = read_scores(opts.scores, require_features=True)
         manifest = manifest.exclude_unscored(scores[IMAGE_COLUMN], strict=opts.strict)
     else:
@@ -114,6 +116,7 @@ def run(opts: RunOptions) -> Path:
         _check_out(opts, _manifest_image_paths(manifest))
         _check_predictors(manifest, opts)
         _check_target(manifest, opts)
+        _check_site(manifest, opts)
         loaded = load_checkpoint(weights)
         res = score_manifest(manifest, loaded, cache_path=opts.cache, use_cache=opts.use_cache, progress=True)
         from covreport.distributed import is_main
@@ -244,6 +247,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     )
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     checks = _ai_checks(pairs, prediction)
+    sites = _sites(pairs, prediction, opts)
     classes = (prediction["positive_class"], prediction["negative_class"])
     added = _added_value(pairs, first, opts, task, classes) if opts.predictors else None
     if opts.predictors:
@@ -270,6 +274,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
         "table1_patients": _records(t1_patients),
         **({"table1_predictors": _records(t1_predictors)} if opts.predictors else {}),
         **({"prediction_target": target} if target else {}),
+        **({"sites": sites} if sites else {}),
         "group_differences": _records(groups),
         "group_differences_clustered": _records(clustered),
         **sensitivity,
@@ -325,6 +330,38 @@ def _prediction_outcome(pairs, opts):
     except StatsError as exc:
         raise StatsError(f"--target, among the {len(pairs)} analysed pairs: {exc}") from None
     return classes, target_record(pairs, classes, record)
+
+
+#: The manifest column the site analysis reads when ``--site`` names none.
+DEFAULT_SITE = "source"
+
+
+def _check_site(manifest, opts):
+    """--site checked before any image is scored: a named column must exist (the default may be absent)."""
+    if opts.site and opts.site != DEFAULT_SITE and opts.site not in manifest.pairs.columns:
+        from covreport.stats.sites import site_labels
+
+        try:
+            site_labels(manifest.pairs, opts.site)
+        except StatsError as exc:
+            raise StatsError(f"{opts.manifest}: {exc}") from None
+
+
+def _sites(pairs, prediction, opts):
+    """Performance by site and its meta-analysis (issue 22, section 4), or None with fewer than 2 sites."""
+    if not opts.site or opts.site not in pairs.columns:
+        return None
+    from covreport.stats.sites import site_analysis, site_labels
+
+    by_pair = dict(zip(pairs["pair_id"], site_labels(pairs, opts.site)))
+    if len({s for s in by_pair.values() if s is not None}) < 2:
+        return None
+    name = prediction.get("headline")
+    records = [r for r in (prediction.get(name) or {}).get("pairs") or [] if r.get("probability") is not None]
+    if not records:
+        return None
+    return site_analysis(records, [by_pair.get(r["pair_id"]) for r in records], column=opts.site, protocol=name,
+                         classes=(prediction["positive_class"], prediction["negative_class"]))
 
 
 def _check_target(manifest, opts):
@@ -623,7 +660,7 @@ def _is_phantom(manifest):
 #: RunOptions fields that change a number of results.json: recorded in
 #: ``provenance.options`` so that a rerun (``covreport verify``) can repeat them.
 NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "threshold", "strict",
-                  "predictors", "target", "positive")
+                  "predictors", "target", "positive", "site")
 
 
 def portable_path(path, base):
@@ -781,6 +818,12 @@ def _write_tables(results, folder):
         rows = plan_rows(results["sample_size"])
         if rows:
             write_csv(pd.DataFrame(rows), folder / "sample_size.csv")
+    if results.get("sites"):
+        from covreport.stats.sites import META_COLUMNS, meta_rows
+
+        write_csv(pd.DataFrame(results["sites"]["rows"]), folder / "sites.csv")
+        write_csv(pd.DataFrame(meta_rows(results["sites"]), columns=list(META_COLUMNS)),
+                  folder / "site_meta_analysis.csv")
     if (results.get("added_value") or {}).get("comparison"):
         write_csv(pd.DataFrame(results["added_value"]["comparison"]), folder / "model_comparison.csv")
     for key in ("subgroups", "failure_analysis"):

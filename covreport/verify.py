@@ -211,11 +211,12 @@ _OPTION_RULES = {
                    "a list of manifest columns as --predictors takes it"),
     "target": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a manifest column name or ''"),
     "positive": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a value of the target or ''"),
+    "site": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a manifest column name or ''"),
 }
 
 
 #: Options added after results.json first recorded its options, with the value every run had before.
-_OPTION_BEFORE = {"threshold": 0.5, "predictors": "", "target": "", "positive": ""}
+_OPTION_BEFORE = {"threshold": 0.5, "predictors": "", "target": "", "positive": "", "site": ""}
 
 
 def _check_options(options, path):

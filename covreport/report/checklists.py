@@ -268,6 +268,7 @@ def tripod_checklist(results):
     Rows as :func:`fill_checklist`'s; ``applies`` is D, E or D;E. With a
     clinical target (``prediction_target``), item 8a names it: its
     definition and time horizon are the authors' (``reference_standard``).
+    With sites (``sites``), items 12d and 23b are covreport's.
     """
     items = tripod_items()
     target = results.get("prediction_target")
@@ -276,6 +277,14 @@ def tripod_checklist(results):
                 f"({target.get('positive_class')!s} vs {target.get('negative_class')!s}); the outcome categories "
                 "(Worse, Stable, Improved) with their definitions for the change analysis")
         items = [dict(it, covreport=said) if it["id"] == "8a" else it for it in items]
+    sites = results.get("sites")
+    if isinstance(sites, dict) and sites.get("rows"):
+        said = {"12d": "patients as clusters (patient-clustered AUC, refitting patient bootstrap); sites: a "
+                       "random-effects meta-analysis of the per-site AUC (logit scale) and calibration slope "
+                       "(DerSimonian-Laird and Paule-Mandel tau^2, I^2, 95% prediction interval)",
+                "23b": "performance by site with its meta-analysis (tau^2, I^2, prediction interval) and forest "
+                       "plot"}
+        items = [dict(it, covreport=said[it["id"]], study=[]) if it["id"] in said else it for it in items]
     return fill_checklist(items, results)
 
 

@@ -252,7 +252,7 @@ EXCLUSIONS_SHOWN = 50
 
 #: Figures in the order they appear in the report (numbered in this order when present).
 FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "decision_curve",
-                "added_value_decision_curve",
+                "added_value_decision_curve", "site_forest",
                 "class_activation_maps",
                 "revalidation_trend")
 
@@ -367,7 +367,8 @@ def build_context(results, *, figures=None, cams_note=None, has_cams=False, cams
 
     shown = (("cv", any_block_has("cv_intervals")), ("cluster", bool(boot_pred) and not any_block_has("cv_intervals")),
              ("calibration", any_block_has("calibration")), ("net_benefit", bool(dca)),
-             ("added_value", bool((results.get("added_value") or {}).get("models"))))
+             ("added_value", bool((results.get("added_value") or {}).get("models"))),
+             ("sites", bool((results.get("sites") or {}).get("rows"))))
     t4 = {}
     for name, present in shown:                  # the prediction tables after Table 4, lettered as they appear
         if present:

@@ -170,6 +170,17 @@ REFERENCES = {
     "epir": "Stevenson M, Sergeant E. epiR: tools for the analysis of epidemiological data. R package version "
             "2.0.57; 2023.",
     "kish": "Kish L. Survey Sampling. New York: Wiley; 1965.",
+    "dersimonian": "DerSimonian R, Laird N. Meta-analysis in clinical trials. Control Clin Trials 1986;7:177-188.",
+    "paule_mandel": "Paule RC, Mandel J. Consensus values and weighting factors. J Res Natl Bur Stand "
+                    "1982;87:377-385.",
+    "higgins2002": "Higgins JPT, Thompson SG. Quantifying heterogeneity in a meta-analysis. Stat Med "
+                   "2002;21:1539-1558.",
+    "higgins2009": "Higgins JPT, Thompson SG, Spiegelhalter DJ. A re-evaluation of random-effects meta-analysis. "
+                   "J R Stat Soc Ser A 2009;172:137-159.",
+    "riley2011": "Riley RD, Higgins JPT, Deeks JJ. Interpretation of random effects meta-analyses. BMJ "
+                 "2011;342:d549.",
+    "debray2017": "Debray TPA, Damen JAAG, Snell KIE, et al. A guide to systematic review and meta-analysis of "
+                  "prediction model performance. BMJ 2017;356:i6460.",
     "hoenig": "Hoenig JM, Heisey DM. The abuse of power: the pervasive fallacy of power calculations for data "
               "analysis. Am Stat 2001;55:19-24.",
     "whiting": "Whiting PF, Rutjes AW, Westwood ME, et al. QUADAS-2: a revised tool for the quality assessment of "
@@ -198,6 +209,9 @@ AUTHOR_YEAR = (
     (r"Hollander", "hollander"), (r"Pepe 2003", "pepe"), (r"Korn (?:&|and) Graubard", "korn"),
     (r"Bickel (?:&|and) Freedman", "bickel_freedman"), (r"Buderer", "buderer"),
     (r"Hanley[- ](?:(?:&|and) )?McNeil", "hanley_mcneil"), (r"Noether", "noether"),
+    (r"DerSimonian", "dersimonian"), (r"Paule[- ](?:(?:&|and) )?Mandel", "paule_mandel"),
+    (r"Higgins (?:&|and) Thompson 2002", "higgins2002"), (r"Higgins, Thompson (?:&|and) Spiegelhalter", "higgins2009"),
+    (r"Riley, Higgins (?:&|and) Deeks", "riley2011"), (r"Debray et al\.? 2017", "debray2017"),
     (r"Riley et al\.?,? (?:\(?BMJ )?2020|Riley RD et al", "riley2020"), (r"Riley, Van Calster", "riley2021"),
     (r"pmsampsize", "pmsampsize"), (r"\bepiR\b", "epir"), (r"\bKish\b", "kish"), (r"Hoenig", "hoenig"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),

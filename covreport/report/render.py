@@ -126,6 +126,8 @@ def _make_figures(results, cams, folder):
         todo.append(("decision_curve", lambda: figures.decision_curve_figure(results), "png"))
     if (results.get("added_value") or {}).get("decision_curve"):
         todo.append(("added_value_decision_curve", lambda: figures.added_value_decision_figure(results), "png"))
+    if (results.get("sites") or {}).get("rows"):
+        todo.append(("site_forest", lambda: figures.site_forest_figure(results), "png"))
     if cams:
         todo.append(("class_activation_maps", lambda: figures.cam_figure(cams), "png"))
     rev = results.get("revalidation")
