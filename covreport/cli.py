@@ -736,6 +736,11 @@ def _default_weights_or_explain():
               help="Manifest column naming each pair's site: with 2 or more sites the report adds the "
                    "performance per site and a random-effects meta-analysis of the AUC and the calibration "
                    "slope (tau^2, I^2, prediction interval) with a forest plot. '' turns it off.")
+@click.option("--validation", type=click.Choice(["leave-one-patient-out", "leave-one-site-out"]),
+              default="leave-one-patient-out", show_default=True,
+              help="leave-one-site-out adds internal-external cross-validation: each site's pairs predicted by "
+                   "the headline protocol fitted on the other sites, with its own site meta-analysis (needs 2 "
+                   "or more sites in the --site column).")
 @click.option("--table1-tests", is_flag=True, help="Show baseline p-values in Table 1 beside the "
               "standardised differences (journals ask for SMDs instead; the p-values are in results.json).")
 @click.option("--style", type=click.Choice(["radiology", "vancouver"]), default="radiology", show_default=True,
@@ -761,7 +766,8 @@ def _default_weights_or_explain():
 @quiet_option
 def run(manifest, scores, weights, validation_csv, validation_scores, reference_csv, study, templates,
         protocol, permutations, bootstrap, predictive_ci, threshold, seed, predictors, target, positive, site,
-        cache, no_cache, strict, no_pdf, out, force, previous, table1_tests, style, jobs, dask_scheduler):
+        validation, cache, no_cache, strict, no_pdf, out, force, previous, table1_tests, style, jobs,
+        dask_scheduler):
     """Run the whole study on MANIFEST and write the STARD report.
 
     Writes OUT/report.html, OUT/report.pdf, OUT/results.json, OUT/tables/*.csv
@@ -779,6 +785,7 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
                       reference_csv=reference_csv, study=study, templates=templates, protocol=protocol,
                       permutations=permutations, bootstrap=bootstrap, predictive_ci=predictive_ci,
                       threshold=threshold, predictors=predictors, target=target, positive=positive, site=site,
+                      validation=validation,
                       table1_tests=table1_tests, style=style,
                       seed=seed, force=force, strict=strict, cache=cache,
                       use_cache=not no_cache, pdf=not no_pdf, previous=tuple(previous), command=command_line())

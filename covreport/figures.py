@@ -668,15 +668,18 @@ def decision_curve_figure(results):
     return fig
 
 
-def site_forest_figure(results):
+def site_forest_figure(results, external=False):
     """Forest plots of the AUC and the calibration slope by site, with their random-effects pooling.
 
     From ``results["sites"]`` (issue 22, section 4): per site the estimate (a square whose area follows
     its random-effects weight) and its 95% CI; below, the pooled estimate of the main estimator as a
     diamond spanning its CI and the 95% prediction interval as a line with end ticks. Black and gray
-    only. Sites not pooled (one class, an AUC of 0 or 1, no site recorded) are drawn hollow.
+    only. Sites not pooled (one class, an AUC of 0 or 1, no site recorded) are drawn hollow. With
+    ``external``, the internal-external cross-validation (``sites.iecv``) instead.
     """
     rec = results.get("sites") or {}
+    if external:
+        rec = rec.get("iecv") or {}
     rows = [r for r in rec.get("rows") or []]
     if not rows:
         raise ReportError("nothing to plot: results.json holds no performance by site")

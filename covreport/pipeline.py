@@ -63,6 +63,7 @@ class RunOptions:
     target: str = ""
     positive: str = ""
     site: str = "source"     # DEFAULT_SITE
+    validation: str = "leave-one-patient-out"
     table1_tests: bool = False
     style: str = "radiology"
     previous: tuple = ()
@@ -247,7 +248,7 @@ def compute_statistics(pairs, labels, scores, opts, *, reference=None, primary_c
     )
     decision = decision_curves(prediction, n_resamples=opts.bootstrap, seed=opts.seed)
     checks = _ai_checks(pairs, prediction)
-    sites = _sites(pairs, prediction, opts)
+    sites = _sites(pairs, prediction, opts, first)
     classes = (prediction["positive_class"], prediction["negative_class"])
     added = _added_value(pairs, first, opts, task, classes) if opts.predictors else None
     if opts.predictors:
@@ -336,19 +337,36 @@ def _prediction_outcome(pairs, opts):
 DEFAULT_SITE = "source"
 
 
-def _check_site(manifest, opts):
-    """--site checked before any image is scored: a named column must exist (the default may be absent)."""
-    if opts.site and opts.site != DEFAULT_SITE and opts.site not in manifest.pairs.columns:
-        from covreport.stats.sites import site_labels
+#: The validation schemes of ``--validation``.
+VALIDATIONS = ("leave-one-patient-out", "leave-one-site-out")
 
+
+def _check_site(manifest, opts):
+    """--site and --validation checked before any image is scored (a named column must exist; the default
+    may be absent, unless leave-one-site-out needs it)."""
+    from covreport.stats.sites import site_labels
+
+    if opts.validation not in VALIDATIONS:
+        raise StatsError(f"--validation must be one of {', '.join(VALIDATIONS)}, got {opts.validation!r}")
+    if opts.site and (opts.site != DEFAULT_SITE or opts.validation == VALIDATIONS[1]):
         try:
-            site_labels(manifest.pairs, opts.site)
+            labels = site_labels(manifest.pairs, opts.site)
         except StatsError as exc:
             raise StatsError(f"{opts.manifest}: {exc}") from None
+    if opts.validation == VALIDATIONS[1]:
+        n = len({s for s in labels if s is not None}) if opts.site else 0
+        if n < 2:
+            raise StatsError(f"{opts.manifest}: --validation leave-one-site-out needs 2 or more sites in the "
+                             f"--site column {opts.site!r}; it has {n}: give the column that names each pair's "
+                             "site, or validate leave-one-patient-out")
 
 
-def _sites(pairs, prediction, opts):
-    """Performance by site and its meta-analysis (issue 22, section 4), or None with fewer than 2 sites."""
+def _sites(pairs, prediction, opts, first):
+    """Performance by site and its meta-analysis (issue 22, section 4), or None with fewer than 2 sites.
+
+    With ``--validation leave-one-site-out`` the record also holds the internal-external
+    cross-validation (``iecv``): each site predicted by the headline protocol fitted on the others.
+    """
     if not opts.site or opts.site not in pairs.columns:
         return None
     from covreport.stats.sites import site_analysis, site_labels
@@ -357,11 +375,45 @@ def _sites(pairs, prediction, opts):
     if len({s for s in by_pair.values() if s is not None}) < 2:
         return None
     name = prediction.get("headline")
+    classes = (prediction["positive_class"], prediction["negative_class"])
     records = [r for r in (prediction.get(name) or {}).get("pairs") or [] if r.get("probability") is not None]
     if not records:
         return None
-    return site_analysis(records, [by_pair.get(r["pair_id"]) for r in records], column=opts.site, protocol=name,
-                         classes=(prediction["positive_class"], prediction["negative_class"]))
+    out = site_analysis(records, [by_pair.get(r["pair_id"]) for r in records], column=opts.site, protocol=name,
+                        classes=classes)
+    out["validation"] = opts.validation
+    if opts.validation == VALIDATIONS[1]:
+        out["iecv"] = _iecv(pairs, prediction, first, by_pair, classes, opts)
+    return out
+
+
+def _iecv(pairs, prediction, first, by_pair, classes, opts):
+    """Internal-external cross-validation by site of the headline protocol, with its own site meta-analysis."""
+    from covreport.stats.lopo import iecv_predict
+    from covreport.stats.prediction import _at_threshold
+    from covreport.stats.sites import site_analysis
+
+    name = prediction["headline"]
+    recs = [r for r in prediction[name]["pairs"] if by_pair.get(r["pair_id"]) is not None]
+    left_out = len(prediction[name]["pairs"]) - len(recs)
+    row_of = {pid: i for i, pid in enumerate(pairs["pair_id"])}
+    X = first[[row_of[r["pair_id"]] for r in recs]]
+    y = np.array([r["outcome"] == classes[0] for r in recs], dtype=np.int64)
+    sites = [by_pair[r["pair_id"]] for r in recs]
+    fit = iecv_predict(X, y, [r["patient_id"] for r in recs], sites, protocol=prediction[name]["protocol"])
+    hit = _at_threshold({"probabilities": fit["probabilities"]}, y, opts.threshold)["predicted"]
+    external = [{"pair_id": r["pair_id"], "patient_id": r["patient_id"], "site": s, "outcome": r["outcome"],
+                 "probability": float(p), "predicted": classes[1 - int(h)]}
+                for r, s, p, h in zip(recs, sites, fit["probabilities"], hit)]
+    res = site_analysis(external, sites, column=opts.site, protocol=name, classes=classes)
+    overall = site_analysis(external, ["all sites"] * len(external), column=opts.site, protocol=name,
+                            classes=classes)["rows"][0]
+    return {"protocol": name, "method": fit["method"], "n_pairs": len(recs), "n_sites": res["n_sites"],
+            "pairs_without_site": left_out, "one_class_folds": fit["one_class_folds"], "threshold": opts.threshold,
+            "overall": {k: v for k, v in overall.items() if k not in ("site", "pooled", "note")},
+            "rows": res["rows"], "meta": res["meta"], "pairs": external, "unit": "pair",
+            "reference": "Royston P, Parmar MKB, Sylvester R. Stat Med 2004;23:907-926; Steyerberg EW, Harrell FE. "
+                         "J Clin Epidemiol 2016;69:245-247"}
 
 
 def _check_target(manifest, opts):
@@ -660,7 +712,7 @@ def _is_phantom(manifest):
 #: RunOptions fields that change a number of results.json: recorded in
 #: ``provenance.options`` so that a rerun (``covreport verify``) can repeat them.
 NUMBER_OPTIONS = ("protocol", "seed", "permutations", "bootstrap", "predictive_ci", "threshold", "strict",
-                  "predictors", "target", "positive", "site")
+                  "predictors", "target", "positive", "site", "validation")
 
 
 def portable_path(path, base):
@@ -824,6 +876,11 @@ def _write_tables(results, folder):
         write_csv(pd.DataFrame(results["sites"]["rows"]), folder / "sites.csv")
         write_csv(pd.DataFrame(meta_rows(results["sites"]), columns=list(META_COLUMNS)),
                   folder / "site_meta_analysis.csv")
+        iecv = results["sites"].get("iecv")
+        if iecv:
+            write_csv(pd.DataFrame(iecv["rows"]), folder / "sites_iecv.csv")
+            write_csv(pd.DataFrame(meta_rows(iecv), columns=list(META_COLUMNS)),
+                      folder / "site_meta_analysis_iecv.csv")
     if (results.get("added_value") or {}).get("comparison"):
         write_csv(pd.DataFrame(results["added_value"]["comparison"]), folder / "model_comparison.csv")
     for key in ("subgroups", "failure_analysis"):

@@ -212,11 +212,14 @@ _OPTION_RULES = {
     "target": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a manifest column name or ''"),
     "positive": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a value of the target or ''"),
     "site": (lambda v: type(v) is str and len(v) <= 200 and v.isprintable(), "a manifest column name or ''"),
+    "validation": (lambda v: v in ("leave-one-patient-out", "leave-one-site-out"),
+                   "'leave-one-patient-out' or 'leave-one-site-out'"),
 }
 
 
 #: Options added after results.json first recorded its options, with the value every run had before.
-_OPTION_BEFORE = {"threshold": 0.5, "predictors": "", "target": "", "positive": "", "site": ""}
+_OPTION_BEFORE = {"threshold": 0.5, "predictors": "", "target": "", "positive": "", "site": "",
+                  "validation": "leave-one-patient-out"}
 
 
 def _check_options(options, path):

@@ -106,3 +106,37 @@ def test_one_site_gives_no_site_analysis_and_a_missing_column_stops_the_run(tmp_
     assert res.exit_code == 1
     assert res.output.startswith(f"Error: {manifest}: site column 'hospital' is not in the manifest (its columns: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_leave_one_site_out_adds_the_internal_external_cross_validation(tmp_path):
+    from covreport.stats.lopo import iecv_predict
+
+    manifest, scores, table = _study(tmp_path)
+    res = _run(manifest, scores, tmp_path / "out", "--validation", "leave-one-site-out")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    ie = results["sites"]["iecv"]
+    assert results["sites"]["validation"] == "leave-one-site-out" and ie["n_sites"] == 3
+    head = results["prediction"][ie["protocol"]]
+    assert [p["pair_id"] for p in ie["pairs"]] == [p["pair_id"] for p in head["pairs"]]
+    feats = pd.read_csv(scores).set_index("image")
+    first = dict(zip(table.pair_id, table.first_image))
+    X = feats.loc[[first[p["pair_id"]] for p in ie["pairs"]], [c for c in feats.columns if c.startswith("feat_")]]
+    y = [p["outcome"] == "icu = yes" for p in ie["pairs"]]
+    direct = iecv_predict(X.to_numpy(dtype=float), np.array(y, dtype=int), [p["patient_id"] for p in ie["pairs"]],
+                          [p["site"] for p in ie["pairs"]], protocol=ie["protocol"])
+    np.testing.assert_allclose([p["probability"] for p in ie["pairs"]], direct["probabilities"], atol=1e-12)
+    assert ie["overall"]["auc"] == pytest.approx(roc_auc_score(y, direct["probabilities"]))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="table-sites-iecv"' in page and "<strong>Internal-external cross-validation.</strong>" in page
+    assert (out / "figures" / "site_forest_iecv.png").is_file()
+    assert list(pd.read_csv(out / "tables" / "sites_iecv.csv").site) == list(SITES)
+    assert len(pd.read_csv(out / "tables" / "site_meta_analysis_iecv.csv")) == 4
+    assert results["provenance"]["options"]["validation"] == "leave-one-site-out"
+    table.assign(source="one hospital").to_csv(manifest, index=False)
+    res = _run(manifest, scores, tmp_path / "one", "--validation", "leave-one-site-out")
+    assert res.exit_code == 1
+    assert res.output.replace("\n", " ").startswith(
+        f"Error: {manifest}: --validation leave-one-site-out needs 2 or more sites in the --site column 'source'; "
+        "it has 1")

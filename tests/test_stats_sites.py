@@ -128,3 +128,35 @@ def test_a_site_with_one_class_is_described_but_not_pooled():
     assert c["logit_auc"] is None and c["slope"] is None and "one class only" in c["note"]
     assert res["meta"]["auc"]["sites"] == ["A", "B"]
     assert res["meta"]["auc"]["estimators"]["Paule-Mandel"]["pi_low"] is None
+
+
+def test_internal_external_cross_validation_matches_scikit_learn_site_by_site():
+    """Reference: for each site, the literal StandardScaler + LogisticRegression(C, lbfgs) with C tuned by the
+    inner patient-grouped CV (scikit-learn) on the other sites' pairs, then applied to the site's pairs."""
+    from covreport.stats.lopo import _group_codes, iecv_predict, lopo_predict
+    from covreport.stats.penalised import PENALTY_GRID, _sk_model, _sk_tune
+
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(6), [2, 1, 2, 2, 1, 2])
+    sites = np.array(["north", "south", "east"])[groups % 3]
+    y = (rng.random(len(groups)) < 0.5).astype(int)
+    y[:2], y[2:4] = 1, 0
+    X = rng.gamma(2.0, 1.0, (len(y), 5))
+    X[:, :2] += 1.2 * y[:, None]
+    tight = {"tol": 1e-10, "max_iter": 10000}
+    fast = iecv_predict(X, y, groups, sites, protocol="penalised")
+    assert fast["sites"] == ["east", "north", "south"]
+    codes, _ = _group_codes(groups, len(y))
+    ref = np.empty(len(y))
+    for site in fast["sites"]:
+        test, train = np.flatnonzero(sites == site), np.flatnonzero(sites != site)
+        ci, _loss = _sk_tune(X[train], y[train], codes[train], tight)
+        model = _sk_model(PENALTY_GRID[ci], tight).fit(X[train], y[train])
+        ref[test] = model.predict_proba(X[test])[:, 1]
+    np.testing.assert_allclose(fast["probabilities"], ref, atol=1e-6)
+    # the replication protocols have no inner tuning: leave-one-site-out is LOPO with the sites as groups
+    nested = iecv_predict(X, y, groups, sites, protocol="nested")
+    np.testing.assert_allclose(nested["probabilities"],
+                               lopo_predict(X, y, sites, protocol="nested", final_model=False)["probabilities"])
+    with pytest.raises(StatsError, match="at least 2 sites"):
+        iecv_predict(X, y, groups, ["one"] * len(y))

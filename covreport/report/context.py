@@ -252,7 +252,7 @@ EXCLUSIONS_SHOWN = 50
 
 #: Figures in the order they appear in the report (numbered in this order when present).
 FIGURE_ORDER = ("flow_diagram", "roc_curves", "change_boxplots", "calibration", "decision_curve",
-                "added_value_decision_curve", "site_forest",
+                "added_value_decision_curve", "site_forest", "site_forest_iecv",
                 "class_activation_maps",
                 "revalidation_trend")
 

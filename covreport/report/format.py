@@ -179,6 +179,10 @@ REFERENCES = {
                    "J R Stat Soc Ser A 2009;172:137-159.",
     "riley2011": "Riley RD, Higgins JPT, Deeks JJ. Interpretation of random effects meta-analyses. BMJ "
                  "2011;342:d549.",
+    "royston2004": "Royston P, Parmar MKB, Sylvester R. Construction and validation of a prognostic model across "
+                   "several studies, with an application in superficial bladder cancer. Stat Med 2004;23:907-926.",
+    "steyerberg2016": "Steyerberg EW, Harrell FE Jr. Prediction models need appropriate internal, "
+                      "internal-external, and external validation. J Clin Epidemiol 2016;69:245-247.",
     "debray2017": "Debray TPA, Damen JAAG, Snell KIE, et al. A guide to systematic review and meta-analysis of "
                   "prediction model performance. BMJ 2017;356:i6460.",
     "hoenig": "Hoenig JM, Heisey DM. The abuse of power: the pervasive fallacy of power calculations for data "
@@ -211,7 +215,8 @@ AUTHOR_YEAR = (
     (r"Hanley[- ](?:(?:&|and) )?McNeil", "hanley_mcneil"), (r"Noether", "noether"),
     (r"DerSimonian", "dersimonian"), (r"Paule[- ](?:(?:&|and) )?Mandel", "paule_mandel"),
     (r"Higgins (?:&|and) Thompson 2002", "higgins2002"), (r"Higgins, Thompson (?:&|and) Spiegelhalter", "higgins2009"),
-    (r"Riley, Higgins (?:&|and) Deeks", "riley2011"), (r"Debray et al\.? 2017", "debray2017"),
+    (r"Riley, Higgins (?:&|and) Deeks", "riley2011"), (r"Debray et al\.? 2017", "debray2017"), (r"Royston, Parmar", "royston2004"),
+    (r"Steyerberg (?:&|and) Harrell", "steyerberg2016"),
     (r"Riley et al\.?,? (?:\(?BMJ )?2020|Riley RD et al", "riley2020"), (r"Riley, Van Calster", "riley2021"),
     (r"pmsampsize", "pmsampsize"), (r"\bepiR\b", "epir"), (r"\bKish\b", "kish"), (r"Hoenig", "hoenig"),
     (r"scikit-learn|sklearn", "sklearn"), (r"Cohen'?s d|Cohen,? 1988", "cohen"),

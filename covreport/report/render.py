@@ -128,6 +128,8 @@ def _make_figures(results, cams, folder):
         todo.append(("added_value_decision_curve", lambda: figures.added_value_decision_figure(results), "png"))
     if (results.get("sites") or {}).get("rows"):
         todo.append(("site_forest", lambda: figures.site_forest_figure(results), "png"))
+    if ((results.get("sites") or {}).get("iecv") or {}).get("rows"):
+        todo.append(("site_forest_iecv", lambda: figures.site_forest_figure(results, external=True), "png"))
     if cams:
         todo.append(("class_activation_maps", lambda: figures.cam_figure(cams), "png"))
     rev = results.get("revalidation")

@@ -665,3 +665,53 @@ def lopo_predict(X, y, groups, *, protocol="nested", alpha=SELECTION_ALPHA, fold
         "solver": solver,
         "engine": fit.engine,
     }
+
+
+IECV_METHOD = (
+    "internal-external cross-validation by site (Royston, Parmar & Sylvester 2004; Steyerberg & Harrell 2016): "
+    "the {protocol} protocol fitted on the pairs of every site but one and applied to the pairs of the site left "
+    "out, each site in turn{inner}; a training set holding one class predicts that class")
+
+
+def iecv_predict(X, y, patients, sites, *, protocol="penalised", alpha=SELECTION_ALPHA):
+    """Internal-external cross-validation: each site's pairs predicted by the protocol fitted on the others.
+
+    Parameters
+    ----------
+    X, y : as in :func:`lopo_predict`
+    patients : array_like
+        Patient id of each pair: the inner patient-grouped folds of the
+        penalised protocol's tuning within each training set.
+    sites : array_like
+        Site of each pair (every pair needs one): the outer folds.
+    protocol : {"penalised", "nested", "global"}
+        For ``nested`` and ``global`` (no inner tuning) the outer folds are
+        the sites, as :func:`lopo_predict` with the sites as groups.
+
+    Returns
+    -------
+    dict
+        ``probabilities`` (out of site, input order), ``sites`` (the sites
+        in fold order), ``one_class_folds`` and ``method``.
+    """
+    protocol = _check_protocol(protocol)
+    values, _names, yf, codes, patients_u = _prepare(X, y, patients)
+    site_codes, site_names = _group_codes(sites, len(yf))
+    if len(site_names) < 2:
+        raise StatsError(f"internal-external cross-validation needs at least 2 sites, got {len(site_names)}")
+    inner = ""
+    with _blas_limits():
+        if protocol == PRIMARY_PROTOCOL:
+            from covreport.stats.penalised import INNER_FOLDS, Penalised
+
+            prob, _c, _nz, _counts, one_class = Penalised(values, codes, len(site_names),
+                                                          outer_codes=site_codes).run(yf)
+            inner = (f"; the penalty tuned by an inner patient-grouped {INNER_FOLDS}-fold cross-validation "
+                     "within the training sites")
+        else:
+            fit = _Lopo(values, site_codes, len(site_names)).run(yf, protocol, alpha, "fast", None)
+            prob, one_class = fit.prob, fit.one_class
+    return {"probabilities": np.asarray(prob, dtype=float), "sites": [str(v) for v in site_names],
+            "one_class_folds": int(one_class), "method": IECV_METHOD.format(protocol=protocol, inner=inner),
+            "n_patients": len(patients_u)}
+

@@ -116,19 +116,24 @@ class Penalised:
     outer : bool
         True: leave-one-patient-out outer folds (:meth:`run`); False: one
         "fold" training on all rows (the final model, :meth:`final`).
+    outer_codes : ndarray (n,) of int, optional
+        Outer folds other than the patients: each row's fold (0 .. n_groups-1,
+        e.g. its site for internal-external cross-validation), the inner folds
+        still grouping by patient (``codes``) within each training set.
     """
 
-    def __init__(self, X, codes, n_groups, outer=True):
+    def __init__(self, X, codes, n_groups, outer=True, outer_codes=None):
         self.X = X
         self.n, self.p = X.shape
         self.codes = codes
         self.n_groups = n_groups
+        outer_of = codes if outer_codes is None else np.asarray(outer_codes)
         all_rows = np.arange(self.n)
         self.tasks = []          # (outer index, kind "inner"/"outer", train rows, held rows)
         folds = range(n_groups) if outer else [None]
         for g in folds:
-            train = all_rows if g is None else np.flatnonzero(codes != g)
-            held = np.zeros(0, dtype=np.int64) if g is None else np.flatnonzero(codes == g)
+            train = all_rows if g is None else np.flatnonzero(outer_of != g)
+            held = np.zeros(0, dtype=np.int64) if g is None else np.flatnonzero(outer_of == g)
             for test_local in inner_folds(codes[train]):
                 itest = train[test_local]
                 itrain = np.setdiff1d(train, itest, assume_unique=True)
