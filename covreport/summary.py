@@ -137,6 +137,21 @@ def _significant(results, unit, missing):
     return list(contrasts.values())
 
 
+def _sites(results):
+    """The pooled AUC by site (``sites.meta.auc``, main estimator), or None without a site analysis."""
+    rec = _dict(results.get("sites"))
+    auc = _dict(_dict(rec.get("meta")).get("auc"))
+    main = _dict(_dict(auc.get("estimators")).get(auc.get("primary")))
+    if not rec or not isinstance(rec.get("n_sites"), int):
+        return None
+    out = {"column": _text(rec.get("column"), limit=80), "n_sites": rec["n_sites"],
+           "estimator": _text(auc.get("primary"), limit=40), "note": _text(auc.get("note"))}
+    out["auc"] = _interval(main.get("estimate"), main.get("ci_low"), main.get("ci_high"), main.get("method"), "pair")
+    out["pi"] = [v if _finite(v) else None for v in (main.get("pi_low"), main.get("pi_high"))]
+    out["i2"] = main.get("i2") if _finite(main.get("i2")) else None
+    return out
+
+
 def _prediction(results, unit, missing):
     pred = results.get("prediction")
     if not isinstance(pred, dict):
@@ -193,6 +208,9 @@ def summarise(folder):
         ``significant`` labels with ``effect``, ``p`` and ``p_holm``),
         ``prediction`` (``protocol``, ``accuracy`` and ``auc`` with
         ``estimate``, ``ci_low``, ``ci_high``, ``method``, ``unit``),
+        ``sites`` (None without a site analysis, else ``column``,
+        ``n_sites``, ``estimator``, ``auc`` (the pooled AUC as above),
+        ``pi`` (its 95% prediction interval), ``i2``, ``note``),
         ``files`` (``report_html``, ``report_pdf``, ``results_json``: a path,
         or None when the file is absent) and ``missing`` (the parts
         results.json lacks, said in words).
@@ -232,6 +250,7 @@ def summarise(folder):
         "primary_unit": unit, "alpha": ALPHA, "adjustment": "Holm, across labels within each contrast",
         "contrasts": _significant(results, unit, missing),
         "prediction": _prediction(results, unit, missing),
+        "sites": _sites(results),
         "files": files,
         "missing": missing,
     }
@@ -301,6 +320,17 @@ def format_summary(summary):
             lines.append(f"Prediction  {pred['protocol']} protocol, {_count(pred['n_pairs'], f'{pos}/{neg} pair')}: "
                          + "; ".join(parts)
                          + ("" if pred["permutation_p"] is None else f"; permutation p {_p(pred['permutation_p'])}"))
+    st = s.get("sites")
+    if st is not None:
+        if st["auc"]["estimate"] is None:
+            lines.append(f"Sites       {st['n_sites']} ({st['column']}): pooled AUC {st['note'] or 'not pooled'}")
+        else:
+            pi = st["pi"]
+            lines.append(f"Sites       {st['n_sites']} ({st['column']}): pooled AUC {_num(st['auc']['estimate'])} "
+                         f"({_ci(st['auc'])}, {st['estimator']})"
+                         + ("" if st["i2"] is None else f", I\u00b2 {100 * st['i2']:.0f}%")
+                         + ("" if pi[0] is None else f"; a new site: {_num(pi[0])} to {_num(pi[1])} "
+                                                     "(95% prediction interval)"))
     for text in s["missing"]:
         lines.append(f"Missing     {text} is not in results.json")
     files = s["files"]

@@ -68,6 +68,10 @@ def test_each_site_and_the_meta_analysis_are_recorded(sites_run):
     ref = meta_analysis([r["logit_auc"] for r in st["rows"]], [r["logit_auc_se"] ** 2 for r in st["rows"]])
     assert pm["estimate_logit"] == pytest.approx(ref["estimate"]) and pm["tau2"] == pytest.approx(ref["tau2"])
     assert results["provenance"]["options"]["site"] == "source"
+    from covreport.summary import format_summary, summarise
+
+    line = next(x for x in format_summary(summarise(out)).splitlines() if x.startswith("Sites"))
+    assert line.startswith(f"Sites       3 (source): pooled AUC {pm['estimate']:.3f} (95% CI {pm['ci_low']:.3f} to ")
     rows = pd.read_csv(out / "tables" / "sites.csv")
     assert list(rows.site) == list(SITES)
     meta = pd.read_csv(out / "tables" / "site_meta_analysis.csv")
