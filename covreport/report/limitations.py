@@ -80,7 +80,8 @@ def limitations(results):
                 major = pos if npos >= nneg else neg
                 nir = max(npos, nneg) / (npos + nneg)
                 acc = (b.get("metrics") or {}).get("accuracy", {}).get("estimate")
-                out.append({"kind": "Class imbalance", "text": f"The prediction task has {fmt_num(npos)} {pos} and {fmt_num(nneg)} "
+                out.append({"kind": "Class imbalance", "text": f"The prediction task has {fmt_num(npos)} {pos} and "
+                            f"{fmt_num(nneg)} "
                             f"{neg} pairs (ratio {fmt_num(ratio, 1)}:1). Always predicting {major} would be "
                             f"{fmt_auc(nir)} accurate; the {head['name']} accuracy of {fmt_auc(acc)} must be "
                             "read against that rate, and sensitivity and specificity together."})

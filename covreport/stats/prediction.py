@@ -57,8 +57,8 @@ def _penalised_method(features_from, engine, classes=(WORSE, IMPROVED)):
     return (
         "Main protocol"
         f", leave-one-patient-out cross-validation on the {features_from} CXR's pooled DenseNet "
-        f"features, {classes[0]} (positive) vs {classes[1]}: inside each training fold only, every feature standardised "
-        "with the fold's mean and SD (features constant in the fold dropped), then an L2-penalised logistic "
+        f"features, {classes[0]} (positive) vs {classes[1]}: inside each training fold only, every feature "
+        "standardised with the fold's mean and SD (features constant in the fold dropped), then an L2-penalised logistic "
         "regression (intercept unpenalised, all features, no univariate pre-selection: invariant to the "
         f"features' units) whose penalty C was chosen from {len(PENALTY_GRID)} values log-spaced "
         f"{PENALTY_GRID[0]:g} to {PENALTY_GRID[-1]:g} by an inner patient-grouped {INNER_FOLDS}-fold "

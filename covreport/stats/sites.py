@@ -48,7 +48,8 @@ NOT_RECORDED = "not recorded"
 META_METHOD = (
     "random-effects meta-analysis over the sites: inverse-variance weights 1/(v_i + tau^2), tau^2 by "
     "{estimator}, as R metafor rma and statsmodels combine_effects (tested); {level:g}% CI of the pooled "
-    "value mu +/- z SE; Cochran's Q with k - 1 degrees of freedom; I^2 = max(0, (Q - (k - 1))/Q) (Higgins & Thompson 2002); {level:g}% prediction "
+    "value mu +/- z SE; Cochran's Q with k - 1 degrees of freedom; I^2 = max(0, (Q - (k - 1))/Q) (Higgins & "
+    "Thompson 2002); {level:g}% prediction "
     "interval mu +/- t(k - 2) sqrt(tau^2 + SE^2) for the value at a new site (Higgins, Thompson & "
     "Spiegelhalter 2009; Riley, Higgins & Deeks 2011), from 3 sites")
 SITE_METHOD = (
