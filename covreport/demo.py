@@ -35,6 +35,10 @@ DEMO_STUDY_TOML = Path(__file__).with_name("demo_study.toml")
 #: one epoch of batches of 16, 50 permutations and 50 bootstrap resamples (each resample of the
 #: primary protocol refits its tuning: the cost of the run); kept apart from the full demo
 #: (``study-quick``, ``report-quick``, its own weights).
+#: The clinical predictors of the demo's added-value models: the phantom's informative ``crp`` and
+#: uninformative ``temperature`` (:data:`covreport.phantom.CLINICAL`).
+DEMO_PREDICTORS = "crp,temperature"
+
 QUICK = {"study": {"image_size": 64, "n_train": 640, "n_valid": 150, "n_patients": 40},
          "training": {"image_size": 64, "epochs": 1, "batch_size": 16, "lr": 1e-3, "init": "none"},
          "permutations": 50, "bootstrap": 50}
@@ -108,6 +112,13 @@ def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=None, progress=True, quick
     chex = study_dir / CHEXPERT_DIRNAME
     manifest, valid_csv, train_csv = study_dir / PAIRS_DIRNAME / "manifest.csv", chex / "valid.csv", chex / "train.csv"
     seconds["phantom"] = time.perf_counter() - t0
+    predictors = DEMO_PREDICTORS
+    with open(manifest, encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    if not set(DEMO_PREDICTORS.split(",")) <= set(header):   # a phantom written before its clinical columns
+        predictors = ""
+        _progress.say(f"The phantom study in {study_dir} predates its clinical columns ({DEMO_PREDICTORS}): the "
+                      f"added value of the images is left out; remove {study_dir} to regenerate it with them")
 
     t0 = time.perf_counter()
     weights = weights_path(out, quick=quick)
@@ -131,10 +142,12 @@ def run_demo(out=DEFAULT_OUT, *, seed=0, permutations=None, progress=True, quick
             "--validation-csv", str(shown_path(valid_csv)), "--reference-csv", str(shown_path(train_csv)),
             "--cache", str(shown_path(cache)), "--study", str(shown_path(study_toml)),
             "--permutations", str(permutations), "--bootstrap", str(bootstrap), "--seed", str(seed),
+            *(["--predictors", predictors] if predictors else []),
             "--out", str(shown_path(report)), "--force"]
     command = shlex.join(args)
     opts = RunOptions(manifest=manifest, out=report, weights=str(weights), validation_csv=valid_csv,
                       reference_csv=train_csv, cache=cache, permutations=permutations, bootstrap=bootstrap,
+                      predictors=predictors,
                       study=study_toml,
                       seed=seed, force=True, synthetic=True, command=command,
                       extra_provenance={"demo": {"seed": seed, "quick": quick, "phantom": study_cfg,

@@ -68,7 +68,15 @@ MANIFEST_COLUMNS = (
     "patient_id", "pair_id", "first_image", "second_image", "outcome",
     "first_date", "second_date", "age", "sex", "first_view", "second_view",
     "source", "notes",
-)
+) + ("crp", "temperature", "icu_14d")
+
+#: The phantom's clinical columns (issue 22), each pair at its first CXR, drawn after everything else so that
+#: the images and outcomes are those of a phantom without them. ``crp`` (mg/L) carries the outcome: log-normal
+#: with median 80 for a Worse pair, 40 for a Stable and 20 for an Improved one (SD 0.6 on the log scale);
+#: ``temperature`` (degrees C) carries nothing, N(37.6, 0.7); ``icu_14d`` (yes/no), a clinical target, follows
+#: the first CXR's severity s: P(yes) = expit(-3 + 5 s).
+CLINICAL = {"crp_median": {WORSE: 80.0, STABLE: 40.0, IMPROVED: 20.0}, "crp_log_sd": 0.6,
+            "temperature": (37.6, 0.7), "icu_logit": (-3.0, 5.0)}
 
 #: Outcome proportions of the original cohort (44 Worse, 8 Stable, 8 Improved of 60).
 COHORT_OUTCOMES = {WORSE: 44, STABLE: 8, IMPROVED: 8}
@@ -982,6 +990,17 @@ def _trajectory(rng, outcomes):
     return np.array(s, dtype=np.float32)
 
 
+def _clinical_columns(rng, rows, first_severity):
+    """``crp``, ``temperature`` and ``icu_14d`` of each pair (:data:`CLINICAL`), drawn in row order."""
+    median = np.array([CLINICAL["crp_median"][r["outcome"]] for r in rows])
+    crp = median * np.exp(rng.normal(0.0, CLINICAL["crp_log_sd"], len(rows)))
+    temp = rng.normal(*CLINICAL["temperature"], len(rows))
+    a, b = CLINICAL["icu_logit"]
+    icu = rng.random(len(rows)) < 1 / (1 + np.exp(-(a + b * first_severity)))
+    for r, c, t, u in zip(rows, crp, temp, icu):
+        r.update(crp=f"{c:.1f}", temperature=f"{t:.1f}", icu_14d="yes" if u else "no")
+
+
 def _write_pairs(folder, rng, n_patients, size, truth_rows):
     """Write the COVID-like pair images and manifest; return counts."""
     k = _images_per_patient(rng, n_patients)
@@ -1028,6 +1047,7 @@ def _write_pairs(folder, rng, n_patients, size, truth_rows):
     age = _ages(rng, n_patients, 57.0, 15.0, lo=22, hi=90)
     start = date(2020, 3, 1)
     rows, img_no, pairs_count = [], 0, {WORSE: 0, STABLE: 0, IMPROVED: 0}
+    first_severity = []
     for i in range(n_patients):
         pid = f"PH{i + 1:03d}"
         d0 = start + timedelta(days=int(rng.integers(0, 60)))
@@ -1047,6 +1067,7 @@ def _write_pairs(folder, rng, n_patients, size, truth_rows):
             img_no += 1
         for j, o in enumerate(per_patient[i]):
             pairs_count[o] += 1
+            first_severity.append(float(s_all[img_no - k[i] + j]))
             rows.append({
                 "patient_id": pid, "pair_id": f"{pid}-{j + 1}", "first_image": names[j],
                 "second_image": names[j + 1], "outcome": o,
@@ -1055,6 +1076,7 @@ def _write_pairs(folder, rng, n_patients, size, truth_rows):
                 "first_view": "AP", "second_view": "AP", "source": "phantom",
                 "notes": "synthetic phantom (covreport.phantom), not a patient",
             })
+    _clinical_columns(rng, rows, np.array(first_severity))
     _write_csv(folder / "manifest.csv", MANIFEST_COLUMNS, rows)
     return {"pair_patients": n_patients, "pair_images": n_img, "pairs": n_pairs,
             **{f"pairs_{o}": c for o, c in pairs_count.items()}}

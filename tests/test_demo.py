@@ -63,6 +63,19 @@ def test_lopo_accuracy_above_majority_rate(demo):
     assert nested["metrics"]["accuracy"]["estimate"] > majority, (nested["metrics"]["accuracy"], majority)
 
 
+def test_the_clinical_predictors_have_their_known_contribution(demo):
+    """crp carries the outcome and temperature nothing (phantom.CLINICAL); the images carry more than both."""
+    _, results = demo
+    av = results["added_value"]
+    assert [p["name"] for p in av["predictors"]] == ["crp", "temperature"]
+    models = av["models"]
+    assert models["clinical"]["auc"]["ci_low"] > 0.5, models["clinical"]["auc"]     # crp beats chance
+    assert models["combined"]["auc"]["auc"] >= models["clinical"]["auc"]["auc"]
+    t1c = {(r["predictor"], r["group"]): r for r in results["table1_predictors"]}
+    assert t1c[("crp", "Worse")]["median"] > t1c[("crp", "Improved")]["median"]
+    assert "--predictors crp,temperature" in results["provenance"]["command"]
+
+
 def test_demo_keeps_only_the_best_checkpoint(demo):
     result, _ = demo
     model = result.report.parent / "model"

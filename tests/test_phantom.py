@@ -160,6 +160,24 @@ def test_manifest_chains_dates_and_outcome_from_severity(cohort_study):
         assert (cohort_study.manifest.parent / p).is_file()
 
 
+def test_clinical_columns_carry_what_they_say(cohort_study):
+    """crp carries the outcome, temperature nothing, icu_14d the first CXR's severity (phantom.CLINICAL)."""
+    from scipy import stats
+
+    m = pd.read_csv(cohort_study.manifest)
+    truth = pd.read_csv(cohort_study.truth_csv)
+    sev = dict(zip(truth["image"], truth["severity"]))
+    first = np.array([sev[f"{PAIRS_DIRNAME}/{p}"] for p in m["first_image"]])
+    med = m.groupby("outcome")["crp"].median()
+    assert med[WORSE] > med[STABLE] > med[IMPROVED]
+    worse, improved = m.loc[m.outcome == WORSE, "crp"], m.loc[m.outcome == IMPROVED, "crp"]
+    assert stats.mannwhitneyu(worse, improved).pvalue < 0.01
+    assert stats.mannwhitneyu(m.loc[m.outcome == WORSE, "temperature"],
+                              m.loc[m.outcome == IMPROVED, "temperature"]).pvalue > 0.05
+    assert set(m["icu_14d"]) == {"yes", "no"}
+    assert first[m["icu_14d"] == "yes"].mean() > first[m["icu_14d"] == "no"].mean()
+
+
 def test_outcome_from_change_threshold():
     assert outcome_from_change(0.2) == WORSE
     assert outcome_from_change(-0.2) == IMPROVED
@@ -191,7 +209,7 @@ def test_manifest_readable_by_covreport(cohort_study):
     manifest = pytest.importorskip("covreport.manifest")
     man = manifest.read_manifest(cohort_study.manifest, strict=True)
     assert len(man.pairs) == 60 and len(man.exclusions) == 0
-    assert man.warnings == [] and man.extra_columns == []
+    assert man.warnings == [] and man.extra_columns == ["crp", "temperature", "icu_14d"]  # the clinical columns
     assert (man.pairs["interval_days"] >= 1).all()
     assert man.pairs["outcome"].value_counts().to_dict() == {WORSE: 44, STABLE: 8, IMPROVED: 8}
     assert all(v is None for v in man.image_status.values())
