@@ -108,6 +108,7 @@ class _Opts:
     protocol, permutations, seed, bootstrap, predictive_ci = "nested", 10, 5, 60, "exact"
     threshold = 0.5
     predictors = "age,sex=F/M"   # the added-value models and their patient bootstrap must not depend on order
+    target, positive, site, validation = "", "", "source", "leave-one-patient-out"
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
