@@ -74,7 +74,7 @@ def test_models_comparisons_and_exclusions_are_recorded(predictors_run):
 
 
 @pytest.mark.parametrize("predictors,message", [
-    ("age,crp", "--predictors: predictor column 'crp' is not in the manifest"),
+    ("age,lactate", "--predictors: predictor column 'lactate' is not in the manifest"),
     ("sex", "column 'sex': 'M' is not a number; write a number, leave it blank when not measured, or name the "
             "predictor as sex=LEVEL1/LEVEL2 if it is categorical"),
     ("sex=F/X", "column 'sex': 'M' is not one of the levels F/X"),
