@@ -29,6 +29,7 @@ Cohen JP et al. TorchXRayVision: a library of chest X-ray datasets and models.
 MIDL 2022.
 """
 
+import errno
 import logging
 import os
 import re
@@ -257,7 +258,12 @@ def _atomic_torch_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, error_class=ModelError) as fh:
-        torch.save(obj, fh)
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as exc:
+            # torch's zip writer reports a failed or short write (a full disk: "unexpected pos A vs B")
+            # as a RuntimeError; make it the OSError atomic_write turns into a ModelError naming the file.
+            raise OSError(errno.EIO, f"the write failed ({_load_failure_reason(exc)})") from None
     return path
 
 

@@ -80,6 +80,25 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, net, batch):
     assert torch.equal(f0, f1) and torch.equal(l0, l1)
 
 
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path, net, monkeypatch):
+    # torch's zip writer reports a short write (a full disk) as this RuntimeError, as it did in CI.
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"the user's earlier file")
+
+    def full_disk(obj, fh):
+        fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 80184768 vs 80184656")
+
+    monkeypatch.setattr(M.torch, "save", full_disk)
+    with pytest.raises(ModelError) as err:
+        M.save_checkpoint(path, net, labels=DEFAULT_LABELS, preprocessing=SMALL)
+    assert str(err.value) == (
+        f"cannot write {path}: the write failed ([enforce fail at inline_container.cc:672] . unexpected pos "
+        "80184768 vs 80184656) (check that the folder exists, is writable and has free space)")
+    assert path.read_bytes() == b"the user's earlier file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
 def test_save_refuses_label_count_mismatch_and_unplain_metadata(tmp_path, net):
     with pytest.raises(ModelError, match="10 outputs but 2 labels"):
         M.save_checkpoint(tmp_path / "a.pt", net, labels=["A", "B"], preprocessing=SMALL)
