@@ -30,6 +30,22 @@ def _private_score_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _same_working_folder():
+    """A test that changes the working folder must undo it (``monkeypatch.chdir``): a passing test's
+    ``tmp_path`` is deleted when it ends (pyproject's retention policy), and a worker left inside it would
+    fail every later test with FileNotFoundError."""
+    before = os.getcwd()
+    yield
+    try:
+        after = os.getcwd()
+    except FileNotFoundError:
+        after = None
+    if after != before:
+        os.chdir(before)
+        pytest.fail(f"the test left the working folder at {after}; use monkeypatch.chdir")
+
+
 @pytest.fixture(scope="session")
 def phantom_demo(tmp_path_factory):
     """``covreport demo`` run once per session in a temporary folder (trains the phantom model).

@@ -203,7 +203,7 @@ def test_alpha_is_the_reports():
 # --- run config: summary --config -> run --config ---------------------------------
 
 
-def test_run_prints_the_summary_on_stdout_and_config_round_trips(tmp_path):
+def test_run_prints_the_summary_on_stdout_and_config_round_trips(tmp_path, monkeypatch):
     manifest, scores = _study(tmp_path, 1, n_patients=8)
     args = ["--quiet", "run", str(manifest), "--scores", str(scores), "--permutations", "0", "--bootstrap", "3",
             "--no-pdf", "--seed", "3", "--out", str(tmp_path / "a")]
@@ -216,12 +216,9 @@ def test_run_prints_the_summary_on_stdout_and_config_round_trips(tmp_path):
     assert "seed = 3\n" in config.stdout and "bootstrap = 3\n" in config.stdout
     (tmp_path / "run.toml").write_text(config.stdout, encoding="utf-8")
     # from another folder: the config's relative paths start at its own folder; the command line overrides it
-    os.chdir(tmp_path / "a")
-    try:
-        again = CliRunner().invoke(main, ["-q", "run", "--config", str(tmp_path / "run.toml"), "--no-pdf",
-                                          "--bootstrap", "4", "--out", str(tmp_path / "b")])
-    finally:
-        os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "a")
+    again = CliRunner().invoke(main, ["-q", "run", "--config", str(tmp_path / "run.toml"), "--no-pdf",
+                                      "--bootstrap", "4", "--out", str(tmp_path / "b")])
     assert again.exit_code == 0, again.output
     a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
     assert b["provenance"]["options"] == {**a["provenance"]["options"], "bootstrap": 4}
@@ -239,9 +236,9 @@ def test_run_prints_the_summary_on_stdout_and_config_round_trips(tmp_path):
     ("seed = [1]\n", "run.toml: seed = [1] -- give a "),
     ("permutations = \n", "run.toml: not valid TOML"),
 ])
-def test_bad_run_config_is_a_usage_error_naming_the_key(tmp_path, text, message):
+def test_bad_run_config_is_a_usage_error_naming_the_key(tmp_path, monkeypatch, text, message):
     (tmp_path / "run.toml").write_text(text, encoding="utf-8")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["run", "--config", "run.toml"])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
