@@ -2,6 +2,11 @@
 
 Run:  python benchmarks/bench_cv_coverage.py [--replicates 1000] [--resamples 200] [--patients 20 40 100]
                                              [--protocol nested|global|penalised] [--features 20]
+                                             [--seed 0] [--jobs N] [--save part.json]
+      python benchmarks/bench_cv_coverage.py --combine part0.json part1.json
+
+On a few cores, run one process per core with ``--jobs 1``, different ``--seed`` and ``--save``, then
+``--combine`` pools their replicates (the coverage against Err then uses the pooled mean of Err_XY).
 
 Each replicate simulates a study: patients with 1 to 4 pairs (uniform), a
 patient random effect on the logit of Worse (SD ``--patient-sd``, default 1.0:
@@ -22,6 +27,7 @@ with the binomial standard error of the coverage, and the median width.
 """
 
 import argparse
+import json
 import math
 import time
 
@@ -73,7 +79,8 @@ def fit_predict(X, y, groups, Xnew, protocol):
 def run(args):
     rng = np.random.default_rng(args.seed)
     print(f"protocol {args.protocol}, {args.replicates} replicates, {args.resamples} resamples, "
-          f"{args.features} features, patient SD {args.patient_sd}")
+          f"{args.features} features, patient SD {args.patient_sd}, seed {args.seed}")
+    saved = {}
     for n_pat in args.patients:
         start = time.process_time()
         rows = []
@@ -86,22 +93,46 @@ def run(args):
             truth = _measures(yn, fit_predict(X, y, g, Xn, args.protocol))
             est = _measures(y, lopo_predict(X, y, g, protocol=args.protocol, final_model=False)["probabilities"])
             ci = cv_bootstrap(X, y, g, protocol=args.protocol, n_resamples=args.resamples,
-                              seed=int(rng.integers(2**31)), estimates=est)
-            rows.append((truth, ci))
+                              seed=int(rng.integers(2**31)), estimates=est, jobs=args.jobs)
+            rows.append(({m: float(truth[m]) for m in MEASURES},
+                         {m: [ci[m]["ci_low"], ci[m]["ci_high"]] for m in MEASURES}))
         cpu = time.process_time() - start
-        print(f"\n{n_pat} patients ({cpu:.0f} CPU-s):")
-        print(f"  {'measure':<18} {'cover Err':>10} {'cover Err_XY':>13} {'median width':>13}")
-        for m in MEASURES:
-            err = np.nanmean([t[m] for t, _ in rows])
-            ok = [(c[m]["ci_low"], c[m]["ci_high"], t[m]) for t, c in rows
-                  if c[m]["ci_low"] is not None and np.isfinite(t[m])]
-            if not ok:
-                continue
-            lo, hi, txy = map(np.array, zip(*ok))
-            c_err = np.mean((lo <= err) & (err <= hi))
-            c_xy = np.mean((lo <= txy) & (txy <= hi))
-            se = math.sqrt(c_err * (1 - c_err) / len(ok))
-            print(f"  {m:<18} {c_err:>7.3f}±{se:.3f} {c_xy:>13.3f} {np.median(hi - lo):>13.3f}  (n={len(ok)})")
+        summarise(n_pat, rows, cpu)
+        saved[str(n_pat)] = {"cpu_s": cpu, "rows": rows}
+    if args.save:
+        with open(args.save, "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "patients": saved}, fh)
+
+
+def summarise(n_pat, rows, cpu):
+    """Print the coverage of each measure over ``rows`` ((truth, {measure: [low, high]}) per replicate)."""
+    print(f"\n{n_pat} patients, {len(rows)} replicates ({cpu:.0f} CPU-s):")
+    print(f"  {'measure':<18} {'cover Err':>10} {'cover Err_XY':>13} {'median width':>13}")
+    for m in MEASURES:
+        err = np.nanmean([t[m] for t, _ in rows])
+        ok = [(c[m][0], c[m][1], t[m]) for t, c in rows if c[m][0] is not None and np.isfinite(t[m])]
+        if not ok:
+            continue
+        lo, hi, txy = map(np.array, zip(*ok))
+        c_err = np.mean((lo <= err) & (err <= hi))
+        c_xy = np.mean((lo <= txy) & (txy <= hi))
+        se = math.sqrt(c_err * (1 - c_err) / len(ok))
+        print(f"  {m:<18} {c_err:>7.3f}±{se:.3f} {c_xy:>13.3f} {np.median(hi - lo):>13.3f}  (n={len(ok)})")
+
+
+def combine(paths):
+    """Pool the replicates saved by runs with different ``--seed`` (``--save``) and print their coverage."""
+    pooled = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        print(f"{path}: seed {saved['args']['seed']}, protocol {saved['args']['protocol']}, "
+              f"{saved['args']['resamples']} resamples")
+        for n_pat, part in saved["patients"].items():
+            rows, cpu = pooled.get(n_pat, ([], 0.0))
+            pooled[n_pat] = (rows + [tuple(r) for r in part["rows"]], cpu + part["cpu_s"])
+    for n_pat, (rows, cpu) in pooled.items():
+        summarise(n_pat, rows, cpu)
 
 
 def main():
@@ -113,9 +144,16 @@ def main():
     ap.add_argument("--features", type=int, default=20)
     ap.add_argument("--patient-sd", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=None, help="workers of each bootstrap (default: every core)")
+    ap.add_argument("--save", help="write every replicate's truth and intervals to this JSON file")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="pool the replicates of runs saved with --save (different --seed) and print their coverage")
     args = ap.parse_args()
     progress.set_quiet(True)
-    run(args)
+    if args.combine:
+        combine(args.combine)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -799,8 +799,8 @@ def run(manifest, scores, weights, validation_csv, validation_scores, reference_
               show_default=True, help="Folder for the phantom study, weights, cache and report.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the phantom and the training.")
-@click.option("--quick", is_flag=True, help="A first look: a smaller phantom, 1 epoch, 50 permutations and "
-              "50 resamples (kept apart: study-quick/, report-quick/).")
+@click.option("--quick", is_flag=True, help="A first look: a smaller phantom, 1 epoch, 50 permutations, "
+              "20 resamples and no PDF (kept apart: study-quick/, report-quick/).")
 @quiet_option
 def demo(out, seed, quick):
     """Run the whole study on a synthetic phantom: generate, train, score, test, report.
@@ -815,6 +815,8 @@ def demo(out, seed, quick):
     result = run_demo(out, seed=seed, quick=quick)
     took = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     _echo_summary(result.report)
+    if quick:
+        click.echo("The quick demo writes the HTML report only; `covreport demo` writes its PDF too.")
     click.echo(f"Time: {took}" + ("" if result.trained else " (weights reused)"))
     click.echo(f"Regenerate with:\n  {result.command}")
     click.echo(f"Verify with:\n  {result.verify_command}")

@@ -14,11 +14,15 @@ def test_quick_demo_recovers_the_known_answer(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["-q", "demo", "--quick", "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     report = tmp_path / "d" / "report-quick"
-    assert (report / "report.pdf").is_file()
+    # the HTML report without its PDF (the full demo writes both), and the summary says where it is
+    assert (report / "report.html").is_file() and not (report / "report.pdf").exists()
+    assert f"Report      {report / 'report.html'}" in res.output
+    assert "The quick demo writes the HTML report only; `covreport demo` writes its PDF too." in res.output
+    assert "--no-pdf --out" in res.output   # the "Regenerate with" command repeats it
     results = json.loads((report / "results.json").read_text(encoding="utf-8"))
     assert results["provenance"]["demo"]["quick"] is True
     assert results["provenance"]["options"]["permutations"] == 50
-    assert results["provenance"]["options"]["bootstrap"] == 50
+    assert results["provenance"]["options"]["bootstrap"] == 20
     aucs = {r["label"]: r["auc"] for r in results["validation_auc"]}
     # one epoch on 640 images: the two labels the phantom varies are learnt well above chance (measured
     # 0.85-0.93; Lung Opacity 0.8499 once on a loaded machine), the full demo's bar is 0.85 after 2 epochs

@@ -92,6 +92,15 @@ def test_the_report_shows_the_sites_and_the_checklist_counts_them(sites_run):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     rows = {r["item"]: r for r in tripod_checklist(results)}
     assert rows["23b"]["filled"].startswith("performance by site") and not rows["23b"]["todo"]
+    assert rows["20b"]["filled"].startswith("Table 1 and the interval between the two CXRs; the pairs and outcome "
+                                            "events per site")
+    assert "internal-external" not in rows["12c"]["filled"]     # no leave-one-site-out in this run
+    from covreport.report.checklists import stard_ai_checklist
+
+    stard = {r["item"]: r for r in stard_ai_checklist(results)}
+    assert stard["21"]["filled"].endswith("; performance by site with a random-effects meta-analysis "
+                                          "(tau\u00b2, I\u00b2, prediction interval)")
+    assert "internal-external" not in stard["15b"]["filled"] + stard["29"]["filled"]
 
 
 def test_verify_repeats_the_site_analysis(sites_run):
@@ -138,6 +147,25 @@ def test_leave_one_site_out_adds_the_internal_external_cross_validation(tmp_path
     assert list(pd.read_csv(out / "tables" / "sites_iecv.csv").site) == list(SITES)
     assert len(pd.read_csv(out / "tables" / "site_meta_analysis_iecv.csv")) == 4
     assert results["provenance"]["options"]["validation"] == "leave-one-site-out"
+    from covreport.report.checklists import stard_ai_checklist, tripod_checklist
+
+    tripod = {r["item"]: r for r in tripod_checklist(results)}
+    stard = {r["item"]: r for r in stard_ai_checklist(results)}
+    assert tripod["12c"]["filled"].split("; ")[1] == ("internal-external cross-validation by site: the model "
+                                                      "refitted without each site and evaluated on it, the per-site "
+                                                      "results pooled")
+    assert tripod["16"]["filled"].startswith("each held-out site against the others (internal-external")
+    assert stard["29"]["filled"].startswith("each site held out in turn is an independent evaluation set")
+    assert tripod["16"]["status"] == stard["29"]["status"] == "covreport"   # no reference CSV needed
+    # 15b needs the network's training recipe, which a scores-only run lacks: there the note joins what
+    # covreport says of the item when the weights carry their recipe
+    from covreport.report.checklists import _STARD_AI_SITES, _with_sites, checklist_items
+
+    item = {it["id"]: it for it in _with_sites(checklist_items("stard_ai"), results, _STARD_AI_SITES)}["15b"]
+    assert item["covreport"].endswith("; internal-external cross-validation by site: each site held out in turn, "
+                                      "with its pairs") and item["needs"] == "recipe"
+    for row in (tripod["12c"], tripod["16"], stard["29"]):   # rendered as the checklist rows say
+        assert row["filled"].split("; ")[0] in page
     table.assign(source="one hospital").to_csv(manifest, index=False)
     res = _run(manifest, scores, tmp_path / "one", "--validation", "leave-one-site-out")
     assert res.exit_code == 1

@@ -268,7 +268,9 @@ def tripod_checklist(results):
     Rows as :func:`fill_checklist`'s; ``applies`` is D, E or D;E. With a
     clinical target (``prediction_target``), item 8a names it: its
     definition and time horizon are the authors' (``reference_standard``).
-    With sites (``sites``), items 12d and 23b are covreport's.
+    With sites (``sites``), items 12d and 23b are covreport's, and 20b (and,
+    with internal-external cross-validation, 12c and 16) say what covreport
+    reports by site.
     """
     items = tripod_items()
     target = results.get("prediction_target")
@@ -281,11 +283,48 @@ def tripod_checklist(results):
     if isinstance(sites, dict) and sites.get("rows"):
         said = {"12d": "patients as clusters (patient-clustered AUC, refitting patient bootstrap); sites: a "
                        "random-effects meta-analysis of the per-site AUC (logit scale) and calibration slope "
-                       "(DerSimonian-Laird and Paule-Mandel tau^2, I^2, 95% prediction interval)",
-                "23b": "performance by site with its meta-analysis (tau^2, I^2, prediction interval) and forest "
-                       "plot"}
+                       "(DerSimonian-Laird and Paule-Mandel tau\u00b2, I\u00b2, 95% prediction interval)",
+                "23b": "performance by site with its meta-analysis (tau\u00b2, I\u00b2, prediction interval) and "
+                       "forest plot"}
         items = [dict(it, covreport=said[it["id"]], study=[]) if it["id"] in said else it for it in items]
-    return fill_checklist(items, results)
+    return fill_checklist(_with_sites(items, results, _TRIPOD_SITES), results)
+
+
+#: What TRIPOD+AI and STARD-AI items say when the pairs come from several sites (``results["sites"]``): item ->
+#: (text, text with internal-external cross-validation (``iecv``)); a text starting "; " is added to what
+#: covreport fills, another replaces it (and needs nothing more: the by-site tables are covreport's).
+_TRIPOD_SITES = {
+    "12c": (None, "; internal-external cross-validation by site: the model refitted without each site and "
+                  "evaluated on it, the per-site results pooled"),
+    "16": (None, "each held-out site against the others (internal-external cross-validation): its pairs, outcome "
+                 "events and performance in the by-site tables"),
+    "20b": ("; the pairs and outcome events per site", "; the pairs and outcome events per site"),
+}
+_STARD_AI_SITES = {
+    "15b": (None, "; internal-external cross-validation by site: each site held out in turn, with its pairs"),
+    "21": ("; performance by site with a random-effects meta-analysis (tau\u00b2, I\u00b2, prediction interval)",
+           "; performance by site with a random-effects meta-analysis (tau\u00b2, I\u00b2, prediction interval), in "
+           "the cross-validation and in the internal-external cross-validation"),
+    "29": (None, "each site held out in turn is an independent evaluation set (internal-external "
+                 "cross-validation): its pairs, outcome events and performance by site"),
+}
+
+
+def _with_sites(items, results, notes):
+    """``items`` with the site ``notes`` appended to what covreport fills, when the results hold sites."""
+    sites = results.get("sites")
+    if not (isinstance(sites, dict) and sites.get("rows")):
+        return items
+    external = bool((sites.get("iecv") or {}).get("rows"))
+    out = []
+    for it in items:
+        note = notes.get(it["id"], (None, None))[1 if external else 0]
+        if note and note.startswith("; "):
+            it = dict(it, covreport=it["covreport"] + note) if it.get("covreport") else it
+        elif note:
+            it = {**{k: v for k, v in it.items() if k != "needs"}, "covreport": note}
+        out.append(it)
+    return out
 
 
 def claim_checklist(results):
@@ -294,5 +333,10 @@ def claim_checklist(results):
 
 
 def stard_ai_checklist(results):
-    """The STARD-AI checklist (40 items, 48 sub-items), filled as :func:`fill_checklist` fills it."""
-    return fill_checklist(checklist_items("stard_ai"), results)
+    """The STARD-AI checklist (40 items, 48 sub-items), filled as :func:`fill_checklist` fills it.
+
+    With sites (``sites``), items 21 (variability) and, with internal-external
+    cross-validation, 15b (development) and 29 (external evaluation) say what
+    covreport reports by site.
+    """
+    return fill_checklist(_with_sites(checklist_items("stard_ai"), results, _STARD_AI_SITES), results)
