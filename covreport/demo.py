@@ -37,8 +37,8 @@ DEMO_PREDICTORS = "crp,temperature"
 
 #: ``covreport demo --quick``: a first look on 2 cores. A smaller phantom (640 training images),
 #: one epoch of batches of 16, 50 permutations and 20 bootstrap resamples (each resample of the
-#: primary protocol refits its tuning: the cost of the run), the HTML report without its PDF (the
-#: PDF's layout took 8 of the 59 s); kept apart from the full demo (``study-quick``,
+#: primary protocol refits its tuning: the cost of the run), the HTML report without its PDF (whose
+#: layout is the report's slowest part); kept apart from the full demo (``study-quick``,
 #: ``report-quick``, its own weights).
 QUICK = {"study": {"image_size": 64, "n_train": 640, "n_valid": 150, "n_patients": 40},
          "training": {"image_size": 64, "epochs": 1, "batch_size": 16, "lr": 1e-3, "init": "none"},

@@ -311,7 +311,7 @@ _STARD_AI_SITES = {
 
 
 def _with_sites(items, results, notes):
-    """``items`` with the site ``notes`` appended to what covreport fills, when the results hold sites."""
+    """``items`` with the site ``notes`` (added to or replacing what covreport fills), when the results hold sites."""
     sites = results.get("sites")
     if not (isinstance(sites, dict) and sites.get("rows")):
         return items
