@@ -6,7 +6,8 @@ Run:  python benchmarks/bench_cv_coverage.py [--replicates 1000] [--resamples 20
       python benchmarks/bench_cv_coverage.py --combine part0.json part1.json
 
 On a few cores, run one process per core with ``--jobs 1``, different ``--seed`` and ``--save``, then
-``--combine`` pools their replicates (the coverage against Err then uses the pooled mean of Err_XY).
+``--combine`` pools their replicates (the coverage against Err then uses the pooled mean of Err_XY). The
+saved file is rewritten after each replicate, so a run stopped early still counts what it finished.
 
 Each replicate simulates a study: patients with 1 to 4 pairs (uniform), a
 patient random effect on the logit of Worse (SD ``--patient-sd``, default 1.0:
@@ -35,6 +36,7 @@ import numpy as np
 from scipy import special
 
 from covreport import progress
+from covreport._io import atomic_write_bytes
 from covreport.stats.prediction import _measures, cv_bootstrap, lopo_predict
 
 MEASURES = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
@@ -96,12 +98,10 @@ def run(args):
                               seed=int(rng.integers(2**31)), estimates=est, jobs=args.jobs)
             rows.append(({m: float(truth[m]) for m in MEASURES},
                          {m: [ci[m]["ci_low"], ci[m]["ci_high"]] for m in MEASURES}))
-        cpu = time.process_time() - start
-        summarise(n_pat, rows, cpu)
-        saved[str(n_pat)] = {"cpu_s": cpu, "rows": rows}
-    if args.save:
-        with open(args.save, "w", encoding="utf-8") as fh:
-            json.dump({"args": vars(args), "patients": saved}, fh)
+            saved[str(n_pat)] = {"cpu_s": time.process_time() - start, "rows": rows}
+            if args.save:   # after every replicate, so that a run stopped early still counts what it did
+                atomic_write_bytes(args.save, json.dumps({"args": vars(args), "patients": saved}).encode())
+        summarise(n_pat, rows, time.process_time() - start)
 
 
 def summarise(n_pat, rows, cpu):
@@ -145,7 +145,8 @@ def main():
     ap.add_argument("--patient-sd", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=None, help="workers of each bootstrap (default: every core)")
-    ap.add_argument("--save", help="write every replicate's truth and intervals to this JSON file")
+    ap.add_argument("--save", help="write every replicate's truth and intervals to this JSON file (rewritten "
+                                   "after each replicate)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="pool the replicates of runs saved with --save (different --seed) and print their coverage")
     args = ap.parse_args()
