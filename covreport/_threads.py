@@ -9,9 +9,11 @@ demo's training took 18 times longer beside two busy loops). So covreport:
   ``os.sched_getaffinity``: a container's or ``taskset``'s limit, not the
   machine's);
 - makes OpenMP threads sleep rather than spin while they wait
-  (``OMP_WAIT_POLICY=PASSIVE``, ``KMP_BLOCKTIME=0`` for Intel's runtime),
-  set by :func:`prepare_environment` before torch is imported, unless the
-  user set them;
+  (``OMP_WAIT_POLICY=PASSIVE``, ``KMP_BLOCKTIME=0`` for Intel's runtime) when
+  the CPU is busy as covreport starts, and spin only briefly before they
+  sleep when it is idle (``GOMP_SPINCOUNT=10000``, :func:`cpu_is_idle`), set
+  by :func:`prepare_environment` before torch is imported, unless the user
+  set them;
 - gives torch's intra-op pool the available cores (``torch.set_num_threads``),
   one inter-op thread, and on a CPU decodes images in the training process
   itself unless there are cores to spare for DataLoader workers
@@ -29,8 +31,14 @@ from __future__ import annotations
 
 import os
 
-#: Environment set before torch starts its threads, unless already set.
+#: Environment set before torch starts its threads on a busy CPU, unless already set.
 PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+#: The same on an idle CPU: a thread spins 10,000 times (microseconds) waiting for the others, then sleeps.
+#: benchmarks/bench_wait_policy.py, the quick demo's training on the 2-core machine: 0.69 of the passive
+#: time alone, 2.55 times it beside two busy loops (benchmarks/README.md), hence passive on a busy CPU.
+BOUNDED_SPIN_ENV = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+#: The variables that set how long an OpenMP thread spins (the user's choice of either keeps both as they are).
+_WAIT_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def available_cpus() -> int:
@@ -41,17 +49,52 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def prepare_environment(environ=None) -> None:
-    """Set the passive OpenMP wait policy and the thread count before torch is imported.
+def current_load():
+    """The larger of the 1-minute load average and the tasks running now besides this one (``/proc/loadavg``).
 
-    Leaves every variable the user set alone. ``OMP_NUM_THREADS`` defaults
-    to :func:`available_cpus` (torch would otherwise count the machine's
-    physical cores, which may exceed what this process may use). Has no
-    effect on a torch already imported: call it first (the CLI does).
+    The average lags by a minute behind work that has just started; the count of runnable tasks does not.
+    None where neither can be read.
+    """
+    try:
+        with open("/proc/loadavg", encoding="ascii") as fh:
+            fields = fh.read().split()
+        return max(float(fields[0]), float(fields[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_is_idle(load=None, cpus=None) -> bool:
+    """True when the load (:func:`current_load`) is below the cores this process may use less half a core.
+
+    Where the load cannot be read, the CPU counts as busy (the safe choice).
+    """
+    load = current_load() if load is None else load
+    if load is None:
+        return False
+    return load < (available_cpus() if cpus is None else cpus) - 0.5
+
+
+def prepare_environment(environ=None, *, idle=None) -> None:
+    """Set the OpenMP wait policy and the thread count before torch is imported.
+
+    The policy is :data:`BOUNDED_SPIN_ENV` when the CPU is idle
+    (:func:`cpu_is_idle`, unless ``idle`` says), else :data:`PASSIVE_ENV`.
+    Leaves every variable the user set alone (and the wait policy whole when
+    the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``). ``OMP_NUM_THREADS``
+    defaults to :func:`available_cpus` (torch would otherwise count the
+    machine's physical cores, which may exceed what this process may use).
+    Has no effect on a torch already imported: call it first (the CLI does).
     """
     environ = os.environ if environ is None else environ
-    for key, value in PASSIVE_ENV.items():
-        environ.setdefault(key, value)
+    chosen = BOUNDED_SPIN_ENV if (cpu_is_idle() if idle is None else idle) else PASSIVE_ENV
+    user_wait = any(key in environ for key in _WAIT_KEYS)
+    for key, value in chosen.items():
+        if not (user_wait and key in _WAIT_KEYS):
+            environ.setdefault(key, value)
     environ.setdefault("OMP_NUM_THREADS", str(available_cpus()))
 
 
@@ -115,4 +158,5 @@ def configure_torch(workers=0, processes=1) -> int:
     return threads
 
 
-__all__ = ["PASSIVE_ENV", "available_cpus", "prepare_environment", "thread_cap", "cpu_workers", "configure_torch"]
+__all__ = ["PASSIVE_ENV", "BOUNDED_SPIN_ENV", "available_cpus", "cpu_is_idle", "current_load", "prepare_environment",
+           "thread_cap", "cpu_workers", "configure_torch"]

@@ -16,11 +16,28 @@ REPO = Path(__file__).resolve().parents[1]
 def test_prepare_environment_sets_passive_wait_and_keeps_what_the_user_set(monkeypatch):
     monkeypatch.setattr(_threads, "available_cpus", lambda: 3)
     env = {}
-    _threads.prepare_environment(env)
+    _threads.prepare_environment(env, idle=False)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "OMP_NUM_THREADS": "3"}
     env = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
-    _threads.prepare_environment(env)
+    _threads.prepare_environment(env, idle=False)
     assert env == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "KMP_BLOCKTIME": "0"}
+
+
+def test_an_idle_cpu_gets_a_bounded_spin_unless_the_user_chose_a_wait_policy(monkeypatch):
+    monkeypatch.setattr(_threads, "available_cpus", lambda: 2)
+    env = {}
+    _threads.prepare_environment(env, idle=True)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0", "OMP_NUM_THREADS": "2"}
+    for user in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):   # either one keeps the user's wait
+        env = dict(user)
+        _threads.prepare_environment(env, idle=True)
+        assert env == {**user, "KMP_BLOCKTIME": "0", "OMP_NUM_THREADS": "2"}
+
+
+@pytest.mark.parametrize("load, cpus, idle", [(0.2, 2, True), (1.4, 2, True), (1.5, 2, False), (6.0, 2, False),
+                                              (0.4, 1, True), (0.5, 1, False)])
+def test_the_cpu_is_idle_below_its_cores_less_half_a_core(load, cpus, idle):
+    assert _threads.cpu_is_idle(load, cpus) is idle
 
 
 def test_available_cpus_is_the_affinity():
@@ -55,7 +72,7 @@ def test_configure_torch_never_asks_for_more_threads_than_cores(monkeypatch, cpu
 
 def _python(code, *prefix, env=None):
     env = dict(os.environ if env is None else env)
-    for key in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS"):
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS"):
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -65,10 +82,10 @@ def _python(code, *prefix, env=None):
 
 
 def test_the_command_line_sets_the_environment_torch_starts_with():
-    code = ("import os, covreport.cli, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads(), "
-            "len(os.sched_getaffinity(0)))")
-    policy, threads, cpus = _python(code)
-    assert policy == "PASSIVE"
+    code = ("import os, covreport.cli, torch; print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'), "
+            "torch.get_num_threads(), len(os.sched_getaffinity(0)))")
+    policy, spin, threads, cpus = _python(code)
+    assert (policy, spin) in {("PASSIVE", "None"), ("ACTIVE", "10000")}   # busy or idle as it started
     assert int(threads) <= int(cpus)
 
 
