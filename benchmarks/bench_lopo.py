@@ -1,6 +1,7 @@
 """Benchmark: leave-one-patient-out prediction and its permutation test.
 
 Run:  python benchmarks/bench_lopo.py [--permutations N] [--quick] [--data correlated|independent]
+                                     [--only a|b] [--effect 0.15]
 
 Prints, side by side, the wall times of the fast path (``solver="fast"``:
 chi-square statistics of all folds by subtraction, batched Newton / chord
@@ -82,8 +83,9 @@ def bench_small(args):
 
 def bench_large(args):
     n_patients, n_pairs = (1000, 2000) if args.quick else (5000, 10_000)
-    X, y, groups = make_study(n_patients, n_pairs, data=args.data, seed=args.seed, effect=0.15)
-    print(f"(b) {n_pairs:,} pairs, {n_patients:,} patients, {X.shape[1]} features ({args.data} features)")
+    X, y, groups = make_study(n_patients, n_pairs, data=args.data, seed=args.seed, effect=args.effect)
+    print(f"(b) {n_pairs:,} pairs, {n_patients:,} patients, {X.shape[1]} features ({args.data} features, "
+          f"effect {args.effect})")
     t_fast, fast = timed(lambda: lopo_predict(X, y, groups, protocol="nested"))
     kept = sum(fast["selected_features"].values()) / fast["n_folds"]
     # the reference on a few folds only, extrapolated (a full run takes hours)
@@ -130,6 +132,7 @@ def main(argv=None):
     parser.add_argument("--data", choices=["correlated", "independent"], default="correlated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["a", "b"], default=None)
+    parser.add_argument("--effect", type=float, default=0.15, help="outcome signal of (b)'s features")
     args = parser.parse_args(argv)
     if args.only in (None, "a"):
         bench_small(args)
