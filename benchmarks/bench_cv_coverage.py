@@ -24,7 +24,8 @@ against the mean of Err_XY over the replicates (Err, what cross-validation
 estimates) and against the replicate's own Err_XY.
 
 Prints, per number of patients and measure: coverage against Err and Err_XY,
-with the binomial standard error of the coverage, and the median width.
+with the binomial standard error of the coverage, the median width, and the
+estimate's bias for Err, its SD over the replicates and the mean bootstrap SE.
 """
 
 import argparse
@@ -97,27 +98,40 @@ def run(args):
             ci = cv_bootstrap(X, y, g, protocol=args.protocol, n_resamples=args.resamples,
                               seed=int(rng.integers(2**31)), estimates=est, jobs=args.jobs)
             rows.append(({m: float(truth[m]) for m in MEASURES},
-                         {m: [ci[m]["ci_low"], ci[m]["ci_high"]] for m in MEASURES}))
+                         {m: [ci[m]["ci_low"], ci[m]["ci_high"]] for m in MEASURES},
+                         {m: [_num(est[m]), _num(ci[m].get("bootstrap_se"))] for m in MEASURES}))
             saved[str(n_pat)] = {"cpu_s": time.process_time() - start, "rows": rows}
             if args.save:   # after every replicate, so that a run stopped early still counts what it did
                 atomic_write_bytes(args.save, json.dumps({"args": vars(args), "patients": saved}).encode())
         summarise(n_pat, rows, time.process_time() - start)
 
 
+def _num(v):
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
 def summarise(n_pat, rows, cpu):
-    """Print the coverage of each measure over ``rows`` ((truth, {measure: [low, high]}) per replicate)."""
+    """Print the coverage of each measure over ``rows`` ((truth, {measure: [low, high]}[, {measure: [estimate,
+    bootstrap SE]}]) per replicate) and, where the estimates were saved, the estimate's bias for Err, its SD
+    over the replicates and the mean bootstrap SE (what the interval's width rests on)."""
     print(f"\n{n_pat} patients, {len(rows)} replicates ({cpu:.0f} CPU-s):")
-    print(f"  {'measure':<18} {'cover Err':>10} {'cover Err_XY':>13} {'median width':>13}")
+    print(f"  {'measure':<18} {'cover Err':>10} {'cover Err_XY':>13} {'median width':>13}  "
+          f"{'bias for Err':>12} {'SD of est.':>10} {'mean boot SE':>12}")
     for m in MEASURES:
-        err = np.nanmean([t[m] for t, _ in rows])
-        ok = [(c[m][0], c[m][1], t[m]) for t, c in rows if c[m][0] is not None and np.isfinite(t[m])]
+        err = np.nanmean([r[0][m] for r in rows])
+        ok = [(r[1][m][0], r[1][m][1], r[0][m]) for r in rows if r[1][m][0] is not None and np.isfinite(r[0][m])]
         if not ok:
             continue
         lo, hi, txy = map(np.array, zip(*ok))
         c_err = np.mean((lo <= err) & (err <= hi))
         c_xy = np.mean((lo <= txy) & (txy <= hi))
         se = math.sqrt(c_err * (1 - c_err) / len(ok))
-        print(f"  {m:<18} {c_err:>7.3f}±{se:.3f} {c_xy:>13.3f} {np.median(hi - lo):>13.3f}  (n={len(ok)})")
+        line = f"  {m:<18} {c_err:>7.3f}±{se:.3f} {c_xy:>13.3f} {np.median(hi - lo):>13.3f}"
+        est = np.array([[np.nan if v is None else v for v in r[2][m]] for r in rows if len(r) > 2], dtype=float)
+        if len(est):
+            line += (f"  {np.nanmean(est[:, 0]) - err:>+12.3f} {np.nanstd(est[:, 0], ddof=1):>10.3f} "
+                     f"{np.nanmean(est[:, 1]):>12.3f}")
+        print(line + f"  (n={len(ok)})")
 
 
 def combine(paths):
