@@ -250,6 +250,51 @@ def make_study(out_dir, *, seed=0, image_size=64, n_train=2400, n_valid=300,
         counts=counts, seed=int(seed), image_size=int(image_size))
 
 
+def make_site_study(out_dir, *, seed=0, image_size=64, n_patients=120, overwrite=False):
+    """Write a phantom pair study of three sites, one shifted (:data:`SITES`, :data:`SITE_OUTCOMES`).
+
+    The next study the original one calls for: the pairs of ``n_patients``
+    patients spread over Hospitals A, B and C (the manifest's ``source``
+    column), with the clinical columns of :func:`make_study`'s manifest.
+    Hospital C admits later in the course (:data:`SITES`), so the first CXR
+    discriminates less there. The images are rendered like the pairs of
+    :func:`make_study`, so a model trained on its CheXpert-layout set scores
+    them. Writes ``out_dir/covid-pairs/manifest.csv`` with its images,
+    ``truth.csv`` and ``README.txt``, in a temporary sibling folder moved into
+    place whole (an existing non-empty ``out_dir`` only with ``overwrite``).
+
+    Returns
+    -------
+    dict
+        ``manifest`` (its path), ``truth_csv`` and the counts (pairs per
+        outcome and per site).
+    """
+    out_dir = Path(out_dir)
+    _check_int("image_size", image_size, 32)
+    _check_int("n_patients", n_patients, 12)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise CovreportError(f"phantom: output folder {out_dir} exists and is not empty; "
+                             "choose another folder or pass overwrite=True.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # streams of their own: the 4th and 5th children of the seed (make_study draws from the first three)
+    ss_pairs, ss_sites = np.random.SeedSequence(seed).spawn(5)[3:]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        truth_rows = []
+        counts = _write_pairs(tmp / PAIRS_DIRNAME, np.random.default_rng(ss_pairs), n_patients, image_size,
+                              truth_rows, sites=SITES, site_rng=np.random.default_rng(ss_sites),
+                              mix=SITE_OUTCOMES)
+        _write_csv(tmp / "truth.csv", _truth_columns(), truth_rows)
+        shift = "; ".join(f"{site['name']}: Worse pairs start at severity {site['start'][WORSE][0]}-"
+                          f"{site['start'][WORSE][1]}" for site in SITES)
+        _write_text(tmp / "README.txt", _readme(seed, image_size, counts) + f"sites: {shift}\n")
+        swap_dir(tmp, out_dir, force=True, replace_any=True)  # overwrite was checked above
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"manifest": out_dir / PAIRS_DIRNAME / "manifest.csv", "truth_csv": out_dir / "truth.csv", **counts}
+
+
 def render_images(amounts, *, view="AP", seed=0, image_size=64):
     """Render radiographs with given finding amounts (for tests and figures).
 
@@ -943,11 +988,26 @@ def _images_per_patient(rng, n_patients):
     return rng.permutation(k)
 
 
-def _outcome_list(n_pairs):
-    tot = sum(COHORT_OUTCOMES.values())
-    n_s = max(1, int(round(n_pairs * COHORT_OUTCOMES[STABLE] / tot)))
-    n_i = max(1, int(round(n_pairs * COHORT_OUTCOMES[IMPROVED] / tot)))
+def _outcome_list(n_pairs, mix=COHORT_OUTCOMES):
+    tot = sum(mix.values())
+    n_s = max(1, int(round(n_pairs * mix[STABLE] / tot)))
+    n_i = max(1, int(round(n_pairs * mix[IMPROVED] / tot)))
     return [WORSE] * (n_pairs - n_s - n_i) + [STABLE] * n_s + [IMPROVED] * n_i
+
+
+#: The sites of :func:`make_site_study`: a share of its patients each, and the range of the first severity
+#: of each outcome. Hospital C admits later in the course: its Worse pairs start at 0.3-0.8 (0-0.5 at A and
+#: B), where its Improved ones start too (0.6-1.0 everywhere), so the first CXR tells its Worse from its
+#: Improved pairs less well: the shifted site that the heterogeneity of the site meta-analysis must show.
+SITES = (
+    {"name": "Hospital A", "share": 0.40, "start": {WORSE: (0.0, 0.5), STABLE: (0.0, 1.0), IMPROVED: (0.6, 1.0)}},
+    {"name": "Hospital B", "share": 0.35, "start": {WORSE: (0.0, 0.5), STABLE: (0.0, 1.0), IMPROVED: (0.6, 1.0)}},
+    {"name": "Hospital C", "share": 0.25, "start": {WORSE: (0.3, 0.8), STABLE: (0.0, 1.0), IMPROVED: (0.6, 1.0)}},
+)
+
+#: Outcome proportions of :func:`make_site_study`: a larger, less unbalanced cohort than the original's,
+#: so that every site has Worse and Improved pairs in number.
+SITE_OUTCOMES = {WORSE: 50, STABLE: 20, IMPROVED: 30}
 
 
 def outcome_from_change(change, threshold=STABLE_THRESHOLD):
@@ -964,21 +1024,22 @@ _START = {WORSE: (0.0, 0.5), STABLE: (0.0, 1.0), IMPROVED: (0.6, 1.0)}
 _DELTA = {WORSE: (0.15, 0.40), STABLE: (-0.05, 0.05), IMPROVED: (-0.45, -0.15)}
 
 
-def _trajectory(rng, outcomes):
+def _trajectory(rng, outcomes, start=_START):
     """Severities of a patient's images for its ordered pair outcomes.
 
     The course rises, plateaus, then falls (Worse pairs first, then Stable,
     then Improved). A Worse pair starts at a low to moderate severity
     (<= 0.5) and rises by 0.15 to 0.40; an Improved pair starts at a high one
     (>= 0.6) and falls by 0.15 to 0.45; a Stable pair changes by at most 0.05
-    (the outcome threshold is :data:`STABLE_THRESHOLD`). The feasible range
+    (the outcome threshold is :data:`STABLE_THRESHOLD`); ``start`` may give other
+    ranges of the first severity (a site that admits later). The feasible range
     of each severity is found backwards, then values are drawn forwards
     uniformly within it, so every sequence of outcomes gets a trajectory.
     """
     n = len(outcomes)
     lo, hi = np.zeros(n + 1), np.ones(n + 1)
     for j in range(n - 1, -1, -1):
-        (s_lo, s_hi), (d_lo, d_hi) = _START[outcomes[j]], _DELTA[outcomes[j]]
+        (s_lo, s_hi), (d_lo, d_hi) = start[outcomes[j]], _DELTA[outcomes[j]]
         lo[j] = max(s_lo, lo[j + 1] - d_hi)
         hi[j] = min(s_hi, hi[j + 1] - d_lo)
         if lo[j] > hi[j]:  # pragma: no cover - the ranges above always allow a course
@@ -1001,17 +1062,33 @@ def _clinical_columns(rng, rows, first_severity):
         r.update(crp=f"{c:.1f}", temperature=f"{t:.1f}", icu_14d="yes" if u else "no")
 
 
-def _write_pairs(folder, rng, n_patients, size, truth_rows):
-    """Write the COVID-like pair images and manifest; return counts."""
+def _site_of_patients(rng, n_patients, sites):
+    """Each patient's site index: ``round(share * n)`` patients per site (the last takes the rest), shuffled."""
+    n = [int(round(site["share"] * n_patients)) for site in sites[:-1]]
+    n.append(n_patients - sum(n))
+    if min(n) < 1:
+        raise CovreportError(f"phantom: {n_patients} patients leave a site without patients; use more patients.")
+    return rng.permutation(np.repeat(np.arange(len(sites)), n))
+
+
+def _write_pairs(folder, rng, n_patients, size, truth_rows, *, sites=None, site_rng=None, mix=COHORT_OUTCOMES):
+    """Write the COVID-like pair images and manifest; return counts.
+
+    ``sites`` (:data:`SITES`) spreads the patients over sites drawn from ``site_rng`` (the
+    ``source`` column names each pair's site, and a site's ``start`` ranges give its first severities);
+    without it every pair's source is ``phantom``. ``mix`` gives the outcome proportions of the pairs.
+    """
     k = _images_per_patient(rng, n_patients)
     n_pairs = int((k - 1).sum())
-    outcomes = list(rng.permutation(_outcome_list(n_pairs)))
+    outcomes = list(rng.permutation(_outcome_list(n_pairs, mix)))
     order = {WORSE: 0, STABLE: 1, IMPROVED: 2}
     per_patient, pos = [], 0
     for kk in k:
         per_patient.append(sorted(outcomes[pos:pos + kk - 1], key=order.get))
         pos += kk - 1
-    sev = [_trajectory(rng, o) for o in per_patient]
+    site_of = _site_of_patients(site_rng, n_patients, sites) if sites else np.zeros(n_patients, dtype=int)
+    site_specs = sites or ({"name": "phantom", "start": _START},)
+    sev = [_trajectory(rng, o, site_specs[site_of[i]]["start"]) for i, o in enumerate(per_patient)]
 
     n_img = int(k.sum())
     pat_of = np.repeat(np.arange(n_patients), k)
@@ -1073,13 +1150,17 @@ def _write_pairs(folder, rng, n_patients, size, truth_rows):
                 "second_image": names[j + 1], "outcome": o,
                 "first_date": dates[j].isoformat(), "second_date": dates[j + 1].isoformat(),
                 "age": int(age[i]), "sex": "F" if female[i] else "M",
-                "first_view": "AP", "second_view": "AP", "source": "phantom",
+                "first_view": "AP", "second_view": "AP", "source": site_specs[site_of[i]]["name"],
                 "notes": "synthetic phantom (covreport.phantom), not a patient",
             })
     _clinical_columns(rng, rows, np.array(first_severity))
     _write_csv(folder / "manifest.csv", MANIFEST_COLUMNS, rows)
-    return {"pair_patients": n_patients, "pair_images": n_img, "pairs": n_pairs,
-            **{f"pairs_{o}": c for o, c in pairs_count.items()}}
+    counts = {"pair_patients": n_patients, "pair_images": n_img, "pairs": n_pairs,
+              **{f"pairs_{o}": c for o, c in pairs_count.items()}}
+    if sites:
+        per_site = np.repeat(site_of, k - 1)
+        counts.update({f"pairs at {site['name']}": int((per_site == j).sum()) for j, site in enumerate(sites)})
+    return counts
 
 
 def _readme(seed, size, counts):

@@ -129,3 +129,34 @@ def test_verify_command_is_relative_to_the_current_folder(tmp_path, monkeypatch)
         "covreport verify 'my demo/report' --cache 'my demo/cache.sqlite'")
     # Outside the current folder a path stays absolute (a relative one would climb with ..).
     assert shown_path(tmp_path.parent / "x") == tmp_path.parent / "x"
+
+
+@pytest.fixture(scope="module")
+def site_demo(phantom_demo):
+    """``covreport demo --sites`` in the session demo's folder (its trained weights), without resampling."""
+    import json
+
+    from covreport.demo import run_demo
+
+    result = run_demo(phantom_demo.report.parent, permutations=0, bootstrap=0, progress=False, sites=True)
+    return result, json.loads((result.report / "results.json").read_text(encoding="utf-8"))
+
+
+def test_the_site_demo_shows_the_shifted_site_in_the_heterogeneity(site_demo):
+    """Hospital C admits later (phantom.SITES): its first CXR tells Worse from Improved less well, which the
+    site meta-analysis must show; the other analyses of the next study run on the same pairs."""
+    result, results = site_demo
+    assert result.report.name == "report-sites" and (result.report.parent / "study-sites.toml").is_file()
+    assert "--validation leave-one-site-out" in result.command
+    sites = results["sites"]
+    auc = {row["site"]: row["auc"] for row in sites["rows"]}
+    assert set(auc) == {"Hospital A", "Hospital B", "Hospital C"} and all(r["pooled"] for r in sites["rows"])
+    assert min(auc, key=auc.get) == "Hospital C", auc
+    meta = sites["meta"]["auc"]["estimators"]["Paule-Mandel"]
+    assert meta["k"] == 3 and meta["i2"] > 0.5, meta
+    assert sites["iecv"]["n_sites"] == 3
+    assert results["added_value"]["models"]["clinical"]["auc"]["ci_low"] > 0.5   # crp beats chance here too
+    for name in ("figures/site_forest.png", "figures/site_forest_iecv.png", "tables/sites.csv", "report.html"):
+        assert (result.report / name).is_file(), name
+    html = (result.report / "report.html").read_text(encoding="utf-8")
+    assert "Hospital C" in html and "three sites" in html

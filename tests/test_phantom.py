@@ -24,6 +24,8 @@ from covreport.phantom import (
     FINDINGS,
     MANIFEST_COLUMNS,
     PAIRS_DIRNAME,
+    SITES,
+    make_site_study,
     make_study,
     outcome_from_change,
     render_images,
@@ -203,6 +205,51 @@ def test_every_sequence_of_outcomes_gets_a_trajectory(outcomes):
                 assert s[j] <= 0.5
             if o == IMPROVED:
                 assert s[j] >= 0.6
+
+
+@pytest.mark.parametrize("outcomes", [
+    o for k in (1, 2, 3) for o in itertools.combinations_with_replacement((WORSE, STABLE, IMPROVED), k)
+])
+def test_every_sequence_of_outcomes_gets_a_trajectory_at_every_site(outcomes):
+    rng = np.random.default_rng(1)
+    for site in SITES:
+        for _ in range(20):
+            s = _trajectory(rng, list(outcomes), site["start"])
+            assert s.min() >= 0 and s.max() <= 1
+            for j, o in enumerate(outcomes):
+                assert outcome_from_change(float(s[j + 1]) - float(s[j])) == o
+                lo, hi = site["start"][o]
+                assert lo <= s[j] <= hi
+
+
+def test_site_study_spreads_patients_over_three_sites_one_shifted(tmp_path):
+    """make_site_study: the shares of SITES, both classes at every site, Hospital C's Worse pairs start later."""
+    info = make_site_study(tmp_path / "s", n_patients=40, image_size=32)
+    m = pd.read_csv(info["manifest"])
+    assert len(m) == info["pairs"] and m["patient_id"].nunique() == 40
+    per_patient = m.groupby("patient_id")["source"].nunique()
+    assert (per_patient == 1).all()                       # a patient belongs to one site
+    patients = m.drop_duplicates("patient_id")["source"].value_counts().to_dict()
+    assert patients == {"Hospital A": 16, "Hospital B": 14, "Hospital C": 10}   # 40/35/25% of 40
+    assert {o: int(c) for o, c in m["outcome"].value_counts().items()} == {
+        o: info[f"pairs_{o}"] for o in (WORSE, STABLE, IMPROVED)}
+    truth = pd.read_csv(info["truth_csv"]).set_index("image")["severity"]
+    first = m["first_image"].map(lambda rel: truth[f"{PAIRS_DIRNAME}/{rel}"])
+    for site in SITES:
+        at = m["source"] == site["name"]
+        assert {WORSE, IMPROVED} <= set(m.loc[at, "outcome"])
+        for o in (WORSE, IMPROVED):
+            lo, hi = site["start"][o]
+            assert first[at & (m["outcome"] == o)].between(lo - 1e-6, hi + 1e-6).all()
+    late = first[(m["source"] == "Hospital C") & (m["outcome"] == WORSE)]
+    elsewhere = first[(m["source"] != "Hospital C") & (m["outcome"] == WORSE)]
+    assert late.min() >= 0.3 - 1e-6 and late.mean() > elsewhere.mean()
+    assert set(m.columns) == set(MANIFEST_COLUMNS)
+    # the same seed, the same bytes; an existing folder is kept
+    again = make_site_study(tmp_path / "t", n_patients=40, image_size=32)
+    assert _digest(tmp_path / "s") == _digest(tmp_path / "t") and again["pairs"] == info["pairs"]
+    with pytest.raises(CovreportError, match="exists and is not empty"):
+        make_site_study(tmp_path / "s", n_patients=40, image_size=32)
 
 
 def test_manifest_readable_by_covreport(cohort_study):
