@@ -175,3 +175,6 @@ def test_halves_round_up_and_small_bounds_are_not_printed_as_zero():
         # a lower limit of 0.0037 is not "0.00" (reviewer, issue 20); a true 0 stays 0.00
         assert f.fmt_ci(0.0037, 0.18, 2) == "0.004, 0.18" and f.fmt_ci(0.0, 0.5, 2) == "0.00, 0.50"
         assert f.fmt_ci(-0.004, 0.2, 2) == MINUS + "0.004, 0.20"
+        # ... but a bound that is zero at 3 more decimals too is printed as zero (the site demo's prediction
+        # interval for the AUC started at 3e-7, printed "0.000000")
+        assert f.fmt_ci(3e-7, 0.9999997, 3) == "0.000, 1.000" and f.fmt_ci(0.00004, 0.5, 3) == "0.00004, 0.500"

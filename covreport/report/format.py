@@ -364,13 +364,15 @@ def _half_up(x, nd=0):
 
 
 def _bound(x, nd):
-    """A CI bound with ``nd`` decimals, or more where a non-zero bound would print as zero (0.0037 -> "0.004")."""
+    """A CI bound with ``nd`` decimals, or up to 3 more where a non-zero bound would print as zero (0.0037 ->
+    "0.004"); a bound that is zero even then prints with ``nd`` (a prediction interval's 3e-7 -> "0.000", not
+    "0.000000")."""
     text = _fixed(x, nd)
-    more = nd
-    while float(x) != 0 and float(text.replace("\u2212", "-")) == 0 and more < nd + 3:
-        more += 1
+    for more in range(nd + 1, nd + 4):
+        if float(x) == 0 or float(text.replace("\u2212", "-")) != 0:
+            return text
         text = _fixed(x, more)
-    return text
+    return text if float(text.replace("\u2212", "-")) != 0 else _fixed(x, nd)
 
 
 def _integer(x):
