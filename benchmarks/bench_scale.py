@@ -124,10 +124,10 @@ def bench_statistics(folder, n_pairs):
 
     manifest_path, scores, labels = _stats_inputs(folder, n_pairs)
     m = read_manifest(manifest_path, check_images=False)
-    pairs, _ = pipeline._analysed_pairs(m, scores, labels, {}, strict=False)
+    pairs, _ = pipeline._analysed_pairs(m, scores, labels)
     opts = pipeline.RunOptions(manifest=manifest_path, out=folder / "unused", permutations=0)
     t = _clock()
-    results = pipeline.compute_statistics(pairs, labels, scores, opts, None, {})
+    results = pipeline.compute_statistics(pairs, labels, scores, opts)
     wall, cpu = _since(t)
     n = results["prediction"]["nested"]["n_pairs"]
     out = {"pairs": n_pairs, "pairs_predicted": n, "patients": int(pairs["patient_id"].nunique()),

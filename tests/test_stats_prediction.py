@@ -214,6 +214,53 @@ def test_chord_folds_whose_set_fit_differs_from_the_all_pairs_fit_need_no_newton
         np.testing.assert_allclose(chord["probabilities"][test], ref, atol=1e-7)
 
 
+def test_large_chord_products_split_over_threads_give_the_same_bits(monkeypatch):
+    # Issue 23.4: the chord passes' large products run as row blocks on the BLAS threads the caller had
+    # (_logistic._matmul); the blocks never depend on the threads, so neither do the results (results.json
+    # must be byte-identical for any number of workers: tests/test_parallel.py). Reference: numpy's a @ b.
+    from threadpoolctl import threadpool_limits
+
+    from covreport._threads import available_cpus
+    from covreport.stats import _logistic
+
+    monkeypatch.setattr(_logistic, "_SPLIT_MIN", 1000)
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(403, 57)), rng.normal(size=(57, 29))
+    with threadpool_limits(1, user_api="blas"):
+        with _logistic._blas_limits():
+            assert _logistic._split_threads == 1        # a worker's capped BLAS: no threads of its own
+            one = _logistic._matmul(a, b)
+    with threadpool_limits(2, user_api="blas"):
+        with _logistic._blas_limits():
+            assert _logistic._split_threads == min(2, available_cpus())
+            two = _logistic._matmul(a, b)
+    assert _logistic._split_threads == 1              # restored on exit
+    assert np.array_equal(one, two)
+    np.testing.assert_allclose(one, a @ b, rtol=1e-13, atol=1e-13)
+    small = rng.normal(size=(3, 4))
+    assert np.array_equal(_logistic._matmul(small, small.T), small @ small.T)
+    # and the fit on a study whose chord products are split: the same bits on one thread as on two
+    X, y, groups = _study(11, n_patients=500, n_features=40, signal=0.3)
+    runs = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            runs.append(lopo_predict(X, y, groups, protocol="nested", solver="chord")["probabilities"])
+    assert np.array_equal(runs[0], runs[1])
+
+
+def test_unique_rows_is_numpys_unique_of_the_rows():
+    # _logistic._unique_rows replaces np.unique(idx, axis=0, return_inverse=True) (reference) on the folds'
+    # feature sets: the same distinct rows in the same order, and the same inverse
+    from covreport.stats._logistic import _unique_rows
+
+    rng = np.random.default_rng(5)
+    for shape in [(0, 3), (1, 3), (60, 4), (700, 2)]:
+        idx = rng.integers(0, 3, shape)
+        sets, inverse = np.unique(idx, axis=0, return_inverse=True)
+        got_sets, got_inverse = _unique_rows(idx)
+        assert np.array_equal(got_sets, sets) and np.array_equal(got_inverse, inverse.reshape(-1))
+
+
 def test_selected_feature_counts_match_sklearn():
     X, y, groups = _study(4, n_patients=8, n_features=30)
     res = lopo_predict(X, y, groups, protocol="nested")

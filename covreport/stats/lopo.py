@@ -85,7 +85,7 @@ from scipy import special
 from covreport.constants import feature_columns
 from covreport.errors import StatsError
 from covreport.stats._logistic import (
-    ChordContext, _blas_limits, _chord_batch, _newton_batch,
+    ChordContext, _blas_limits, _chord_batch, _newton_batch, _unique_rows,
 )
 from covreport.stats._util import check_alpha
 
@@ -487,8 +487,7 @@ class _Lopo:
         ctx = ChordContext(A=A, At=np.ascontiguousarray(A.T), colmax=np.abs(A).max(axis=0), HU=HU, W0=W0,
                            y=y, dummy=dummy)
         rows, row_valid = self.held_rows[folds], self.row_valid[folds]
-        sets, inverse = np.unique(idx, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        sets, inverse = _unique_rows(idx)
         if len(sets) <= max(1, len(folds) // 3):
             none = np.zeros((len(sets), 0), dtype=np.int64)
             set_w, failed = _chord_batch(ctx, sets, none, none.astype(bool), base[sets], None)
