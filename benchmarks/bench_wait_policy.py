@@ -29,7 +29,10 @@ train(sys.argv[1], sys.argv[2], TrainConfig(**QUICK["training"], seed=0, device=
 
 
 def _time(env_extra, chex, out):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    from covreport._threads import BOUNDED_SPIN_ENV, PASSIVE_ENV
+
+    policy = set(PASSIVE_ENV) | set(BOUNDED_SPIN_ENV)     # every variable either policy sets
+    env = {k: v for k, v in os.environ.items() if k not in policy}
     env.update(env_extra)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", TRAIN, str(chex), str(out)], env=env, check=True,
