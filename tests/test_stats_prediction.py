@@ -233,6 +233,8 @@ def test_large_chord_products_split_over_threads_give_the_same_bits(monkeypatch)
     with threadpool_limits(2, user_api="blas"):
         with _logistic._blas_limits():
             assert _logistic._split_threads == min(2, available_cpus())
+            with _logistic._blas_limits():               # nested: the outermost caller's threads
+                assert _logistic._split_threads == min(2, available_cpus())
             two = _logistic._matmul(a, b)
     assert _logistic._split_threads == 1              # restored on exit
     assert np.array_equal(one, two)

@@ -43,7 +43,8 @@ _BLAS_THREADS = 1
 # (so the same blocks, the same bits), that the BLAS threads the caller had run side by side (_matmul).
 _SPLIT_MIN = 200_000_000
 _SPLIT_PARTS = 4
-_split_threads = 1            # set by _blas_limits
+_split_threads = 1            # set by the outermost _blas_limits
+_blas_depth = 0
 _split_pools = {}             # thread pools of _matmul, by size
 # chord targets sharing a feature set with at least this many share its Hessian inverse
 _SHARED_MIN = 8
@@ -410,18 +411,21 @@ def _blas_limits():
     :mod:`covreport.parallel`, whose BLAS joblib caps), as Python threads that
     sleep, not spin, while they wait.
     """
-    global _split_threads
+    global _split_threads, _blas_depth
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from covreport._threads import available_cpus
 
-    had = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     before = _split_threads
-    _split_threads = max(1, min(min(had, default=1), available_cpus(), _SPLIT_PARTS))
+    if _blas_depth == 0:        # nested inside another: the BLAS threads the outermost caller had
+        had = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        _split_threads = max(1, min(min(had, default=1), available_cpus(), _SPLIT_PARTS))
+    _blas_depth += 1
     try:
         with threadpool_limits(limits=_BLAS_THREADS, user_api="blas"):
             yield
     finally:
+        _blas_depth -= 1
         _split_threads = before
 
 
