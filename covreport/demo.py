@@ -111,8 +111,8 @@ def sites_study_text():
 
 def _study_toml(out, *, sites=False):
     """The demo's study.toml inside ``out`` (copied there once, so that the run and its provenance name it
-    there rather than inside the installed package); the package's own file (or, with ``sites``, a copy in
-    the temporary folder) if ``out`` holds another one."""
+    there rather than inside the installed package); if ``out`` holds another file there, the package's own
+    file, or with ``sites`` (which has no file in the package) an error."""
     path = out / ("study-sites.toml" if sites else "study.toml")
     text = sites_study_text().encode("utf-8") if sites else DEMO_STUDY_TOML.read_bytes()
     if not path.exists():

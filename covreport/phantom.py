@@ -41,6 +41,7 @@ import csv
 import io
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -170,6 +171,24 @@ class PhantomStudy:
 # --------------------------------------------------------------------------
 
 
+@contextmanager
+def _staged(out_dir, overwrite):
+    """A temporary sibling folder of ``out_dir`` to write a phantom into, moved into place whole when the
+    block ends (removed if it raises); an existing non-empty ``out_dir`` is replaced only with ``overwrite``."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise CovreportError(
+            f"phantom: output folder {out_dir} exists and is not empty; "
+            "choose another folder or pass overwrite=True.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        swap_dir(tmp, out_dir, force=True, replace_any=True)  # overwrite was checked above
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def make_study(out_dir, *, seed=0, image_size=64, n_train=2400, n_valid=300,
                n_patients=40, lateral_fraction=0.10, pa_fraction=0.15,
                overwrite=False):
@@ -216,15 +235,8 @@ def make_study(out_dir, *, seed=0, image_size=64, n_train=2400, n_valid=300,
     for name, val in (("lateral_fraction", lateral_fraction), ("pa_fraction", pa_fraction)):
         if not 0 <= float(val) <= 0.5:
             raise CovreportError(f"phantom: {name}={val!r} is out of range; use a value in [0, 0.5].")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CovreportError(
-            f"phantom: output folder {out_dir} exists and is not empty; "
-            "choose another folder or pass overwrite=True.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
     ss_train, ss_valid, ss_pairs = np.random.SeedSequence(seed).spawn(3)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with _staged(out_dir, overwrite) as tmp:
         chex = tmp / CHEXPERT_DIRNAME
         truth_rows = []
         tr = _write_chexpert_split(chex, "train", np.random.default_rng(ss_train), n_train,
@@ -238,10 +250,6 @@ def make_study(out_dir, *, seed=0, image_size=64, n_train=2400, n_valid=300,
         _write_csv(tmp / "truth.csv", _truth_columns(), truth_rows)
         counts = {**tr, **va, **pc}
         _write_text(tmp / "README.txt", _readme(seed, image_size, counts))
-        swap_dir(tmp, out_dir, force=True, replace_any=True)  # overwrite was checked above
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     chex = out_dir / CHEXPERT_DIRNAME
     return PhantomStudy(
         root=out_dir, chexpert_root=chex, train_csv=chex / "train.csv",
@@ -272,14 +280,9 @@ def make_site_study(out_dir, *, seed=0, image_size=64, n_patients=120, overwrite
     out_dir = Path(out_dir)
     _check_int("image_size", image_size, 32)
     _check_int("n_patients", n_patients, 12)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CovreportError(f"phantom: output folder {out_dir} exists and is not empty; "
-                             "choose another folder or pass overwrite=True.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # streams of their own: the 4th and 5th children of the seed (make_study draws from the first three)
     ss_pairs, ss_sites = np.random.SeedSequence(seed).spawn(5)[3:]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with _staged(out_dir, overwrite) as tmp:
         truth_rows = []
         counts = _write_pairs(tmp / PAIRS_DIRNAME, np.random.default_rng(ss_pairs), n_patients, image_size,
                               truth_rows, sites=SITES, site_rng=np.random.default_rng(ss_sites),
@@ -288,10 +291,6 @@ def make_site_study(out_dir, *, seed=0, image_size=64, n_patients=120, overwrite
         shift = "; ".join(f"{site['name']}: Worse pairs start at severity {site['start'][WORSE][0]}-"
                           f"{site['start'][WORSE][1]}" for site in SITES)
         _write_text(tmp / "README.txt", _readme(seed, image_size, counts) + f"sites: {shift}\n")
-        swap_dir(tmp, out_dir, force=True, replace_any=True)  # overwrite was checked above
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"manifest": out_dir / PAIRS_DIRNAME / "manifest.csv", "truth_csv": out_dir / "truth.csv", **counts}
 
 
