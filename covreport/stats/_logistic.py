@@ -412,21 +412,21 @@ def _blas_limits():
     sleep, not spin, while they wait.
     """
     global _split_threads, _blas_depth
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_limits
 
     from covreport._threads import available_cpus
 
     before = _split_threads
-    if _blas_depth == 0:        # nested inside another: the BLAS threads the outermost caller had
-        had = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
-        _split_threads = max(1, min(min(had, default=1), available_cpus(), _SPLIT_PARTS))
-    _blas_depth += 1
-    try:
-        with threadpool_limits(limits=_BLAS_THREADS, user_api="blas"):
+    with threadpool_limits(limits=_BLAS_THREADS, user_api="blas") as limiter:   # one scan of the libraries
+        if _blas_depth == 0:    # nested inside another: the BLAS threads the outermost caller had
+            had = limiter.get_original_num_threads().get("blas") or 1
+            _split_threads = max(1, min(had, available_cpus(), _SPLIT_PARTS))
+        _blas_depth += 1
+        try:
             yield
-    finally:
-        _blas_depth -= 1
-        _split_threads = before
+        finally:
+            _blas_depth -= 1
+            _split_threads = before
 
 
 def _matmul(a, b, then=None, y=None):
