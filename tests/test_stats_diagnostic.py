@@ -227,6 +227,24 @@ def test_zero_cells_give_reasons_not_crashes():
     assert math.isnan(m["ppv"].estimate) and m["ppv"].note.startswith("not estimable")
 
 
+def test_likelihood_ratio_of_one_sided_calls_is_never_zero_width():
+    # Every case called positive (TP = TP + FN, FP = FP + TN): LR+ = 1 and the log-method SE is 0. The
+    # interval is the ratio of the two proportions' Clopper-Pearson limits at alpha/2 (Bonferroni).
+    # Reference: statsmodels' proportion_confint(method="beta"), the Clopper-Pearson interval.
+    m = _by_measure(diagnostic_metrics(10, 8, 0, 0))
+    lr = m["lr_positive"]
+    sens_lo, _ = proportion_confint(10, 10, alpha=0.025, method="beta")
+    fpr_lo, _ = proportion_confint(8, 8, alpha=0.025, method="beta")
+    assert lr.estimate == 1.0
+    assert (lr.ci_low, lr.ci_high) == pytest.approx((sens_lo, 1 / fpr_lo), rel=1e-12)
+    assert lr.ci_low < 1 < lr.ci_high and "Bonferroni" in lr.method and "zero-width" in lr.note
+    # every case called negative: the same for LR- = (FN/(TP+FN)) / (TN/(FP+TN)) = 1
+    m = _by_measure(diagnostic_metrics(0, 0, 6, 9))
+    lo_fn, _ = proportion_confint(6, 6, alpha=0.025, method="beta")
+    lo_tn, _ = proportion_confint(9, 9, alpha=0.025, method="beta")
+    assert (m["lr_negative"].ci_low, m["lr_negative"].ci_high) == pytest.approx((lo_fn, 1 / lo_tn), rel=1e-12)
+
+
 def test_records_turn_missing_and_infinite_into_null_with_note():
     recs = {r["measure"]: r for r in records(diagnostic_metrics(10, 0, 2, 8))}
     assert recs["lr_positive"]["estimate"] is None and recs["lr_positive"]["note"]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from covreport.stats import prediction as pr
 from covreport.stats.lopo import lopo_predict
-from covreport.stats.penalised import PENALTY_GRID, Penalised, _sk_tune, inner_folds
+from covreport.stats.penalised import PENALTY_GRID, Penalised, _sk_tune, inner_folds, restrict
 
 
 def _study(n_patients, n_features, seed=0, signal=1.0):
@@ -39,7 +39,8 @@ def test_fast_path_matches_scikit_learn_fold_by_fold(n_patients, folds, monkeypa
     monkeypatch.setattr(penalised, "INNER_FOLDS", folds)
     X, y, groups = _study(n_patients, 6, seed=n_patients)
     codes0, _ = _group_codes(groups, len(y))
-    n_inner = len(inner_folds(codes0[codes0 != 0]))
+    # the inner folds: one fixed partition of all patients, restricted to the training set
+    n_inner = len(restrict(inner_folds(codes0), np.flatnonzero(codes0 != 0)))
     assert n_inner == (n_patients - 1 if folds == 5 else 2)
     fast = lopo_predict(X, y, groups, protocol="penalised")
     codes, pats = _group_codes(groups, len(y))
@@ -59,6 +60,80 @@ def test_inner_folds_are_groupkfold_and_lopo_below_ten_patients():
     assert [list(t) for t in inner_folds(codes)] == [list(t) for t in want]
     few = np.repeat(np.arange(6), 2)
     assert len(inner_folds(few)) == 6 and inner_folds(np.zeros(3, int)) == []
+
+
+def test_inner_partition_is_fixed_and_never_holds_the_outer_patient():
+    codes = np.repeat(np.arange(12), [1, 2, 3, 4] * 3)
+    part = inner_folds(codes)
+    for g in range(12):
+        train = np.flatnonzero(codes != g)
+        folds = restrict(part, train)
+        assert len(folds) == 5 and sorted(np.concatenate(folds)) == list(range(len(train)))
+        for local in folds:                  # each fold is one of the partition's, less the outer patient
+            assert any(set(train[local]) == set(t) - set(np.flatnonzero(codes == g)) for t in part)
+
+
+def _shared_study(n_patients, seed):
+    X, y, groups = _study(n_patients, 7, seed=seed)
+    # a feature constant but for one patient: constant on that patient's outer training set (dropped there)
+    X[:, 5] = 1.0
+    X[groups == 3, 5] = 2.5
+    return X, y, groups
+
+
+@pytest.mark.parametrize("n_patients, seed", [(24, 1), (31, 2)])
+def test_shared_fits_give_the_exact_engines_fits(n_patients, seed, monkeypatch):
+    # reference: the exact engine (each fold fitted anew in its row space), itself checked against
+    # scikit-learn above and below; the shared-fit engine solves the same problems from six shared fits
+    from covreport.stats import penalised
+
+    X, y, groups = _shared_study(n_patients, seed)
+    monkeypatch.setattr(penalised, "SHARED_MIN_ROWS", 10**9)
+    exact = lopo_predict(X, y, groups, protocol="penalised")
+    monkeypatch.setattr(penalised, "SHARED_MIN_ROWS", 0)
+    shared = lopo_predict(X, y, groups, protocol="penalised")
+    assert Penalised(X.astype(float), groups, n_patients).shared is not None
+    np.testing.assert_allclose(shared["probabilities"], exact["probabilities"], atol=1e-9)
+    assert shared["penalty_per_fold"] == exact["penalty_per_fold"]
+    assert shared["nonzero_per_fold"] == exact["nonzero_per_fold"]
+    assert shared["nonzero_per_fold"][3] == 5                # the feature constant there is dropped
+    assert shared["selected_features"] == exact["selected_features"]
+    fe, fs = exact["final_model"], shared["final_model"]
+    assert fs["C"] == fe["C"] and (fs["kept"] == fe["kept"]).all()
+    np.testing.assert_allclose(fs["coefficients"], fe["coefficients"], atol=1e-9)
+    np.testing.assert_allclose(fs["inner_deviance"], fe["inner_deviance"], rtol=1e-9)
+    assert fs["intercept"] == pytest.approx(fe["intercept"], abs=1e-9)
+
+
+def test_shared_fits_match_scikit_learn_fold_by_fold(monkeypatch):
+    # reference: the literal StandardScaler + LogisticRegression(C, lbfgs) in every inner and outer fit
+    from covreport.stats import penalised
+    from covreport.stats.lopo import _group_codes, _reference_run
+
+    monkeypatch.setattr(penalised, "SHARED_MIN_ROWS", 0)
+    X, y, groups = _shared_study(12, 4)
+    fast = lopo_predict(X, y, groups, protocol="penalised", final_model=False)
+    codes, pats = _group_codes(groups, len(y))
+    ref = _reference_run(X, y.astype(float), codes, len(pats), "penalised", 0.05, logreg=TIGHT)
+    assert fast["penalty_per_fold"] == list(ref.penalty)
+    assert fast["nonzero_per_fold"] == [int(k) for k in ref.per_fold]
+    np.testing.assert_allclose(fast["probabilities"], ref.prob, atol=1e-6)
+
+
+def test_shared_fits_handle_one_class_sets_and_targets(monkeypatch):
+    # a patient holding the only Improved pairs: its outer training set is one class (predicts Worse)
+    from covreport.stats import penalised
+
+    X, y, groups = _study(14, 5, seed=6)
+    y[:] = 1
+    y[groups == 2] = 0
+    monkeypatch.setattr(penalised, "SHARED_MIN_ROWS", 10**9)
+    exact = lopo_predict(X, y, groups, protocol="penalised")
+    monkeypatch.setattr(penalised, "SHARED_MIN_ROWS", 0)
+    shared = lopo_predict(X, y, groups, protocol="penalised")
+    assert shared["one_class_folds"] == exact["one_class_folds"] == 1
+    assert shared["penalty_per_fold"] == exact["penalty_per_fold"] and shared["penalty_per_fold"][2] is None
+    np.testing.assert_allclose(shared["probabilities"], exact["probabilities"], atol=1e-9)
 
 
 def test_final_model_is_scikit_learns_fit_at_the_tuned_penalty():

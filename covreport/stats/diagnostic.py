@@ -38,6 +38,8 @@ COLUMNS = ("measure", "estimate", "ci_low", "ci_high", "method", "note")
 
 CLOPPER_PEARSON = "Clopper-Pearson exact"
 LOG_METHOD = "log method (Altman et al. 2000, p. 109)"
+LR_BOUNDS_METHOD = ("ratio of the Clopper-Pearson exact limits of its two proportions, each at alpha/2 "
+                    "(Bonferroni; coverage at least 1 - alpha)")
 
 
 def clopper_pearson(x, n, alpha=0.05):
@@ -120,12 +122,17 @@ def _likelihood_ratio(measure, a, n1, b, n0, alpha, z):
                     note=f"no interval: {a_name} = 0; the log-method interval needs {a_name} > 0 and "
                          f"{b_name} > 0 (no continuity correction)")
     se = math.sqrt(1.0 / a - 1.0 / n1 + 1.0 / b - 1.0 / n0)
-    log_lr = math.log(estimate)
-    note = ""
     if se == 0.0:
-        note = (f"zero-width interval: the log-method SE is 0 when {a_name} = TP + FN and "
-                f"{b_name} = FP + TN")
-    return _row(measure, estimate, math.exp(log_lr - z * se), math.exp(log_lr + z * se), LOG_METHOD, note)
+        # a = n1 and b = n0 (every case on one side of the threshold): LR = 1 and the log method's interval
+        # has zero width. The ratio increases in a/n1 and decreases in b/n0, so the Clopper-Pearson limits
+        # of both at alpha/2 (Bonferroni) bound it with probability at least 1 - alpha.
+        a_lo, a_hi = clopper_pearson(a, n1, alpha / 2)
+        b_lo, b_hi = clopper_pearson(b, n0, alpha / 2)
+        return _row(measure, estimate, a_lo / b_hi, a_hi / b_lo, LR_BOUNDS_METHOD,
+                    f"bounds instead: the log-method SE is 0 when {a_name} = TP + FN and {b_name} = FP + TN "
+                    "(every case on one side of the threshold), which would give a zero-width interval")
+    log_lr = math.log(estimate)
+    return _row(measure, estimate, math.exp(log_lr - z * se), math.exp(log_lr + z * se), LOG_METHOD, "")
 
 
 #: PPV/NPV interval methods of :func:`diagnostic_metrics` (``predictive_ci``).

@@ -369,8 +369,10 @@ class _Lopo:
                 for g in range(G):
                     test = self.fold_rows(g)
                     fold_hook(np.setdiff1d(np.arange(n), test, assume_unique=True), np.sort(test))
-            prob, penalty, nonzero, counts, one_class = self.penalised().run(y, details=details)
-            return LopoRun(prob, counts, one_class, nonzero, "newton-reduced", penalty)
+            engine = self.penalised()
+            prob, penalty, nonzero, counts, one_class = engine.run(y, details=details)
+            return LopoRun(prob, counts, one_class, nonzero,
+                           "newton-reduced" if engine.shared is None else "newton-shared", penalty)
         if fold_hook is not None:
             all_rows = np.arange(n)
             for g in range(G):

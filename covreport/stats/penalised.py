@@ -9,11 +9,14 @@ patient). Inside each outer training fold, and using its pairs only:
 2. an L2-penalised logistic regression (the intercept unpenalised) is fitted,
    minimising ``0.5 ||w||^2 + C sum_i log-loss_i``;
 3. the penalty C is chosen from :data:`PENALTY_GRID` (10 values log-spaced
-   from 1e-4 to 1e2) by an inner patient-grouped cross-validation
+   from 1e-4 to 1e2) by an inner patient-grouped cross-validation whose
+   criterion is the summed held-out log loss (deviance); the inner folds are
+   one partition of all the study's patients, fixed before the outer loop
    (:data:`INNER_FOLDS`-fold ``GroupKFold``; leave-one-patient-out below
-   ``2 * INNER_FOLDS`` training patients) whose criterion is the summed
-   held-out log loss (deviance); the standardisation is redone in each inner
-   training fold; the smallest C among equal losses wins;
+   ``2 * INNER_FOLDS`` patients), each training fold using its part of it
+   (:func:`restrict`), so no held-out patient is in any inner fold; the
+   standardisation is redone in each inner training fold; the smallest C
+   among equal losses wins;
 4. the model refitted on the whole outer training fold at that C predicts the
    held-out patient's pairs.
 
@@ -33,7 +36,11 @@ loss(sqrt(C) x'v)`` with ``w = sqrt(C) v``). These reduced designs depend on
 the features and patients only, so the permutation test computes them once;
 each outcome vector then costs batched damped Newton fits
 (:func:`covreport.stats._logistic._newton_batch`) of the grid in increasing C,
-each warm-started from the previous C. ``solver="sklearn"`` runs the literal
+each warm-started from the previous C. That costs about n^4 (6 fits per
+patient, each n^3): from :data:`SHARED_MIN_ROWS` pairs on, the same fits come
+from six shared fits instead (:mod:`covreport.stats._penalised_shared`), as
+every training set is one of them less at most one patient; about n^2 p.
+``solver="sklearn"`` runs the literal
 ``StandardScaler`` + ``LogisticRegression(C, lbfgs)`` fold by fold (the tests'
 reference).
 
@@ -57,12 +64,17 @@ import numpy as np
 from scipy import special
 
 from covreport.stats._logistic import _newton_batch
+from covreport.stats._penalised_shared import SharedPenalised
 
 #: Penalty grid (C of scikit-learn's LogisticRegression): 10 values log-spaced from 1e-4 to 1e2.
 PENALTY_GRID = tuple(float(c) for c in np.logspace(-4, 2, 10))
 
 #: Inner patient-grouped folds for tuning C (GroupKFold); leave-one-patient-out below 2x this many patients.
 INNER_FOLDS = 5
+
+#: From this many pairs on, the fits come from shared fits (:mod:`covreport.stats._penalised_shared`), not
+#: from a row-space fit of every fold anew (which grows as about n^4).
+SHARED_MIN_ROWS = 250
 
 #: C used when no inner fold can be evaluated (e.g. one training patient): scikit-learn's default.
 FALLBACK_C = 1.0
@@ -87,6 +99,22 @@ def inner_folds(codes):
     k = INNER_FOLDS if n_pat >= 2 * INNER_FOLDS else n_pat
     dummy = np.zeros((len(codes), 1))
     return [test for _train, test in GroupKFold(n_splits=k).split(dummy, groups=codes)]
+
+
+def restrict(part, train):
+    """The inner folds of a training set ``train`` (sorted row indices) from the fixed partition ``part``.
+
+    Each fold's rows within ``train``, as positions in ``train``; a fold with
+    no rows there, or holding all of them, is left out. The partition is of
+    all the study's patients, fixed before the outer loop, so it depends on
+    no outcome and puts no held-out patient in any inner fold.
+    """
+    out = []
+    for test in part:
+        local = np.flatnonzero(np.isin(train, test, assume_unique=True))
+        if 0 < len(local) < len(train):
+            out.append(local)
+    return out
 
 
 def standardise(X, rows):
@@ -128,13 +156,18 @@ class Penalised:
         self.codes = codes
         self.n_groups = n_groups
         outer_of = codes if outer_codes is None else np.asarray(outer_codes)
+        part = inner_folds(codes)
+        self.shared = None
+        if outer_codes is None and self.n >= SHARED_MIN_ROWS and len(part) >= 2:
+            self.shared = SharedPenalised(X, codes, n_groups, part, outer=outer)
+            return
         all_rows = np.arange(self.n)
         self.tasks = []          # (outer index, kind "inner"/"outer", train rows, held rows)
         folds = range(n_groups) if outer else [None]
         for g in folds:
             train = all_rows if g is None else np.flatnonzero(outer_of != g)
             held = np.zeros(0, dtype=np.int64) if g is None else np.flatnonzero(outer_of == g)
-            for test_local in inner_folds(codes[train]):
+            for test_local in restrict(part, train):
                 itest = train[test_local]
                 itrain = np.setdiff1d(train, itest, assume_unique=True)
                 self.tasks.append((g, "inner", itrain, itest))
@@ -234,6 +267,8 @@ class Penalised:
         non-zero coefficient, one-class folds); the coefficient counts are
         computed only with ``details`` (zeros otherwise).
         """
+        if self.shared is not None:
+            return self.shared.run(y, details)
         G, n = self.n_groups, self.n
         prob = np.empty(n)
         chosen, fits = self._tune(y)
@@ -279,6 +314,8 @@ class Penalised:
         ``mean``, ``sd`` and ``kept`` (the standardisation), ``inner_deviance``
         (summed inner held-out log loss per C, or None without inner folds).
         """
+        if self.shared is not None:
+            return self.shared.final(y)
         chosen, fits = self._tune(y)
         t = len(self.tasks) - 1
         if t not in fits:
@@ -300,9 +337,13 @@ def _sk_model(c, logreg):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, **kw))
 
 
-def _sk_tune(X, y, codes, logreg):
-    """scikit-learn's fits of the inner CV: (index of the chosen C or None, summed deviance per C or None)."""
-    folds = inner_folds(codes)
+def _sk_tune(X, y, codes, logreg, folds=None):
+    """scikit-learn's fits of the inner CV: (index of the chosen C or None, summed deviance per C or None).
+
+    ``folds``: the inner folds' test rows (positions in these rows); default
+    :func:`inner_folds` of ``codes``.
+    """
+    folds = inner_folds(codes) if folds is None else folds
     total, used = np.zeros(len(PENALTY_GRID)), 0
     for test in folds:
         train = np.setdiff1d(np.arange(len(y)), test)
@@ -331,6 +372,7 @@ def reference_run(X, y, codes, n_groups, logreg=None):
     penalty = [None] * n_groups
     nonzero = np.zeros(n_groups, dtype=np.int64)
     one_class = 0
+    part = inner_folds(codes)
     for g in range(n_groups):
         test = np.flatnonzero(codes == g)
         train = np.flatnonzero(codes != g)
@@ -339,7 +381,7 @@ def reference_run(X, y, codes, n_groups, logreg=None):
             prob[test] = float(yt[0])
             one_class += 1
             continue
-        ci, _curve = _sk_tune(X[train], yt, codes[train], logreg)
+        ci, _curve = _sk_tune(X[train], yt, codes[train], logreg, restrict(part, train))
         model = _sk_model(PENALTY_GRID[ci], logreg).fit(X[train], yt.astype(int))
         prob[test] = model.predict_proba(X[test])[:, 1]
         penalty[g] = PENALTY_GRID[ci]

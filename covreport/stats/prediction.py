@@ -43,6 +43,9 @@ _ENGINES = {
     "sklearn": "scikit-learn's lbfgs fold by fold",
     "newton-reduced": "batched damped Newton on the n-dimensional row space of the standardised training "
                       "features (exact for L2 with n pairs < p features)",
+    "newton-shared": "Newton steps solved by conjugate gradients preconditioned by Woodbury's identity, "
+                     "from exact damped Newton fits of the six shared training sets (every outer and inner "
+                     "training set is one of them less at most one patient), to each fit's unique optimum",
     "none": "no solver (every training fold held one class)",
 }
 
@@ -62,7 +65,8 @@ def _penalised_method(features_from, engine, classes=(WORSE, IMPROVED)):
         "regression (intercept unpenalised, all features, no univariate pre-selection: invariant to the "
         f"features' units) whose penalty C was chosen from {len(PENALTY_GRID)} values log-spaced "
         f"{PENALTY_GRID[0]:g} to {PENALTY_GRID[-1]:g} by an inner patient-grouped {INNER_FOLDS}-fold "
-        f"cross-validation (GroupKFold; leave-one-patient-out below {2 * INNER_FOLDS} training patients; "
+        f"cross-validation (one GroupKFold partition of all patients, fixed before the outer loop, each "
+        f"training fold using its part of it; leave-one-patient-out below {2 * INNER_FOLDS} patients; "
         "standardisation redone in each inner training fold) minimising the summed held-out log loss "
         f"(deviance), C = {FALLBACK_C:g} where no inner fold holds both classes; fitted by {fitted}{checked}; "
         f"a pair is predicted {classes[0]} when its out-of-fold probability is >= the classification threshold "
