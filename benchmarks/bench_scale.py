@@ -7,9 +7,10 @@ a temporary folder, and printed as a per-item cost or a ratio:
    images, with every outcome filled and with every outcome empty (all
    pairs excluded); CPU-seconds and microseconds per pair;
 2. statistics on ``--stats-pairs`` (10,000) pairs: Table 1, group
-   comparisons and the leave-one-patient-out prediction with feature
-   selection, via :func:`covreport.pipeline.compute_statistics`, no
-   permutations; seconds and milliseconds per pair;
+   comparisons and the leave-one-patient-out prediction by every protocol
+   (the penalised primary one included), via
+   :func:`covreport.pipeline.compute_statistics`, no permutations and no
+   resamples; seconds and milliseconds per pair;
 3. scoring throughput of :func:`covreport.scoring.score_images` on
    ``--images`` small PNGs with a DenseNet121 at ``--size`` px: images per
    second without cache, and with every image already in the cache;
@@ -21,7 +22,7 @@ a temporary folder, and printed as a per-item cost or a ratio:
 
 Usage::
 
-    python benchmarks/bench_scale.py                    # the sizes (a few minutes)
+    python benchmarks/bench_scale.py                    # the sizes (most of an hour)
     python benchmarks/bench_scale.py --pairs 20000 --stats-pairs 2000 --images 20 --json out.json
 
 Wall times depend on the machine's load (printed); CPU times less so.
@@ -125,7 +126,7 @@ def bench_statistics(folder, n_pairs):
     manifest_path, scores, labels = _stats_inputs(folder, n_pairs)
     m = read_manifest(manifest_path, check_images=False)
     pairs, _ = pipeline._analysed_pairs(m, scores, labels)
-    opts = pipeline.RunOptions(manifest=manifest_path, out=folder / "unused", permutations=0)
+    opts = pipeline.RunOptions(manifest=manifest_path, out=folder / "unused", permutations=0, bootstrap=0)
     t = _clock()
     results = pipeline.compute_statistics(pairs, labels, scores, opts)
     wall, cpu = _since(t)
@@ -133,7 +134,7 @@ def bench_statistics(folder, n_pairs):
     out = {"pairs": n_pairs, "pairs_predicted": n, "patients": int(pairs["patient_id"].nunique()),
            "wall_s": wall, "cpu_s": cpu, "ms_per_pair": 1e3 * wall / n_pairs}
     print(f"statistics on {n_pairs:,} pairs ({out['patients']:,} patients; prediction on {n:,} Worse/Improved "
-          f"pairs, 1,024 features, nested LOPO): {wall:.1f} s wall, {cpu:.1f} CPU-s, "
+          f"pairs, 1,024 features, every protocol once, no permutations or resamples): {wall:.1f} s wall, {cpu:.1f} CPU-s, "
           f"{out['ms_per_pair']:.2f} ms/pair")
     return out
 

@@ -160,3 +160,4 @@ def test_the_site_demo_shows_the_shifted_site_in_the_heterogeneity(site_demo):
         assert (result.report / name).is_file(), name
     html = (result.report / "report.html").read_text(encoding="utf-8")
     assert "Hospital C" in html and "three sites" in html
+    assert "<td><span class=\"nw\">Hospital A</span></td>" in html       # a short site name is never broken

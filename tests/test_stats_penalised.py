@@ -93,6 +93,8 @@ def test_shared_fits_give_the_exact_engines_fits(n_patients, seed, monkeypatch):
     monkeypatch.setattr(penalised, "SHARED_MIN_ROWS", 0)
     shared = lopo_predict(X, y, groups, protocol="penalised")
     assert Penalised(X.astype(float), groups, n_patients).shared is not None
+    assert (exact["engine"], shared["engine"]) == ("newton-reduced", "newton-shared")
+    assert "conjugate gradients" in pr._penalised_method("first", shared["engine"])
     np.testing.assert_allclose(shared["probabilities"], exact["probabilities"], atol=1e-9)
     assert shared["penalty_per_fold"] == exact["penalty_per_fold"]
     assert shared["nonzero_per_fold"] == exact["nonzero_per_fold"]

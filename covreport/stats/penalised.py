@@ -74,7 +74,7 @@ INNER_FOLDS = 5
 
 #: From this many pairs on, the fits come from shared fits (:mod:`covreport.stats._penalised_shared`), not
 #: from a row-space fit of every fold anew (which grows as about n^4).
-SHARED_MIN_ROWS = 250
+SHARED_MIN_ROWS = 200
 
 #: C used when no inner fold can be evaluated (e.g. one training patient): scikit-learn's default.
 FALLBACK_C = 1.0
