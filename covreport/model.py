@@ -182,9 +182,13 @@ def features_and_logits(model, x):
         ``torch.sigmoid(logits)``.
     """
     model = _unwrap(model)
-    fmap = F.relu(model.features(x))
-    features = F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+    features = pooled_features(model, x)
     return features, model.classifier(features)
+
+
+def pooled_features(model, x):
+    """``(N, 1024)`` global average pool of ``ReLU(model.features(x))`` (the features of :func:`features_and_logits`)."""
+    return F.adaptive_avg_pool2d(F.relu(_unwrap(model).features(x)), 1).flatten(1)
 
 
 # --- checkpoints --------------------------------------------------------------

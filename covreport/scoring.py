@@ -246,7 +246,7 @@ def score_images(images, loaded, *, cache=None, batch_size=16, num_workers=2,
                 "bf16 scoring will be emulated and may be slower than float32",
                 RuntimeWarning, stacklevel=2,
             )
-        model = _prepare_model(loaded, run_device)
+        model = _prepare_model(loaded, run_device, precision)
         on_cpu = run_device.type == "cpu"
         dataset = _BatchDataset([(path_of_sha[s], s) for s in todo], prep, int(batch_size),
                                 model=model if on_cpu else None, device=run_device,
