@@ -134,8 +134,8 @@ def bench_statistics(folder, n_pairs):
     out = {"pairs": n_pairs, "pairs_predicted": n, "patients": int(pairs["patient_id"].nunique()),
            "wall_s": wall, "cpu_s": cpu, "ms_per_pair": 1e3 * wall / n_pairs}
     print(f"statistics on {n_pairs:,} pairs ({out['patients']:,} patients; prediction on {n:,} Worse/Improved "
-          f"pairs, 1,024 features, every protocol once, no permutations or resamples): {wall:.1f} s wall, {cpu:.1f} CPU-s, "
-          f"{out['ms_per_pair']:.2f} ms/pair")
+          f"pairs, 1,024 features, every protocol once, no permutations or resamples): {wall:.1f} s wall, "
+          f"{cpu:.1f} CPU-s, {out['ms_per_pair']:.2f} ms/pair")
     return out
 
 
