@@ -74,6 +74,18 @@ def test_permutation_test_and_bootstrap_are_the_same_for_any_number_of_workers()
     assert _dump(boot[0]) == _dump(boot[1]) == _dump(boot[2])
 
 
+def test_the_shared_penalised_engine_gives_the_same_results_for_any_number_of_workers():
+    # a study above SHARED_MIN_ROWS: the penalised protocol's fits come from shared fits in every process
+    from covreport.stats.penalised import SHARED_MIN_ROWS
+
+    X, y, groups = _study(5, n_patients=110, n_features=12)
+    assert len(y) >= SHARED_MIN_ROWS
+    perm = [permutation_p(X, y, groups, protocol="penalised", n_permutations=4, seed=2, jobs=j) for j in (1, 2)]
+    assert perm[0] == perm[1] and perm[0]["n_permutations"] == 4
+    boot = [cv_bootstrap(X, y, groups, protocol="penalised", n_resamples=4, seed=4, jobs=j) for j in (1, 2)]
+    assert _dump(boot[0]) == _dump(boot[1])
+
+
 def test_the_permutation_stream_is_the_one_of_permuted_outcomes():
     # independent reference: the test written out as a loop over permuted_outcomes (Phipson & Smyth 2010)
     from covreport.stats.lopo import lopo_predict
