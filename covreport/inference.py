@@ -302,27 +302,20 @@ def output_problem(probs, feats):
 
 
 def _forward(model, x, device, precision):
-    import contextlib
-
+    """Probabilities and pooled features of a batch; with ``precision="bf16"`` the model's trunk is the
+    bfloat16 one of :func:`_prepare_model`."""
     import torch
 
     from covreport.model import features_and_logits, pooled_features
 
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    trunk = next(model.features.parameters()).dtype
-    # bf16: a trunk cast by _prepare_model takes a bfloat16 input; any other runs under autocast
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if precision == "bf16" and trunk != torch.bfloat16 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         if precision == "float32":
             feats, logits = features_and_logits(model, x)
         else:
             # The 1024 -> L classifier is cheap: run it in float32 on the
             # features, so only the convolutional trunk's rounding remains.
-            feats = pooled_features(model, x.to(torch.bfloat16) if trunk == torch.bfloat16 else x)
-    feats = feats.float()
-    with torch.inference_mode():
-        if precision != "float32":
+            feats = pooled_features(model, x.to(torch.bfloat16)).float()
             logits = model.classifier(feats)
         probs = torch.sigmoid(logits.float())
     return (probs.cpu().numpy().astype(np.float32, copy=False),

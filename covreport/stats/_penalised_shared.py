@@ -39,6 +39,7 @@ import numpy as np
 from scipy import linalg, special
 
 from covreport.stats._logistic import _matmul, _newton_batch
+from covreport.stats.penalised import FALLBACK_C, PENALTY_GRID, _deviance, standardise
 
 _TOL = 1e-9            # a converged target: no linear predictor moved by more in the last Newton step
 _MAX_STEPS = 30        # Newton steps of a target before its exact refit
@@ -47,20 +48,11 @@ _CHUNK = 512           # targets solved side by side (memory: about 4 x rows x c
 _NEAR_CONSTANT = 1e-8  # a feature whose variance falls below this fraction of S's on a target: exact refit
 
 
-def _deviance(z, y):
-    """Log loss of each element from the linear predictor z (as penalised._deviance), y broadcast on rows."""
-    loss = np.logaddexp(0.0, z) - y * z
-    return np.minimum(loss, -math.log(1e-15))
-
-
 class SharedSet:
     """One shared training set: its rows, standardisation, design and the patients it can lose."""
 
     def __init__(self, X, rows, patients, rows_of):
-        Xs = X[rows]
-        self.keep = Xs.max(axis=0) > Xs.min(axis=0)
-        self.mean = Xs.mean(axis=0)
-        self.sd = Xs.std(axis=0)
+        self.mean, self.sd, self.keep = standardise(X, rows)
         cols = np.flatnonzero(self.keep)
         self.rows = rows
         # the standardised design of every row (features of S, then the intercept)
@@ -101,13 +93,13 @@ def _spd_inverse(H):
     return inv + np.tril(inv, -1).T
 
 
-def _targets(s, y, C, W0, H_inv, d0, rows_of, sel):
+def _targets(s, A, y, C, W0, H_inv, d0, rows_of, sel):
     """Fits of S minus each patient ``s.patients[sel]`` at penalty C by preconditioned Newton-CG from ``W0``
-    (T, k+1), the preconditioner being S's Hessian at its fit (``d0``: p(1 - p) on S's rows) less the patient.
+    (T, k+1), the preconditioner being S's Hessian at its fit (``d0``: p(1 - p) on S's rows) less the patient;
+    ``A`` is S's rows of its design.
 
     Returns (weights (T, k+1), converged (T,) bool).
     """
-    A = s.A[s.rows]                                   # S's rows
     yS = y[s.rows]
     pos = np.full(len(y), -1)
     pos[s.rows] = np.arange(len(s.rows))
@@ -207,8 +199,6 @@ class SharedPenalised:
     """
 
     def __init__(self, X, codes, n_groups, inner, outer=True):
-        from covreport.stats.penalised import PENALTY_GRID
-
         self.grid = PENALTY_GRID
         self.n, self.p = X.shape
         self.codes, self.G, self.K = codes, n_groups, len(inner)
@@ -219,18 +209,17 @@ class SharedPenalised:
         fold_of_pat = np.full(n_groups, -1)
         for k, rows in enumerate(inner):
             fold_of_pat[codes[rows]] = k
-        self.fold_of_pat = fold_of_pat
         self.sets = []
         for k in range(self.K + 1):
             patients = np.flatnonzero(fold_of_pat != k) if k < self.K else np.arange(n_groups)
             rows = np.sort(np.concatenate([self.rows_of[g] for g in patients]))
             self.sets.append(SharedSet(X, rows, patients if outer else patients[:0], self.rows_of))
 
-    def _shared_fit(self, k, y):
+    def _shared_fit(self, k, y, A):
         """Yield (grid index, C, S_k's weights, its linear predictor on every row) for every C, or nothing
-        when S_k holds one class."""
+        when S_k holds one class; ``A`` is S_k's rows of its design."""
         s = self.sets[k]
-        A, yS = s.A[s.rows], y[s.rows]
+        yS = y[s.rows]
         if yS.min() == yS.max():
             return
         w = np.zeros(A.shape[1])
@@ -255,8 +244,6 @@ class SharedPenalised:
 
     def run(self, y, details=False):
         """Out-of-fold probabilities, as :meth:`covreport.stats.penalised.Penalised.run`."""
-        from covreport.stats.penalised import FALLBACK_C
-
         G, n_c = self.G, len(self.grid)
         loss, has = np.zeros((G, n_c)), np.zeros(G, dtype=bool)
         rmax = max(len(r) for r in self.rows_of)
@@ -270,12 +257,12 @@ class SharedPenalised:
             two = np.flatnonzero((m1 - pos_y[s.patients] > 0) & (m1 - pos_y[s.patients] < m - size[s.patients]))
             cols = np.flatnonzero(s.keep)
             shift = np.zeros((len(two), len(cols) + 1))   # each target's fit less S's, at the previous C
-            for ci, C, w, z in self._shared_fit(k, y):
+            A = s.A[s.rows]
+            for ci, C, w, z in self._shared_fit(k, y, A):
                 if k < self.K:
                     self._inner_loss_of_fold(k, y, z, ci, loss, has)
                 if len(two) == 0:
                     continue
-                A = s.A[s.rows]
                 d = special.expit(z[s.rows])
                 d *= 1.0 - d
                 pen = np.ones(A.shape[1])
@@ -284,7 +271,7 @@ class SharedPenalised:
                 H_inv = _spd_inverse(H)
                 for lo in range(0, len(two), _CHUNK):
                     sel = two[lo:lo + _CHUNK]
-                    W, ok = _targets(s, y, C, w + shift[lo:lo + _CHUNK], H_inv, d, self.rows_of, sel)
+                    W, ok = _targets(s, A, y, C, w + shift[lo:lo + _CHUNK], H_inv, d, self.rows_of, sel)
                     for t in np.flatnonzero(~ok | s.near_constant[sel]):
                         W[t] = _exact_target(s, y, C, w, self.rows_of, sel[t])
                     shift[lo:lo + _CHUNK] = W - w
@@ -321,23 +308,21 @@ class SharedPenalised:
 
     def final(self, y):
         """The model refitted on all rows, C tuned by the inner CV, as :meth:`Penalised.final`."""
-        from covreport.stats.penalised import FALLBACK_C
-
         loss, used = np.zeros(len(self.grid)), False
         for k in range(self.K):
-            for ci, _c, _w, z in self._shared_fit(k, y):
+            for ci, _c, _w, z in self._shared_fit(k, y, self.sets[k].A[self.sets[k].rows]):
                 rows = self.fold_rows[k]
                 loss[ci] += _deviance(z[rows], y[rows]).sum()
                 used = True
         ci = int(np.argmin(loss)) if used else self.grid.index(FALLBACK_C)
         w = None
-        for i, _c, w_i, _z in self._shared_fit(self.K, y):
+        s = self.sets[self.K]
+        for i, _c, w_i, _z in self._shared_fit(self.K, y, s.A[s.rows]):
             if i == ci:
                 w = w_i
                 break
         if w is None:
             return None
-        s = self.sets[self.K]
         coef = np.zeros(self.p)
         coef[s.keep] = w[:-1]
         return {"C": self.grid[ci], "intercept": float(w[-1]), "coefficients": coef, "mean": s.mean,

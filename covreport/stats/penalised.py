@@ -64,7 +64,6 @@ import numpy as np
 from scipy import special
 
 from covreport.stats._logistic import _newton_batch
-from covreport.stats._penalised_shared import SharedPenalised
 
 #: Penalty grid (C of scikit-learn's LogisticRegression): 10 values log-spaced from 1e-4 to 1e2.
 PENALTY_GRID = tuple(float(c) for c in np.logspace(-4, 2, 10))
@@ -159,6 +158,8 @@ class Penalised:
         part = inner_folds(codes)
         self.shared = None
         if outer_codes is None and self.n >= SHARED_MIN_ROWS and len(part) >= 2:
+            from covreport.stats._penalised_shared import SharedPenalised
+
             self.shared = SharedPenalised(X, codes, n_groups, part, outer=outer)
             return
         all_rows = np.arange(self.n)
